@@ -1,0 +1,64 @@
+"""The client-certificate header (NetScaler's `NSClientCert`): never forged, only inserted.
+
+A client must never be able to hand the MDM a certificate it did not prove it holds. So every
+client-sent header whose name *could be read as* a certificate header (any case, `-` or `_` or
+nothing between the words: backends such as CGI/PHP fold `-` and `_` together) is removed first, on
+every route, before routing or anything else looks at the request. Then, on routes that ask for it,
+the verified certificate is inserted as one line of base64 of its DER, the form NetScaler uses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from .config import DEFAULT_CERT_HEADER, GatewayConfig
+
+logger = logging.getLogger(__name__)
+
+
+def fold(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+class StripCertHeaders:
+    """Removes every client-sent copy of any configured certificate header."""
+
+    def __init__(self) -> None:
+        self.folded: frozenset[str] = frozenset({fold(DEFAULT_CERT_HEADER)})
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        names = {DEFAULT_CERT_HEADER} | {r.client_cert_header for r in cfg.routes if r.client_cert_header}
+        self.folded = frozenset(fold(n) for n in names)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Runs before routing, even on flows that already carry a response: nothing forged survives.
+        headers = flow.request.headers
+        folded = self.folded
+        spoofed = {k for k, _ in headers.fields if fold(k.decode("latin-1")) in folded}
+        if spoofed:
+            headers.fields = tuple((k, v) for k, v in headers.fields if k not in spoofed)
+            names = sorted(k.decode("latin-1") for k in spoofed)
+            flow.metadata["easgate.spoofed_cert_header"] = names
+            logger.warning(f"client {flow.client_conn.peername[0]}: removed client-sent {', '.join(names)}")
+
+
+class ClientCertHeader:
+    """Inserts the verified client certificate on routes with `client_cert_header`."""
+
+    def __init__(self, gw) -> None:
+        self.gw = gw
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        name = flow.metadata.get("easgate.route")
+        if not name:
+            return
+        route = self.gw.config.route(name)
+        if not route.client_cert_header:
+            return
+        verdict = self.gw.tls.verdict(flow.client_conn)
+        if verdict.verified and verdict.der_b64:
+            flow.request.headers[route.client_cert_header] = verdict.der_b64

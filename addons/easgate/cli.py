@@ -1,0 +1,158 @@
+"""The `easgate` command: run, web, check, pki (and more as the gateway grows).
+
+`run` and `web` start mitmproxy's own dump/web master with the gateway addons added directly (not
+as a `-s` script): an option error is then a startup error with a message and exit status 1, never
+a proxy silently running without its gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, GatewayConfig, load_config
+
+
+def _validate(path: str) -> GatewayConfig:
+    try:
+        cfg = load_config(path)
+        from .gateway import make_addons
+
+        make_addons()[0].apply(cfg)  # also loads certificates, keys, CA files and policies
+        return cfg
+    except ConfigError as e:
+        print(f"easgate: config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cmd_check(args) -> int:
+    cfg = _validate(args.config)
+    print(f"{cfg.path}: OK")
+    print(f"listen  https://{cfg.listen_host}:{cfg.listen_port}  (client certificates: {cfg.tls.client_certs.mode})")
+    print(f"{'prio':>5}  {'route':<16} {'match':<44} {'pool':<12} guards")
+    for r in cfg.routes:
+        print(f"{r.priority:>5}  {r.name:<16} {describe_match(r.match):<44} {r.pool:<12} {describe_guards(r)}")
+    if cfg.default_route:
+        r = cfg.route(cfg.default_route)
+        print(f"{'dflt':>5}  {r.name:<16} {'(no other route matched)':<44} {r.pool:<12} {describe_guards(r)}")
+    else:
+        print(f"{'dflt':>5}  {'-':<16} {'(no other route matched)':<44} {'404':<12}")
+    for p in cfg.pools.values():
+        print(f"pool {p.name}: {', '.join(s.url for s in p.servers)}  host_header={p.host_header}"
+              + (f" ca={p.ca}" if p.ca else ""))
+    return 0
+
+
+def describe_match(m) -> str:
+    if m is None:
+        return "(default only)"
+    if m.any:
+        return "any"
+    parts = []
+    if m.path_prefix:
+        parts.append(f"path^={m.path_prefix}" + (" (any case)" if m.ignore_case else ""))
+    if m.hosts:
+        parts.append("host=" + "|".join(m.hosts))
+    if m.methods:
+        parts.append("method=" + "|".join(m.methods))
+    parts += [f"has {h}" for h in m.header_present]
+    parts += [f"{h}={v}" for h, v in m.header_equals]
+    if m.client_cert:
+        parts.append(f"cert {m.client_cert}")
+    if m.filter:
+        parts.append(f"filter {m.filter}")
+    return " & ".join(parts)
+
+
+def describe_guards(r) -> str:
+    g = []
+    if r.authorize:
+        g.append(f"authorize={r.authorize}")
+    if r.client_cert_header:
+        g.append(f"cert header {r.client_cert_header}")
+    return ", ".join(g) or "-"
+
+
+def _mitm_args(args) -> list[str]:
+    out = ["--set", f"easgate_config={Path(args.config).resolve()}"]
+    if args.listen:
+        out += ["--set", f"easgate_listen={args.listen}"]
+    return out + list(args.mitmproxy_args or [])
+
+
+def cmd_run(args) -> int:
+    _validate(args.config)
+    from mitmproxy.tools import cmdline, main
+    from mitmproxy.tools.dump import DumpMaster
+
+    from .gateway import make_addons
+
+    class GatewayDumpMaster(DumpMaster):
+        def __init__(self, options, *a, **kw) -> None:
+            super().__init__(options, *a, **kw)
+            self.addons.add(*make_addons())
+
+    main.run(GatewayDumpMaster, cmdline.mitmdump, _mitm_args(args))
+    return 0
+
+
+def cmd_web(args) -> int:
+    _validate(args.config)
+    from mitmproxy.tools import cmdline, main
+    from mitmproxy.tools.web.master import WebMaster
+
+    from .gateway import make_addons
+
+    class GatewayWebMaster(WebMaster):
+        def __init__(self, options, *a, **kw) -> None:
+            super().__init__(options, *a, **kw)
+            self.addons.add(*make_addons())
+
+    main.run(GatewayWebMaster, cmdline.mitmweb, _mitm_args(args))
+    return 0
+
+
+def cmd_pki(args) -> int:
+    from .pki import generate_pki
+
+    files = generate_pki(Path(args.dir), hostnames=tuple(args.hostname or ()) or ("mail.example.test", "localhost", "127.0.0.1"),
+                         force=args.force)
+    print(f"demo PKI in {Path(args.dir).resolve()}: {len(files)} files (see README.txt there)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="easgate", description="Exchange ActiveSync gateway on mitmproxy")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    for name, fn, helptext in (("run", cmd_run, "run the gateway (mitmdump)"),
+                               ("web", cmd_web, "run the gateway with mitmweb's UI")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("config", help="gateway YAML, e.g. policies/gateway.yaml")
+        s.add_argument("--listen", help="HOST:PORT to listen on, overriding the config's listen")
+        s.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
+                       help="after --: further mitmdump/mitmweb arguments")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("check", help="validate a config and print its resolved routes")
+    s.add_argument("config")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("pki", help="create a throw-away demo PKI")
+    s.add_argument("dir")
+    s.add_argument("--hostname", action="append", help="gateway certificate name (repeatable)")
+    s.add_argument("--force", action="store_true", help="regenerate even if it exists")
+    s.set_defaults(fn=cmd_pki)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[0] == "--":
+        args.mitmproxy_args = args.mitmproxy_args[1:]
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,608 @@
+"""The gateway configuration: one YAML file, parsed and validated in one place.
+
+Everything here is pure (no mitmproxy hooks), so `easgate check`, the addons and the tests share
+one parser. Every error is a `ConfigError` whose message names the file, the dotted key and the fix,
+because a gateway that starts half-configured is worse than one that does not start.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem: `str(e)` is one line naming file, key and fix."""
+
+    def __init__(self, file: Path | str | None, key: str, problem: str, fix: str = "") -> None:
+        self.file, self.key, self.problem, self.fix = str(file or "<config>"), key, problem, fix
+        msg = f"{self.file}: {key}: {problem}" if key else f"{self.file}: {problem}"
+        super().__init__(msg + (f" ({fix})" if fix else ""))
+
+
+CLIENT_CERT_MODES = ("off", "optional", "required")
+ON_INVALID_CERT = ("reject", "untrusted")
+FAIL_MODES = ("deny", "allow", "stale")
+HOST_HEADER_SPECIAL = ("client", "upstream")
+CERT_MATCH = ("present", "absent", "verified", "unverified")
+DEFAULT_CERT_HEADER = "NSClientCert"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    servers: tuple[Upstream, ...]
+    ca: Path | None = None  # CA file that verifies https upstreams; None = system trust store
+    verify: bool = True
+    sni: str | None = None  # server name sent and verified; None = the server's host
+    host_header: str = "client"  # client | upstream | an explicit host[:port]
+    connect_timeout_s: float = 5.0
+    response_timeout_s: float = 120.0
+    long_poll_timeout_s: float = 3660.0
+    down_time_s: float = 10.0  # how long a server that refused a connection is skipped
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a route matches; every given criterion must hold (AND)."""
+
+    any: bool = False
+    path_prefix: str | None = None
+    ignore_case: bool = False
+    hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    header_present: tuple[str, ...] = ()
+    header_equals: tuple[tuple[str, str], ...] = ()
+    client_cert: str | None = None  # present | absent | verified | unverified
+    filter: str | None = None  # a mitmproxy flow filter expression
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    priority: int
+    match: Match | None  # None: only reachable as the default route
+    pool: str
+    authorize: str | None = None  # "activesync" or None
+    client_cert_header: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientCerts:
+    mode: str = "off"
+    ca: tuple[Path, ...] = ()
+    on_invalid: str = "reject"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: Path
+    key: Path | None
+    min_version: str = "TLS1_2"
+    client_certs: ClientCerts = field(default_factory=ClientCerts)
+
+
+@dataclass(frozen=True)
+class AppliesTo:
+    """XNC's "applies to": which requests on an `authorize: activesync` route get a decision."""
+
+    path_prefix: str = "/Microsoft-Server-ActiveSync"
+    hosts: tuple[str, ...] = ()  # empty = any host
+    methods: tuple[str, ...] = ("POST",)
+    commands: tuple[str, ...] = ()  # empty = all ActiveSync commands
+    pass_methods: tuple[str, ...] = ("OPTIONS",)  # pass without a decision (capability probes)
+
+
+@dataclass(frozen=True)
+class Connector:
+    url: str
+    timeout_ms: int = 2000
+    max_concurrency: int = 32
+    ca: Path | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    allow_ttl_s: float = 300.0
+    deny_ttl_s: float = 30.0
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class DenyConfig:
+    action: str = "respond"  # respond | drop
+    status: int = 403
+    body: str = "Access denied by easgate: this device is not allowed to sync mail.\n"
+    retry_after_s: int | None = None
+
+
+@dataclass(frozen=True)
+class Authorization:
+    applies_to: AppliesTo = field(default_factory=AppliesTo)
+    policy: Path | None = None
+    connector: Connector | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    on_connector_error: str = "deny"
+    stale_max_age_s: float = 3600.0
+    deny: DenyConfig = field(default_factory=DenyConfig)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: Path
+    listen_host: str
+    listen_port: int
+    tls: TlsConfig
+    pools: dict[str, Pool]
+    routes: tuple[Route, ...]  # sorted by priority
+    default_route: str | None
+    authorization: Authorization | None
+    audit_log: Path | None
+    client_idle_timeout_s: int = 3660
+
+    def route(self, name: str) -> Route:
+        return next(r for r in self.routes if r.name == name)
+
+
+# --------------------------------------------------------------------------------------------
+# A small checker that walks the YAML with the dotted key path, so messages say where they are.
+
+
+class _Node:
+    def __init__(self, file: Path, key: str, value: Any) -> None:
+        self.file, self.key, self.value = file, key, value
+
+    def err(self, problem: str, fix: str = "") -> ConfigError:
+        return ConfigError(self.file, self.key, problem, fix)
+
+    def child(self, name: str | int) -> "_Node":
+        key = f"{self.key}[{name}]" if isinstance(name, int) else (f"{self.key}.{name}" if self.key else name)
+        value = self.value[name] if isinstance(name, int) else self.value.get(name)
+        return _Node(self.file, key, value)
+
+    def mapping(self, known: dict[str, str], required: tuple[str, ...] = ()) -> "_Node":
+        if not isinstance(self.value, dict):
+            raise self.err(f"must be a mapping, got {_kind(self.value)}", f"known keys: {', '.join(known)}")
+        for k in self.value:
+            if k not in known:
+                hint = _close(str(k), known)
+                raise ConfigError(self.file, f"{self.key}.{k}" if self.key else str(k), "unknown key",
+                                  f"did you mean '{hint}'?" if hint else f"known keys here: {', '.join(known)}")
+        for k in required:
+            if self.value.get(k) is None:
+                raise ConfigError(self.file, f"{self.key}.{k}" if self.key else k, "missing",
+                                  f"add it: {known[k]}")
+        return self
+
+    def has(self, name: str) -> bool:
+        return isinstance(self.value, dict) and self.value.get(name) is not None
+
+    def str(self, default: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
+        v = self.value
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v.strip():
+            raise self.err(f"must be a non-empty string, got {_kind(v)}")
+        if choices and v not in choices:
+            raise self.err(f"'{v}' is not one of {', '.join(choices)}", f"use one of {', '.join(choices)}")
+        return v
+
+    def int(self, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int | None:
+        v = self.value
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.err(f"must be a whole number, got {_kind(v)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise self.err(f"{v} is out of range", f"use a value from {lo} to {hi}")
+        return v
+
+    def num(self, default: float, lo: float = 0.0) -> float:
+        v = self.value
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.err(f"must be a number, got {_kind(v)}")
+        if v < lo:
+            raise self.err(f"{v} is below {lo}", f"use a value of at least {lo}")
+        return float(v)
+
+    def bool(self, default: bool) -> bool:
+        v = self.value
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.err(f"must be true or false, got {_kind(v)}")
+        return v
+
+    def strlist(self, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        v = self.value
+        if v is None:
+            return default
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise self.err(f"must be a list of strings, got {_kind(v)}")
+        return tuple(v)
+
+    def path(self, base: Path, must_exist: bool = True) -> Path | None:
+        s = self.str()
+        if s is None:
+            return None
+        p = Path(s).expanduser()
+        p = (p if p.is_absolute() else (base / p)).resolve()
+        if must_exist:
+            if not p.exists():
+                raise self.err(f"file not found: {p}", "fix the path (relative paths are relative to the config file)")
+            try:
+                p.read_bytes()
+            except OSError as e:
+                raise self.err(f"cannot read {p}: {e.strerror}", "check the file's permissions")
+        return p
+
+
+def _kind(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: f"'{v}'", bool: str(v).lower(), type(None): "nothing"}.get(
+        type(v), repr(v)
+    )
+
+
+def _close(word: str, known: dict[str, str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+# --------------------------------------------------------------------------------------------
+
+TOP_KEYS = {
+    "listen": "{host: 127.0.0.1, port: 8443}",
+    "tls": "{certificate: certs/gateway-full.pem}",
+    "pools": "a mapping of pool name -> {servers: [...]}",
+    "routes": "a list of routes",
+    "default_route": "the name of a route",
+    "authorization": "the ActiveSync authorization settings",
+    "audit_log": "a file path for the JSON-lines decision log",
+    "client_idle_timeout_s": "seconds, at least 3600 for ActiveSync Ping",
+}
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate the gateway config; raises ConfigError."""
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found", "pass the path of your gateway.yaml")
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}", "check the file's permissions")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(path, "", f"not valid YAML: {where}{getattr(e, 'problem', e)}", "fix the YAML syntax")
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, path: Path) -> GatewayConfig:
+    base = path.parent
+    root = _Node(path, "", data if data is not None else {})
+    root.mapping(TOP_KEYS, required=("tls", "pools", "routes"))
+
+    listen = root.child("listen")
+    host, port = "127.0.0.1", 8443
+    if listen.value is not None:
+        listen.mapping({"host": "an IP address", "port": "a TCP port, 0 picks a free one"})
+        host = listen.child("host").str("127.0.0.1")
+        port = listen.child("port").int(8443, 0, 65535)
+
+    tls = _parse_tls(root.child("tls"), base)
+    pools = _parse_pools(root.child("pools"), base)
+    routes = _parse_routes(root.child("routes"), pools)
+    default_route = root.child("default_route").str()
+    if default_route is not None and default_route not in {r.name for r in routes}:
+        raise root.child("default_route").err(
+            f"no route named '{default_route}'", f"use one of {', '.join(r.name for r in routes)}"
+        )
+    for i, r in enumerate(routes):
+        if r.match is None and r.name != default_route:
+            raise ConfigError(path, f"routes[{r.name}].match", "missing",
+                              "add a match (or 'match: any'), or name this route as default_route")
+    auth = None
+    if root.has("authorization"):
+        auth = _parse_authorization(root.child("authorization"), base)
+    if any(r.authorize for r in routes) and auth is None:
+        name = next(r.name for r in routes if r.authorize)
+        raise ConfigError(path, "authorization", "missing",
+                          f"route '{name}' says authorize: activesync; add an authorization section with a policy or a connector")
+    audit = root.child("audit_log").path(base, must_exist=False)
+    idle = root.child("client_idle_timeout_s").int(3660, 1, 7 * 86400)
+    return GatewayConfig(
+        path=path, listen_host=host, listen_port=port, tls=tls, pools=pools, routes=routes,
+        default_route=default_route, authorization=auth, audit_log=audit, client_idle_timeout_s=idle,
+    )
+
+
+def _parse_tls(n: _Node, base: Path) -> TlsConfig:
+    n.mapping(
+        {
+            "certificate": "a PEM file with the certificate, its chain and (unless 'key' is given) its key",
+            "key": "a PEM private key file, when it is not inside 'certificate'",
+            "min_version": "TLS1_2 or TLS1_3",
+            "client_certs": "{mode: optional, ca: [device-ca.pem, root-ca.pem]}",
+        },
+        required=("certificate",),
+    )
+    cert = n.child("certificate").path(base)
+    key = n.child("key").path(base)
+    minv = n.child("min_version").str("TLS1_2", ("TLS1_2", "TLS1_3"))
+    cc = ClientCerts()
+    c = n.child("client_certs")
+    if c.value is not None:
+        c.mapping({"mode": "off | optional | required", "ca": "a list of CA PEM files",
+                   "on_invalid": "reject | untrusted"})
+        mode = c.child("mode").str("off", CLIENT_CERT_MODES)
+        cas = c.child("ca")
+        ca_paths = tuple(
+            cas.child(i).path(base) for i in range(len(cas.value))
+        ) if isinstance(cas.value, list) else ((cas.path(base),) if cas.value else ())
+        if mode != "off" and not ca_paths:
+            raise cas.err("missing", "list the CA files that issue device certificates (device CA and root CA)")
+        cc = ClientCerts(mode=mode, ca=ca_paths, on_invalid=c.child("on_invalid").str("reject", ON_INVALID_CERT))
+    return TlsConfig(certificate=cert, key=key, min_version=minv, client_certs=cc)
+
+
+def parse_upstream(s: str) -> Upstream:
+    u = urllib.parse.urlsplit(s)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"'{s}' is not an http:// or https:// URL")
+    if u.path not in ("", "/") or u.query or u.fragment or u.username:
+        raise ValueError(f"'{s}' must be scheme://host[:port] only")
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"'{s}' has an invalid port")
+    return Upstream(u.scheme, u.hostname, port)
+
+
+def _parse_pools(n: _Node, base: Path) -> dict[str, Pool]:
+    if not isinstance(n.value, dict) or not n.value:
+        raise n.err("must be a mapping of pool names to pools", "e.g. pools: {exchange: {servers: [https://exchange.internal]}}")
+    pools = {}
+    for name in n.value:
+        p = n.child(name)
+        p.mapping(
+            {
+                "servers": "a list of http(s)://host:port",
+                "ca": "CA file for https upstreams",
+                "verify": "true | false",
+                "sni": "server name for https upstreams",
+                "host_header": "client | upstream | host[:port]",
+                "connect_timeout_s": "seconds",
+                "response_timeout_s": "seconds",
+                "long_poll_timeout_s": "seconds (ActiveSync Ping/Sync)",
+                "down_time_s": "seconds",
+            },
+            required=("servers",),
+        )
+        servers = []
+        s = p.child("servers")
+        for i, url in enumerate(s.strlist()):
+            try:
+                servers.append(parse_upstream(url))
+            except ValueError as e:
+                raise s.child(i).err(str(e), "use e.g. https://exchange.internal:443")
+        if not servers:
+            raise s.err("is empty", "list at least one server")
+        hh = p.child("host_header").str("client")
+        pools[name] = Pool(
+            name=name, servers=tuple(servers), ca=p.child("ca").path(base), verify=p.child("verify").bool(True),
+            sni=p.child("sni").str(), host_header=hh,
+            connect_timeout_s=p.child("connect_timeout_s").num(5.0, 0.1),
+            response_timeout_s=p.child("response_timeout_s").num(120.0, 0.1),
+            long_poll_timeout_s=p.child("long_poll_timeout_s").num(3660.0, 1),
+            down_time_s=p.child("down_time_s").num(10.0, 0),
+        )
+    return pools
+
+
+ROUTE_KEYS = {
+    "name": "a unique name",
+    "priority": "a number; lower goes first",
+    "match": "'any' or {path_prefix: ..., ...}",
+    "pool": "a pool name",
+    "authorize": "activesync",
+    "client_cert_header": f"a header name, usually {DEFAULT_CERT_HEADER}",
+}
+MATCH_KEYS = {
+    "path_prefix": "/Microsoft-Server-ActiveSync",
+    "ignore_case": "true | false",
+    "host": "a host name or a list of them",
+    "method": "a method or a list",
+    "header_present": "a header name or a list",
+    "header_equals": "{Header-Name: value}",
+    "client_cert": "present | absent | verified | unverified",
+    "filter": "a mitmproxy filter expression, e.g. '~h X-Foo'",
+}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _parse_routes(n: _Node, pools: dict[str, Pool]) -> tuple[Route, ...]:
+    if not isinstance(n.value, list) or not n.value:
+        raise n.err("must be a non-empty list of routes", "see docs/configuration.md")
+    routes: list[Route] = []
+    names: set[str] = set()
+    for i in range(len(n.value)):
+        r = n.child(i)
+        r.mapping(ROUTE_KEYS, required=("name", "priority", "pool"))
+        name = r.child("name").str()
+        if name in names:
+            raise r.child("name").err(f"route '{name}' is defined twice", "give every route its own name")
+        names.add(name)
+        prio = r.child("priority").int(lo=0, hi=2**31)
+        pool = r.child("pool").str()
+        if pool not in pools:
+            raise r.child("pool").err(f"no pool named '{pool}'", f"use one of {', '.join(pools)} or add it under pools")
+        authorize = r.child("authorize").str(None, ("activesync",))
+        cert_header = r.child("client_cert_header").str()
+        if cert_header is not None and not _HEADER_NAME.match(cert_header):
+            raise r.child("client_cert_header").err(f"'{cert_header}' is not a valid header name")
+        routes.append(Route(name=name, priority=prio, match=_parse_match(r.child("match")), pool=pool,
+                            authorize=authorize, client_cert_header=cert_header))
+    prios = [r.priority for r in routes]
+    for r in routes:
+        if prios.count(r.priority) > 1:
+            raise ConfigError(n.file, f"routes[{r.name}].priority", f"priority {r.priority} is used twice",
+                              "priorities decide the order: give every route its own")
+    return tuple(sorted(routes, key=lambda r: r.priority))
+
+
+def _parse_match(m: _Node) -> Match | None:
+    if m.value is None:
+        return None
+    if m.value == "any" or m.value is True:
+        return Match(any=True)
+    m.mapping(MATCH_KEYS)
+    if not m.value:
+        raise m.err("is empty", "write 'match: any' to match every request")
+    prefix = m.child("path_prefix").str()
+    if prefix is not None and not prefix.startswith("/"):
+        raise m.child("path_prefix").err(f"'{prefix}' does not start with /", "write it as /Path")
+    eq = m.child("header_equals")
+    equals: tuple[tuple[str, str], ...] = ()
+    if eq.value is not None:
+        if not isinstance(eq.value, dict) or not all(isinstance(v, str) for v in eq.value.values()):
+            raise eq.err("must be a mapping of header name -> value", "e.g. {X-Mdm: yes}")
+        equals = tuple((str(k), v) for k, v in eq.value.items())
+    flt = m.child("filter").str()
+    if flt is not None:
+        from mitmproxy import flowfilter  # the only mitmproxy import here: the filter language
+
+        try:
+            flowfilter.parse(flt)
+        except ValueError as e:
+            raise m.child("filter").err(f"invalid mitmproxy filter: {e}", "see mitmproxy's filter expressions")
+    return Match(
+        path_prefix=normalize_path(prefix) if prefix else None,
+        ignore_case=m.child("ignore_case").bool(False),
+        hosts=tuple(h.lower() for h in m.child("host").strlist()),
+        methods=tuple(x.upper() for x in m.child("method").strlist()),
+        header_present=m.child("header_present").strlist(),
+        header_equals=equals,
+        client_cert=m.child("client_cert").str(None, CERT_MATCH),
+        filter=flt,
+    )
+
+
+def _parse_authorization(n: _Node, base: Path) -> Authorization:
+    n.mapping(
+        {
+            "applies_to": "{path_prefix, hosts, methods, commands, pass_methods}",
+            "policy": "a policy YAML file",
+            "connector": "{url: http://127.0.0.1:9080/services/ActiveSync/Authorize, timeout_ms: 2000}",
+            "cache": "{allow_ttl_s, deny_ttl_s, max_entries}",
+            "on_connector_error": "deny | allow | stale",
+            "stale_max_age_s": "seconds",
+            "deny": "{status: 403} or {action: drop}",
+        }
+    )
+    at = AppliesTo()
+    a = n.child("applies_to")
+    if a.value is not None:
+        a.mapping({"path_prefix": "/Microsoft-Server-ActiveSync", "hosts": "list; empty = any",
+                   "methods": "list, default [POST]", "commands": "list; empty = all",
+                   "pass_methods": "list, default [OPTIONS]"})
+        at = AppliesTo(
+            path_prefix=a.child("path_prefix").str(at.path_prefix),
+            hosts=tuple(h.lower() for h in a.child("hosts").strlist()),
+            methods=tuple(x.upper() for x in a.child("methods").strlist(at.methods)),
+            commands=a.child("commands").strlist(),
+            pass_methods=tuple(x.upper() for x in a.child("pass_methods").strlist(at.pass_methods)),
+        )
+    policy = n.child("policy").path(base)
+    conn = None
+    c = n.child("connector")
+    if c.value is not None:
+        c.mapping({"url": "http(s)://host:port/services/ActiveSync/Authorize", "timeout_ms": "milliseconds",
+                   "max_concurrency": "parallel callouts", "ca": "CA file for an https connector",
+                   "verify": "true | false"}, required=("url",))
+        url = c.child("url").str()
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise c.child("url").err(f"'{url}' is not an http(s) URL",
+                                     "e.g. http://127.0.0.1:9080/services/ActiveSync/Authorize")
+        conn = Connector(url=url, timeout_ms=c.child("timeout_ms").int(2000, 1, 600_000),
+                         max_concurrency=c.child("max_concurrency").int(32, 1, 10_000),
+                         ca=c.child("ca").path(base), verify=c.child("verify").bool(True))
+    if policy is None and conn is None:
+        raise n.err("has neither a policy nor a connector", "add 'policy: policies/activesync-policy.yaml' or a connector")
+    ch = n.child("cache")
+    cache = CacheConfig()
+    if ch.value is not None:
+        ch.mapping({"allow_ttl_s": "seconds", "deny_ttl_s": "seconds", "max_entries": "entries"})
+        cache = CacheConfig(ch.child("allow_ttl_s").num(300.0), ch.child("deny_ttl_s").num(30.0),
+                            ch.child("max_entries").int(100_000, 0, 100_000_000))
+    d = n.child("deny")
+    deny = DenyConfig()
+    if d.value is not None:
+        d.mapping({"action": "respond | drop", "status": "an HTTP status, e.g. 403, 449, 503",
+                   "body": "text", "retry_after_s": "seconds (with 503)"})
+        deny = DenyConfig(action=d.child("action").str("respond", ("respond", "drop")),
+                          status=d.child("status").int(403, 400, 599),
+                          body=d.child("body").str(deny.body) if d.has("body") else deny.body,
+                          retry_after_s=d.child("retry_after_s").int(None, 0, 86400))
+    return Authorization(
+        applies_to=at, policy=policy, connector=conn, cache=cache,
+        on_connector_error=n.child("on_connector_error").str("deny", FAIL_MODES),
+        stale_max_age_s=n.child("stale_max_age_s").num(3600.0), deny=deny,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Path normalisation: routes match the path the upstream will see, not the bytes the client sent.
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def normalize_path(path: str) -> str:
+    """The path part of a request target as an upstream (IIS, Tomcat) resolves it.
+
+    Percent-encoded unreserved characters are decoded (RFC 3986 6.2.2.2: `%41` is `A`),
+    other escapes are upper-cased but kept (`%2F` stays an escape, never a separator), dot
+    segments are removed (6.2.2.3) and repeated slashes folded, so `/x/../Microsoft-Server-%41ctiveSync`
+    and `//Microsoft-Server-ActiveSync` match the ActiveSync route exactly as Exchange would see them.
+    """
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if "%" in path:
+        path = _PCT.sub(lambda m: chr(int(m[1], 16)) if int(m[1], 16) in _UNRESERVED else "%" + m[1].upper(), path)
+    if "//" in path:
+        path = re.sub("/{2,}", "/", path)
+    if "/." in path:
+        trailing = path.endswith(("/.", "/.."))
+        path = posixpath.normpath(path)
+        if path.startswith("//"):
+            path = path[1:]
+        if trailing and not path.endswith("/"):
+            path += "/"
+    return path or "/"
