@@ -144,7 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hostname", action="append", help="gateway certificate name (repeatable)")
     s.add_argument("--force", action="store_true", help="regenerate even if it exists")
     s.set_defaults(fn=cmd_pki)
+
+    # Further command groups live next to their code; each module offers add_commands(sub).
+    import importlib
+
+    for mod in EXTRA_COMMAND_MODULES:
+        try:
+            m = importlib.import_module(f"easgate.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"easgate.{mod}":
+                raise
+            continue
+        m.add_commands(sub)
     return p
+
+
+# modules with an add_commands(subparsers) function: demo, connector, devices, import-netscaler, ...
+EXTRA_COMMAND_MODULES = ("demo", "connector_service", "inventory", "netscaler", "replay")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,303 @@
+"""Shared fixtures: a throw-away PKI, real stand-in upstreams, and real gateway processes.
+
+End-to-end tests start `easgate run` (or plain `mitmdump -s addons/gateway.py`) as a subprocess on
+127.0.0.1 port 0, read the port from mitmproxy's "listening at" log line, and talk to it with real
+TLS clients (Python's ssl, curl).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "addons"))
+
+from easgate.pki import generate_pki  # noqa: E402
+from easgate.standins import ExchangeStandIn, MdmStandIn  # noqa: E402
+
+HOSTNAME = "mail.example.test"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    generate_pki(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def exchange(pki):
+    s = ExchangeStandIn("exchange", tls=(pki / "exchange.pem", pki / "exchange.key"), hold_s=0).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def mdm():
+    s = MdmStandIn("mdm").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstreams(request):
+    """Each test starts with empty request logs on the shared stand-ins."""
+    for name in ("exchange", "mdm"):
+        if name in request.fixturenames:
+            s = request.getfixturevalue(name)
+            with s.lock:
+                s.seen.clear()
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# A connector stand-in whose behaviour a test sets: it counts calls and can misbehave on purpose.
+
+
+class FakeConnector(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ConnectorHandler)
+        self.allowed: set[str] = set()  # DeviceIds answered with Allow
+        self.behaviour = "normal"  # normal | slow | garbage | error500 | close | hang
+        self.delay_s = 0.0
+        self.calls: list[dict] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/services/ActiveSync/Authorize"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _ConnectorHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv: FakeConnector = self.server  # type: ignore[assignment]
+        q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+        with srv.lock:
+            srv.calls.append(q)
+        b = srv.behaviour
+        if srv.delay_s:
+            time.sleep(srv.delay_s)
+        if b == "hang":
+            time.sleep(30)
+        if b == "close":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"res")
+            self.close_connection = True
+            return
+        if b == "error500":
+            body, status = b"internal error", 500
+        elif b == "garbage":
+            body, status = b"<html>Allowed?</html>", 200
+        else:
+            result = "Allow" if q.get("DeviceId") in srv.allowed else "Deny"
+            body, status = json.dumps({"result": result}).encode(), 200
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def connector():
+    c = FakeConnector()
+    yield c
+    c.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and gateway processes
+
+
+def base_config(pki: Path, exchange, mdm, **over) -> dict:
+    cfg = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "tls": {
+            "certificate": str(pki / "gateway-full.pem"),
+            "client_certs": {"mode": "optional", "ca": [str(pki / "device-ca.pem"), str(pki / "root-ca.pem")]},
+        },
+        "pools": {
+            "exchange": {"servers": [exchange.url], "ca": str(pki / "internal-ca.pem"), "sni": "exchange.internal"},
+            "mdm": {"servers": [mdm.url]},
+        },
+        "routes": [
+            {"name": "activesync", "priority": 100, "match": {"path_prefix": "/Microsoft-Server-ActiveSync"},
+             "pool": "exchange"},
+            {"name": "mdm", "priority": 110, "match": "any", "pool": "mdm", "client_cert_header": "NSClientCert"},
+        ],
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "gateway.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+LISTEN_RE = re.compile(r"listening at (?:\S+ )?\[?([0-9.:a-f]*)\]?:(\d+)")
+
+
+class GatewayProcess:
+    """A real gateway process; its output is collected in `lines`."""
+
+    def __init__(self, argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> None:
+        e = dict(os.environ, PYTHONUNBUFFERED="1")
+        e.update(env or {})
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, errors="replace")
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = LISTEN_RE.search(line)
+            if m and self.port is None:
+                self.port = int(m[2])
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 20) -> "GatewayProcess":
+        self._ready.wait(timeout)
+        if self.port is None:
+            self.stop()
+            raise AssertionError("gateway did not start:\n" + self.output)
+        return self
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_exit(self, timeout: float = 20) -> int:
+        rc = self.proc.wait(timeout)
+        time.sleep(0.1)
+        return rc
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def easgate_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "easgate.cli", *args]
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """start_gateway(cfg_dict_or_path, via="easgate"|"mitmdump", extra=[...]) -> running GatewayProcess."""
+    procs: list[GatewayProcess] = []
+
+    def start(cfg, via: str = "easgate", extra: list[str] | None = None, wait: bool = True) -> GatewayProcess:
+        path = cfg if isinstance(cfg, Path) else write_config(tmp_path, cfg)
+        if via == "easgate":
+            argv = easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--", *(extra or []))
+        else:
+            argv = [str(Path(sys.executable).parent / via), "-s", str(ROOT / "addons" / "gateway.py"),
+                    "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0", *(extra or [])]
+        g = GatewayProcess(argv)
+        procs.append(g)
+        return g.wait_ready() if wait else g
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Clients
+
+
+def client_context(pki: Path, cert: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "public-ca.pem"))
+    if cert:
+        ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
+    return ctx
+
+
+class Response:
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(port: int, method: str, path: str, pki: Path, *, cert: str | None = None, headers: dict | list | None = None,
+            body: bytes | None = None, conn: http.client.HTTPSConnection | None = None, timeout: float = 15) -> Response:
+    """One HTTPS request to the gateway (SNI mail.example.test). Pass conn to reuse a keep-alive connection."""
+    c = conn or http.client.HTTPSConnection("127.0.0.1", port, context=client_context(pki, cert), timeout=timeout)
+    if conn is None:
+        c._tunnel_host = None
+        c.host = "127.0.0.1"
+    # SNI and Host: the public name
+    c._context = c._context if hasattr(c, "_context") else None
+    c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    c.putheader("Host", f"{HOSTNAME}:{port}")
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    for k, v in items:
+        c.putheader(k, v)
+    if body is not None:
+        c.putheader("Content-Length", str(len(body)))
+    c.endheaders(body)
+    r = c.getresponse()
+    data = r.read()
+    out = Response(r.status, r.headers, data)
+    if conn is None:
+        c.close()
+    return out
+
+
+def https_connection(port: int, pki: Path, cert: str | None = None, timeout: float = 15) -> http.client.HTTPSConnection:
+    ctx = client_context(pki, cert)
+    c = http.client.HTTPSConnection(HOSTNAME, port, context=ctx, timeout=timeout)
+    # connect to loopback but verify and send SNI for the public name
+    c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname=HOSTNAME)
+    return c
+
+
+def curl(port: int, path: str, pki: Path, *args: str, cert: str | None = None, timeout: int = 15) -> subprocess.CompletedProcess:
+    argv = ["curl", "-sS", "--max-time", str(timeout), "--cacert", str(pki / "public-ca.pem"),
+            "--resolve", f"{HOSTNAME}:{port}:127.0.0.1", "-o", "-", "-w", "\n%{http_code}"]
+    if cert:
+        argv += ["--cert", str(pki / f"{cert}.pem"), "--key", str(pki / f"{cert}.key")]
+    argv += [*args, f"https://{HOSTNAME}:{port}{path}"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
