@@ -164,7 +164,7 @@ def write_config(tmp_path: Path, cfg: dict, name: str = "gateway.yaml") -> Path:
     return p
 
 
-LISTEN_RE = re.compile(r"listening at (?:\S+ )?\[?([0-9.:a-f]*)\]?:(\d+)")
+LISTEN_RE = re.compile(r"[Rr]everse proxy to \S+ listening at \[?([0-9.:a-f*]*)\]?:(\d+)")
 
 
 class GatewayProcess:

@@ -131,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("config", help="gateway YAML, e.g. policies/gateway.yaml")
         s.add_argument("--listen", help="HOST:PORT to listen on, overriding the config's listen")
-        s.add_argument("mitmproxy_args", nargs=argparse.REMAINDER,
-                       help="after --: further mitmdump/mitmweb arguments")
+        s.epilog = "Further mitmdump/mitmweb arguments go after --, e.g. easgate run gw.yaml -- --set flow_detail=0"
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("check", help="validate a config and print its resolved routes")
@@ -164,9 +163,13 @@ EXTRA_COMMAND_MODULES = ("demo", "connector_service", "inventory", "netscaler", 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # everything after -- goes to mitmproxy untouched
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
-    if getattr(args, "mitmproxy_args", None) and args.mitmproxy_args[0] == "--":
-        args.mitmproxy_args = args.mitmproxy_args[1:]
+    args.mitmproxy_args = extra
     return args.fn(args) or 0
 
 

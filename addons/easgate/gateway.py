@@ -118,6 +118,17 @@ class Gateway:
         if self.config is None:
             logger.error("easgate: the gateway is not configured; refusing to run without it")
             ctx.master.shutdown()
+            return
+        # Loaded as a `-s` script, the gateway is configured while mitmproxy is already bringing
+        # up its default listener; replace it with the gateway's own right away.
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is not None:
+            from mitmproxy.proxy import mode_specs
+
+            want = [mode_specs.ProxyMode.parse(m) for m in ctx.options.mode]
+            if {s.mode for s in ps.servers} != set(want):
+                logger.info("easgate: replacing mitmproxy's default listener with the gateway's")
+                asyncio.get_running_loop().create_task(ps.servers.update(want))
 
 
 class ContentSwitch:
