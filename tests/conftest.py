@@ -79,6 +79,7 @@ class FakeConnector(ThreadingHTTPServer):
         self.behaviour = "normal"  # normal | slow | garbage | error500 | close | hang
         self.delay_s = 0.0
         self.calls: list[dict] = []
+        self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -87,12 +88,24 @@ class FakeConnector(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/services/ActiveSync/Authorize"
 
     def stop(self) -> None:
+        """Down for real: no listener and no kept-alive connection left."""
         self.shutdown()
         self.server_close()
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class _ConnectorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.conns.append(self.connection)
 
     def log_message(self, *a) -> None:
         pass

@@ -28,6 +28,7 @@ from .cache import DecisionCache, cache_key
 from .config import Authorization, ConfigError, GatewayConfig, normalize_path
 from .connector import ConnectorClient, ConnectorError, to_decision
 from .decision import Decision
+from .gateway import answer, drop
 from .policy import PolicyError, PolicyStore
 
 logger = logging.getLogger("easgate.authz")
@@ -206,12 +207,12 @@ class ActiveSyncGate:
         flow.marked = ":no_entry:"
         deny = self.auth.deny
         if deny.action == "drop":
-            flow.kill()
+            drop(flow)
             return
         headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
         if deny.retry_after_s is not None:
             headers["Retry-After"] = str(deny.retry_after_s)
-        flow.response = http.Response.make(deny.status, deny.body.encode(), headers)
+        answer(flow, http.Response.make(deny.status, deny.body.encode(), headers))
 
     # -- commands -------------------------------------------------------------------------
 

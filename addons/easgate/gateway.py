@@ -51,6 +51,56 @@ def with_listen(cfg: GatewayConfig, listen: str) -> GatewayConfig:
     return dataclasses.replace(cfg, listen_host=host.strip("[]") or "0.0.0.0", listen_port=int(port))
 
 
+def answer(flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer a request from requestheaders, or close it when mitmproxy streams its body.
+
+    mitmproxy can't answer a request whose body it streams (`stream_large_bodies`): "Can't set a
+    response and enable streaming at the same time" (DESIGN.md). Such a request, or one whose
+    body may grow past the threshold (chunked), is killed instead: the client sees the connection
+    close, and nothing reaches the upstream either way.
+    """
+    if flow.request.stream or _may_stream(flow.request):
+        drop(flow)
+        return
+    flow.response = response
+
+
+def drop(flow: http.HTTPFlow) -> None:
+    """Kill the flow and reset the client connection (NetScaler's responder DROP).
+
+    `flow.kill()` alone leaves a client that is still sending a body with an open socket nobody
+    reads, until the client's own timeout; aborting the transport answers it with a reset now.
+    """
+    live = flow.live
+    flow.kill()
+    if not live:  # offline replay: nothing to reset
+        return
+    client = flow.client_conn
+
+    def abort() -> None:
+        ps = ctx.master.addons.get("proxyserver")
+        handler = ps.connections.get(client.id) if ps else None
+        io = handler.transports.get(client) if handler else None
+        writer = getattr(io, "writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+
+    asyncio.get_running_loop().call_soon(abort)
+
+
+def _may_stream(req: http.Request) -> bool:
+    limit = ctx.options.stream_large_bodies
+    if not limit:
+        return False
+    length = req.headers.get("content-length")
+    if length is None:
+        return "chunked" in req.headers.get("transfer-encoding", "").lower()
+    from mitmproxy.utils import human
+
+    return not length.isdigit() or int(length) > (human.parse_size(limit) or 0)
+
+
 class Gateway:
     """Owns the config file; its sub-addons do the work."""
 
@@ -156,7 +206,7 @@ class ContentSwitch:
             logger.warning(f"client {flow.client_conn.peername[0]}: connection refused: {why}")
             flow.metadata["easgate.refused"] = why
             flow.comment = f"refused: {why}"
-            flow.kill()
+            drop(flow)
             return
         verdict = tls.verdict(flow.client_conn)
         flow.metadata["easgate.client_cert"] = verdict.as_dict()
@@ -165,8 +215,8 @@ class ContentSwitch:
         if route is None:
             self.counts["(none)"] += 1
             flow.metadata[ROUTE_KEY] = None
-            flow.response = http.Response.make(
-                404, b"No route for this request on this gateway.\n", {"Content-Type": "text/plain"})
+            answer(flow, http.Response.make(
+                404, b"No route for this request on this gateway.\n", {"Content-Type": "text/plain"}))
             flow.comment = "no route: 404"
             return
         self.counts[route.name] += 1
