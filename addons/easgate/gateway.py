@@ -90,7 +90,7 @@ def drop(flow: http.HTTPFlow) -> None:
 
 
 def _may_stream(req: http.Request) -> bool:
-    limit = ctx.options.stream_large_bodies
+    limit = ctx.options.stream_large_bodies if "stream_large_bodies" in ctx.options else None
     if not limit:
         return False
     length = req.headers.get("content-length")
@@ -160,7 +160,7 @@ class Gateway:
 
     def _enforce(self) -> None:
         want = forced_options(self.config)
-        changes = {k: v for k, v in want.items() if getattr(ctx.options, k) != v}
+        changes = {k: v for k, v in want.items() if k in ctx.options and getattr(ctx.options, k) != v}
         if changes:
             ctx.options.update(**changes)
 

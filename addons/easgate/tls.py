@@ -142,9 +142,8 @@ def build_client_context(cfg: TlsConfig) -> tuple[SSL.Context, ClientCertVerifie
         verifier = ClientCertVerifier(cc.ca)
         store = ctx.get_cert_store()
         for anchor in verifier.anchors:
-            x = crypto.X509.from_cryptography(anchor)
-            store.add_cert(x)
-            ctx.add_client_ca(x)  # the CA names sent in CertificateRequest
+            store.add_cert(crypto.X509.from_cryptography(anchor))
+            ctx.add_client_ca(anchor)  # the CA names sent in CertificateRequest
         mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
         if cc.mode == "required":
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
