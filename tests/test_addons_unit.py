@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 from mitmproxy import exceptions
+from mitmproxy.addons import block, proxyserver
 from mitmproxy.test import taddons, tflow
 
 from conftest import base_config
@@ -42,7 +43,7 @@ def _flow(path: str, method: str = "POST", user: str = "alice"):
 @pytest.fixture
 def gateway(tmp_path, pki):
     addons = make_addons()
-    with taddons.context(*addons) as tctx:
+    with taddons.context(block.Block(), proxyserver.Proxyserver(), *addons) as tctx:
         tctx.configure(addons[0], easgate_config=str(_cfg(tmp_path, pki)))
         yield tctx, addons[0]
 
