@@ -383,3 +383,19 @@ def test_plain_mitmdump_script_way_works(start_gateway, pki, exchange, mdm):
     g = start_gateway(base_config(pki, exchange, mdm), via="mitmdump")
     r = request(g.port, "GET", "/enroll", pki, cert="device-iphone", headers={"NSClientCert": "forged"})
     assert r.json()["NSClientCert"] == der_b64(pki, "device-iphone")
+
+
+def test_upstream_that_does_not_answer_gets_a_502_after_the_response_timeout(start_gateway, pki, exchange, mdm):
+    silent = MdmStandIn("silent", hold_s=30).start()  # holds ".../hold" requests for 30 s
+    try:
+        cfg = base_config(pki, exchange, mdm)
+        cfg["pools"]["mdm"] = {"servers": [silent.url], "response_timeout_s": 1}
+        g = start_gateway(cfg)
+        t0 = time.monotonic()
+        r = request(g.port, "GET", "/hold", pki, timeout=20)
+        assert r.status == 502
+        assert 0.9 < time.monotonic() - t0 < 5
+        assert "no response within 1s" in g.output
+        assert request(g.port, "GET", "/quick", pki).status == 200
+    finally:
+        silent.stop()

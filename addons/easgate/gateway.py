@@ -256,6 +256,7 @@ class UpstreamPools:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
+        self.timers: dict[str, asyncio.TimerHandle] = {}
 
     def apply(self, cfg: GatewayConfig) -> None:
         by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
@@ -297,6 +298,45 @@ class UpstreamPools:
             logger.warning(f"upstream {server.address[0]}:{server.address[1]} (pool {pool.name}): "
                            f"no connection within {pool.connect_timeout_s:g}s")
             io.handler.cancel()
+
+    LONG_POLL_COMMANDS = ("Ping", "Sync")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The request is going upstream: start its response timer."""
+        if flow.response or flow.error or not flow.live:
+            return
+        name = flow.metadata.get(ROUTE_KEY)
+        if not name:
+            return
+        pool = self.gw.config.pools[self.gw.config.route(name).pool]
+        cmd = (flow.metadata.get("easgate.identity") or {}).get("command") or flow.request.query.get("Cmd")
+        timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
+        # kept off flow.metadata, which is saved with the flow
+        self.timers[flow.id] = asyncio.get_running_loop().call_later(
+            timeout, self._response_timeout, flow, pool, timeout)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._cancel_timer(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._cancel_timer(flow)
+
+    def _cancel_timer(self, flow: http.HTTPFlow) -> None:
+        handle = self.timers.pop(flow.id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _response_timeout(self, flow: http.HTTPFlow, pool: Pool, timeout: float) -> None:
+        self.timers.pop(flow.id, None)
+        if flow.response is not None or not flow.live:
+            return
+        logger.warning(f"upstream {flow.request.host}:{flow.request.port} (pool {pool.name}): "
+                       f"no response within {timeout:g}s; closing it")
+        handler = self._handler(flow.client_conn)
+        io = handler.transports.get(flow.server_conn) if handler else None
+        transport = getattr(getattr(io, "writer", None), "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # mitmproxy answers the client with a 502
 
     def server_connect_error(self, data) -> None:
         addr = data.server.address
