@@ -1,0 +1,111 @@
+"""`easgate demo`: what the README promises, run as a user would, from the checkout."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# the checkout's code, whichever easgate the interpreter has installed
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "addons"))
+STARTED = re.compile(r"^\s+(gateway|exchange|mdm|connector)\s+https?://[^:]+:(\d+)", re.M)
+
+
+def demo_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "easgate.cli", "demo", *args]
+
+
+def ports_of(output: str) -> dict[str, int]:
+    return {name: int(port) for name, port in STARTED.findall(output)}
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_scenario_passes_and_leaves_nothing_listening(tmp_path):
+    r = subprocess.run(demo_argv("--scenario", "--dir", str(tmp_path / "state"), "--port", "0"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=90)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    table = [ln for ln in out.splitlines() if ln.count(" | ") == 3]
+    assert re.match(r"device / request\s+\| expected\s+\| got\s+\| ok", table[0])
+    rows = {cells[0]: cells[1:] for cells in (list(map(str.strip, ln.split(" | "))) for ln in table[1:])}
+    assert rows["iPhone ApplF17ABCDEF01 (alice, managed, cert)"] == ["200 exchange", "200 exchange", "yes"]
+    assert rows["iPad ApplDMPQ99887766 (alice, not managed)"] == ["403 denied", "403 denied", "yes"]
+    assert rows["MDM request with the iPhone's device cert"][1:] == ["200 mdm, NSClientCert: iPhone cert", "yes"]
+    assert rows["MDM request without a cert"][1:] == ["200 mdm, NSClientCert: none", "yes"]
+    assert rows["OPTIONS /Microsoft-Server-ActiveSync"][2] == "yes"
+    assert len(rows) >= 10 and all(v[2] == "yes" and v[0] == v[1] for v in rows.values())
+    assert f"{len(rows)} of {len(rows)} rows as expected" in out
+    assert "nothing left listening" in out
+    ports = ports_of(out)
+    assert set(ports) == {"gateway", "exchange", "mdm", "connector"}
+    assert not [n for n, p in ports.items() if listening(p)]
+    # the gateway decided through the connector, and both logged it
+    state = tmp_path / "state"
+    assert '"decision":"deny"' in (state / "logs" / "decisions.jsonl").read_text()
+    assert "ApplDMPQ99887766" in (state / "logs" / "connector-decisions.jsonl").read_text()
+
+
+def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    p = subprocess.Popen(demo_argv("--dir", str(tmp_path / "state"), "--port", str(busy_port)), cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in p.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert ready.wait(60), "".join(lines)
+        out = "".join(lines)
+        assert f"port {busy_port} is busy" in out
+        ports = ports_of(out)
+        assert ports["gateway"] != busy_port and all(listening(pt) for pt in ports.values())
+        curls = [ln.strip() for ln in lines if ln.startswith("curl ")]
+        assert len(curls) == 2
+        iphone, ipad = curls
+        for cmd in curls:
+            assert "--cacert" in cmd and f"--resolve mail.example.test:{ports['gateway']}:127.0.0.1" in cmd
+            assert "-u alice:password -X POST" in cmd and "User-Agent: Apple-" in cmd and "DeviceType=" in cmd
+        assert "device-iphone.pem" in iphone and "--cert" not in ipad
+        r = subprocess.run(shlex.split(iphone), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("HTTP/1.1 200") and "X-Upstream: exchange" in r.stdout
+        r = subprocess.run(shlex.split(ipad), capture_output=True, text=True, timeout=30)
+        assert r.stdout.startswith("HTTP/1.1 403"), r.stdout + r.stderr
+
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0
+        deadline = time.time() + 5
+        while time.time() < deadline and "nothing left listening" not in "".join(lines):
+            time.sleep(0.05)
+        assert "nothing left listening" in "".join(lines)
+        assert not [n for n, pt in ports.items() if listening(pt)]
+    finally:
+        busy.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
