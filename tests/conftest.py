@@ -76,7 +76,7 @@ class FakeConnector(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _ConnectorHandler)
         self.allowed: set[str] = set()  # DeviceIds answered with Allow
-        self.behaviour = "normal"  # normal | slow | garbage | error500 | close | hang
+        self.behaviour = "normal"  # normal | slow | garbage | error500 | reject400 | close | hang
         self.delay_s = 0.0
         self.calls: list[dict] = []
         self.conns: list[socket.socket] = []
@@ -126,6 +126,8 @@ class _ConnectorHandler(BaseHTTPRequestHandler):
             return
         if b == "error500":
             body, status = b"internal error", 500
+        elif b == "reject400":
+            body, status = b'{"error": "bad request", "reason": "agent too long"}', 400
         elif b == "garbage":
             body, status = b"<html>Allowed?</html>", 200
         else:
@@ -276,13 +278,9 @@ class Response:
 
 def request(port: int, method: str, path: str, pki: Path, *, cert: str | None = None, headers: dict | list | None = None,
             body: bytes | None = None, conn: http.client.HTTPSConnection | None = None, timeout: float = 15) -> Response:
-    """One HTTPS request to the gateway (SNI mail.example.test). Pass conn to reuse a keep-alive connection."""
-    c = conn or http.client.HTTPSConnection("127.0.0.1", port, context=client_context(pki, cert), timeout=timeout)
-    if conn is None:
-        c._tunnel_host = None
-        c.host = "127.0.0.1"
-    # SNI and Host: the public name
-    c._context = c._context if hasattr(c, "_context") else None
+    """One HTTPS request to the gateway with SNI and Host mail.example.test. Pass conn to reuse a
+    keep-alive connection (from https_connection)."""
+    c = conn or https_connection(port, pki, cert, timeout)
     c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     c.putheader("Host", f"{HOSTNAME}:{port}")
     items = headers.items() if isinstance(headers, dict) else (headers or [])

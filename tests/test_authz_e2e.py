@@ -240,3 +240,23 @@ def test_deny_action_drop_and_custom_status(start_gateway, pki, exchange, mdm, t
     g2 = start_gateway(authz_config(pki, exchange, mdm, tmp_path, deny={"status": 503, "retry_after_s": 600}))
     r = request(g2.port, "POST", sync_path(IPAD, dtype="iPad"), pki, headers=BASIC_ALICE)
     assert r.status == 503 and r.headers["Retry-After"] == "600"
+
+
+def test_cached_allow_does_not_bypass_the_user_agent_deny_list(start_gateway, pki, exchange, mdm, tmp_path):
+    g = start_gateway(authz_config(pki, exchange, mdm, tmp_path))
+    assert request(g.port, "POST", sync_path(IPHONE), pki, headers=BASIC_ALICE).status == 200
+    bb = dict(BASIC_ALICE, **{"User-Agent": "BlackBerry9700/5.0.0.1036"})
+    assert request(g.port, "POST", sync_path(IPHONE), pki, headers=bb).status == 403
+    assert audit(tmp_path)[-1]["source"] == "policy"
+
+
+def test_a_request_the_connector_rejects_is_denied_even_when_failing_open(start_gateway, pki, exchange, mdm,
+                                                                          tmp_path, connector):
+    # A client must not be able to pick fail-open by making its own request unacceptable to the connector.
+    connector.behaviour = "reject400"
+    g = start_gateway(authz_config(pki, exchange, mdm, tmp_path, connector=connector, on_connector_error="allow"))
+    r = request(g.port, "POST", sync_path(IPAD, dtype="iPad"), pki,
+                headers=dict(BASIC_ALICE, **{"User-Agent": "x" * 3000}))
+    assert r.status == 403
+    assert audit(tmp_path)[-1]["reason"] == "connector rejected the request (HTTP 400)"
+    assert exchange_posts(exchange) == []

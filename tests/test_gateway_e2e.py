@@ -399,3 +399,25 @@ def test_upstream_that_does_not_answer_gets_a_502_after_the_response_timeout(sta
         assert request(g.port, "GET", "/quick", pki).status == 200
     finally:
         silent.stop()
+
+
+@pytest.mark.parametrize("host", ["evil/Microsoft-Server-ActiveSync", "a b", "x@y", "mail.example.test/x?"])
+def test_hosts_that_are_not_an_authority_get_a_400(gw, pki, exchange, mdm, host):
+    c = https_connection(gw.port, pki)
+    c.putrequest("GET", "/enroll", skip_host=True, skip_accept_encoding=True)
+    c.putheader("Host", host)
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 400 and b"Host" in r.read()
+    c.close()
+    assert mdm.requests() == [] and exchange.requests() == []
+
+
+def test_filter_routes_see_the_normalised_path(start_gateway, pki, exchange, mdm):
+    cfg = base_config(pki, exchange, mdm)
+    cfg["routes"][0] = {"name": "activesync", "priority": 100, "pool": "exchange",
+                        "match": {"filter": "~u ^https?://[^/]+/Microsoft-Server-ActiveSync"}}
+    g = start_gateway(cfg)
+    r = request(g.port, "OPTIONS", "/enroll/../Microsoft-Server-%41ctiveSync", pki)
+    assert "MS-ASProtocolVersions" in r.headers
+    assert exchange.requests()[0]["path"] == "/Microsoft-Server-ActiveSync"

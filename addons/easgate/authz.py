@@ -138,6 +138,13 @@ class ActiveSyncGate:
             return ident, Decision(False, "request has no user", "identity")
         if not ident.device_id:
             return ident, Decision(False, "request has no DeviceId", "identity")
+        # The policy's explicit lists come before the cache: they also look at the User-Agent and
+        # DeviceType, which are not part of the cache key (and they cost a few set lookups).
+        policy = self.policy.policy if self.policy else None
+        if policy is not None:
+            d = policy.explicit(ident)
+            if d is not None:
+                return ident, d
         key = cache_key(ident.user, ident.device_id)
         cached = self.cache.get(key)
         if cached is not None:
@@ -149,11 +156,8 @@ class ActiveSyncGate:
         return ident, decision
 
     async def _compute(self, ident: activesync.Identity) -> Decision:
+        """The backend decision once the explicit lists had nothing to say."""
         policy = self.policy.policy if self.policy else None
-        if policy is not None:
-            d = policy.explicit(ident)
-            if d is not None:
-                return d
         if self.connector is not None:
             try:
                 answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,

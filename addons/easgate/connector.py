@@ -13,7 +13,8 @@ What counts as an answer (anything but *Allow* blocks, as on NetScaler):
 | JSON object whose result is any other string (Deny, Disallow, Block) | deny       |
 | a body that is exactly the token `Allow` (text)         | allow                   |
 | a body that is exactly `Deny`/`Disallow`/`Block` (text) | deny                    |
-| anything else (garbage, empty, truncated), non-200, timeout, refused | connector error -> fail mode |
+| HTTP 4xx: the connector rejected this request              | deny                    |
+| anything else (garbage, empty, truncated), 5xx, timeout, refused | connector error -> fail mode |
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Answer:
 
 def parse_answer(status: int, body: bytes) -> Answer:
     """Strictly read a connector answer; raise ConnectorError when it is not one."""
+    if 400 <= status < 500:
+        # The connector refused this request (e.g. values too long for it): that is its answer about
+        # this request, not an outage. Sending it to the fail mode would let a client pick fail-open
+        # by making its own request unacceptable.
+        return Answer(False, f"connector rejected the request (HTTP {status})")
     if status != 200:
         raise ConnectorError(f"connector answered HTTP {status}")
     text = body.strip()
@@ -168,11 +174,7 @@ class ConnectorClient:
         while True:
             event = h.next_event()
             if event is h11.NEED_DATA:
-                chunk = await conn.reader.read(65536)
-                h.receive_data(chunk)
-                if not chunk and h.their_state is not h11.DONE and h.their_state is not h11.MUST_CLOSE:
-                    # h11 raises on the next call for a truncated message
-                    pass
+                h.receive_data(await conn.reader.read(65536))  # b"" at EOF: h11 reports truncation
                 continue
             if isinstance(event, h11.Response):
                 status = event.status_code

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import logging
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from mitmproxy import connection, ctx, exceptions, http
 
 from . import certheader
-from .config import ConfigError, GatewayConfig, Pool, Route, Upstream, load_config
+from .config import ConfigError, GatewayConfig, Pool, Route, Upstream, load_config, normalize_path
 from .routing import ROUTE_KEY, Balancer, Router, request_view
 from .tls import TlsOffload
 
@@ -210,7 +211,17 @@ class ContentSwitch:
             return
         verdict = tls.verdict(flow.client_conn)
         flow.metadata["easgate.client_cert"] = verdict.as_dict()
-        rv = request_view(flow, verdict.status)
+        if why := bad_host(flow.request):
+            flow.metadata[ROUTE_KEY] = None
+            answer(flow, http.Response.make(400, f"{why}\n".encode(), {"Content-Type": "text/plain"}))
+            flow.comment = f"bad request: {why}"
+            return
+        # Normalise first: route rules, filters and the upstream all see the same path.
+        path, sep, query = flow.request.path.partition("?")
+        norm = normalize_path(path)
+        if norm != path:
+            flow.request.path = norm + sep + query
+        rv = request_view(flow, verdict.status, norm)
         route = self.router.select(rv, flow)
         if route is None:
             self.counts["(none)"] += 1
@@ -221,11 +232,6 @@ class ContentSwitch:
             return
         self.counts[route.name] += 1
         flow.metadata[ROUTE_KEY] = route.name
-        # Forward the path we routed on, so the upstream sees exactly what was matched.
-        query = flow.request.path.partition("?")[2]
-        target = rv.path + ("?" + query if query else "")
-        if target != flow.request.path:
-            flow.request.path = target
         pool = self.pools[route.pool]
         self.point(flow, pool, self.balancer.pick(pool))
 
@@ -243,6 +249,20 @@ class ContentSwitch:
         else:
             flow.request.host_header = pool.host_header
         flow.metadata["easgate.upstream"] = server.url
+
+
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def bad_host(req: http.Request) -> str | None:
+    """Why the Host header can't be routed on, or None. A Host with '/', '@' or spaces would
+    shift what URL filters and the upstream take for the path; two Hosts are ambiguous."""
+    hosts = req.headers.get_all("host")
+    if len(hosts) > 1:
+        return "several Host headers"
+    if hosts and not _AUTHORITY.fullmatch(hosts[0]):
+        return "invalid Host header"
+    return None
 
 
 def route_of(flow: http.HTTPFlow, cfg: GatewayConfig) -> Route | None:
@@ -281,9 +301,8 @@ class UpstreamPools:
         pool, server = entry
         if server.scheme == "https":
             data.server.sni = pool.sni or server.host
-        handler = self._handler(data.client)
-        loop = asyncio.get_running_loop()
-        loop.call_later(pool.connect_timeout_s, self._connect_timeout, data.server, data.client, pool)
+        asyncio.get_running_loop().call_later(
+            pool.connect_timeout_s, self._connect_timeout, data.server, data.client, pool)
 
     def _handler(self, client):
         ps = ctx.master.addons.get("proxyserver")

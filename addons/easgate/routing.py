@@ -113,11 +113,14 @@ class Balancer:
             logger.warning(f"upstream {server.url} (pool {pool.name}) marked down for {pool.down_time_s:g}s: {reason}")
 
 
-def request_view(flow: http.HTTPFlow, cert_status: str) -> RequestView:
+def request_view(flow: http.HTTPFlow, cert_status: str, path: str | None = None) -> RequestView:
+    """What routes match on; `path` is the already normalised path when the caller has it."""
     req = flow.request
     host = req.host_header or ""
     if host.startswith("["):
         host = host[: host.find("]") + 1]
     else:
         host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return RequestView(req.method.upper(), host.lower(), normalize_path(req.path), req.headers, cert_status)
+    if path is None:
+        path = normalize_path(req.path)
+    return RequestView(req.method.upper(), host.lower(), path, req.headers, cert_status)
