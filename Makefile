@@ -3,6 +3,6 @@
 venv:
 	@scripts/bootstrap.sh
 demo: venv
-	.venv/bin/easgate demo
+	.venv/bin/easgate demo $(DEMO_ARGS)
 test: venv
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)

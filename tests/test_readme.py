@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,49 @@ def test_the_poc_config_starts_with_every_documented_command(poc, argv):
         assert head.startswith(b"HTTP/1.1 502"), head
     finally:
         g.stop()
+
+
+def test_connector_and_devices_commands(poc):
+    """The README's connector/devices lines, on the copy (the connector on a free port)."""
+    import json
+    import urllib.request
+
+    def easgate(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        p = subprocess.run([str(BIN / "easgate"), *args], cwd=poc, capture_output=True, text=True, timeout=60)
+        assert (p.returncode == 0) == ok, p.stdout + p.stderr
+        return p
+
+    conn = GatewayProcess([str(BIN / "easgate"), "connector", "policies/connector.yaml", "--listen", "127.0.0.1:0"],
+                          cwd=poc)
+    try:
+        deadline = time.monotonic() + 20
+        port = None
+        while port is None and time.monotonic() < deadline:
+            m = re.search(r"listening (?:at|on) \S*?127\.0\.0\.1:(\d+)", conn.output)
+            port = int(m[1]) if m else None
+            time.sleep(0.05)
+        assert port, conn.output
+        easgate("devices", "-c", "policies/connector.yaml", "import", "policies/demo-inventory.csv")
+
+        def simulate() -> dict:
+            url = f"http://127.0.0.1:{port}/services/ActiveSync/Simulate?user=alice&DeviceId=ApplF17ABCDEF01"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+
+        assert simulate()["result"] == "Allow"
+        easgate("devices", "-c", "policies/connector.yaml", "block", "ApplF17ABCDEF01")
+        assert simulate()["result"] == "Deny"  # seen without a restart
+        listing = easgate("devices", "-c", "policies/connector.yaml", "list").stdout
+        assert "ApplF17ABCDEF01" in listing
+    finally:
+        conn.stop()
+
+
+def test_import_netscaler_command(poc, tmp_path):
+    shutil.copy(ROOT / "tests/fixtures/netscaler-poc.conf", poc / "ns.conf")
+    p = subprocess.run(f"{BIN / 'easgate'} import-netscaler ns.conf > gateway.yaml", shell=True, cwd=poc,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1  # untranslated lines are reported ...
+    assert re.search(r"ns\.conf:\d+: ", p.stderr)  # ... with their line numbers
+    out = (poc / "gateway.yaml").read_text()
+    assert "routes:" in out and "FILL" in out
