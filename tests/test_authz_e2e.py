@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from conftest import HOSTNAME, base_config, client_context, https_connection, request
+from conftest import HOSTNAME, base_config, request
 from easgate.activesync import encode_binary_query
 
 IPHONE = "ApplF17ABCDEF01"

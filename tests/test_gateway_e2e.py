@@ -7,7 +7,6 @@ import json
 import socket
 import ssl
 import subprocess
-import sys
 import time
 
 import pytest

@@ -13,14 +13,13 @@ status (default 403) or drops the connection like NetScaler's responder DROP.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
 
-from mitmproxy import command, ctx, flow as mflow, http
+from mitmproxy import command, flow as mflow, http
 
 from . import activesync
 from .audit import AuditLog
