@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The system tools the end-to-end tests drive as real clients: curl, openssl (OCSP responder,
+# s_client) and chromium (mitmweb's page in a real browser). Installed with apt-get when missing
+# and we may (root, Debian/Ubuntu); otherwise says what is missing: those tests then skip, except
+# in CI (CI=true), where a missing tool fails them.
+set -u
+need=()
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${need[*]} for the tests (apt-get)" >&2
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } >/tmp/easgate-apt.log 2>&1; then
+        tail -n 20 /tmp/easgate-apt.log >&2
+        echo "could not install ${need[*]}; the tests that need them will say so" >&2
+    fi
+else
+    echo "note: ${need[*]} not found; install them (e.g. apt-get install ${need[*]}) to run every test" >&2
+fi
+exit 0
