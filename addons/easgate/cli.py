@@ -82,19 +82,63 @@ def _mitm_args(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    _validate(args.config)
-    from mitmproxy.tools import cmdline, main
-    from mitmproxy.tools.dump import DumpMaster
+    cfg = _validate(args.config)
+    from . import workers
+
+    n = args.workers if args.workers is not None else workers.default_workers()
+    if n < 1:
+        print("easgate: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if n > 1 and args.worker_index is None:
+        return _supervise(args, cfg, n)
 
     from .gateway import make_addons
+    from .lean import _Ready, full_factory, lean_factory, mitmdump_filter_extra, run_master
 
-    class GatewayDumpMaster(DumpMaster):
-        def __init__(self, options, *a, **kw) -> None:
-            super().__init__(options, *a, **kw)
-            self.addons.add(*make_addons())
+    ready = None
+    prefix = ""
+    if args.worker_index is not None:
+        fd, _ = workers.worker_setup()
+        ready = _Ready(fd, args.worker_index) if fd is not None else None
+        prefix = f"[w{args.worker_index}]"
+    workers.configure_listener(reuse_port=args.worker_index is not None)
+    factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
+    return run_master(factory, _mitm_args(args), lean=not args.full, grace_s=args.grace,
+                      log_prefix=prefix, ready=ready, extra=mitmdump_filter_extra)
 
-    main.run(GatewayDumpMaster, cmdline.mitmdump, _mitm_args(args))
-    return 0
+
+def _supervise(args, cfg: GatewayConfig, n: int) -> int:
+    from . import workers
+
+    host, port = cfg.listen_host, cfg.listen_port
+    if args.listen:
+        from .gateway import with_listen
+
+        try:
+            c = with_listen(cfg, args.listen)
+        except ConfigError as e:
+            print(f"easgate: {e}", file=sys.stderr)
+            return 2
+        host, port = c.listen_host, c.listen_port
+    try:
+        reserved = workers.reserve_port(host, port)
+    except OSError as e:
+        print(f"easgate: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    port = reserved.getsockname()[1]
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def worker_argv(i: int) -> list[str]:
+        argv = [sys.executable, "-m", "easgate.cli", "run", str(Path(args.config).resolve()), "--listen", listen,
+                "--workers", str(n), "--worker-index", str(i), "--grace", str(args.grace)]
+        if args.full:
+            argv.append("--full")
+        return argv + ["--", *(args.mitmproxy_args or [])]
+
+    try:
+        return workers.Supervisor(n, worker_argv, args.grace, listen).run()
+    finally:
+        reserved.close()
 
 
 def cmd_web(args) -> int:
@@ -114,10 +158,20 @@ def cmd_web(args) -> int:
 
 
 def cmd_pki(args) -> int:
-    from .pki import generate_pki
+    from .pki import generate_pki, revoke
 
+    if args.revoke:
+        for name in args.revoke:
+            try:
+                crl = revoke(Path(args.dir), name)
+            except ValueError as e:
+                print(f"easgate: {e}", file=sys.stderr)
+                return 2
+            print(f"revoked {name}: {Path(args.dir).resolve() / 'index.txt'} and {crl} updated "
+                  "(restart an `openssl ocsp -index` responder so it reads the index again)")
+        return 0
     files = generate_pki(Path(args.dir), hostnames=tuple(args.hostname or ()) or ("mail.example.test", "localhost", "127.0.0.1"),
-                         force=args.force)
+                         force=args.force, ocsp_url=args.ocsp_url)
     print(f"demo PKI in {Path(args.dir).resolve()}: {len(files)} files (see README.txt there)")
     return 0
 
@@ -126,12 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="easgate", description="Exchange ActiveSync gateway on mitmproxy")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    for name, fn, helptext in (("run", cmd_run, "run the gateway (mitmdump)"),
+    for name, fn, helptext in (("run", cmd_run, "run the gateway (lean mitmproxy master, N worker processes)"),
                                ("web", cmd_web, "run the gateway with mitmweb's UI")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("config", help="gateway YAML, e.g. policies/gateway.yaml")
         s.add_argument("--listen", help="HOST:PORT to listen on, overriding the config's listen")
-        s.epilog = "Further mitmdump/mitmweb arguments go after --, e.g. easgate run gw.yaml -- --set flow_detail=0"
+        s.epilog = "Further mitmdump/mitmweb arguments go after --, e.g. easgate run gw.yaml -- --set flow_detail=2"
+        if name == "run":
+            s.add_argument("--workers", type=int, metavar="N",
+                           help="worker processes sharing the port (SO_REUSEPORT); default: one per CPU core. "
+                                "1 runs the gateway in this process, without a supervisor")
+            s.add_argument("--full", action="store_true",
+                           help="run mitmproxy's full DumpMaster (all ~36 mitmdump addons) instead of the lean master")
+            s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                           help="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (default 10)")
+            s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("check", help="validate a config and print its resolved routes")
@@ -142,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--hostname", action="append", help="gateway certificate name (repeatable)")
     s.add_argument("--force", action="store_true", help="regenerate even if it exists")
+    s.add_argument("--ocsp-url", help="OCSP responder URL for the device certificates' AIA, e.g. http://127.0.0.1:8888/")
+    s.add_argument("--revoke", action="append", metavar="NAME",
+                   help="revoke a device certificate (e.g. device-ipad) in index.txt and device-ca.crl (repeatable)")
     s.set_defaults(fn=cmd_pki)
 
     # Further command groups live next to their code; each module offers add_commands(sub).

@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 
 CLIENT_CERT_MODES = ("off", "optional", "required")
+REVOCATION_MODES = ("off", "optional", "mandatory")
 ON_INVALID_CERT = ("reject", "untrusted")
 FAIL_MODES = ("deny", "allow", "stale")
 HOST_HEADER_SPECIAL = ("client", "upstream")
@@ -85,10 +86,35 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """Revocation checking of the client certificates one trusted CA issued (see docs/revocation.md)."""
+
+    mode: str = "off"  # off | optional | mandatory
+    ocsp: bool = True  # ask an OCSP responder (ocsp_url, else the certificate's AIA)
+    ocsp_url: str | None = None  # overrides the certificate's AIA OCSP URL
+    ocsp_timeout_ms: int = 1000
+    ocsp_cache_max_s: int = 3600  # answers are cached until nextUpdate, at most this long
+    crl: Path | None = None  # a CRL file (PEM or DER) signed by this CA, reloaded when it changes
+
+
+@dataclass(frozen=True)
+class TrustedCa:
+    """One `tls.client_certs.ca` entry: a CA file and how certificates it issued are checked."""
+
+    file: Path
+    revocation: Revocation = field(default_factory=Revocation)
+    key: str = "tls.client_certs.ca"  # where it is configured, for error messages
+
+
+@dataclass(frozen=True)
 class ClientCerts:
     mode: str = "off"
     ca: tuple[Path, ...] = ()
     on_invalid: str = "reject"
+    trusted: tuple[TrustedCa, ...] = ()  # `ca` with per-CA settings (same files, same order)
+
+    def trusted_cas(self) -> tuple[TrustedCa, ...]:
+        return self.trusted or tuple(TrustedCa(p) for p in self.ca)
 
 
 @dataclass(frozen=True)
@@ -146,6 +172,14 @@ class Authorization:
 
 
 @dataclass(frozen=True)
+class ProxyProtocol:
+    """PROXY protocol (v1 and v2) on the listener, from a layer-4 balancer in front (docs/scaling.md)."""
+
+    trusted: tuple[str, ...] = ()  # CIDRs / addresses allowed to send a PROXY header
+    require: bool = True  # a trusted peer must send one (HAProxy's accept-proxy); false: direct clients too
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     listen_host: str
@@ -157,6 +191,8 @@ class GatewayConfig:
     authorization: Authorization | None
     audit_log: Path | None
     client_idle_timeout_s: int = 3660
+    proxy_protocol: ProxyProtocol | None = None
+    max_connections: int = 0  # concurrent client connections per process; 0 = from the open-files limit
 
     def route(self, name: str) -> Route:
         return next(r for r in self.routes if r.name == name)
@@ -283,6 +319,8 @@ TOP_KEYS = {
     "authorization": "the ActiveSync authorization settings",
     "audit_log": "a file path for the JSON-lines decision log",
     "client_idle_timeout_s": "seconds, at least 3600 for ActiveSync Ping",
+    "proxy_protocol": "{trusted: [10.0.0.0/8], require: true} (PROXY v1/v2 from a layer-4 balancer)",
+    "max_connections": "concurrent client connections per process; 0 = derived from the open-files limit",
 }
 
 
@@ -337,10 +375,30 @@ def parse_config(data: Any, path: Path) -> GatewayConfig:
                           f"route '{name}' says authorize: activesync; add an authorization section with a policy or a connector")
     audit = root.child("audit_log").path(base, must_exist=False)
     idle = root.child("client_idle_timeout_s").int(3660, 1, 7 * 86400)
+    pp = _parse_proxy_protocol(root.child("proxy_protocol")) if root.has("proxy_protocol") else None
+    max_conns = root.child("max_connections").int(0, 0, 10_000_000)
     return GatewayConfig(
         path=path, listen_host=host, listen_port=port, tls=tls, pools=pools, routes=routes,
         default_route=default_route, authorization=auth, audit_log=audit, client_idle_timeout_s=idle,
+        proxy_protocol=pp, max_connections=max_conns,
     )
+
+
+def _parse_proxy_protocol(n: _Node) -> ProxyProtocol:
+    import ipaddress
+
+    n.mapping({"trusted": "a list of addresses or CIDRs of your balancers, e.g. [10.0.0.0/8]",
+               "require": "true (a trusted peer must send a PROXY header) | false"}, required=("trusted",))
+    t = n.child("trusted")
+    trusted = t.strlist()
+    if not trusted:
+        raise t.err("is empty", "list the balancers' addresses, e.g. [10.0.0.0/8]")
+    for i, cidr in enumerate(trusted):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise t.child(i).err(f"'{cidr}' is not an IP address or CIDR", "e.g. 10.0.0.0/8 or 192.0.2.10")
+    return ProxyProtocol(trusted=tuple(trusted), require=n.child("require").bool(True))
 
 
 def _parse_tls(n: _Node, base: Path) -> TlsConfig:
@@ -359,17 +417,76 @@ def _parse_tls(n: _Node, base: Path) -> TlsConfig:
     cc = ClientCerts()
     c = n.child("client_certs")
     if c.value is not None:
-        c.mapping({"mode": "off | optional | required", "ca": "a list of CA PEM files",
+        c.mapping({"mode": "off | optional | required",
+                   "ca": "a list of CA PEM files, or of {file: ca.pem, revocation: optional, ...}",
                    "on_invalid": "reject | untrusted"})
-        mode = c.child("mode").str("off", CLIENT_CERT_MODES)
+        mode = _off_or(c.child("mode"), "off", CLIENT_CERT_MODES)
         cas = c.child("ca")
-        ca_paths = tuple(
-            cas.child(i).path(base) for i in range(len(cas.value))
-        ) if isinstance(cas.value, list) else ((cas.path(base),) if cas.value else ())
-        if mode != "off" and not ca_paths:
+        if isinstance(cas.value, list):
+            trusted = tuple(_parse_trusted_ca(cas.child(i), base) for i in range(len(cas.value)))
+        elif cas.value:
+            trusted = (_parse_trusted_ca(cas, base),)
+        else:
+            trusted = ()
+        if mode != "off" and not trusted:
             raise cas.err("missing", "list the CA files that issue device certificates (device CA and root CA)")
-        cc = ClientCerts(mode=mode, ca=ca_paths, on_invalid=c.child("on_invalid").str("reject", ON_INVALID_CERT))
+        cc = ClientCerts(mode=mode, ca=tuple(t.file for t in trusted),
+                         on_invalid=c.child("on_invalid").str("reject", ON_INVALID_CERT), trusted=trusted)
     return TlsConfig(certificate=cert, key=key, min_version=minv, client_certs=cc)
+
+
+def _off_or(n: _Node, default: str, choices: tuple[str, ...]) -> str:
+    """A mode whose first choice is `off`: YAML 1.1 reads a bare `off` as false (and `on` as true)."""
+    if n.value is False:
+        return "off"
+    if n.value is True:
+        raise n.err("'on'/'true' is not a mode", f"use one of {', '.join(choices)}")
+    return n.str(default, choices)
+
+
+TRUSTED_CA_KEYS = {
+    "file": "the CA's PEM file",
+    "revocation": "off | optional | mandatory",
+    "ocsp": "true | false: ask an OCSP responder (default true)",
+    "ocsp_url": "http://host:port/ of the OCSP responder (default: the certificate's AIA)",
+    "ocsp_timeout_ms": "milliseconds (default 1000)",
+    "ocsp_cache_max_s": "seconds an OCSP answer is cached at most (default 3600; 0 = never)",
+    "crl": "a CRL file (PEM or DER) signed by this CA; reloaded when it changes",
+}
+
+
+def _parse_trusted_ca(n: _Node, base: Path) -> TrustedCa:
+    if isinstance(n.value, str):
+        return TrustedCa(file=n.path(base), key=n.key)
+    if not isinstance(n.value, dict):
+        raise n.err(f"must be a CA file path or a mapping, got {_kind(n.value)}",
+                    "e.g. device-ca.pem or {file: device-ca.pem, revocation: optional}")
+    n.mapping(TRUSTED_CA_KEYS, required=("file",))
+    file = n.child("file").path(base)
+    mode = _off_or(n.child("revocation"), "off", REVOCATION_MODES)
+    ocsp = n.child("ocsp").bool(True)
+    u = n.child("ocsp_url")
+    url = u.str()
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port
+        except ValueError:
+            raise u.err(f"'{url}' has an invalid port", "e.g. http://ocsp.example.internal:8888/")
+        if parts.scheme != "http" or not parts.hostname or parts.username or parts.fragment:
+            raise u.err(f"'{url}' is not an http:// URL",
+                        "OCSP is served over plain HTTP (the answers are signed), e.g. http://127.0.0.1:8888/")
+    crl = n.child("crl").path(base)
+    rev = Revocation(
+        mode=mode, ocsp=ocsp, ocsp_url=url,
+        ocsp_timeout_ms=n.child("ocsp_timeout_ms").int(1000, 1, 60_000),
+        ocsp_cache_max_s=n.child("ocsp_cache_max_s").int(3600, 0, 7 * 86400),
+        crl=crl,
+    )
+    if mode != "off" and not ocsp and crl is None:
+        raise n.err(f"revocation is {mode} but OCSP is off and there is no crl",
+                    "add 'crl: device-ca.crl', or remove 'ocsp: false'")
+    return TrustedCa(file=file, revocation=rev, key=n.key)
 
 
 def parse_upstream(s: str) -> Upstream:

@@ -17,7 +17,9 @@ The PKI mirrors a NetScaler + XenMobile deployment:
 All keys are EC P-256 so that generating the whole set takes well under a
 second.  ``index.txt`` is an OpenSSL ``ca`` database of the device CA, usable
 with ``openssl ocsp -index index.txt -CA device-cas.pem -rsigner device-ca.pem
--rkey device-ca.key``.
+-rkey device-ca.key``. ``device-ca.crl`` is the device CA's CRL (empty at first);
+``revoke()`` (``easgate pki DIR --revoke NAME``) marks a device revoked in both. With
+``ocsp_url=`` the device certificates carry that OCSP responder in their AIA.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "DEFAULT_HOSTNAMES",
@@ -47,6 +49,7 @@ __all__ = [
     "generate_pki",
     "load_cert",
     "load_certs",
+    "revoke",
 ]
 
 DEFAULT_HOSTNAMES: tuple[str, ...] = ("mail.example.test", "localhost", "127.0.0.1")
@@ -88,6 +91,7 @@ _README_ENTRIES: list[tuple[str, str]] = [
     ("device-<name>.key", "The device's private key."),
     ("device-<name>-bundle.pem", "Certificate + chain + key in one file (handy for curl --cert)."),
     ("index.txt (+ .attr)", "OpenSSL 'ca' database of every certificate issued by the device CA (for openssl ocsp -index)."),
+    ("device-ca.crl", "The device CA's CRL (next update in 7 days); `easgate pki DIR --revoke NAME` adds to it."),
     ("serials.json", "Certificate name -> serial number (upper-case hex, as in index.txt)."),
 ]
 
@@ -96,7 +100,7 @@ def _pki_files() -> list[str]:
     files: list[str] = []
     for ca in _CAS:
         files += [f"{ca}.pem", f"{ca}.key"]
-    files += ["device-cas.pem"]
+    files += ["device-cas.pem", "device-ca.crl"]
     for srv in _SERVERS:
         files += [f"{srv}.pem", f"{srv}.key"]
     files += ["gateway-chain.pem", "gateway-full.pem"]
@@ -260,6 +264,7 @@ def _make_leaf(
     not_after: datetime.datetime,
     eku: x509.ObjectIdentifier,
     san: x509.SubjectAlternativeName | None = None,
+    ocsp_url: str | None = None,
 ) -> _Issued:
     key = _new_key()
     builder = (
@@ -291,6 +296,9 @@ def _make_leaf(
     )
     if san is not None:
         builder = builder.add_extension(san, critical=False)
+    if ocsp_url is not None:
+        builder = builder.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))]), critical=False)
     return _Issued(key, builder.sign(issuer.key, hashes.SHA256()))
 
 
@@ -310,17 +318,24 @@ def _write(path: Path, data: bytes, secret: bool) -> None:
         raise
 
 
-def _existing_matches(directory: Path, hostnames: Sequence[str]) -> bool:
-    """True when every file exists and gateway.pem carries exactly the requested SANs."""
+def _existing_matches(directory: Path, hostnames: Sequence[str], ocsp_url: str | None = None) -> bool:
+    """True when every file exists, gateway.pem carries exactly the requested SANs and the device
+    certificates the requested OCSP URL (or none)."""
     if not all((directory / f).is_file() for f in PKI_FILES):
         return False
     try:
         san = load_cert(directory / "gateway.pem").extensions.get_extension_for_class(
             x509.SubjectAlternativeName
         ).value
+        device = load_cert(directory / "device-iphone.pem")
     except (ValueError, IndexError, x509.ExtensionNotFound):
         return False
-    return set(san) == set(_san(hostnames))
+    try:
+        aia = device.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+        urls = [d.access_location.value for d in aia if d.access_method == AuthorityInformationAccessOID.OCSP]
+    except x509.ExtensionNotFound:
+        urls = []
+    return set(san) == set(_san(hostnames)) and urls == ([ocsp_url] if ocsp_url else [])
 
 
 # --------------------------------------------------------------------------- main API
@@ -331,6 +346,7 @@ def generate_pki(
     *,
     hostnames: Sequence[str] = DEFAULT_HOSTNAMES,
     force: bool = False,
+    ocsp_url: str | None = None,
 ) -> dict[str, Path]:
     """Create the demo PKI in `directory` (created if missing).
 
@@ -338,6 +354,9 @@ def generate_pki(
     `hostnames`) and `force` is False, nothing is written and the existing files
     are reused. Otherwise the whole PKI is regenerated (a partial or stale set
     is never patched up, as its CAs would no longer match).
+
+    With `ocsp_url` (e.g. ``http://127.0.0.1:8888/``) the certificates the device CA issues carry
+    it as their AIA OCSP responder (a PKI made with another URL, or none, is regenerated).
 
     Returns file name -> path for every file (see ``PKI_FILES``), e.g.
     ``pki["gateway-full.pem"]``.
@@ -347,7 +366,7 @@ def generate_pki(
     if not hostnames:
         raise ValueError("generate_pki needs at least one gateway hostname")
     paths = {name: directory / name for name in PKI_FILES}
-    if not force and _existing_matches(directory, hostnames):
+    if not force and _existing_matches(directory, hostnames, ocsp_url):
         return paths
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -356,15 +375,16 @@ def generate_pki(
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)
-        if not force and _existing_matches(directory, hostnames):
+        if not force and _existing_matches(directory, hostnames, ocsp_url):
             return paths  # another process finished it while we waited
-        _generate(directory, hostnames, paths)
+        _generate(directory, hostnames, paths, ocsp_url)
     finally:
         os.close(dir_fd)  # releases the lock
     return paths
 
 
-def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path]) -> None:
+def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path],
+              ocsp_url: str | None = None) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     day = datetime.timedelta(days=1)
     start = now - day
@@ -395,6 +415,7 @@ def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path
     for stem, ca in cas.items():
         put_ca(stem, ca)
     files["device-cas.pem"] = _pem(device_ca.cert) + _pem(root_ca.cert)
+    files["device-ca.crl"] = _crl_pem(device_ca, [], 1, now)
 
     # -- servers
     servers = {
@@ -431,7 +452,8 @@ def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path
         # cryptography's client verifier (webpki policy) insists on a SAN in the
         # leaf, so carry the device id as a URI there too.
         dev = _make_leaf(
-            ca, _name(cn, org), nb, na, ExtendedKeyUsageOID.CLIENT_AUTH, san=_device_san(cn)
+            ca, _name(cn, org), nb, na, ExtendedKeyUsageOID.CLIENT_AUTH, san=_device_san(cn),
+            ocsp_url=ocsp_url if ca_stem == "device-ca" else None,
         )
         chain_pem = _pem(dev.cert) + _pem(ca.cert)
         files[f"{stem}.pem"] = chain_pem
@@ -458,6 +480,81 @@ def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path
         _write(paths[name], files[name], secret=name.endswith(_SECRET_SUFFIXES))
 
 
+CRL_DAYS = 7
+
+
+def _crl_pem(ca: _Issued, revoked: Sequence[tuple[int, datetime.datetime]], number: int,
+             now: datetime.datetime) -> bytes:
+    """A CRL of `ca` listing `revoked` (serial, revocation date), valid for CRL_DAYS."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(_aki(ca), critical=False)
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _parse_openssl_time(s: str) -> datetime.datetime:
+    s = s.split(",", 1)[0]  # "YYMMDDHHMMSSZ[,reason]"
+    fmt = "%y%m%d%H%M%SZ" if len(s) == 13 else "%Y%m%d%H%M%SZ"
+    return datetime.datetime.strptime(s, fmt).replace(tzinfo=datetime.timezone.utc)
+
+
+def revoke(directory: Path | str, name: str, *, when: datetime.datetime | None = None) -> Path:
+    """Revoke the device certificate `name` (``device-ipad``, or just ``ipad``) of the PKI in `directory`.
+
+    Marks it ``R`` in index.txt with its revocation date, as ``openssl ca -revoke`` does (an
+    ``openssl ocsp -index`` responder reads the index when it starts: restart it), and writes a
+    fresh ``device-ca.crl`` signed by the device CA (next update in 7 days) listing every
+    revoked certificate. Revoking twice keeps the first date. Returns the CRL's path.
+    """
+    directory = Path(directory)
+    try:
+        serials: dict[str, str] = json.loads((directory / "serials.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{directory} holds no demo PKI (no serials.json); create it with `easgate pki {directory}`")
+    stem = name if name in serials else f"device-{name}"
+    if stem not in serials:
+        devices = ", ".join(s for s in serials if s.startswith("device-") and s != "device-ca")
+        raise ValueError(f"no certificate named {name!r} in {directory}; devices: {devices}")
+    serial = serials[stem]
+    now = (when or datetime.datetime.now(datetime.timezone.utc)).replace(microsecond=0)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        index = directory / "index.txt"
+        lines = index.read_text().splitlines()
+        rows = [line.split("\t") for line in lines if line.strip()]
+        row = next((r for r in rows if len(r) == 6 and r[3] == serial), None)
+        if row is None:
+            raise ValueError(f"{stem} (serial {serial}) was not issued by the device CA: it is not in {index}")
+        if row[0] != "R":
+            row[0], row[2] = "R", _openssl_time(now)
+        _write(index, "".join("\t".join(r) + "\n" for r in rows).encode(), secret=False)
+        ca = _Issued(
+            serialization.load_pem_private_key((directory / "device-ca.key").read_bytes(), None),  # type: ignore[arg-type]
+            load_cert(directory / "device-ca.pem"),
+        )
+        crl_path = directory / "device-ca.crl"
+        number = 1
+        try:
+            old = x509.load_pem_x509_crl(crl_path.read_bytes())
+            number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        except (FileNotFoundError, ValueError, x509.ExtensionNotFound):
+            pass
+        revoked = [(int(r[3], 16), _parse_openssl_time(r[2])) for r in rows if r[0] == "R"]
+        _write(crl_path, _crl_pem(ca, revoked, number, now), secret=False)
+    finally:
+        os.close(dir_fd)
+    return crl_path
+
+
 def _readme(hostnames: Sequence[str], now: datetime.datetime) -> str:
     width = max(len(n) for n, _ in _README_ENTRIES)
     lines = [
@@ -479,6 +576,7 @@ def _readme(hostnames: Sequence[str], now: datetime.datetime) -> str:
         "  curl --cacert public-ca.pem --cert device-iphone-bundle.pem https://mail.example.test/",
         "  openssl ocsp -index index.txt -port 8888 -CA device-cas.pem \\",
         "       -rsigner device-ca.pem -rkey device-ca.key",
+        "  easgate pki . --revoke device-ipad   # index.txt + device-ca.crl; restart openssl ocsp",
         "",
     ]
     return "\n".join(lines)
