@@ -28,7 +28,7 @@ def poc(tmp_path) -> Path:
 
 def test_readme_mentions_the_commands_tested_here():
     readme = (ROOT / "README.md").read_text()
-    for cmd in ("make demo", "make test", ".venv/bin/easgate pki certs", ".venv/bin/easgate check policies/gateway.yaml",
+    for cmd in ("make demo", "make test", ".venv/bin/easgate replay tests/captures/ipad-unmanaged.mitm", ".venv/bin/easgate pki certs", ".venv/bin/easgate check policies/gateway.yaml",
                 ".venv/bin/easgate run policies/gateway.yaml", ".venv/bin/easgate web policies/gateway.yaml",
                 ".venv/bin/mitmdump -s addons/gateway.py --set easgate_config=policies/gateway.yaml",
                 ".venv/bin/mitmweb  -s addons/gateway.py --set easgate_config=policies/gateway.yaml"):
@@ -115,3 +115,11 @@ def test_import_netscaler_command(poc, tmp_path):
     assert re.search(r"ns\.conf:\d+: ", p.stderr)  # ... with their line numbers
     out = (poc / "gateway.yaml").read_text()
     assert "routes:" in out and "FILL" in out
+
+
+def test_replay_command():
+    p = subprocess.run([str(BIN / "easgate"), "replay", "tests/captures/ipad-unmanaged.mitm", "--config",
+                        "tests/captures/gateway.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "4 flows: 4 as recorded, 0 differ" in p.stdout
+    assert "deny (mode)" in p.stdout and "ApplDMPQ99887766" in p.stdout
