@@ -243,8 +243,10 @@ def start_gateway(tmp_path):
 
     def start(cfg, via: str = "easgate", extra: list[str] | None = None, wait: bool = True) -> GatewayProcess:
         path = cfg if isinstance(cfg, Path) else write_config(tmp_path, cfg)
-        if via == "easgate":
-            argv = easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--", *(extra or []))
+        if via == "easgate":  # EASGATE_MASTER=full|lean and EASGATE_WORKERS=N run the suite another way
+            master = ["--full"] if os.environ.get("EASGATE_MASTER") == "full" else []
+            argv = easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers",
+                                os.environ.get("EASGATE_WORKERS", "1"), *master, "--", *(extra or []))
         else:
             argv = [str(Path(sys.executable).parent / via), "-s", str(ROOT / "addons" / "gateway.py"),
                     "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0", *(extra or [])]

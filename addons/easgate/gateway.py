@@ -13,10 +13,9 @@ import asyncio
 import dataclasses
 import re
 import logging
-import os
-from pathlib import Path
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import flow as mflow
 
 from . import certheader
 from .config import ConfigError, GatewayConfig, Pool, Route, Upstream, load_config, normalize_path
@@ -41,7 +40,6 @@ def forced_options(cfg: GatewayConfig) -> dict:
         "block_global": False,  # phones come from public addresses
         "onboarding": False,
         "http2": False,
-        "server": True,
     }
 
 
@@ -72,10 +70,10 @@ def drop(flow: http.HTTPFlow) -> None:
     `flow.kill()` alone leaves a client that is still sending a body with an open socket nobody
     reads, until the client's own timeout; aborting the transport answers it with a reset now.
     """
-    live = flow.live
-    flow.kill()
-    if not live:  # offline replay: nothing to reset
+    if not flow.killable:  # a flow read from a file (offline replay): record the outcome only
+        flow.error = mflow.Error(mflow.Error.KILLED_MESSAGE)
         return
+    flow.kill()
     client = flow.client_conn
 
     def abort() -> None:
@@ -112,7 +110,13 @@ class Gateway:
         self.switch = ContentSwitch(self)
         self.upstreams = UpstreamPools(self)
         self.cert_header = certheader.ClientCertHeader(self)
-        self.addons: list = [self.tls, self.strip, self.switch, self.cert_header, self.upstreams]
+        from .proxyproto import ProxyProtocol
+        from .workers import Connections
+
+        self.connections = Connections(self)  # per-process connection cap, requests in flight
+        self.proxyproto = ProxyProtocol(self)  # PROXY v1/v2 from trusted balancers, before TLS
+        self.addons: list = [self.connections, self.proxyproto, self.tls, self.strip, self.switch, self.cert_header,
+                             self.upstreams]
 
     def add_stage(self, addon) -> None:
         """Later stages (authorization, audit) plug in after the routing ones."""
@@ -129,8 +133,9 @@ class Gateway:
         )
 
     def configure(self, updated) -> None:
-        if not ({"easgate_config", "easgate_listen"} & set(updated)) and self.config is not None:
-            self._enforce()
+        if not ({"easgate_config", "easgate_listen"} & set(updated)):
+            if self.config is not None:  # someone changed a mitmproxy option: keep ours in force
+                self._enforce()
             return
         path = ctx.options.easgate_config
         if not path:
@@ -198,6 +203,7 @@ class ContentSwitch:
         self.pools = cfg.pools
         self.counts = {r.name: 0 for r in cfg.routes}
         self.counts["(none)"] = 0
+        self.counts["(refused)"] = 0
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
@@ -205,6 +211,7 @@ class ContentSwitch:
         tls = self.gw.tls
         if flow.live and (why := tls.refuse_reason(flow.client_conn)):
             logger.warning(f"client {flow.client_conn.peername[0]}: connection refused: {why}")
+            self.counts["(refused)"] += 1
             flow.metadata["easgate.refused"] = why
             flow.comment = f"refused: {why}"
             drop(flow)
@@ -335,6 +342,13 @@ class UpstreamPools:
             timeout, self._response_timeout, flow, pool, timeout)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # A streamed response (a big attachment) may take long by design: its headers are the answer.
+        # Otherwise the timer runs until the whole response is in, so an upstream that stalls
+        # after its headers is cut too.
+        if flow.response is not None and flow.response.stream:
+            self._cancel_timer(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
         self._cancel_timer(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -346,9 +360,8 @@ class UpstreamPools:
             handle.cancel()
 
     def _response_timeout(self, flow: http.HTTPFlow, pool: Pool, timeout: float) -> None:
-        self.timers.pop(flow.id, None)
-        if flow.response is not None or not flow.live:
-            return
+        if self.timers.pop(flow.id, None) is None or not flow.live:
+            return  # answered (or gone) meanwhile
         logger.warning(f"upstream {flow.request.host}:{flow.request.port} (pool {pool.name}): "
                        f"no response within {timeout:g}s; closing it")
         handler = self._handler(flow.client_conn)
@@ -404,6 +417,12 @@ def make_addons() -> list:
     """The addon list for `-s addons/gateway.py`."""
     from .authz import ActiveSyncGate
 
+    from . import mitmfixes
+
+    mitmfixes.install()
     gw = Gateway()
     gw.add_stage(ActiveSyncGate(gw))
+    from . import contentview, flowlimit, metrics, replay  # mitmweb view, metrics, memory bound, replay checks
+    gw.addons.insert(0, replay.ReplayCheck(gw))  # first stage; acts only with easgate_replay (flows read from files)
+    gw.addons += [contentview.WebAnnotations(gw), metrics.Metrics(gw), flowlimit.FlowLimit()]  # after the decision
     return [gw]
