@@ -458,9 +458,15 @@ def test_plain_device_id_twice_different_case_of_name():
     assert ident.device_id is None
 
 
-def test_plain_device_id_twice_same_is_fine():
+def test_plain_device_id_twice_even_the_same_is_an_error():
+    # ASP.NET would read "ApplAAAA,ApplAAAA": not the DeviceId the gateway would decide on
     ident = req(plain(devid="ApplAAAA", extra="&DeviceId=ApplAAAA"))
-    assert (ident.device_id, ident.error) == ("ApplAAAA", None)
+    assert ident.error == "repeated DeviceId parameter" and ident.device_id is None
+
+
+def test_percent_u_escapes_are_refused():
+    ident = req(plain(devid="ApplAAAA", extra="&User=%u0061lice"))
+    assert ident.error == "%u escape in query"
 
 
 def test_plain_user_twice_different():

@@ -365,6 +365,13 @@ def _bump(path: Path, text: str) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
 
+def settled(store: PolicyStore):
+    """A changed file is applied once it stayed the same for one check: the first check after a
+    change only notes it (so a file still being written is never applied)."""
+    assert store.reload_if_changed() == (False, None)
+    return store.reload_if_changed()
+
+
 def test_store_reload_keeps_last_good(tmp_path):
     path = write(tmp_path / "p.yaml", "mode: block\nallow: {users: [alice]}\n")
     store = PolicyStore(path)
@@ -373,14 +380,14 @@ def test_store_reload_keeps_last_good(tmp_path):
     assert store.reload_if_changed() == (False, None)
 
     _bump(path, "mode: block\nallow: {users: [bob]}\n")
-    assert store.reload_if_changed() == (True, None)
+    assert settled(store) == (True, None)
     assert store.generation == gen + 1
     assert not store.policy.evaluate(ident(user="alice")).allow
     assert store.policy.evaluate(ident(user="bob")).allow
 
     good = store.policy
     _bump(path, "mode: block\nalow: {users: [carol]}\n")
-    changed, err = store.reload_if_changed()
+    changed, err = settled(store)
     assert changed is False and "unknown key 'alow'" in err and str(path) in err
     assert store.policy is good and store.last_error == err
     assert store.generation == gen + 1
@@ -389,15 +396,15 @@ def test_store_reload_keeps_last_good(tmp_path):
     assert store.last_error == err
 
     _bump(path, "")  # a half-written (empty) file never replaces a good policy
-    changed, err = store.reload_if_changed()
+    changed, err = settled(store)
     assert not changed and "empty" in err and store.policy is good
 
     path.unlink()  # neither does a deleted one
-    changed, err = store.reload_if_changed()
+    changed, err = settled(store)
     assert not changed and "not found" in err and store.policy is good
 
     write(path, "mode: permit\n")
-    assert store.reload_if_changed() == (True, None)
+    assert settled(store) == (True, None)
     assert store.policy.mode == "permit" and store.last_error is None
 
 
@@ -409,12 +416,12 @@ def test_store_watches_inventory_file(tmp_path):
     assert store.policy.evaluate(ident(device_id="ApplA1", user="alice")).allow
 
     _bump(inv, "ApplA1,alice,false\n")
-    assert store.reload_if_changed() == (True, None)
+    assert settled(store) == (True, None)
     assert store.policy.evaluate(ident(device_id="ApplA1", user="alice")).reason == "device ApplA1 not compliant"
 
     good = store.policy
     _bump(inv, "ApplA1,alice,perhaps\n")
-    changed, err = store.reload_if_changed()
+    changed, err = settled(store)
     assert not changed and str(inv) in err and "line 1" in err
     assert store.policy is good
 

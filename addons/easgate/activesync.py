@@ -491,6 +491,11 @@ def _parse_plain(query: str, errors: list[str]) -> dict[str, str | None] | None:
     values percent-decoded as UTF-8 ('+' is a space, as for IIS/ASP.NET).  Returns lowercased
     name -> value; a value that is not UTF-8, or a name repeated with a different value, is
     reported in ``errors`` and reads as None.  Returns None if the query could not be split."""
+    if "%u" in query or "%U" in query:
+        # IIS/ASP.NET decode the non-standard %uXXXX escape; Python does not. Two parsers that
+        # read different values is how a gateway gets bypassed: refuse it.
+        errors.append("%u escape in query")
+        return None
     try:
         pairs = parse_qsl(
             query,
@@ -510,10 +515,12 @@ def _parse_plain(query: str, errors: list[str]) -> dict[str, str | None] | None:
             errors.append(f"non-UTF-8 bytes in {label} parameter" if label else "non-UTF-8 bytes in query")
             v = None
         if key in seen:
-            if seen[key] != v:
+            # ASP.NET joins repeated values with ',' ("A,A"): even an identical repeat of an
+            # identity parameter would make Exchange read another value than the gateway decided on.
+            if seen[key] != v or label is not None:
                 if label is None:
                     label = _clip(name) if _utf8_ok(name) else "query"
-                errors.append(f"conflicting {label} parameters")
+                errors.append(f"repeated {label} parameter" if seen[key] == v else f"conflicting {label} parameters")
                 seen[key] = None
             continue
         seen[key] = v

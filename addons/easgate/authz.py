@@ -97,7 +97,7 @@ class ActiveSyncGate:
         if changed:
             n = self.cache.clear() if self.cache else 0
             self.counters["policy_reloads"] += 1
-            logger.warning(f"easgate: policy reloaded from {self.policy.path}; {n} cached decisions dropped")
+            logger.info(f"easgate: policy reloaded from {self.policy.path}; {n} cached decisions dropped")
             return f"policy reloaded from {self.policy.path}; {n} cached decisions dropped"
         return "policy unchanged"
 
@@ -149,9 +149,16 @@ class ActiveSyncGate:
         if cached is not None:
             return ident, cached.with_source("cache")
         generation = self.cache.generation
-        decision, _shared = await self.cache.single_flight(key, lambda: self._compute(ident))
-        if decision.source != "fail-mode":
-            self.cache.put(key, decision, generation=generation)
+
+        async def compute_and_store() -> Decision:
+            # Stored inside the single flight, so the cache is filled before the in-flight entry
+            # goes: a request arriving in between finds one or the other, never neither.
+            d = await self._compute(ident)
+            if d.source != "fail-mode":  # a connector blip must not be remembered
+                self.cache.put(key, d, generation=generation)
+            return d
+
+        decision, _shared = await self.cache.single_flight(key, compute_and_store)
         return ident, decision
 
     async def _compute(self, ident: activesync.Identity) -> Decision:
@@ -207,6 +214,9 @@ class ActiveSyncGate:
         })
         if d.allow:
             return
+        if d.source != "cache":  # one line per fresh deny; repeats come from the cache and the audit log
+            logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
+                        f"{d.reason} [{d.source}]")
         flow.marked = ":no_entry:"
         deny = self.auth.deny
         if deny.action == "drop":

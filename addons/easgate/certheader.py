@@ -33,7 +33,11 @@ class StripCertHeaders:
         self.folded = frozenset(fold(n) for n in names)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # Runs before routing, even on flows that already carry a response: nothing forged survives.
+        # Runs before routing, even on live flows that already carry a response: nothing forged
+        # survives. A flow read from a file with its response is history, not a client request:
+        # what it carries was inserted by the gateway that recorded it.
+        if not flow.live and (flow.response or flow.error):
+            return
         headers = flow.request.headers
         folded = self.folded
         spoofed = {k for k, _ in headers.fields if fold(k.decode("latin-1")) in folded}

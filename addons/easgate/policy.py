@@ -699,6 +699,7 @@ class PolicyStore:
         self.last_error: str | None = None
         self.generation = 0
         self._failed_stamp: tuple | None = None
+        self._settling: tuple | None = None
         self._policy: Policy
         self._stamp: tuple
         self._load()
@@ -740,7 +741,15 @@ class PolicyStore:
         with self._lock:
             current = _stamp(self._watched())
             if not force and (current == self._stamp or current == self._failed_stamp):
+                self._settling = None
                 return False, None
+            if not force and current != self._settling:
+                # Changed since the last check: wait until the files stay the same for one check,
+                # so a file still being written (valid YAML, half of it) is never applied.
+                # (Editors that write a new file and rename it are seen at once after that.)
+                self._settling = current
+                return False, None
+            self._settling = None
             try:
                 self._load()
             except PolicyError as e:
