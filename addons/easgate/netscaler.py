@@ -1450,13 +1450,24 @@ class Importer:
             name = b.opt("certkeyname")
             pem, _key, fill, hint = self.resolve_cert(name)
             notes = []
-            for opt in ("ocspcheck", "crlcheck"):
-                if opt in b.opts:
-                    notes.append(f"NOT TRANSLATED: {b.names[opt]} {b.opt(opt)} (easgate does not check revocation)")
+            revocation = None
+            if "ocspcheck" in b.opts:
+                ocsp = (b.opt("ocspcheck") or "").lower()
+                if ocsp in ("optional", "mandatory"):
+                    revocation = ocsp
+                    notes.append(f"{b.names['ocspcheck']} {b.opt('ocspcheck')} -> revocation: {ocsp} (OCSP responder "
+                                 "from the certificate's AIA; add ocsp_url to name one)")
+                else:
+                    notes.append(f"NOT TRANSLATED: {b.names['ocspcheck']} {b.opt('ocspcheck')}")
                     self.untranslated(b.line, f"bind ssl vserver {cs_name} -certkeyName {name} -CA: "
-                                              f"{b.names[opt]} {b.opt(opt)}: easgate does not check revocation "
-                                              "(OCSP/CRL); revoked device certificates would be accepted")
-            t.cas.append((pem, f"line {b.line}: {b.short()}", hint, fill, name, notes))
+                                              f"{b.names['ocspcheck']} {b.opt('ocspcheck')} is not Optional or Mandatory")
+            if "crlcheck" in b.opts:
+                notes.append(f"NOT TRANSLATED: {b.names['crlcheck']} {b.opt('crlcheck')} (name the CRL file: "
+                             "crl: PATH, see docs/revocation.md)")
+                self.untranslated(b.line, f"bind ssl vserver {cs_name} -certkeyName {name} -CA: "
+                                          f"{b.names['crlcheck']} {b.opt('crlcheck')}: NetScaler's CRL object has no "
+                                          "file here; add `crl: PATH` to this CA in easgate")
+            t.cas.append((pem, f"line {b.line}: {b.short()}", hint, fill, name, notes, revocation))
         mode, mode_line = "off", None
         for c in self.ssl_set.get(cs_name or "", []):
             auth = (c.opt("clientauth") or "").upper()
@@ -1621,14 +1632,15 @@ class TlsOut:
         out.kv(2, "mode", self.mode)
         if self.cas:
             out.line("    ca:")
-            for pem, src, hint, fill, name, notes in self.cas:
+            for pem, src, hint, fill, name, notes, revocation in self.cas:
                 out.comment(src, 3)
                 if hint:
                     out.comment(hint, 3)
                 for n in notes:
                     out.comment(n, 3)
-                out.line(f"      - {ys(pem)}" + (f"  # FILL IN: PEM of CA certkey {name} (--cert {name.strip('[]')}=FILE)"
-                                                  if fill else ""))
+                entry = ys(pem) if revocation is None else f"{{file: {ys(pem)}, revocation: {revocation}}}"
+                out.line(f"      - {entry}" + (f"  # FILL IN: PEM of CA certkey {name} (--cert {name.strip('[]')}=FILE)"
+                                                if fill else ""))
         out.kv(2, "on_invalid", "reject", "a certificate that does not verify fails the handshake, as on NetScaler")
 
 
