@@ -337,15 +337,22 @@ def test_inventory_changes_are_seen_live(client, conn_env, tmp_path):
 
 def test_policy_file_changes_are_seen_live(client, conn_env, monkeypatch):
     monkeypatch.setattr(connector_service, "POLICY_CHECK_S", 0.0)
+
+    def settled(user: str, device: str) -> dict:
+        # a changed file is applied once it stayed the same for one check (never half-written):
+        # the first request after a write only notes the change
+        authorize(client, user, device)
+        return json.loads(authorize(client, user, device)[2])
+
     assert json.loads(authorize(client, "alice", "ApplF17ABCDEF01")[2])["result"] == "Allow"
     conn_env.policy_file.write_text("mode: block\ndeny: {users: [alice]}\n# changed\n")
-    doc = json.loads(authorize(client, "alice", "ApplF17ABCDEF01")[2])
+    doc = settled("alice", "ApplF17ABCDEF01")
     assert (doc["result"], doc["reason"]) == ("Deny", "user alice on deny list")
     conn_env.policy_file.write_text("mode: [broken\n")  # the last good policy stays
-    assert json.loads(authorize(client, "alice", "ApplF17ABCDEF01")[2])["result"] == "Deny"
+    assert settled("alice", "ApplF17ABCDEF01")["result"] == "Deny"
     assert "YAML error" in json.loads(get(client, "/health")[2])["policy_error"]
     conn_env.policy_file.write_text("mode: permit\n")
-    doc = json.loads(authorize(client, "alice", "UnknownDevice001")[2])
+    doc = settled("alice", "UnknownDevice001")
     assert (doc["result"], doc["source"]) == ("Allow", "mode")
 
 

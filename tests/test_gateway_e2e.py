@@ -420,3 +420,11 @@ def test_filter_routes_see_the_normalised_path(start_gateway, pki, exchange, mdm
     r = request(g.port, "OPTIONS", "/enroll/../Microsoft-Server-%41ctiveSync", pki)
     assert "MS-ASProtocolVersions" in r.headers
     assert exchange.requests()[0]["path"] == "/Microsoft-Server-ActiveSync"
+
+
+def test_protocol_upgrades_are_not_passed_on(gw, pki, mdm):
+    # a 101 would turn the connection into a tunnel no route or header rule sees again
+    r = request(gw.port, "GET", "/enroll", pki, headers={"Connection": "keep-alive, Upgrade", "Upgrade": "websocket"})
+    assert r.status == 200
+    names = {k.lower(): v for k, v in mdm.requests()[0]["headers"]}
+    assert "upgrade" not in names and "upgrade" not in names.get("connection", "").lower()

@@ -84,12 +84,20 @@ class ActiveSyncGate:
     async def _watch_policy(self) -> None:
         while True:
             await asyncio.sleep(RELOAD_INTERVAL_S)
-            self._reload(force=False)
+            # Loading a large inventory takes seconds (1,000,000 devices: ~4 s): off the event loop,
+            # so requests keep being answered meanwhile. PolicyStore locks itself.
+            store = self.policy
+            if store is not None:
+                result = await asyncio.to_thread(store.reload, False)
+                if store is self.policy:
+                    self._reloaded(*result)
 
     def _reload(self, force: bool) -> str:
         if not self.policy:
             return "no policy file configured"
-        changed, err = self.policy.reload(force=force)
+        return self._reloaded(*self.policy.reload(force=force))
+
+    def _reloaded(self, changed: bool, err: str | None) -> str:
         if err:
             self.counters["policy_reload_errors"] += 1
             logger.error(f"easgate: policy reload failed, keeping the last good policy: {err}")

@@ -86,6 +86,8 @@ def cmd_run(args) -> int:
     from . import workers
 
     n = args.workers if args.workers is not None else workers.default_workers()
+    if args.workers is None and any(a.split("=", 1)[0] in _ONE_PROCESS_ARGS for a in args.mitmproxy_args or []):
+        n = 1  # listing options, reading or replaying flows: one process, not one per core
     if n < 1:
         print("easgate: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -105,6 +107,10 @@ def cmd_run(args) -> int:
     factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
     return run_master(factory, _mitm_args(args), lean=not args.full, grace_s=args.grace,
                       log_prefix=prefix, ready=ready, extra=mitmdump_filter_extra)
+
+
+_ONE_PROCESS_ARGS = {"--options", "--commands", "--version", "-r", "--rfile", "-n", "--no-server", "-C",
+                     "--client-replay", "-S", "--server-replay"}
 
 
 def _supervise(args, cfg: GatewayConfig, n: int) -> int:

@@ -45,6 +45,12 @@ class Upstream:
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
 
+    @property
+    def authority(self) -> str:
+        """host[:port] as a Host header names it (no default port)."""
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class Pool:
@@ -195,7 +201,16 @@ class GatewayConfig:
     max_connections: int = 0  # concurrent client connections per process; 0 = from the open-files limit
 
     def route(self, name: str) -> Route:
-        return next(r for r in self.routes if r.name == name)
+        """The route named `name` (a dict lookup: this runs several times per request)."""
+        return self._by_name[name]
+
+    @property
+    def _by_name(self) -> dict[str, Route]:
+        d = self.__dict__.get("_routes_by_name")
+        if d is None:
+            d = {r.name: r for r in self.routes}
+            object.__setattr__(self, "_routes_by_name", d)
+        return d
 
 
 # --------------------------------------------------------------------------------------------

