@@ -117,9 +117,11 @@ def test_import_netscaler_command(poc, tmp_path):
     assert "routes:" in out and "FILL" in out
 
 
-def test_replay_command():
+def test_replay_command(poc):
+    """Run where `easgate pki certs` made ./certs, as the README's order has it."""
+    shutil.copytree(ROOT / "tests" / "captures", poc / "tests" / "captures")
     p = subprocess.run([str(BIN / "easgate"), "replay", "tests/captures/ipad-unmanaged.mitm", "--config",
-                        "tests/captures/gateway.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "tests/captures/gateway.yaml"], cwd=poc, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "4 flows: 4 as recorded, 0 differ" in p.stdout
     assert "deny (mode)" in p.stdout and "ApplDMPQ99887766" in p.stdout

@@ -405,7 +405,6 @@ class UpstreamPools:
             ca_path=None, ca_pemfile=str(pool.ca) if pool.ca else None,
             client_cert=None, legacy_server_connect=False,
         )
-        ssl_ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # ~40 KB less per idle (long-poll) connection
         conn = SSL.Connection(ssl_ctx)
         sni = pool.sni or up.host
         server.sni = sni
