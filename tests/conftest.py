@@ -173,6 +173,23 @@ def base_config(pki: Path, exchange, mdm, **over) -> dict:
     return cfg
 
 
+def authz_config(pki: Path, exchange, mdm, tmp_path: Path, *, policy: dict | None = None, connector=None,
+                 **auth) -> dict:
+    """base_config with the ActiveSync route authorized by a policy file and/or a connector."""
+    cfg = base_config(pki, exchange, mdm)
+    cfg["routes"][0]["authorize"] = "activesync"
+    a: dict = {}
+    if policy is not None:
+        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+        a["policy"] = str(tmp_path / "policy.yaml")
+    if connector is not None:
+        a["connector"] = {"url": connector.url, "timeout_ms": 500}
+    a.update(auth)
+    cfg["authorization"] = a
+    cfg["audit_log"] = str(tmp_path / "audit.jsonl")
+    return cfg
+
+
 def write_config(tmp_path: Path, cfg: dict, name: str = "gateway.yaml") -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from conftest import HOSTNAME, base_config, request
+import conftest
+from conftest import HOSTNAME, request
 from easgate.activesync import encode_binary_query
 
 IPHONE = "ApplF17ABCDEF01"
@@ -35,18 +36,8 @@ POLICY = {
 
 
 def authz_config(pki, exchange, mdm, tmp_path, *, connector=None, policy=POLICY, **auth):
-    cfg = base_config(pki, exchange, mdm)
-    cfg["routes"][0]["authorize"] = "activesync"
-    a = {"cache": {"allow_ttl_s": 300, "deny_ttl_s": 30}}
-    if policy is not None:
-        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-        a["policy"] = str(tmp_path / "policy.yaml")
-    if connector is not None:
-        a["connector"] = {"url": connector.url, "timeout_ms": 500}
-    a.update(auth)
-    cfg["authorization"] = a
-    cfg["audit_log"] = str(tmp_path / "audit.jsonl")
-    return cfg
+    auth.setdefault("cache", {"allow_ttl_s": 300, "deny_ttl_s": 30})
+    return conftest.authz_config(pki, exchange, mdm, tmp_path, policy=policy, connector=connector, **auth)
 
 
 def audit(tmp_path) -> list[dict]:

@@ -42,7 +42,7 @@ from urllib.parse import quote, unquote
 import pytest
 import yaml
 
-from conftest import (HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, https_connection, request,
+from conftest import (HOSTNAME, GatewayProcess, authz_config, base_config, client_context, easgate_argv, https_connection, request,
                       write_config)
 from easgate.activesync import decode_binary_query, encode_binary_query
 from easgate.standins import ExchangeStandIn, MdmStandIn
@@ -55,21 +55,6 @@ BASIC_ALICE = {"Authorization": "Basic " + base64.b64encode(b"CONTOSO\\alice:sec
 
 def sync_path(device: str, cmd: str = "Sync") -> str:
     return f"{AS}?Cmd={cmd}&User=alice&DeviceId={device}&DeviceType=iPhone"
-
-
-def authz_config(pki, exchange, mdm, tmp_path, *, policy: dict | None = None, connector=None, **auth) -> dict:
-    cfg = base_config(pki, exchange, mdm)
-    cfg["routes"][0]["authorize"] = "activesync"
-    a: dict = {}
-    if policy is not None:
-        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-        a["policy"] = str(tmp_path / "policy.yaml")
-    if connector is not None:
-        a["connector"] = {"url": connector.url, "timeout_ms": 500}
-    a.update(auth)
-    cfg["authorization"] = a
-    cfg["audit_log"] = str(tmp_path / "audit.jsonl")
-    return cfg
 
 
 def read_audit(path: Path) -> list[dict]:
