@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,34 +20,11 @@ from easgate.policy import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _StandInIdentity:
-    """Same attributes as easgate.activesync.Identity (written concurrently elsewhere)."""
-
-    user: str | None
-    user_source: str
-    device_id: str | None
-    device_id_binary: bool
-    device_type: str | None
-    command: str | None
-    protocol_version: str | None
-    policy_key: str | None
-    user_agent: str | None
-    client_ip: str
-    url: str
-    query_form: str
-    locale: int | None
-    error: str | None
-
-
-try:  # the real one, once it exists and imports cleanly
-    from easgate.activesync import Identity as _Identity
-except Exception:  # noqa: BLE001 - absent or mid-edit: the stand-in is equivalent
-    _Identity = _StandInIdentity
+from easgate.activesync import Identity as _Identity  # noqa: E402
 
 
 def ident(user="CONTOSO\\alice", device_id="ApplF17ABCDEF01", device_type="iPhone",
-          user_agent="Apple-iPhone13C2/2104.168", error=None) -> _StandInIdentity:
+          user_agent="Apple-iPhone13C2/2104.168", error=None) -> _Identity:
     return _Identity(
         user=user, user_source="query", device_id=device_id, device_id_binary=False,
         device_type=device_type, command="Sync", protocol_version="16.1", policy_key=None,

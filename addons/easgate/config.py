@@ -339,21 +339,36 @@ TOP_KEYS = {
 }
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate the gateway config; raises ConfigError."""
+def read_yaml(path: str | Path, what: str = "gateway.yaml") -> tuple[Path, Any]:
+    """(resolved path, parsed YAML) of a config file; ConfigError for a missing, unreadable or
+    malformed file, naming it (`what` says which file the user should pass)."""
     path = Path(path).expanduser().resolve()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(path, "", "file not found", "pass the path of your gateway.yaml")
+        raise ConfigError(path, "", "file not found", f"pass the path of your {what}")
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror}", "check the file's permissions")
     try:
-        data = yaml.safe_load(text)
+        return path, yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(path, "", f"not valid YAML: {where}{getattr(e, 'problem', e)}", "fix the YAML syntax")
+
+
+def parse_listen(root: "_Node", default_port: int) -> tuple[str, int]:
+    """The `listen: {host, port}` section shared by the gateway's and the connector's configs."""
+    listen = root.child("listen")
+    if listen.value is None:
+        return "127.0.0.1", default_port
+    listen.mapping({"host": "an IP address", "port": "a TCP port, 0 picks a free one"})
+    return listen.child("host").str("127.0.0.1"), listen.child("port").int(default_port, 0, 65535)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate the gateway config; raises ConfigError."""
+    path, data = read_yaml(path)
     return parse_config(data, path)
 
 
@@ -362,12 +377,7 @@ def parse_config(data: Any, path: Path) -> GatewayConfig:
     root = _Node(path, "", data if data is not None else {})
     root.mapping(TOP_KEYS, required=("tls", "pools", "routes"))
 
-    listen = root.child("listen")
-    host, port = "127.0.0.1", 8443
-    if listen.value is not None:
-        listen.mapping({"host": "an IP address", "port": "a TCP port, 0 picks a free one"})
-        host = listen.child("host").str("127.0.0.1")
-        port = listen.child("port").int(8443, 0, 65535)
+    host, port = parse_listen(root, 8443)
 
     tls = _parse_tls(root.child("tls"), base)
     pools = _parse_pools(root.child("pools"), base)

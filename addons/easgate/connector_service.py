@@ -69,11 +69,10 @@ from pathlib import Path
 from typing import Any
 
 import h11
-import yaml
 
 from . import __version__, activesync
 from .audit import AuditLog
-from .config import ConfigError, _Node
+from .config import ConfigError, _Node, parse_listen, read_yaml
 from .decision import Decision, one_line
 from .inventory import Device, Inventory, InventoryError, device_decision
 from .policy import Policy, PolicyError, PolicyStore
@@ -123,25 +122,10 @@ CONFIG_KEYS = {
 
 def load_connector_config(path: str | Path) -> ConnectorConfig:
     """Read and validate a connector config; raises ConfigError naming file, key and fix."""
-    path = Path(path).expanduser().resolve()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(path, "", "file not found", "pass the path of your connector.yaml (see policies/connector.yaml)")
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read: {e.strerror}", "check the file's permissions")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(path, "", f"not valid YAML: {where}{getattr(e, 'problem', e)}", "fix the YAML syntax")
+    path, data = read_yaml(path, "connector.yaml (see policies/connector.yaml)")
     root = _Node(path, "", data if data is not None else {})
     root.mapping(CONFIG_KEYS, required=("inventory",))
-    host, port = "127.0.0.1", 9080
-    listen = root.child("listen")
-    if listen.value is not None:
-        listen.mapping({"host": "an IP address", "port": "a TCP port, 0 picks a free one"})
-        host = listen.child("host").str("127.0.0.1")
-        port = listen.child("port").int(9080, 0, 65535)
+    host, port = parse_listen(root, 9080)
     base = path.parent
     inv = root.child("inventory").path(base, must_exist=False)
     if inv.exists() and not inv.is_file():
