@@ -12,7 +12,7 @@ import logging
 
 from mitmproxy import ctx
 
-from easgate.gateway import make_addons
+from easgate.gateway.chain import make_addons
 
 addons = make_addons()
 

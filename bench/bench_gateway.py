@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-import yaml  # noqa: E402
+import yaml
 
 HOSTNAME = "mail.example.test"
 BIN = ROOT / ".venv" / "bin"
@@ -511,7 +511,7 @@ def as_request(device: str, user_agent: str = "Apple-iPhone14C2/2008.420", close
     path = f"{AS}?Cmd=Sync&User=alice&DeviceId={device}&DeviceType=iPhone"
     head = (f"POST {path} HTTP/1.1\r\nHost: {HOSTNAME}\r\nAuthorization: {AUTH}\r\nUser-Agent: {user_agent}\r\n"
             + ("Connection: close\r\n" if close else "") +
-            f"MS-ASProtocolVersion: 16.1\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: 4\r\n\r\n")
+            "MS-ASProtocolVersion: 16.1\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: 4\r\n\r\n")
     return head.encode() + b"\x03\x01\x6a\x00"
 
 
@@ -561,14 +561,13 @@ def _one_size(n: int, d: Path) -> dict:
     """In this (fresh) process: load a policy with n inventory devices, time decisions, report RSS."""
     from types import SimpleNamespace
 
-    from easgate.policy import load_policy
+    from easgate.authz.policy import load_policy
 
     csv = d / f"inventory-{n}.csv"
     if not csv.exists():
         with open(csv, "w") as f:
             f.write("device_id,owner,compliant\n")
-            for i in range(n):
-                f.write(f"ApplINV{i:09d},user{i % 5000},{'true' if i % 10 else 'false'}\n")
+            f.writelines(f"ApplINV{i:09d},user{i % 5000},{'true' if i % 10 else 'false'}\n" for i in range(n))
     pol = d / f"policy-{n}.yaml"
     pol.write_text(yaml.safe_dump({"mode": "block", "deny": {"user_agents": ["*BlackBerry*"]},
                                    "allow": {"users": ["CONTOSO\\svc-sync"]}, "inventory_file": str(csv)}))
@@ -598,7 +597,7 @@ def _one_size(n: int, d: Path) -> dict:
     from mitmproxy.addons import proxyserver
     from mitmproxy.test import taddons, tflow
 
-    from easgate.gateway import make_addons
+    from easgate.gateway.chain import make_addons
 
     pki = d / "pki"
     cfg = write_gateway_config(d, pki, 9081, 9443, cache={"max_entries": 0}, name=f"inproc-{n}.yaml", audit=True)
@@ -643,7 +642,7 @@ def _one_size(n: int, d: Path) -> dict:
 
 
 def bench_policy_size(d: Path, pki: Path) -> str:
-    from easgate.pki import generate_pki
+    from easgate.tools.pki import generate_pki
 
     if not (d / "pki" / "gateway-full.pem").exists():
         generate_pki(d / "pki")
@@ -917,7 +916,7 @@ def main() -> int:
     args = ap.parse_args()
     if not shutil.which("wrk") and args.what in ("throughput", "soak", "profile", "all"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
-    from easgate.pki import generate_pki
+    from easgate.tools.pki import generate_pki
 
     sections = []
     with tempfile.TemporaryDirectory(prefix="easgate-bench-") as tmp:

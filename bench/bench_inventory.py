@@ -33,11 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from easgate.config import Connector  # noqa: E402
-from easgate.connector import ConnectorClient  # noqa: E402
-from easgate.connector_service import CalloutIdentity, decide  # noqa: E402
-from easgate.inventory import Inventory  # noqa: E402
-from easgate.policy import load_policy  # noqa: E402
+from easgate.authz.policy import load_policy
+from easgate.connector.service import CalloutIdentity, decide
+from easgate.connector.store import Inventory
+from easgate.gateway.config import Connector
+from easgate.gateway.xnc import ConnectorClient
 
 SIZES = (10, 100_000)
 LOOKUPS = 100_000
@@ -54,9 +54,8 @@ def device_id(i: int) -> str:
 def write_csv(path: Path, n: int) -> None:
     with open(path, "w") as f:
         f.write("device_id,user,device_type,model,managed,compliant,blocked\n")
-        for i in range(n):
-            f.write(f"{device_id(i)},user{i % 5000},iPhone,iPhone 15,true,{'false' if i % 10 == 0 else 'true'},"
-                    f"{'true' if i % 97 == 0 else 'false'}\n")
+        f.writelines(f"{device_id(i)},user{i % 5000},iPhone,iPhone 15,true,{'false' if i % 10 == 0 else 'true'},"
+                    f"{'true' if i % 97 == 0 else 'false'}\n" for i in range(n))
 
 
 def machine() -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -50,10 +49,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-import yaml  # noqa: E402
+import yaml
 
-from easgate.pki import generate_pki  # noqa: E402
-from easgate.workers import raise_fd_limit  # noqa: E402
+from easgate.runtime.workers import raise_fd_limit
+from easgate.tools.pki import generate_pki
 
 HOSTNAME = "mail.example.test"
 BIN = ROOT / ".venv" / "bin"
@@ -427,7 +426,7 @@ async def open_pings(port: int, pki: Path, n: int, held: list) -> int:
                 w.write(ping_request(i))
                 await w.drain()
                 held.append((r, w))
-            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            except (TimeoutError, OSError, ssl.SSLError):
                 failures += 1
 
     await asyncio.gather(*(one(i) for i in range(n)))

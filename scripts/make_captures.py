@@ -47,11 +47,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from easgate.activesync import decode_binary_query, encode_binary_query  # noqa: E402
-from easgate.capture import E, wbxml  # noqa: E402
-from easgate.pki import generate_pki  # noqa: E402
-from easgate import standins  # noqa: E402
-from easgate.standins import ExchangeStandIn, MdmStandIn  # noqa: E402
+from easgate.authz.identity import decode_binary_query, encode_binary_query
+from easgate.tools import standins
+from easgate.tools.capture import E, wbxml
+from easgate.tools.pki import generate_pki
+from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
 HOSTNAME = "mail.example.test"
 PASSWORD = "Winter2024!"  # what the clients send; the saved captures say REDACTED

@@ -28,8 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from easgate.pki import generate_pki  # noqa: E402
-from easgate.standins import ExchangeStandIn, MdmStandIn  # noqa: E402
+from easgate.tools.pki import generate_pki
+from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
 HOSTNAME = "mail.example.test"
 
@@ -222,7 +222,7 @@ class GatewayProcess:
                 self._ready.set()
         self._ready.set()
 
-    def wait_ready(self, timeout: float = 20) -> "GatewayProcess":
+    def wait_ready(self, timeout: float = 20) -> GatewayProcess:
         self._ready.wait(timeout)
         if self.port is None:
             self.stop()

@@ -13,7 +13,7 @@ import struct
 import pytest
 from mitmproxy.http import Headers
 
-from easgate.activesync import (
+from easgate.authz.identity import (
     COMMAND_CODES,
     PARAMETER_TAGS,
     BinaryQuery,

@@ -11,8 +11,9 @@ from mitmproxy import exceptions
 from mitmproxy.addons import block, proxyserver
 from mitmproxy.test import taddons, tflow
 
+from easgate.gateway.chain import make_addons
+
 from conftest import base_config
-from easgate.gateway import make_addons
 
 
 class _Up:

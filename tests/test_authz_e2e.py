@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
+from easgate.authz.identity import encode_binary_query
+
 import conftest
 from conftest import HOSTNAME, request
-from easgate.activesync import encode_binary_query
 
 IPHONE = "ApplF17ABCDEF01"
 IPAD = "ApplDMPQ99887766"
@@ -131,7 +132,7 @@ def test_connector_failures_under_each_fail_mode(start_gateway, pki, exchange, m
 
 
 def test_garbage_is_never_read_as_allow():
-    from easgate.connector import ConnectorError, parse_answer
+    from easgate.gateway.xnc import ConnectorError, parse_answer
 
     assert parse_answer(200, b'{"result": "Allow"}').allow
     assert parse_answer(200, b"Allow\r\n").allow
@@ -225,7 +226,7 @@ def test_streamed_body_of_denied_device_never_reaches_exchange(start_gateway, pk
 
 def test_deny_action_drop_and_custom_status(start_gateway, pki, exchange, mdm, tmp_path):
     g = start_gateway(authz_config(pki, exchange, mdm, tmp_path, deny={"action": "drop"}))
-    with pytest.raises((ConnectionError, ssl.SSLError, OSError)) as e:
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
         request(g.port, "POST", sync_path(IPAD, dtype="iPad"), pki, headers=BASIC_ALICE)
     assert exchange_posts(exchange) == []
     g2 = start_gateway(authz_config(pki, exchange, mdm, tmp_path, deny={"status": 503, "retry_after_s": 600}))

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from easgate.cache import DecisionCache, cache_key
-from easgate.decision import Decision
+from easgate.authz.cache import DecisionCache, cache_key
+from easgate.core.decision import Decision
 
 ALLOW = Decision(True, "device A managed and compliant", "inventory")
 DENY = Decision(False, "device B not managed", "mode")

@@ -19,9 +19,10 @@ import yaml
 from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow
 
+from easgate.authz.identity import decode_binary_query, parse_request
+from easgate.tools.capture import E, read_flows, redact_auth_value, sanitize_file, wbxml
+
 from conftest import ROOT, easgate_argv
-from easgate.activesync import decode_binary_query, parse_request
-from easgate.capture import E, read_flows, redact_auth_value, sanitize_file, wbxml
 
 CAPTURES = ROOT / "tests" / "captures"
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
@@ -227,7 +228,7 @@ def test_offline_replay_with_easgate(name, tmp_path, pki):
 def test_offline_replay_with_plain_mitmdump(name, tmp_path, pki):
     cfg = replay_config(tmp_path, pki)
     report = tmp_path / "report.jsonl"
-    r = run([MITMDUMP, "-n", "-r", str(capture(name)), "-s", str(ROOT / "addons" / "gateway.py"),
+    r = run([MITMDUMP, "-n", "-r", str(capture(name)), "-s", str(ROOT / "addons" / "replay.py"),
              "--set", f"easgate_config={cfg}", "--set", "easgate_listen=127.0.0.1:0",
              "--set", "easgate_replay=true", "--set", f"easgate_replay_report={report}"])
     assert r.returncode == 0, r.stdout + r.stderr
@@ -269,7 +270,7 @@ def test_certificates_are_verified_as_of_the_capture(tmp_path, pki):
     from cryptography.hazmat.primitives import serialization
     from mitmproxy import certs, io
 
-    from easgate.pki import load_certs
+    from easgate.tools.pki import load_certs
 
     chain = [certs.Cert.from_pem(c.public_bytes(serialization.Encoding.PEM))
              for c in load_certs(pki / "device-notyet.pem")]

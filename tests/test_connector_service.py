@@ -18,14 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from easgate import connector_service
-from easgate.activesync import encode_binary_query
-from easgate.audit import AuditLog
-from easgate.config import ConfigError, Connector
-from easgate.connector import ConnectorClient, ConnectorError, callout_query, parse_answer
-from easgate.connector_service import ConnectorService, ConnectorThread, load_connector_config
-from easgate.inventory import Inventory
-from easgate.policy import PolicyStore
+from easgate.authz.audit import AuditLog
+from easgate.authz.identity import encode_binary_query
+from easgate.authz.policy import PolicyStore
+from easgate.connector import service as connector_service
+from easgate.connector.config import load_connector_config
+from easgate.connector.service import ConnectorService, ConnectorThread
+from easgate.connector.store import Inventory
+from easgate.core.errors import ConfigError
+from easgate.gateway.config import Connector
+from easgate.gateway.xnc import (
+    ConnectorClient,
+    callout_query,
+    parse_answer,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "https://mail.example.test"

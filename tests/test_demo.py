@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "addons"))
-STARTED = re.compile(r"^\s+(gateway|exchange|mdm|connector)\s+https?://[^:]+:(\d+)", re.M)
+STARTED = re.compile(r"^\s+(gateway|exchange|mdm|connector)\s+https?://[^:]+:(\d+)", re.MULTILINE)
 
 
 def demo_argv(*args: str) -> list[str]:

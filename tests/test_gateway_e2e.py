@@ -13,9 +13,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from conftest import (HOSTNAME, ROOT, GatewayProcess, base_config, client_context, curl, easgate_argv,
-                      https_connection, request, write_config)
-from easgate.standins import MdmStandIn
+from easgate.tools.standins import MdmStandIn
+
+from conftest import (
+    HOSTNAME,
+    ROOT,
+    GatewayProcess,
+    base_config,
+    client_context,
+    curl,
+    easgate_argv,
+    https_connection,
+    request,
+    write_config,
+)
 
 AS = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 

@@ -42,10 +42,20 @@ from urllib.parse import quote, unquote
 import pytest
 import yaml
 
-from conftest import (HOSTNAME, GatewayProcess, authz_config, base_config, client_context, easgate_argv, https_connection, request,
-                      write_config)
-from easgate.activesync import decode_binary_query, encode_binary_query
-from easgate.standins import ExchangeStandIn, MdmStandIn
+from easgate.authz.identity import decode_binary_query, encode_binary_query
+from easgate.tools.standins import ExchangeStandIn, MdmStandIn
+
+from conftest import (
+    HOSTNAME,
+    GatewayProcess,
+    authz_config,
+    base_config,
+    client_context,
+    easgate_argv,
+    https_connection,
+    request,
+    write_config,
+)
 
 AS = "/Microsoft-Server-ActiveSync"
 IPHONE = "ApplF17ABCDEF01"
@@ -449,8 +459,8 @@ async def test_one_callout_per_device_even_right_after_a_callout_finishes(tmp_pa
     from mitmproxy.addons import proxyserver
     from mitmproxy.test import taddons, tflow
 
-    from easgate.connector import Answer
-    from easgate.gateway import make_addons
+    from easgate.gateway.chain import make_addons
+    from easgate.gateway.xnc import Answer
 
     class _Up:
         def __init__(self, url):
@@ -461,7 +471,7 @@ async def test_one_callout_per_device_even_right_after_a_callout_finishes(tmp_pa
     cfg["authorization"] = {"connector": {"url": "http://127.0.0.1:9/services/ActiveSync/Authorize"}}
     addons = make_addons()
     gw = addons[0]
-    from easgate.authz import ActiveSyncGate
+    from easgate.gateway.authorize import ActiveSyncGate
 
     gate = next(a for a in gw.addons if isinstance(a, ActiveSyncGate))
 
@@ -886,7 +896,7 @@ def send_raw(port: int, ctx: ssl.SSLContext, data: bytes, timeout: float = 6.0, 
             s.settimeout(idle if out else max(0.1, timeout - (time.monotonic() - t0)))
             try:
                 chunk = s.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 break
             except (OSError, ssl.SSLError):
                 closed = True

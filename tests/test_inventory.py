@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from easgate import cli
-from easgate.inventory import Device, ImportFileError, Inventory, InventoryError, device_decision
+from easgate.connector.store import (
+    Device,
+    ImportFileError,
+    Inventory,
+    InventoryError,
+    device_decision,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -339,6 +345,6 @@ def test_demo_inventory_file_imports_cleanly(tmp_path):
     got = devices(db)
     assert got["ApplF17ABCDEF01"][:1] + got["ApplF17ABCDEF01"][3:] == ("alice", 1, 1, 0)
     assert got["ApplDMPQ99887766"][3] == 0  # the iPad is not managed
-    from easgate.demo import FALLBACK_INVENTORY
+    from easgate.tools.demo import FALLBACK_INVENTORY
     rows = [ln for ln in (ROOT / "policies" / "demo-inventory.csv").read_text().splitlines() if not ln.startswith("#")]
     assert rows == FALLBACK_INVENTORY.splitlines()

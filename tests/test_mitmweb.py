@@ -24,9 +24,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, GatewayProcess, base_config, easgate_argv, request, write_config
-from easgate.activesync import encode_binary_query
-from easgate.capture import E, wbxml
+from easgate.authz.identity import encode_binary_query
+from easgate.tools.capture import E, wbxml
+
+from conftest import (
+    ROOT,
+    GatewayProcess,
+    base_config,
+    easgate_argv,
+    request,
+    write_config,
+)
 
 IPHONE, IPAD = "ApplF17ABCDEF01", "ApplDMPQ99887766"
 ANDROID_ID = bytes.fromhex("00ff10203040506070809a0b0c0d0e0f")
@@ -351,7 +359,7 @@ def test_browser_shows_the_denied_flow_marked_with_its_reason(web):
             if DENY_IPAD in html.unescape(dom):
                 break
     text = html.unescape(dom or "")
-    rows = re.findall(r"<tr\b[^>]*>.*?</tr>", text, re.S)
+    rows = re.findall(r"<tr\b[^>]*>.*?</tr>", text, re.DOTALL)
     assert rows, f"no flow rows rendered:\n{text[:2000]}\n{r.stderr[-2000:]}"
     denied = [row for row in rows if IPAD in row]
     assert len(denied) == 1, rows

@@ -12,14 +12,26 @@ import pytest
 import yaml
 from mitmproxy.test import tflow
 
-from conftest import ROOT, request
-from easgate.config import parse_config
+from easgate.gateway.config import parse_config
+from easgate.gateway.routing import Router, request_view
 from easgate.netscaler import (
-    Atom, Const, ExprError, Not, NsSyntaxError, Options, decide, import_netscaler, logical_lines, parse_expr,
-    simplify, to_match, tokenize,
+    Atom,
+    Const,
+    ExprError,
+    Not,
+    NsSyntaxError,
+    Options,
+    decide,
+    import_netscaler,
+    logical_lines,
+    parse_expr,
+    simplify,
+    to_match,
+    tokenize,
 )
-from easgate.pki import cert_b64_der, load_cert
-from easgate.routing import Router, request_view
+from easgate.tools.pki import cert_b64_der, load_cert
+
+from conftest import ROOT, request
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 POC = FIX / "netscaler-poc.conf"
@@ -108,7 +120,7 @@ EXPRESSIONS = {
     "true": "any",
     f'{U}.STARTSWITH("/Microsoft-Server-ActiveSync")': {"path_prefix": "/Microsoft-Server-ActiveSync"},
     f'{U}.SET_TEXT_MODE(IGNORECASE).STARTSWITH("/autodiscover")': {"path_prefix": "/autodiscover", "ignore_case": True},
-    f'http.req.url.startswith("/lower-case-keywords")': {"path_prefix": "/lower-case-keywords"},
+    'http.req.url.startswith("/lower-case-keywords")': {"path_prefix": "/lower-case-keywords"},
     'HTTP.REQ.HOSTNAME.EQ("mdm.example.com")': {"host": ["mdm.example.com"]},
     'HTTP.REQ.HOSTNAME.EQ("a.example.com") || HTTP.REQ.HOSTNAME.EQ("b.example.com")':
         {"host": ["a.example.com", "b.example.com"]},
@@ -117,7 +129,7 @@ EXPRESSIONS = {
     "HTTP.REQ.METHOD.EQ(POST)": {"method": ["POST"]},
     f'CLIENT.SSL.CLIENT_CERT.EXISTS && {U}.STARTSWITH("/zdm")': {"client_cert": "present", "path_prefix": "/zdm"},
     f'CLIENT.SSL.CLIENT_CERT.EXISTS.NOT && {U}.STARTSWITH("/zdm")': {"client_cert": "absent", "path_prefix": "/zdm"},
-    f'!CLIENT.SSL.CLIENT_CERT.EXISTS': {"client_cert": "absent"},
+    '!CLIENT.SSL.CLIENT_CERT.EXISTS': {"client_cert": "absent"},
     f'{U}.STARTSWITH("/x") && true': {"path_prefix": "/x"},
     f'{U}.STARTSWITH("/x") && false': None,
 }
@@ -279,7 +291,7 @@ def test_expressions_fixture_imports_cleanly(pki, tmp_path):
     assert cfg.pools["lb_b"].servers[0].url == "https://10.0.0.2:443" and cfg.pools["lb_b"].ca
     assert cfg.tls.client_certs.mode == "optional"
     router = Router(cfg)
-    pick = lambda f, cert="none": router.select(request_view(f, cert), f).name  # noqa: E731
+    pick = lambda f, cert="none": router.select(request_view(f, cert), f).name
     assert pick(flow("/Microsoft-Server-ActiveSync?Cmd=Sync")) == "p_prefix"
     assert pick(flow("/AutoDiscover/x.xml")) == "p_icase"
     assert pick(flow("/zdm", headers=[("X-Not", "1")])) == "p_not"

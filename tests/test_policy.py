@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from easgate.decision import Decision
-from easgate.policy import (
+from easgate.authz.identity import Identity as _Identity
+from easgate.authz.policy import (
     Policy,
     PolicyError,
     PolicyStore,
@@ -18,9 +18,7 @@ from easgate.policy import (
     split_user,
     user_matches,
 )
-
-
-from easgate.activesync import Identity as _Identity  # noqa: E402
+from easgate.core.decision import Decision
 
 
 def ident(user="CONTOSO\\alice", device_id="ApplF17ABCDEF01", device_type="iPhone",
@@ -261,8 +259,7 @@ def test_large_csv_inventory(tmp_path):
     n = 100_000
     with open(tmp_path / "big.csv", "w") as f:
         f.write("device_id,owner,compliant\n")
-        for i in range(n):
-            f.write(f"Andc{i:011d},user{i}@contoso.com,{'true' if i % 3 else 'false'}\n")
+        f.writelines(f"Andc{i:011d},user{i}@contoso.com,{'true' if i % 3 else 'false'}\n" for i in range(n))
     p = load_policy(write(tmp_path / "p.yaml", "inventory_file: big.csv\n"))
     assert len(p.inventory) == n
     assert p.evaluate(ident(device_id="andc00000000001", user="USER1@contoso.com")).allow

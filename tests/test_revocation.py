@@ -34,15 +34,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import (
+    AuthorityInformationAccessOID,
+    ExtendedKeyUsageOID,
+    NameOID,
+)
+
+from easgate.core.errors import ConfigError
+from easgate.gateway import revocation
+from easgate.gateway.config import Revocation, TrustedCa, load_config
+from easgate.gateway.tls import INVALID, VERIFIED, ClientCertVerifier, TlsOffload
+from easgate.tools.pki import DEVICE_URI_PREFIX, generate_pki, load_cert, revoke
 
 from conftest import ROOT, GatewayProcess, base_config, curl, easgate_argv, write_config
-from easgate import revocation
-from easgate.config import ConfigError, Revocation, TrustedCa, load_config
-from easgate.pki import DEVICE_URI_PREFIX, generate_pki, load_cert, revoke
-from easgate.tls import INVALID, VERIFIED, ClientCertVerifier, TlsOffload
 
-NOW = lambda: datetime.datetime.now(datetime.timezone.utc)  # noqa: E731
+NOW = lambda: datetime.datetime.now(datetime.UTC)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,7 +116,7 @@ class OpensslResponder:
     def __init__(self, pki: Path, port: int) -> None:
         self.pki, self.port, self.proc = pki, port, None
 
-    def start(self) -> "OpensslResponder":
+    def start(self) -> OpensslResponder:
         # Ready when it says so: a bare connect-and-close probe sends OpenSSL 3.0's responder into a
         # busy loop that never answers again.
         p = self.pki
@@ -634,7 +640,7 @@ def test_pki_revoke_writes_index_and_crl(tmp_path):
     crl0 = x509.load_pem_x509_crl(paths["device-ca.crl"].read_bytes())
     ca = load_cert(paths["device-ca.pem"])
     assert len(crl0) == 0 and crl0.is_signature_valid(ca.public_key())
-    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     revoke(tmp_path, "ipad", when=when)
     revoke(tmp_path, "device-ipad")  # twice: keeps the first date
     serial = load_cert(paths["device-ipad.pem"]).serial_number

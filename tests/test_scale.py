@@ -16,10 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, https_connection, request,
-                      write_config)
-from easgate import proxyproto
-from easgate.standins import ExchangeStandIn
+from easgate.gateway import proxyproto
+from easgate.tools.standins import ExchangeStandIn
+
+from conftest import (
+    HOSTNAME,
+    GatewayProcess,
+    base_config,
+    client_context,
+    easgate_argv,
+    https_connection,
+    request,
+    write_config,
+)
 
 AS_SYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 AS_PING = "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
@@ -364,7 +373,7 @@ def test_fast_addon_manager_dispatches_like_mitmproxys():
     from mitmproxy import exceptions, options
     from mitmproxy.test import tflow
 
-    from easgate.lean import LeanMaster
+    from easgate.runtime.lean import LeanMaster
 
     calls: list[str] = []
 

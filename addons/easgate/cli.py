@@ -11,16 +11,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, GatewayConfig, load_config
+from mitmproxy.tools import cmdline
+from mitmproxy.tools import main as mitm_main
+from mitmproxy.tools.web.master import WebMaster
+
+from . import netscaler
+from .connector import commands as connector_commands
+from .core.errors import ConfigError
+from .gateway.addon import with_listen
+from .gateway.chain import make_addons, validate_config
+from .gateway.config import GatewayConfig
+from .runtime import workers
+from .runtime.lean import (
+    Ready,
+    full_factory,
+    lean_factory,
+    mitmdump_filter_extra,
+    run_master,
+)
+from .tools import demo, replay
+from .tools.pki import generate_pki, revoke
 
 
 def _validate(path: str) -> GatewayConfig:
     try:
-        cfg = load_config(path)
-        from .gateway import make_addons
-
-        make_addons()[0].apply(cfg)  # also loads certificates, keys, CA files and policies
-        return cfg
+        return validate_config(path)
     except ConfigError as e:
         print(f"easgate: config error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -83,8 +98,6 @@ def _mitm_args(args) -> list[str]:
 
 def cmd_run(args) -> int:
     cfg = _validate(args.config)
-    from . import workers
-
     n = args.workers if args.workers is not None else workers.default_workers()
     if args.workers is None and any(a.split("=", 1)[0] in _ONE_PROCESS_ARGS for a in args.mitmproxy_args or []):
         n = 1  # listing options, reading or replaying flows: one process, not one per core
@@ -94,14 +107,11 @@ def cmd_run(args) -> int:
     if n > 1 and args.worker_index is None:
         return _supervise(args, cfg, n)
 
-    from .gateway import make_addons
-    from .lean import _Ready, full_factory, lean_factory, mitmdump_filter_extra, run_master
-
     ready = None
     prefix = ""
     if args.worker_index is not None:
         fd, _ = workers.worker_setup()
-        ready = _Ready(fd, args.worker_index) if fd is not None else None
+        ready = Ready(fd, args.worker_index) if fd is not None else None
         prefix = f"[w{args.worker_index}]"
     workers.configure_listener(reuse_port=args.worker_index is not None)
     factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
@@ -114,12 +124,8 @@ _ONE_PROCESS_ARGS = {"--options", "--commands", "--version", "-r", "--rfile", "-
 
 
 def _supervise(args, cfg: GatewayConfig, n: int) -> int:
-    from . import workers
-
     host, port = cfg.listen_host, cfg.listen_port
     if args.listen:
-        from .gateway import with_listen
-
         try:
             c = with_listen(cfg, args.listen)
         except ConfigError as e:
@@ -149,23 +155,16 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
 
 def cmd_web(args) -> int:
     _validate(args.config)
-    from mitmproxy.tools import cmdline, main
-    from mitmproxy.tools.web.master import WebMaster
-
-    from .gateway import make_addons
-
     class GatewayWebMaster(WebMaster):
         def __init__(self, options, *a, **kw) -> None:
             super().__init__(options, *a, **kw)
             self.addons.add(*make_addons())
 
-    main.run(GatewayWebMaster, cmdline.mitmweb, _mitm_args(args))
+    mitm_main.run(GatewayWebMaster, cmdline.mitmweb, _mitm_args(args))
     return 0
 
 
 def cmd_pki(args) -> int:
-    from .pki import generate_pki, revoke
-
     if args.revoke:
         for name in args.revoke:
             try:
@@ -217,21 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_pki)
 
     # Further command groups live next to their code; each module offers add_commands(sub).
-    import importlib
-
-    for mod in EXTRA_COMMAND_MODULES:
-        try:
-            m = importlib.import_module(f"easgate.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"easgate.{mod}":
-                raise
-            continue
-        m.add_commands(sub)
+    for mod in COMMAND_MODULES:
+        mod.add_commands(sub)
     return p
 
 
-# modules with an add_commands(subparsers) function: demo, connector, devices, import-netscaler, ...
-EXTRA_COMMAND_MODULES = ("demo", "connector_service", "inventory", "netscaler", "replay")
+# modules with an add_commands(subparsers) function: demo, connector and devices, import-netscaler,
+# replay and capture
+COMMAND_MODULES = (demo, connector_commands, netscaler, replay)
 
 
 def main(argv: list[str] | None = None) -> int:

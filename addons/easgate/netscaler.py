@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import normalize_path
+from .core.paths import normalize_path
 
 # =============================================================================================
 # 1. Lines and words, as NetScaler's CLI reads them
@@ -212,7 +212,7 @@ class Or:
 
 
 _LEX = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<op>&&|\|\||[!().,+])|(?P<num>\d+)'
-                  r'|(?P<id>[A-Za-z_][A-Za-z0-9_]*))', re.S)
+                  r'|(?P<id>[A-Za-z_][A-Za-z0-9_]*))', re.DOTALL)
 _STR_ESC = {"n": "\n", "t": "\t", "r": "\r"}
 
 
@@ -1214,7 +1214,7 @@ class Importer:
 
     # -- callout ----------------------------------------------------------------------------
 
-    def build_callout(self) -> "CalloutOut | None":
+    def build_callout(self) -> CalloutOut | None:
         if not self.callouts:
             return None
         names = list(self.callouts)
@@ -1276,7 +1276,7 @@ class Importer:
                                       "URL's host as Host (make the URL use that name if the connector needs it)")
         if "resultexpr" in merged:
             expr, c = merged["resultexpr"]
-            if not re.fullmatch(r"HTTP\.RES\.BODY\(\d+\)", expr.replace(" ", ""), re.I):
+            if not re.fullmatch(r"HTTP\.RES\.BODY\(\d+\)", expr.replace(" ", ""), re.IGNORECASE):
                 self.untranslated(c.line, f"httpCallout {name}: -resultExpr {expr}: easgate reads the answer body "
                                           "(JSON result or an exact Allow/Deny token), nothing else")
         if "cacheforsecs" in merged:
@@ -1311,7 +1311,7 @@ class Importer:
             self.untranslated(c.line, f"httpCallout {name}: parameters {', '.join(missing)} are missing; "
                                       "easgate sends them anyway")
 
-    def attach_authorization(self, routes: list[dict], callout: "CalloutOut") -> None:
+    def attach_authorization(self, routes: list[dict], callout: CalloutOut) -> None:
         live = [r for r in routes if not r.get("skip")]
         exch = {r["lb"] for r in live if r.get("match") not in (None, "any") and implies_activesync(r["expr"])}
         if not exch:
@@ -1344,7 +1344,7 @@ class Importer:
         self.untranslated(svc.cmd.line, f"service {svc.name} is {svc.proto}: easgate pools speak HTTP or HTTPS only")
         return None, None
 
-    def build_pool(self, lb: LbVserver) -> "PoolOut | None":
+    def build_pool(self, lb: LbVserver) -> PoolOut | None:
         p = PoolOut(lb.name)
         p.comments.append(f"line {lb.cmd.line}: {lb.cmd.short()}")
         for sname, bind in lb.services:
@@ -1428,7 +1428,7 @@ class Importer:
         self.fill_in.add(f"CERTKEY-{bare}")
         return f"FILL-IN-CERTKEY-{bare}.pem", None, True, hint
 
-    def build_tls(self, cs_name: str | None) -> "TlsOut":
+    def build_tls(self, cs_name: str | None) -> TlsOut:
         t = TlsOut()
         server_certs = [b for b in self.ssl_binds if b.args[0] == cs_name and b.opt("certkeyname")
                         and "ca" not in b.opts]
@@ -1487,7 +1487,7 @@ class Importer:
 
     # -- output ------------------------------------------------------------------------------------
 
-    def emit_route(self, out: "Yaml", r: dict) -> None:
+    def emit_route(self, out: Yaml, r: dict) -> None:
         for c in r["comments"]:
             out.comment(c, 1)
         if r.get("skip"):

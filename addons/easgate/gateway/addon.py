@@ -1,0 +1,376 @@
+"""The gateway's addons and the one that owns the configuration.
+
+`Gateway` declares the `easgate_config` option, loads the YAML file in `configure()` (an error is an
+`OptionsError`, so mitmproxy refuses to start), forces the mitmproxy options a gateway depends on,
+and hands the parsed config to its sub-addons, which run in this order for every request:
+
+    TlsOffload -> StripCertHeaders -> ContentSwitch -> ClientCertHeader -> ActiveSyncGate
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+
+from mitmproxy import connection, ctx, exceptions, http
+
+from ..core.errors import ConfigError
+from ..core.paths import normalize_path
+from . import certheader
+from .config import GatewayConfig, Pool, Route, Upstream, load_config
+from .connections import Connections
+from .proxyproto import ProxyProtocol
+from .respond import answer, drop
+from .routing import ROUTE_KEY, Balancer, Router, request_view
+from .tls import TlsOffload
+
+logger = logging.getLogger("easgate")
+
+# What the proxy core must do for a gateway; set by Gateway.configure whatever the command line says.
+PLACEHOLDER_TARGET = "http://127.0.0.1:9"  # never contacted: every request is routed or answered
+
+
+def forced_options(cfg: GatewayConfig) -> dict:
+    return {
+        # TCP only (an https reverse mode would also open a QUIC listener that asks for no client cert);
+        # client TLS is still detected and served by TlsOffload.
+        "mode": [f"reverse:{PLACEHOLDER_TARGET}@{cfg.listen_host}:{cfg.listen_port}"],
+        # with "eager", reverse mode connects to the placeholder before TLS
+        "connection_strategy": "lazy",
+        "keep_host_header": True,  # the Host header is a per-pool choice (ContentSwitch)
+        "tcp_timeout": cfg.client_idle_timeout_s,  # ActiveSync Ping holds a request up to ~an hour
+        "block_global": False,  # phones come from public addresses
+        "onboarding": False,
+        "http2": False,
+    }
+
+
+def with_listen(cfg: GatewayConfig, listen: str) -> GatewayConfig:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("--set easgate_listen", "", f"'{listen}' is not HOST:PORT", "e.g. 127.0.0.1:8443")
+    return dataclasses.replace(cfg, listen_host=host.strip("[]") or "0.0.0.0", listen_port=int(port))
+
+
+class Gateway:
+    """Owns the config file; its sub-addons do the work."""
+
+    def __init__(self) -> None:
+        self.config: GatewayConfig | None = None
+        self.tls = TlsOffload()
+        self.strip = certheader.StripCertHeaders()
+        self.switch = ContentSwitch(self)
+        self.upstreams = UpstreamPools(self)
+        self.cert_header = certheader.ClientCertHeader(self)
+        self.connections = Connections(self)  # per-process connection cap, requests in flight
+        self.proxyproto = ProxyProtocol(self)  # PROXY v1/v2 from trusted balancers, before TLS
+        self.addons: list = [self.connections, self.proxyproto, self.tls, self.strip, self.switch, self.cert_header,
+                             self.upstreams]
+
+    def add_stage(self, addon) -> None:
+        """Later stages (authorization, audit) plug in after the routing ones."""
+        self.addons.append(addon)
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "easgate_config", str, "",
+            "The easgate gateway configuration (YAML), e.g. policies/gateway.yaml. Required.",
+        )
+        loader.add_option(
+            "easgate_listen", str, "",
+            "HOST:PORT to listen on, overriding the config's listen (port 0 picks a free port).",
+        )
+
+    def configure(self, updated) -> None:
+        if not ({"easgate_config", "easgate_listen"} & set(updated)):
+            if self.config is not None:  # someone changed a mitmproxy option: keep ours in force
+                self._enforce()
+            return
+        path = ctx.options.easgate_config
+        if not path:
+            raise exceptions.OptionsError(
+                "easgate_config is not set: start with --set easgate_config=policies/gateway.yaml")
+        try:
+            cfg = load_config(path)
+            if ctx.options.easgate_listen:
+                cfg = with_listen(cfg, ctx.options.easgate_listen)
+            self.apply(cfg)
+        except ConfigError as e:
+            if e.file == "<config>":
+                e = ConfigError(path, e.key, e.problem, e.fix)
+            raise exceptions.OptionsError(str(e)) from None
+        self._enforce()
+        logger.info(f"easgate: loaded {cfg.path}: {len(cfg.routes)} routes, listening on "
+                    f"{cfg.listen_host}:{cfg.listen_port}")
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        """Build every sub-addon's state from cfg; the first error stops the whole load."""
+        for addon in self.addons:
+            if hasattr(addon, "apply"):
+                try:
+                    addon.apply(cfg)
+                except ConfigError as e:
+                    raise ConfigError(cfg.path, e.key, e.problem, e.fix) from None
+        self.config = cfg
+
+    def _enforce(self) -> None:
+        want = forced_options(self.config)
+        changes = {k: v for k, v in want.items() if k in ctx.options and getattr(ctx.options, k) != v}
+        if changes:
+            ctx.options.update(**changes)
+
+    def running(self) -> None:
+        if self.config is None:
+            logger.error("easgate: the gateway is not configured; refusing to run without it")
+            ctx.master.shutdown()
+            return
+        # Loaded as a `-s` script, the gateway is configured while mitmproxy is already bringing
+        # up its default listener; replace it with the gateway's own right away.
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is not None:
+            from mitmproxy.proxy import mode_specs
+
+            want = [mode_specs.ProxyMode.parse(m) for m in ctx.options.mode]
+            if {s.mode for s in ps.servers} != set(want):
+                logger.info("easgate: replacing mitmproxy's default listener with the gateway's")
+                asyncio.get_running_loop().create_task(ps.servers.update(want))
+
+
+class ContentSwitch:
+    """Chooses the route in requestheaders and points the flow at one server of its pool."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.router: Router | None = None
+        self.balancer: Balancer | None = None
+        self.pools: dict[str, Pool] = {}
+        self.counts: dict[str, int] = {}
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        self.router = Router(cfg)
+        self.balancer = Balancer(cfg.pools)
+        self.pools = cfg.pools
+        self.counts = {r.name: 0 for r in cfg.routes}
+        self.counts["(none)"] = 0
+        self.counts["(refused)"] = 0
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        tls = self.gw.tls
+        if flow.live and (why := tls.refuse_reason(flow.client_conn)):
+            logger.warning(f"client {flow.client_conn.peername[0]}: connection refused: {why}")
+            self.counts["(refused)"] += 1
+            flow.metadata["easgate.refused"] = why
+            flow.comment = f"refused: {why}"
+            drop(flow)
+            return
+        verdict = tls.verdict(flow.client_conn)
+        flow.metadata["easgate.client_cert"] = verdict.as_dict()
+        if why := bad_host(flow.request):
+            flow.metadata[ROUTE_KEY] = None
+            answer(flow, http.Response.make(400, f"{why}\n".encode(), {"Content-Type": "text/plain"}))
+            flow.comment = f"bad request: {why}"
+            return
+        # No protocol switch (WebSocket, h2c, TCP upgrade): after a 101 the connection would be a
+        # tunnel that no route, header rule or authorization sees again. ActiveSync needs none.
+        if "upgrade" in flow.request.headers:
+            del flow.request.headers["upgrade"]
+            conn_tokens = [t.strip() for t in flow.request.headers.get("connection", "").split(",")]
+            kept = [t for t in conn_tokens if t and t.lower() != "upgrade"]
+            if kept:
+                flow.request.headers["connection"] = ", ".join(kept)
+            else:
+                flow.request.headers.pop("connection", None)
+        # Normalise first: route rules, filters and the upstream all see the same path.
+        path, sep, query = flow.request.path.partition("?")
+        norm = normalize_path(path)
+        if norm != path:
+            flow.request.path = norm + sep + query
+        rv = request_view(flow, verdict.status, norm)
+        route = self.router.select(rv, flow)
+        if route is None:
+            self.counts["(none)"] += 1
+            flow.metadata[ROUTE_KEY] = None
+            answer(flow, http.Response.make(
+                404, b"No route for this request on this gateway.\n", {"Content-Type": "text/plain"}))
+            flow.comment = "no route: 404"
+            return
+        self.counts[route.name] += 1
+        flow.metadata[ROUTE_KEY] = route.name
+        pool = self.pools[route.pool]
+        self.point(flow, pool, self.balancer.pick(pool))
+
+    @staticmethod
+    def point(flow: http.HTTPFlow, pool: Pool, server: Upstream) -> None:
+        req = flow.request
+        # Set the target on the request data directly: the scheme/host/port setters would each
+        # rewrite the Host header, which is decided once below.
+        req.data.scheme = server.scheme.encode()
+        req.data.host = server.host
+        req.data.port = server.port
+        # An absolute-form target (POST https://other/... HTTP/1.1) would otherwise be forwarded
+        # naming the internal upstream: send origin-form.
+        req.data.authority = b""
+        if pool.host_header == "upstream":
+            req.host_header = server.authority
+        elif pool.host_header != "client":
+            req.host_header = pool.host_header
+        flow.metadata["easgate.upstream"] = server.url
+
+
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def bad_host(req: http.Request) -> str | None:
+    """Why the Host header can't be routed on, or None. A Host with '/', '@' or spaces would
+    shift what URL filters and the upstream take for the path; two Hosts are ambiguous."""
+    hosts = req.headers.get_all("host")
+    if len(hosts) > 1:
+        return "several Host headers"
+    if hosts and not _AUTHORITY.fullmatch(hosts[0]):
+        return "invalid Host header"
+    return None
+
+
+def route_of(flow: http.HTTPFlow, cfg: GatewayConfig) -> Route | None:
+    name = flow.metadata.get(ROUTE_KEY)
+    return cfg.route(name) if name else None
+
+
+class UpstreamPools:
+    """Upstream connections: only to pool servers, with each pool's TLS trust, SNI and timeouts."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
+        for pool in cfg.pools.values():
+            for s in pool.servers:
+                other = by_address.get((s.host, s.port))
+                if other and (other[0].ca, other[0].sni, other[0].verify, other[1].scheme) != (
+                        pool.ca, pool.sni, pool.verify, s.scheme):
+                    raise ConfigError(cfg.path, f"pools.{pool.name}.servers",
+                                      f"{s.host}:{s.port} is also in pool {other[0].name} with other TLS settings",
+                                      "use the same scheme/ca/sni/verify for one server, or one pool")
+                by_address[(s.host, s.port)] = (pool, s)
+        self.by_address = by_address
+
+    def server_connect(self, data) -> None:
+        addr = data.server.address
+        entry = self.by_address.get((addr[0], addr[1])) if addr else None
+        if entry is None:
+            # Not a pool server: never pass a request anywhere the config doesn't name.
+            data.server.error = f"easgate: {addr} is not an upstream of any pool"
+            return
+        pool, server = entry
+        if server.scheme == "https":
+            data.server.sni = pool.sni or server.host
+        asyncio.get_running_loop().call_later(
+            pool.connect_timeout_s, self._connect_timeout, data.server, data.client, pool)
+
+    def _handler(self, client):
+        ps = ctx.master.addons.get("proxyserver")
+        return ps.connections.get(client.id) if ps else None
+
+    def _connect_timeout(self, server: connection.Server, client: connection.Client, pool: Pool) -> None:
+        if server.timestamp_tcp_setup is not None or server.error:
+            return
+        handler = self._handler(client)
+        io = handler.transports.get(server) if handler else None
+        if io and io.handler and not io.handler.done():
+            logger.warning(f"upstream {server.address[0]}:{server.address[1]} (pool {pool.name}): "
+                           f"no connection within {pool.connect_timeout_s:g}s")
+            io.handler.cancel()
+
+    LONG_POLL_COMMANDS = ("Ping", "Sync")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The request is going upstream: start its response timer."""
+        if flow.response or flow.error or not flow.live:
+            return
+        name = flow.metadata.get(ROUTE_KEY)
+        if not name:
+            return
+        pool = self.gw.config.pools[self.gw.config.route(name).pool]
+        cmd = (flow.metadata.get("easgate.identity") or {}).get("command") or flow.request.query.get("Cmd")
+        timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
+        # kept off flow.metadata, which is saved with the flow
+        self.timers[flow.id] = asyncio.get_running_loop().call_later(
+            timeout, self._response_timeout, flow, pool, timeout)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # A streamed response (a big attachment) may take long by design: its headers are the answer.
+        # Otherwise the timer runs until the whole response is in, so an upstream that stalls
+        # after its headers is cut too.
+        if flow.response is not None and flow.response.stream:
+            self._cancel_timer(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._cancel_timer(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._cancel_timer(flow)
+
+    def _cancel_timer(self, flow: http.HTTPFlow) -> None:
+        handle = self.timers.pop(flow.id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _response_timeout(self, flow: http.HTTPFlow, pool: Pool, timeout: float) -> None:
+        if self.timers.pop(flow.id, None) is None or not flow.live:
+            return  # answered (or gone) meanwhile
+        logger.warning(f"upstream {flow.request.host}:{flow.request.port} (pool {pool.name}): "
+                       f"no response within {timeout:g}s; closing it")
+        handler = self._handler(flow.client_conn)
+        io = handler.transports.get(flow.server_conn) if handler else None
+        transport = getattr(getattr(io, "writer", None), "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # mitmproxy answers the client with a 502
+
+    def server_connect_error(self, data) -> None:
+        addr = data.server.address
+        entry = self.by_address.get((addr[0], addr[1])) if addr else None
+        if entry:
+            self.gw.switch.balancer.mark_down(entry[1], entry[0], data.server.error or "connect failed")
+
+    def tls_start_server(self, tls_start) -> None:
+        from mitmproxy.net import tls as net_tls
+        from OpenSSL import SSL
+
+        server = tls_start.conn
+        entry = self.by_address.get(server.address[:2]) if server.address else None
+        if entry is None:
+            return
+        pool, up = entry
+        ssl_ctx = net_tls.create_proxy_server_context(
+            method=net_tls.Method.TLS_CLIENT_METHOD,
+            min_version=net_tls.Version.TLS1_2, max_version=net_tls.Version.UNBOUNDED,
+            cipher_list=None, ecdh_curve=None,
+            verify=net_tls.Verify.VERIFY_PEER if pool.verify else net_tls.Verify.VERIFY_NONE,
+            ca_path=None, ca_pemfile=str(pool.ca) if pool.ca else None,
+            client_cert=None, legacy_server_connect=False,
+        )
+        conn = SSL.Connection(ssl_ctx)
+        sni = pool.sni or up.host
+        server.sni = sni
+        import ipaddress
+
+        param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+        SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, 0x4)  # no partial wildcards  # type: ignore
+        try:
+            ip = ipaddress.ip_address(sni).packed
+        except ValueError:
+            name = sni.encode("idna")
+            conn.set_tlsext_host_name(name)
+            SSL._lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))  # type: ignore[attr-defined]
+        else:
+            SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
+        conn.set_alpn_protos([b"http/1.1"])
+        conn.set_connect_state()
+        tls_start.ssl_conn = conn

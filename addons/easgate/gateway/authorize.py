@@ -1,0 +1,289 @@
+"""ActiveSync authorization: who is asking, may they, and what the gateway does about it.
+
+On a route with `authorize: activesync`, every request gets exactly one recorded decision before
+it may reach the upstream, in `requestheaders` (so a streamed body never goes out first):
+
+    applies-to filter -> identity -> cache -> policy lists -> connector | inventory -> mode
+
+The decision is cached per (user, DeviceId) with single flight, written to the audit log, put on
+the flow (comment, mark, metadata) for mitmweb, and enforced: deny answers with the configured
+status (default 403) or drops the connection like NetScaler's responder DROP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from mitmproxy import command, http
+from mitmproxy import flow as mflow
+
+from ..authz import identity
+from ..authz.audit import AuditLog
+from ..authz.cache import DecisionCache, cache_key
+from ..authz.policy import PolicyError, PolicyStore
+from ..core.decision import Decision
+from ..core.errors import ConfigError
+from ..core.paths import normalize_path
+from .config import Authorization, GatewayConfig
+from .respond import answer, drop
+from .xnc import ConnectorClient, ConnectorError, to_decision
+
+logger = logging.getLogger("easgate.authz")
+
+DECISION_KEY = "easgate.decision"
+IDENTITY_KEY = "easgate.identity"
+RELOAD_INTERVAL_S = 2.0
+
+
+def identity_dict(ident: identity.Identity) -> dict:
+    return {k: getattr(ident, k) for k in ident.__slots__}
+
+
+class ActiveSyncGate:
+    """Decides on routes that say `authorize: activesync`; nothing else touches those flows after it."""
+
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        self.auth: Authorization | None = None
+        self.policy: PolicyStore | None = None
+        self.connector: ConnectorClient | None = None
+        self.cache: DecisionCache | None = None
+        self.audit = AuditLog(None)
+        self.counters: Counter = Counter()
+        self._reload_task: asyncio.Task | None = None
+
+    # -- configuration --------------------------------------------------------------------
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        auth = cfg.authorization
+        policy = None
+        if auth and auth.policy:
+            try:
+                policy = PolicyStore(auth.policy)
+            except PolicyError as e:
+                raise ConfigError(cfg.path, "authorization.policy", str(e), "fix the policy file")
+        audit = AuditLog(cfg.audit_log)
+        self.audit.close()
+        if self.connector:
+            self.connector.close()
+        self.auth, self.policy, self.audit = auth, policy, audit
+        self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
+        self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
+
+    def running(self) -> None:
+        if self.policy and self._reload_task is None:
+            self._reload_task = asyncio.get_running_loop().create_task(self._watch_policy())
+
+    def done(self) -> None:
+        if self._reload_task:
+            self._reload_task.cancel()
+        self.audit.close()
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+            # Loading a large inventory takes seconds (1,000,000 devices: ~4 s): off the event loop,
+            # so requests keep being answered meanwhile. PolicyStore locks itself.
+            store = self.policy
+            if store is not None:
+                result = await asyncio.to_thread(store.reload, False)
+                if store is self.policy:
+                    self._reloaded(*result)
+
+    def _reload(self, force: bool) -> str:
+        if not self.policy:
+            return "no policy file configured"
+        return self._reloaded(*self.policy.reload(force=force))
+
+    def _reloaded(self, changed: bool, err: str | None) -> str:
+        if err:
+            self.counters["policy_reload_errors"] += 1
+            logger.error(f"easgate: policy reload failed, keeping the last good policy: {err}")
+            return f"reload failed, last good policy kept: {err}"
+        if changed:
+            n = self.cache.clear() if self.cache else 0
+            self.counters["policy_reloads"] += 1
+            logger.info(f"easgate: policy reloaded from {self.policy.path}; {n} cached decisions dropped")
+            return f"policy reloaded from {self.policy.path}; {n} cached decisions dropped"
+        return "policy unchanged"
+
+    # -- the hook -------------------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        name = flow.metadata.get("easgate.route")
+        if not name or self.gw.config.route(name).authorize != "activesync":
+            return
+        start = time.perf_counter()
+        ident, decision = await self.decide(flow)
+        self.enforce(flow, ident, decision, (time.perf_counter() - start) * 1000)
+
+    async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
+        auth = self.auth
+        req = flow.request
+        at = auth.applies_to
+        method = req.method.upper()
+        if method in at.pass_methods:
+            return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", "filter")
+        host = (req.host_header or "").rsplit(":", 1)[0].lower()
+        if not normalize_path(req.path).lower().startswith(at.path_prefix.lower()):
+            return None, Decision(False, "path not covered by applies_to on an authorized route", "filter")
+        if at.hosts and host not in at.hosts:
+            return None, Decision(False, f"host {host} not covered by applies_to", "filter")
+        if method not in at.methods:
+            return None, Decision(False, f"method {method} not covered by applies_to", "filter")
+        ident = identity.parse_request(method, "https", req.host_header or "", req.path, req.headers,
+                                         flow.client_conn.peername[0] if flow.client_conn.peername else "")
+        if ident.error:
+            return ident, Decision(False, ident.error, "identity")
+        if at.commands and ident.command not in at.commands:
+            return ident, Decision(False, f"command {ident.command} not covered by applies_to", "filter")
+        if not ident.user:
+            return ident, Decision(False, "request has no user", "identity")
+        if not ident.device_id:
+            return ident, Decision(False, "request has no DeviceId", "identity")
+        # The policy's explicit lists come before the cache: they also look at the User-Agent and
+        # DeviceType, which are not part of the cache key (and they cost a few set lookups).
+        policy = self.policy.policy if self.policy else None
+        if policy is not None:
+            d = policy.explicit(ident)
+            if d is not None:
+                return ident, d
+        key = cache_key(ident.user, ident.device_id)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return ident, cached.with_source("cache")
+        generation = self.cache.generation
+
+        async def compute_and_store() -> Decision:
+            # Stored inside the single flight, so the cache is filled before the in-flight entry
+            # goes: a request arriving in between finds one or the other, never neither.
+            d = await self._compute(ident)
+            if d.source != "fail-mode":  # a connector blip must not be remembered
+                self.cache.put(key, d, generation=generation)
+            return d
+
+        decision, _shared = await self.cache.single_flight(key, compute_and_store)
+        return ident, decision
+
+    async def _compute(self, ident: identity.Identity) -> Decision:
+        """The backend decision once the explicit lists had nothing to say."""
+        policy = self.policy.policy if self.policy else None
+        if self.connector is not None:
+            try:
+                answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,
+                                                        ident.url, ident.device_id)
+                self.counters["connector_answers"] += 1
+                return to_decision(answer)
+            except ConnectorError as e:
+                return self._fail_mode(ident, str(e))
+        d = policy.inventory_decision(ident)
+        return d if d is not None else policy.mode_decision(ident)
+
+    def _fail_mode(self, ident: identity.Identity, err: str) -> Decision:
+        mode = self.auth.on_connector_error
+        self.counters["connector_errors"] += 1
+        self.counters[f"fail_mode_{mode}"] += 1
+        logger.warning(f"easgate: {err}; on_connector_error={mode}")
+        if mode == "allow":
+            return Decision(True, f"{err}; allowed by on_connector_error=allow", "fail-mode")
+        if mode == "stale":
+            last = self.cache.get_stale(cache_key(ident.user, ident.device_id), self.auth.stale_max_age_s)
+            if last is not None:
+                return Decision(last.allow, f"{err}; last known decision: {last.reason}", "fail-mode")
+            return Decision(False, f"{err}; no decision younger than {self.auth.stale_max_age_s:g}s to reuse", "fail-mode")
+        return Decision(False, f"{err}; denied by on_connector_error=deny", "fail-mode")
+
+    def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
+        self.counters[f"{d.verdict}_{d.source}"] += 1
+        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
+        if ident is not None:
+            flow.metadata[IDENTITY_KEY] = identity_dict(ident)
+        flow.comment = f"{d.verdict}: {d.reason} [{d.source}]"
+        req = flow.request
+        self.audit.write({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            "method": req.method,
+            "route": flow.metadata.get("easgate.route"),
+            "user": ident.user if ident else None,
+            "device_id": ident.device_id if ident else None,
+            "device_type": ident.device_type if ident else None,
+            "command": ident.command if ident else None,
+            "agent": req.headers.get("user-agent"),
+            "decision": d.verdict,
+            "reason": d.reason,
+            "source": d.source,
+            "latency_ms": round(ms, 3),
+            "flow": flow.id,
+        })
+        if d.allow:
+            return
+        if d.source != "cache":  # one line per fresh deny; repeats come from the cache and the audit log
+            logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
+                        f"{d.reason} [{d.source}]")
+        flow.marked = ":no_entry:"
+        deny = self.auth.deny
+        if deny.action == "drop":
+            drop(flow)
+            return
+        headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+        if deny.retry_after_s is not None:
+            headers["Retry-After"] = str(deny.retry_after_s)
+        answer(flow, http.Response.make(deny.status, deny.body.encode(), headers))
+
+    # -- commands -------------------------------------------------------------------------
+
+    @command.command("easgate.reload")
+    def reload(self) -> str:
+        """Reload the ActiveSync policy file now; a broken file keeps the last good policy."""
+        return self._reload(force=True)
+
+    @command.command("easgate.cache.clear")
+    def cache_clear(self) -> str:
+        """Forget every cached decision."""
+        n = self.cache.clear() if self.cache else 0
+        return f"{n} cached decisions dropped"
+
+    @command.command("easgate.explain")
+    def explain(self, flows: Sequence[mflow.Flow]) -> str:
+        """Why each flow was allowed or denied (route, identity, decision, source)."""
+        out = []
+        for f in flows:
+            m = f.metadata
+            d = m.get(DECISION_KEY)
+            ident = m.get(IDENTITY_KEY) or {}
+            route = m.get("easgate.route")
+            if d is None:
+                why = "no authorization decision (route does not authorize)" if route else "no route"
+                if m.get("easgate.refused"):
+                    why = f"connection refused: {m['easgate.refused']}"
+                out.append(f"{f.id[:8]} route={route}: {why}")
+            else:
+                verdict = "allow" if d["allow"] else "deny"
+                out.append(f"{f.id[:8]} route={route} user={ident.get('user')} device={ident.get('device_id')} "
+                           f"cmd={ident.get('command')}: {verdict} ({d['source']}): {d['reason']}")
+        return "\n".join(out)
+
+    @command.command("easgate.status")
+    def status(self) -> str:
+        """Counters: requests per route, decisions by source, cache hit rate, connector errors."""
+        cs = self.cache.stats if self.cache else {}
+        lookups = cs.get("hits", 0) + cs.get("misses", 0)
+        return json.dumps({
+            "routes": dict(self.gw.switch.counts),
+            "decisions": {k: v for k, v in self.counters.items() if k.startswith(("allow_", "deny_"))},
+            "cache": {**cs, "hit_rate": round(cs.get("hits", 0) / lookups, 4) if lookups else None},
+            "connector": {"calls": self.connector.calls if self.connector else 0,
+                          "errors": self.counters.get("connector_errors", 0),
+                          "connections_opened": self.connector.connections_opened if self.connector else 0},
+            "policy": {"reloads": self.counters.get("policy_reloads", 0),
+                       "reload_errors": self.counters.get("policy_reload_errors", 0),
+                       "last_error": self.policy.last_error if self.policy else None},
+        }, sort_keys=True)

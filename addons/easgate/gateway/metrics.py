@@ -1,0 +1,308 @@
+"""The gateway's counters as Prometheus text on an optional metrics listener.
+
+    easgate run CONFIG -- --set easgate_metrics=127.0.0.1:9090
+    curl -s http://127.0.0.1:9090/metrics
+
+``easgate_metrics`` is ``HOST:PORT`` (``PORT`` alone, or ``:PORT``, means 127.0.0.1); empty (the
+default) means no listener. Port 0 takes a free port; the log line ``easgate: metrics at
+http://HOST:PORT/metrics`` says which. The listener runs in mitmproxy's event loop, answers
+``GET /metrics`` (text format 0.0.4) and ``GET /healthz``, and nothing else. It has no
+authentication: keep it on loopback or a management network (a non-loopback address is logged
+as a warning).
+
+The numbers are the ones ``easgate.status`` shows (requests per route, decisions by verdict and
+source, the decision cache, connector calls and errors, policy reloads) plus what only this addon
+sees: responses by route and status code, upstream errors, refused connections' requests, and,
+in mitmweb, the flows kept in memory and those evicted by ``easgate_max_flows``. Counters start at
+zero when the process starts (a config reload restarts the per-route request counters: Prometheus'
+``rate()`` treats that as a counter reset). With ``easgate run --workers N`` every worker is its own
+process with its own counters: give each worker's metrics a port of its own, or run one worker per
+metrics port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+import weakref
+from collections import Counter
+
+from mitmproxy import ctx, exceptions, http
+
+from .. import __version__
+from .authorize import ActiveSyncGate
+
+logger = logging.getLogger("easgate")
+
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT_S = 5.0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or 'PORT' -> (host, port); raises ValueError with the reason."""
+    v = value.strip()
+    host, sep, port = v.rpartition(":")
+    if not sep:
+        host, port = "", v
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"'{value}' is not HOST:PORT (e.g. 127.0.0.1:9090)")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _esc(v: object) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Doc:
+    """Prometheus text exposition format 0.0.4."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help: str, samples) -> None:
+        self.lines.append(f"# HELP {name} {help}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        if isinstance(samples, (int, float)) or samples is None:
+            samples = [({}, samples)]
+        for labels, value in samples:
+            if value is None:
+                continue
+            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+class _ArrivedLive:
+    """The gateway's first stage for Metrics: remembers which flows came in live."""
+
+    name = "easgate-metrics-first"
+
+    def __init__(self, seen: weakref.WeakSet) -> None:
+        self.seen = seen
+
+    def requestheaders(self, flow) -> None:
+        if flow.live:
+            self.seen.add(flow)
+
+
+class Metrics:
+    """Serves the counters; counts what the other addons don't."""
+
+    name = "easgate-metrics"
+
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        self.server: asyncio.Server | None = None
+        self.address: tuple[str, int] | None = None
+        self.responses: Counter = Counter()  # (route, status code)
+        self.upstream_errors: Counter = Counter()  # route
+        self.refused = 0
+        self.started = time.time()
+        self._want: tuple[str, int] | None = None
+        self._running = False
+        # Flows that arrived live: the gateway kills refused ones (flow.live turns False) before this
+        # addon sees them, so a first stage notes them on the way in.
+        self._arrived_live: weakref.WeakSet = weakref.WeakSet()
+        if hasattr(gw, "addons"):
+            gw.addons.insert(0, _ArrivedLive(self._arrived_live))
+
+    def load(self, loader) -> None:
+        loader.add_option("easgate_metrics", str, "",
+                          "HOST:PORT of a Prometheus metrics listener (GET /metrics); PORT alone means "
+                          "127.0.0.1. Empty: none.")
+
+    def configure(self, updated) -> None:
+        if "easgate_metrics" not in updated:
+            return
+        value = ctx.options.easgate_metrics
+        if not value:
+            want = None
+        else:
+            try:
+                want = parse_listen(value)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"easgate_metrics: {e}") from None
+        if want == self._want:
+            return
+        self._want = want
+        if self._running:
+            asyncio.get_running_loop().create_task(self._restart())
+
+    async def running(self) -> None:
+        self._running = True
+        await self._restart()
+
+    async def done(self) -> None:
+        self._running = False
+        await self._stop()
+
+    async def _stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+            except TimeoutError:
+                pass
+            self.server = None
+            self.address = None
+
+    async def _restart(self) -> None:
+        await self._stop()
+        if self._want is None:
+            return
+        host, port = self._want
+        try:
+            self.server = await asyncio.start_server(self._client, host, port)
+        except OSError as e:
+            logger.error(f"easgate: metrics listener on {host}:{port} not started: {e.strerror or e}")
+            return
+        sock = self.server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        shown = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
+        logger.info(f"easgate: metrics at http://{shown}:{sock[1]}/metrics")
+        if not _is_loopback(host):
+            logger.warning(f"easgate: the metrics listener on {host}:{sock[1]} is not on loopback and has no "
+                           "authentication")
+
+    # -- what this addon counts ---------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if "easgate.refused" in flow.metadata and flow in self._arrived_live:
+            self.refused += 1
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.live or flow.is_replay:
+            route = flow.metadata.get("easgate.route") or "none"
+            self.responses[(route, flow.response.status_code)] += 1
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        decision = flow.metadata.get("easgate.decision")
+        if "easgate.refused" in flow.metadata or (decision is not None and not decision.get("allow")):
+            return  # killed on purpose (refused, or denied with deny.action: drop)
+        route = flow.metadata.get("easgate.route")
+        if route:
+            self.upstream_errors[route] += 1
+
+    # -- the document -------------------------------------------------------------------------
+
+    def _gate(self):
+        return next((a for a in getattr(self.gw, "addons", []) if isinstance(a, ActiveSyncGate)), None)
+
+    def render(self) -> str:
+        d = _Doc()
+        d.metric("easgate_info", "gauge", "easgate version.", [({"version": __version__}, 1)])
+        d.metric("easgate_start_time_seconds", "gauge", "Unix time the gateway process started.", self.started)
+        switch = getattr(self.gw, "switch", None)
+        counts = dict(getattr(switch, "counts", {}) or {})
+        d.metric("easgate_requests_total", "counter", "Requests by the route they took ('none': no route, 404).",
+                 [({"route": "none" if k == "(none)" else k}, v) for k, v in sorted(counts.items())])
+        d.metric("easgate_refused_requests_total", "counter",
+                 "Requests on connections the gateway refused (plain HTTP, missing or invalid client certificate).",
+                 self.refused)
+        d.metric("easgate_responses_total", "counter", "Responses sent to clients, by route and status code.",
+                 [({"route": r, "code": c}, v) for (r, c), v in sorted(self.responses.items(), key=str)])
+        d.metric("easgate_upstream_errors_total", "counter",
+                 "Requests that ended in an error instead of a response (upstream down, timeout, reset), by route.",
+                 [({"route": r}, v) for r, v in sorted(self.upstream_errors.items())])
+        gate = self._gate()
+        counters = dict(gate.counters) if gate is not None else {}
+        decisions = []
+        for k, v in sorted(counters.items()):
+            verdict, _, source = k.partition("_")
+            if verdict in ("allow", "deny") and source:
+                decisions.append(({"verdict": verdict, "source": source}, v))
+        d.metric("easgate_decisions_total", "counter", "ActiveSync authorization decisions by verdict and source.",
+                 decisions)
+        cache = gate.cache.stats if gate is not None and gate.cache is not None else {}
+        hits, misses = cache.get("hits", 0), cache.get("misses", 0)
+        d.metric("easgate_cache_hits_total", "counter", "Decision cache lookups answered from the cache.", hits)
+        d.metric("easgate_cache_misses_total", "counter", "Decision cache lookups that went to the backend.", misses)
+        d.metric("easgate_cache_hit_ratio", "gauge", "hits / (hits + misses) since start (NaN before any lookup).",
+                 hits / (hits + misses) if hits + misses else float("nan"))
+        d.metric("easgate_cache_entries", "gauge", "Decisions in the cache.", cache.get("entries", 0))
+        d.metric("easgate_cache_evictions_total", "counter", "Decisions evicted from the cache (LRU bound).",
+                 cache.get("evictions", 0))
+        d.metric("easgate_cache_shared_total", "counter",
+                 "Requests that shared another request's backend call (single flight).", cache.get("shared", 0))
+        conn = getattr(gate, "connector", None)
+        d.metric("easgate_connector_calls_total", "counter", "Calls to the connector (XNC callout).",
+                 getattr(conn, "calls", 0) if conn else 0)
+        d.metric("easgate_connector_errors_total", "counter",
+                 "Connector calls that failed (timeout, refused, non-200, not a decision).",
+                 counters.get("connector_errors", 0))
+        d.metric("easgate_connector_fail_mode_total", "counter", "Decisions made by on_connector_error, by mode.",
+                 [({"mode": k.removeprefix("fail_mode_")}, v) for k, v in sorted(counters.items())
+                  if k.startswith("fail_mode_")])
+        d.metric("easgate_policy_reloads_total", "counter", "Policy file reloads.", counters.get("policy_reloads", 0))
+        d.metric("easgate_policy_reload_errors_total", "counter", "Policy reloads that failed (last good kept).",
+                 counters.get("policy_reload_errors", 0))
+        view = ctx.master.addons.get("view") if ctx.master else None
+        if view is not None:
+            d.metric("easgate_flows_in_memory", "gauge", "Flows mitmweb keeps in memory.", view.store_count())
+        limit = ctx.master.addons.get("easgate-flowlimit") if ctx.master else None
+        if limit is not None:
+            d.metric("easgate_flows_evicted_total", "counter", "Flows removed from memory by easgate_max_flows.",
+                     limit.evicted)
+        return d.text()
+
+    # -- the listener -------------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        method = "GET"
+        try:
+            if len(head) > MAX_REQUEST_HEAD:
+                status, body, ctype = "431 Request Header Fields Too Large", b"", "text/plain"
+            else:
+                line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                method, _, rest = line.partition(" ")
+                path = rest.split(" ", 1)[0].split("?", 1)[0]
+                if method not in ("GET", "HEAD"):
+                    status, body, ctype = "405 Method Not Allowed", b"only GET\n", "text/plain"
+                elif path == "/metrics":
+                    status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                    try:
+                        body = self.render().encode()
+                    except Exception:
+                        logger.exception("easgate: metrics could not be rendered")
+                        status, body, ctype = "500 Internal Server Error", b"", "text/plain"
+
+                elif path == "/healthz":
+                    ok = getattr(self.gw, "config", None) is not None
+                    status = "200 OK" if ok else "503 Service Unavailable"
+                    body, ctype = (b"ok\n" if ok else b"not configured\n"), "text/plain"
+                else:
+                    status, body, ctype = "404 Not Found", b"see /metrics\n", "text/plain"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,441 @@
+"""A lean mitmproxy master for the gateway, and the runner both `easgate run` masters share.
+
+Stock `mitmdump` dispatches every event (a dozen per request) to ~36 addons; most of them have
+nothing to do in a reverse-proxy gateway. `LeanMaster` loads only what the gateway needs:
+
+    Core, DisableH2C, Proxyserver, ScriptLoader, NextLayer, ErrorCheck, the termlog, the gateway
+
+Every other mitmdump addon is *dormant*: its options are declared (so every mitmdump flag and
+`--set` works, `--options` lists them, ~/.mitmproxy/config.yaml still loads) and the addon is loaded
+on demand when one of its options is set: `-w flows` loads Save, `--flow-detail 2` (or `-v`) the
+dumper, `--set modify_headers=...` ModifyHeaders, and so on, in mitmdump's order, before the
+gateway's addons. The TLS options of mitmproxy's TlsConfig are the exception: the gateway does TLS
+on both sides itself, so they are reported as ignored (as they are under the full master too).
+
+Deliberately left out (see docs/scaling.md): TlsConfig (its per-handshake certificate work is
+thrown away by the gateway's TlsOffload), UpdateAltSvc, and the per-flow dump by default.
+`easgate run --full` runs mitmproxy's DumpMaster with the same gateway.
+
+`run_master()` is main.run() with what a long-running gateway needs on top: the worker's log
+prefix, the listener options (SO_REUSEPORT, backlog), a readiness signal for the supervisor, and a
+graceful stop (stop accepting, let requests in flight finish within a grace period, then exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from mitmproxy import addonmanager, exceptions, flow, hooks, master, options, optmanager
+from mitmproxy import addons as maddons
+from mitmproxy.addons import (
+    core,
+    disable_h2c,
+    dumper,
+    errorcheck,
+    keepserving,
+    next_layer,
+    proxyserver,
+    readfile,
+    script,
+    tlsconfig,
+)
+from mitmproxy.tools import cmdline
+
+from ..gateway.addon import Gateway, forced_options
+from . import workers
+
+logger = logging.getLogger("easgate")
+
+# default addons the lean master loads itself (by class)
+LEAN = (core.Core, disable_h2c.DisableH2C, proxyserver.Proxyserver, script.ScriptLoader, next_layer.NextLayer)
+# options of these are accepted and ignored: the gateway builds client and upstream TLS itself
+IGNORED = (tlsconfig.TlsConfig,)
+# options that also wake KeepServing (mitmdump exits after reading/replaying unless keepserving)
+KEEPSERVING_TRIGGERS = {"rfile", "client_replay", "server_replay", "keepserving"}
+
+
+def _dormant_candidates() -> list:
+    """mitmdump's addons, in mitmdump's order, minus the ones the lean master always has."""
+    out = [a for a in maddons.default_addons() if not isinstance(a, LEAN)]
+    out += [dumper.Dumper(), keepserving.KeepServing(), readfile.ReadFileStdin()]
+    return out
+
+
+class _OptionRecorder:
+    """A Loader stand-in that declares options for the real loader and remembers their names."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.names: list[str] = []
+
+    def add_option(self, name, typespec, default, help, choices=None) -> None:
+        self.names.append(name)
+        self.loader.add_option(name, typespec, default, help, choices)
+
+    def add_command(self, path, func) -> None:
+        pass
+
+
+class Dormant:
+    """Declares the options of mitmdump addons the lean master has not loaded; loads them on demand."""
+
+    name = "easgate-dormant"
+
+    def __init__(self) -> None:
+        self.addons = []  # mitmproxy traverses .addons: keep the dormant ones out of it
+        self._dormant = _dormant_candidates()
+        self.owner: dict[str, object] = {}
+
+    def load(self, loader) -> None:
+        for a in self._dormant:
+            if hasattr(a, "load"):
+                rec = _OptionRecorder(loader)
+                a.load(rec)
+                for n in rec.names:
+                    self.owner.setdefault(n, a)
+
+    def wanted(self, opts: options.Options, forced: set[str]) -> tuple[list, list[str]]:
+        """(addons to load, ignored option names) for the options that were set explicitly."""
+        explicit = {n for n in self.owner
+                    if n not in forced and opts._options[n].value is not optmanager.unset}
+        want, ignored = [], []
+        for n in sorted(explicit):
+            a = self.owner[n]
+            if isinstance(a, IGNORED):
+                ignored.append(n)
+            elif a not in want:
+                want.append(a)
+        if explicit & KEEPSERVING_TRIGGERS:
+            want += [a for a in self._dormant if isinstance(a, keepserving.KeepServing) and a not in want]
+        order = {id(a): i for i, a in enumerate(self._dormant)}
+        return sorted(want, key=lambda a: order[id(a)]), ignored
+
+
+class FastAddonManager(addonmanager.AddonManager):
+    """AddonManager with the same semantics and a precomputed dispatch plan per event name.
+
+    The stock manager walks every addon tree and looks every hook up by name for every event (about
+    a dozen per request): 15% of a lean gateway's CPU. Here the plan (per top-level addon, the hook
+    functions of its tree, in order) is computed on first use and dropped whenever addons are
+    registered, added or removed, or options change (scripts load and reorder on configure). An
+    addon that edits its own `.addons` list at runtime without telling the manager is not seen:
+    none of the gateway's or mitmproxy's do outside of those paths.
+    """
+
+    def __init__(self, master) -> None:
+        super().__init__(master)
+        self._plans: dict[str, list[list[Callable]]] = {}
+
+    def register(self, addon):
+        self._plans = {}
+        try:
+            return super().register(addon)
+        finally:
+            self._plans = {}
+
+    def add(self, *addons) -> None:
+        super().add(*addons)
+        self._plans = {}
+
+    def remove(self, addon) -> None:
+        self._plans = {}
+        try:
+            super().remove(addon)
+        finally:
+            self._plans = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self._plans = {}
+
+    def trigger(self, event: hooks.Hook) -> None:
+        configure = isinstance(event, hooks.ConfigureHook)
+        if configure:
+            self._plans = {}  # options changed: scripts may load, unload or reorder
+        super().trigger(event)
+        if configure:
+            self._plans = {}
+
+    def _plan(self, event: hooks.Hook) -> list[list[Callable]]:
+        plan = self._plans.get(event.name)
+        if plan is None:
+            plan = []
+            for top in self.chain:
+                funcs = [func for _, func in self._iter_hooks(top, event)]
+                if funcs:
+                    plan.append(funcs)
+            self._plans[event.name] = plan
+        return plan
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        plan = self._plan(event)
+        if not plan:
+            return
+        args = _hook_args(event)
+        for funcs in plan:
+            try:
+                for func in funcs:
+                    res = func(*args)
+                    if res is not None and inspect.isawaitable(res):
+                        await res
+            except (exceptions.AddonHalt, exceptions.OptionsError) as e:
+                if isinstance(e, exceptions.AddonHalt):
+                    return
+                raise
+            except Exception:
+                etype, value, tb = sys.exc_info()
+                logging.getLogger(addonmanager.__name__).error(
+                    f"Addon error: {value}", exc_info=(etype, value, addonmanager.cut_traceback(tb, "trigger_event")))
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        if self._plans.get("update") == []:
+            return  # nobody listens to update (no UI): skip building the event
+        message = _hook_args(event)[0]
+        if isinstance(message, flow.Flow):
+            await self.trigger_event(hooks.UpdateHook([message]))
+
+
+_ARG_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _hook_args(event: hooks.Hook) -> list:
+    names = _ARG_NAMES.get(type(event))
+    if names is None:
+        names = _ARG_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event))
+    return [getattr(event, n) for n in names]
+
+
+class _LogTuning:
+    """Logging without per-record work nobody asked for.
+
+    - mitmproxy installs a handler that turns every log record into a deprecated `add_log` event
+      dispatched to every addon (debug records included: several per connection, one per audit
+      record). The lean master leaves it out unless a loaded addon still implements `add_log`.
+    - mitmproxy sets the root logger to DEBUG so that each handler filters for itself; with only
+      the termlog (info) and ErrorCheck (error) listening, every debug call still builds a record
+      nobody prints. The root level follows the most verbose handler instead (-v: debug).
+    """
+
+    name = "easgate-logtuning"
+
+    def __init__(self, m: master.Master) -> None:
+        self.master = m
+
+    def configure(self, updated) -> None:
+        self.sync()
+
+    def running(self) -> None:
+        from mitmproxy.addonmanager import traverse
+
+        if any(hasattr(a, "add_log") for a in traverse(self.master.addons.chain)):
+            self.master._legacy_log_events.install()
+        self.sync()
+
+    @staticmethod
+    def sync() -> None:
+        root = logging.getLogger()
+        levels = [h.level for h in root.handlers]
+        root.setLevel(min(levels) if levels and min(levels) > logging.NOTSET else logging.DEBUG)
+
+
+class LeanMaster(master.Master):
+    """Only the addons a reverse-proxy gateway needs; gateway addons come from `make_addons`."""
+
+    def __init__(self, opts: options.Options, event_loop=None, with_termlog: bool = True,
+                 make_addons: Callable[[], list] | None = None) -> None:
+        super().__init__(opts, event_loop=event_loop, with_termlog=with_termlog)
+        # the fast dispatcher replaces the stock manager before any addon is added
+        opts.changed.disconnect(self.addons._configure_all)
+        self.addons = FastAddonManager(self)
+        if self._termlog_addon is not None:
+            self.addons.add(self._termlog_addon)
+        self._legacy_log_events.uninstall()  # see _LogTuning
+        self.addons.add(_LogTuning(self))
+        self.addons.add(*(cls() for cls in LEAN))
+        self.dormant = Dormant()
+        self.addons.register(self.dormant)  # declares options; not in the chain, so never dispatched to
+        self.gateway_addons = list(make_addons()) if make_addons else []
+        self.addons.add(*self.gateway_addons)
+        self.addons.add(errorcheck.ErrorCheck())
+        self.activated: list = []
+
+    def activate_dormant(self, forced: set[str]) -> list[str]:
+        """Load the dormant addons whose options were set; returns the ignored option names."""
+        want, ignored = self.dormant.wanted(self.options, forced)
+        opts = self.options
+        for a in want:
+            # The addon declares its options again on load. mitmproxy compares the raw help text with
+            # the stored (reflowed) one, finds them "different" and resets the value: take the
+            # declarations out first and put the values back after.
+            names = [n for n, owner in self.dormant.owner.items() if owner is a]
+            saved = {n: opts._options.pop(n) for n in names if n in opts._options}
+            self.addons.register(a)
+            for n, old in saved.items():
+                if n in opts._options and old.value is not optmanager.unset:
+                    opts._options[n].value = old.value
+            # mitmdump's order: default addons before the gateway's
+            chain = self.addons.chain
+            pos = chain.index(self.gateway_addons[0]) if self.gateway_addons else len(chain)
+            chain.insert(pos, a)
+            self.addons._plans = {}
+            self.addons.invoke_addon_sync(a, hooks.ConfigureHook(set(opts.keys())))
+            self.activated.append(a)
+        return ignored
+
+
+def skip_message_typechecks() -> None:
+    """Drop the per-message type check that mitmproxy compiles out under `python -O`.
+
+    `mitmproxy.http.MessageData.__post_init__` (inside `if __debug__:`) type-checks every field of
+    every Request and Response it builds: about 8% of a lean gateway's CPU. The values come from
+    mitmproxy's own parsers; the check exists to catch addon programming errors, which the test
+    suite still catches under the full master. Nothing else of `-O` (asserts) is changed.
+    """
+    from mitmproxy import http
+
+    if "__post_init__" in vars(http.MessageData):
+        http.MessageData.__post_init__ = lambda self: None
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner
+
+
+class _PrefixFormatter(logging.Formatter):
+    def __init__(self, prefix: str, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.prefix, self.inner = prefix, inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefix + self.inner.format(record)
+
+
+class Ready:
+    """Tells the supervisor (through an inherited pipe) that this worker is serving."""
+
+    name = "easgate-ready"
+
+    def __init__(self, fd: int, index: int) -> None:
+        self.fd, self.index = fd, index
+
+    def running(self) -> None:
+        try:
+            os.write(self.fd, f"ready {self.index} {os.getpid()}\n".encode())
+        except OSError:
+            pass
+
+
+def run_master(master_factory: Callable[[options.Options], master.Master], arguments: Sequence[str], *,
+               lean: bool, grace_s: float = 10.0, log_prefix: str = "", ready: Ready | None = None,
+               extra: Callable | None = None) -> int:
+    """mitmproxy.tools.main.run for `easgate run`; returns the exit status."""
+    from mitmproxy.tools.main import process_options
+    from mitmproxy.utils import arg_check, debug
+
+    async def main() -> int:
+        logging.getLogger().setLevel(logging.DEBUG)
+        for name, level in (("tornado", logging.WARNING), ("asyncio", logging.WARNING),
+                            ("hpack", logging.WARNING), ("quic", logging.WARNING)):
+            logging.getLogger(name).setLevel(level)
+        debug.register_info_dumpers()
+
+        if lean:
+            skip_message_typechecks()
+        opts = options.Options()
+        m = master_factory(opts)
+        if log_prefix and m._termlog_addon is not None:
+            h = m._termlog_addon.logger
+            h.formatter = _PrefixFormatter(log_prefix, h.formatter)
+        parser = cmdline.mitmdump(opts)
+        try:
+            args = parser.parse_args(list(arguments))
+        except SystemExit:
+            arg_check.check()
+            return 1
+        try:
+            opts.set(*args.setoptions, defer=True)
+            optmanager.load_paths(opts, os.path.join(opts.confdir, "config.yaml"),
+                                  os.path.join(opts.confdir, "config.yml"))
+            process_options(parser, opts, args)
+            if args.options:
+                optmanager.dump_defaults(opts, sys.stdout)
+                return 0
+            if args.commands:
+                m.commands.dump()
+                return 0
+            if extra and args.filter_args:
+                opts.update(**extra(args))
+            if lean and isinstance(m, LeanMaster):
+                gw = next((a for a in m.gateway_addons if isinstance(a, Gateway)), None)
+                forced = set(forced_options(gw.config)) if gw and gw.config else set()
+                ignored = m.activate_dormant(forced)
+                if m.activated:
+                    logger.info("easgate: loaded on demand: " + ", ".join(
+                        type(a).__name__ for a in m.activated))
+                if ignored:
+                    logger.warning("easgate: ignored (the gateway configures TLS itself): " + ", ".join(ignored))
+        except exceptions.OptionsError as e:
+            print(f"{sys.argv[0]}: {e}", file=sys.stderr)
+            return 1
+        if ready is not None:
+            m.addons.add(ready)
+
+        loop = asyncio.get_running_loop()
+        stopping = {"n": 0}
+
+        def _stop(*_):
+            stopping["n"] += 1
+            if stopping["n"] == 1 and grace_s > 0:
+                loop.create_task(workers.drain(m, grace_s))
+            else:
+                m.shutdown()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, _stop)
+            except NotImplementedError:  # pragma: no cover
+                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(_stop))
+        if hasattr(signal, "SIGPIPE"):
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        await m.run()
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except SystemExit as e:  # ErrorCheck exits on startup errors
+        return e.code if isinstance(e.code, int) else 1
+
+
+def lean_factory(make_addons: Callable[[], list]) -> Callable[[options.Options], master.Master]:
+    return lambda opts: LeanMaster(opts, make_addons=make_addons)
+
+
+def full_factory(make_addons: Callable[[], list]) -> Callable[[options.Options], master.Master]:
+    from mitmproxy.tools.dump import DumpMaster
+
+    class GatewayDumpMaster(DumpMaster):
+        def __init__(self, opts, *a, **kw) -> None:
+            super().__init__(opts, *a, **kw)
+            self.addons.add(*make_addons())
+
+    return GatewayDumpMaster
+
+
+def mitmdump_filter_extra(args) -> dict:
+    """What mitmdump does with a trailing filter expression."""
+    v = " ".join(args.filter_args)
+    return dict(save_stream_filter=v, readfile_filter=v, dumper_filter=v)
+
+
+def now() -> str:
+    t = time.time()
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"

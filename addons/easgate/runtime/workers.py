@@ -1,0 +1,318 @@
+"""Scale on one machine: worker processes on one port, file descriptors, connection cap, clean stops.
+
+- `raise_fd_limit()`: RLIMIT_NOFILE as high as the machine allows (the hard limit, or, with
+  CAP_SYS_RESOURCE, /proc/sys/fs/nr_open); a held ActiveSync Ping costs two descriptors.
+- `configure_listener()`: the reverse-proxy listener with a deep accept backlog and, in workers,
+  SO_REUSEPORT, so N processes bind the same port and the kernel spreads connections over them.
+- `Connections` (addon): the per-process cap on concurrent client connections (a clean close past
+  it, logged once per burst), and the requests in flight that a graceful stop waits for.
+- `drain()`: stop accepting, close idle keep-alive connections, wait for requests in flight up to
+  the grace period, then exit.
+- `Supervisor`: `easgate run --workers N` starts N `easgate run` worker processes on one port,
+  restarts a worker that dies (with backoff, logged), and stops them all on SIGTERM/SIGINT.
+
+Every worker is a complete gateway with its own caches (decision cache, balancer state): see
+docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger("easgate")
+
+# ------------------------------------------------------------------------------------------------
+# The listener
+
+
+def somaxconn() -> int:
+    try:
+        return int(open("/proc/sys/net/core/somaxconn").read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def configure_listener(reuse_port: bool, backlog: int | None = None) -> None:
+    """Patch mitmproxy's reverse-proxy listener (TCP) in this process, before it binds.
+
+    mitmproxy binds with asyncio's defaults: no SO_REUSEPORT and a backlog of 100 (a burst of
+    reconnecting phones overflows it). Only the reverse mode the gateway uses is touched.
+    """
+    from mitmproxy.proxy import mode_servers
+
+    cls = mode_servers.ReverseInstance
+    orig = getattr(cls, "_easgate_orig_listen", None) or cls.listen
+    cls._easgate_orig_listen = orig
+    backlog = backlog or min(somaxconn(), 65535)
+
+    async def listen(self, host: str, port: int):
+        if self.mode.transport_protocol != "tcp" or port == 0:
+            return await orig(self, host, port)  # port 0: mitmproxy picks one and calls us again
+        server = await asyncio.start_server(self.handle_stream, host, port, backlog=backlog,
+                                            reuse_port=True if reuse_port else None)
+        return [server]
+
+    cls.listen = listen
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) host:port with SO_REUSEPORT: resolves port 0 to one port for all
+    workers and keeps other programs off it while workers restart."""
+    if port:
+        probe = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+        try:
+            socket.create_connection((probe, port), timeout=0.5).close()
+        except OSError:
+            pass
+        else:
+            raise OSError(errno.EADDRINUSE, f"something already listens on {host or '*'}:{port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    return s
+
+
+async def drain(master, grace_s: float) -> None:
+    """Graceful stop: no new connections, idle ones closed, requests in flight get grace_s."""
+    ps = master.addons.get("proxyserver")
+    conns = master.addons.get("easgate-connections")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    n = len(ps.connections) if ps else 0
+    logger.info(f"easgate: stopping: not accepting new connections; {n} open, waiting up to {grace_s:g}s "
+                f"for requests in flight (signal again to stop now)")
+    try:
+        if ps is not None:
+            await ps.servers.update([])
+        while ps is not None and ps.connections:
+            now = time.time()
+            busy = 0
+            for cid, h in list(ps.connections.items()):
+                if conns is not None and conns.busy(cid):
+                    busy += 1
+                    continue
+                if now - (h.client.timestamp_start or now) < 1.0:
+                    continue  # still in its TLS handshake: give it a moment to send a request
+                io = h.transports.get(h.client)
+                transport = getattr(getattr(io, "writer", None), "transport", None)
+                if transport is not None and not transport.is_closing():
+                    transport.close()
+            if loop.time() >= deadline:
+                if busy:
+                    logger.warning(f"easgate: {busy} requests still in flight after {grace_s:g}s; closing them")
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        master.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+# The supervisor
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Linux: a worker gets sig when its supervisor dies, instead of living on with the port."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def say(msg: str) -> None:
+    sys.stdout.write(f"[{_now()}] easgate: {msg}\n")  # one write: workers share this stdout
+    sys.stdout.flush()
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.ready = False
+        self.backoff = 0.5
+        self.restart_at: float | None = None
+        self.restarts = 0
+
+
+class Supervisor:
+    """N worker processes on one port: started, watched, restarted, stopped together."""
+
+    MAX_BACKOFF_S = 30.0
+    STABLE_AFTER_S = 30.0
+    READY_TIMEOUT_S = 60.0
+
+    def __init__(self, n: int, worker_argv: Callable[[int], list[str]], grace_s: float, listen: str) -> None:
+        self.n = n
+        self.worker_argv = worker_argv
+        self.grace_s = grace_s
+        self.listen = listen
+        self.workers = [_Worker(i) for i in range(1, n + 1)]
+        self.stop_requested = 0
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_r, False)
+        self._buf = b""
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, w: _Worker) -> None:
+        env = dict(os.environ, EASGATE_READY_FD=str(self.ready_w), EASGATE_SUPERVISOR_PID=str(os.getpid()),
+                   PYTHONUNBUFFERED="1")
+        w.proc = subprocess.Popen(self.worker_argv(w.index), env=env, pass_fds=(self.ready_w,),
+                                  stdin=subprocess.DEVNULL, process_group=0)
+        w.started = time.monotonic()
+        w.ready = False
+        w.restart_at = None
+
+    def _read_ready(self, timeout: float) -> None:
+        try:
+            r, _, _ = select.select([self.ready_r], [], [], timeout)
+        except InterruptedError:  # pragma: no cover
+            return
+        if not r:
+            return
+        try:
+            self._buf += os.read(self.ready_r, 4096)
+        except BlockingIOError:
+            return
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            parts = line.decode(errors="replace").split()
+            if len(parts) == 3 and parts[0] == "ready":
+                idx, pid = int(parts[1]), int(parts[2])
+                w = self.workers[idx - 1]
+                if w.proc is not None and w.proc.pid == pid:
+                    w.ready = True
+                    if w.restarts:
+                        say(f"worker {idx} (pid {pid}) is serving again")
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_requested += 1
+        if self.stop_requested > 1:
+            for w in self.workers:
+                if w.proc and w.proc.poll() is None:
+                    w.proc.kill()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        say(f"starting {self.n} workers on {self.listen} (supervisor pid {os.getpid()})")
+        for w in self.workers:
+            self._spawn(w)
+            say(f"worker {w.index} started (pid {w.proc.pid})")
+        # start-up: every worker must come up once, or the whole thing fails
+        deadline = time.monotonic() + self.READY_TIMEOUT_S
+        while not all(w.ready for w in self.workers):
+            if self.stop_requested:
+                return self._stop()
+            for w in self.workers:
+                rc = w.proc.poll()
+                if rc is not None:
+                    say(f"worker {w.index} (pid {w.proc.pid}) {describe_exit(rc)} during start-up; stopping")
+                    self._stop(quiet=True)
+                    return rc if rc > 0 else 1
+            if time.monotonic() > deadline:
+                say(f"workers not serving after {self.READY_TIMEOUT_S:g}s; stopping")
+                self._stop(quiet=True)
+                return 1
+            self._read_ready(0.1)
+        say(f"{self.n} workers serving {self.listen} (pids {', '.join(str(w.proc.pid) for w in self.workers)})")
+
+        while not self.stop_requested:
+            self._read_ready(0.2)
+            now = time.monotonic()
+            for w in self.workers:
+                if w.restart_at is not None:
+                    if now >= w.restart_at and not self.stop_requested:
+                        w.restarts += 1
+                        self._spawn(w)
+                        say(f"worker {w.index} restarted (pid {w.proc.pid}, restart {w.restarts})")
+                    continue
+                rc = w.proc.poll()
+                if rc is None:
+                    continue
+                lived = now - w.started
+                if lived >= self.STABLE_AFTER_S:
+                    w.backoff = 0.5
+                delay = w.backoff
+                w.backoff = min(w.backoff * 2, self.MAX_BACKOFF_S)
+                w.restart_at = now + delay
+                say(f"worker {w.index} (pid {w.proc.pid}) {describe_exit(rc)} after {lived:.1f}s; "
+                    f"restarting in {delay:g}s")
+        return self._stop()
+
+    def _stop(self, quiet: bool = False) -> int:
+        alive = [w for w in self.workers if w.proc and w.proc.poll() is None]
+        if not quiet:
+            say(f"stopping {len(alive)} workers (grace period {self.grace_s:g}s)")
+        for w in alive:
+            try:
+                w.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:  # pragma: no cover
+                pass
+        deadline = time.monotonic() + self.grace_s + 5
+        for w in alive:
+            try:
+                w.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"worker {w.index} (pid {w.proc.pid}) did not stop; killing it")
+                w.proc.kill()
+                w.proc.wait()
+        if not quiet:
+            say("all workers stopped")
+        return 0
+
+
+def worker_setup() -> tuple[int | None, bool]:
+    """In a worker process: die with the supervisor; the readiness pipe's fd (if any)."""
+    sup = os.environ.get("EASGATE_SUPERVISOR_PID")
+    if sup:
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != int(sup):  # the supervisor died before we got here
+            sys.exit(1)
+    # Workers share the supervisor's stdout: a log line must reach it in one write, or two workers'
+    # lines interleave (print() writes the text and the newline separately when unbuffered).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):  # pragma: no cover
+            pass
+    fd = os.environ.get("EASGATE_READY_FD")
+    return (int(fd) if fd and fd.isdigit() else None), bool(sup)
