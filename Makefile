@@ -1,10 +1,15 @@
 # The two commands of the README. Each one sets up .venv itself (scripts/bootstrap.sh).
-.PHONY: demo test venv tools
+.PHONY: demo test venv tools lint
 venv:
 	@scripts/bootstrap.sh
 demo: venv
 	.venv/bin/easgate demo $(DEMO_ARGS)
 tools:
 	@scripts/ensure_test_tools.sh
-test: venv tools
+# The layout rules (docs/architecture.md): lint, the dependency direction, types of core and authz.
+lint: venv
+	.venv/bin/ruff check addons tests scripts bench
+	cd addons && ../.venv/bin/lint-imports --config ../.importlinter
+	cd addons && ../.venv/bin/mypy --config-file ../pyproject.toml -p easgate.core -p easgate.authz
+test: venv tools lint
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)

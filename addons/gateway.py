@@ -1,7 +1,7 @@
 """easgate as a mitmproxy script:
 
-    mitmdump -s addons/gateway.py --set easgate_config=policies/gateway.yaml
-    mitmweb  -s addons/gateway.py --set easgate_config=policies/gateway.yaml
+    mitmdump -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml
+    mitmweb  -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml
 
 mitmproxy silently unloads a script whose option gets a bad `--set` value, and would then run as a
 plain proxy with its own CA. The guard below is registered with the master itself (not as part of

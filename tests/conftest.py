@@ -265,7 +265,7 @@ def start_gateway(tmp_path):
             argv = easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers",
                                 os.environ.get("EASGATE_WORKERS", "1"), *master, "--", *(extra or []))
         else:
-            argv = [str(Path(sys.executable).parent / via), "-s", str(ROOT / "addons" / "gateway.py"),
+            argv = [str(Path(sys.executable).parent / via), "-s", str(ROOT / "addons" / "gateway.py"), "--set", "server=false",
                     "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0", *(extra or [])]
         g = GatewayProcess(argv)
         procs.append(g)

@@ -228,7 +228,7 @@ def test_offline_replay_with_easgate(name, tmp_path, pki):
 def test_offline_replay_with_plain_mitmdump(name, tmp_path, pki):
     cfg = replay_config(tmp_path, pki)
     report = tmp_path / "report.jsonl"
-    r = run([MITMDUMP, "-n", "-r", str(capture(name)), "-s", str(ROOT / "addons" / "replay.py"),
+    r = run([MITMDUMP, "-n", "-r", str(capture(name)), "-s", str(ROOT / "addons" / "replay.py"), "--set", "server=false",
              "--set", f"easgate_config={cfg}", "--set", "easgate_listen=127.0.0.1:0",
              "--set", "easgate_replay=true", "--set", f"easgate_replay_report={report}"])
     assert r.returncode == 0, r.stdout + r.stderr

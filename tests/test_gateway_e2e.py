@@ -365,7 +365,7 @@ def test_bad_config_stops_startup(pki, exchange, mdm, tmp_path, case):
         assert str(path) in lines[0] and key in lines[0] and text in lines[0]
     # the plain mitmproxy way fails too, and does not stay up as a plain proxy
     g = GatewayProcess([str(ROOT / ".venv/bin/mitmdump") if (ROOT / ".venv/bin/mitmdump").exists() else "mitmdump",
-                        "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={path}",
+                        "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", f"easgate_config={path}",
                         "--set", "easgate_listen=127.0.0.1:0"])
     try:
         assert g.wait_exit(30) != 0
@@ -380,7 +380,7 @@ def test_bad_config_stops_startup(pki, exchange, mdm, tmp_path, case):
 def test_bad_set_value_does_not_leave_a_plain_proxy_running(pki, exchange, mdm, tmp_path, bad_set):
     path = write_config(tmp_path, base_config(pki, exchange, mdm))
     mitmdump = str(ROOT / ".venv/bin/mitmdump")
-    g = GatewayProcess([mitmdump, "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={path}", *bad_set])
+    g = GatewayProcess([mitmdump, "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", f"easgate_config={path}", *bad_set])
     try:
         rc = g.wait_exit(30)
     finally:
@@ -393,6 +393,49 @@ def test_plain_mitmdump_script_way_works(start_gateway, pki, exchange, mdm):
     g = start_gateway(base_config(pki, exchange, mdm), via="mitmdump")
     r = request(g.port, "GET", "/enroll", pki, cert="device-iphone", headers={"NSClientCert": "forged"})
     assert r.json()["NSClientCert"] == der_b64(pki, "device-iphone")
+
+
+def test_the_script_way_never_listens_as_a_forward_proxy(pki, exchange, mdm, tmp_path):
+    """The documented `-s` command line never brings up mitmproxy's default listener (*:8080, a
+    forward proxy): with 8080 taken, the gateway still starts, and only its own port answers."""
+    path = write_config(tmp_path, base_config(pki, exchange, mdm))
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        squatter.bind(("0.0.0.0", 8080))
+        squatter.listen(1)
+    except OSError:
+        pass  # something else holds 8080 already: the same condition for the gateway
+    try:
+        g = GatewayProcess([str(ROOT / ".venv/bin/mitmdump"), "-s", str(ROOT / "addons/gateway.py"), "--set",
+                            "server=false", "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0"])
+        try:
+            g.wait_ready()
+            r = request(g.port, "GET", "/enroll", pki, cert="device-iphone")
+            assert r.status == 200
+            assert "HTTP(S) proxy listening" not in g.output and "8080" not in g.output
+        finally:
+            g.stop()
+    finally:
+        squatter.close()
+
+
+def test_the_script_way_without_server_false_refuses_to_run(pki, exchange, mdm, tmp_path):
+    """Without `--set server=false`, mitmproxy's own listener is up before the script loads: the
+    gateway stops the process instead of having served as a forward proxy (a free port stands in
+    for 8080 so the test does not depend on it)."""
+    path = write_config(tmp_path, base_config(pki, exchange, mdm))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    g = GatewayProcess([str(ROOT / ".venv/bin/mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                        "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={path}",
+                        "--set", "easgate_listen=127.0.0.1:0"])
+    try:
+        assert g.wait_exit(30) != 0
+    finally:
+        g.stop()
+    assert "start mitmdump/mitmweb with --set server=false" in g.output
 
 
 def test_upstream_that_does_not_answer_gets_a_502_after_the_response_timeout(start_gateway, pki, exchange, mdm):

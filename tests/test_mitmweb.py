@@ -121,7 +121,7 @@ def start_web(cfg: Path, *sets: str, via: str = "easgate") -> tuple[GatewayProce
     if via == "easgate":
         argv = easgate_argv("web", str(cfg), "--listen", "127.0.0.1:0", "--", *opts)
     else:
-        argv = [str(Path(sys.executable).parent / "mitmweb"), "-s", str(ROOT / "addons" / "gateway.py"),
+        argv = [str(Path(sys.executable).parent / "mitmweb"), "-s", str(ROOT / "addons" / "gateway.py"), "--set", "server=false",
                 "--set", f"easgate_config={cfg}", "--set", "easgate_listen=127.0.0.1:0", *opts]
     proc = GatewayProcess(argv).wait_ready()
     try:

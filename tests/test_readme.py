@@ -30,8 +30,8 @@ def test_readme_mentions_the_commands_tested_here():
     readme = (ROOT / "README.md").read_text()
     for cmd in ("make demo", "make test", ".venv/bin/easgate replay tests/captures/ipad-unmanaged.mitm", ".venv/bin/easgate pki certs", ".venv/bin/easgate check policies/gateway.yaml",
                 ".venv/bin/easgate run policies/gateway.yaml", ".venv/bin/easgate web policies/gateway.yaml",
-                ".venv/bin/mitmdump -s addons/gateway.py --set easgate_config=policies/gateway.yaml",
-                ".venv/bin/mitmweb  -s addons/gateway.py --set easgate_config=policies/gateway.yaml"):
+                ".venv/bin/mitmdump -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml",
+                ".venv/bin/mitmweb  -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml"):
         assert cmd in readme, cmd
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
 
@@ -50,9 +50,9 @@ def test_check_prints_the_poc_routes(poc):
     ["easgate", "run", "policies/gateway.yaml", "--listen", "127.0.0.1:0"],
     ["easgate", "web", "policies/gateway.yaml", "--listen", "127.0.0.1:0", "--",
      "--set", "web_open_browser=false", "--set", "web_port=0"],
-    ["mitmdump", "-s", str(ROOT / "addons/gateway.py"), "--set", "easgate_config=policies/gateway.yaml",
+    ["mitmdump", "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", "easgate_config=policies/gateway.yaml",
      "--set", "easgate_listen=127.0.0.1:0"],
-    ["mitmweb", "-s", str(ROOT / "addons/gateway.py"), "--set", "easgate_config=policies/gateway.yaml",
+    ["mitmweb", "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", "easgate_config=policies/gateway.yaml",
      "--set", "easgate_listen=127.0.0.1:0", "--set", "web_open_browser=false", "--set", "web_port=0"],
 ], ids=["easgate-run", "easgate-web", "mitmdump", "mitmweb"])
 def test_the_poc_config_starts_with_every_documented_command(poc, argv):

@@ -288,7 +288,7 @@ def world(tmp_path_factory, pki, exchange, mdm):
         path = write_config(tmp, c, f"{name}.yaml")
         flows = tmp / f"{name}.flows"
         # one process (`easgate run` may start several workers, each with its own OCSP cache)
-        gws[name] = GatewayProcess([str(Path(sys.executable).parent / "mitmdump"), "-s", str(ROOT / "addons" / "gateway.py"),
+        gws[name] = GatewayProcess([str(Path(sys.executable).parent / "mitmdump"), "-s", str(ROOT / "addons" / "gateway.py"), "--set", "server=false",
                                     "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0",
                                     "-w", str(flows)])
         gws[name].flows = flows

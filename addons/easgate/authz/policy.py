@@ -253,7 +253,7 @@ class Rules:
         if ua and self.user_agent_re is not None:
             m = self.user_agent_re.match(ua)
             if m is not None:
-                glob = self.user_agent_globs[int(m.lastgroup[1:])]
+                glob = self.user_agent_globs[int((m.lastgroup or "g0")[1:])]
                 return f"user agent {_show(ua)} matches {which} pattern {glob!r}"
         return None
 
@@ -674,7 +674,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 
 def _stamp(files: tuple[Path, ...]) -> tuple:
-    out = []
+    out: list[tuple] = []
     for f in files:
         try:
             st = os.stat(f)

@@ -6,6 +6,7 @@ keys and raises `ConfigError` naming the file, the key and the fix.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class Node:
     def has(self, name: str) -> bool:
         return isinstance(self.value, dict) and self.value.get(name) is not None
 
-    def str(self, default: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
+    def str(self, default: str | None = None, choices: tuple[str, ...] = ()) -> builtins.str | None:
         v = self.value
         if v is None:
             return default
@@ -77,7 +78,7 @@ class Node:
             raise self.err(f"{v} is below {lo}", f"use a value of at least {lo}")
         return float(v)
 
-    def bool(self, default: bool) -> bool:
+    def bool(self, default: builtins.bool) -> builtins.bool:
         v = self.value
         if v is None:
             return default
@@ -85,7 +86,7 @@ class Node:
             raise self.err(f"must be true or false, got {kind(v)}")
         return v
 
-    def strlist(self, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    def strlist(self, default: tuple[builtins.str, ...] = ()) -> tuple[builtins.str, ...]:
         v = self.value
         if v is None:
             return default
@@ -95,7 +96,7 @@ class Node:
             raise self.err(f"must be a list of strings, got {kind(v)}")
         return tuple(v)
 
-    def path(self, base: Path, must_exist: bool = True) -> Path | None:
+    def path(self, base: Path, must_exist: builtins.bool = True) -> Path | None:
         s = self.str()
         if s is None:
             return None
@@ -146,4 +147,6 @@ def parse_listen(root: Node, default_port: int) -> tuple[str, int]:
     if listen.value is None:
         return "127.0.0.1", default_port
     listen.mapping({"host": "an IP address", "port": "a TCP port, 0 picks a free one"})
-    return listen.child("host").str("127.0.0.1"), listen.child("port").int(default_port, 0, 65535)
+    host = listen.child("host").str("127.0.0.1") or "127.0.0.1"
+    port = listen.child("port").int(default_port, 0, 65535)
+    return host, default_port if port is None else port

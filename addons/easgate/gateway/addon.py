@@ -15,6 +15,7 @@ import logging
 import re
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
 
 from ..core.errors import ConfigError
 from ..core.paths import normalize_path
@@ -44,6 +45,9 @@ def forced_options(cfg: GatewayConfig) -> dict:
         "block_global": False,  # phones come from public addresses
         "onboarding": False,
         "http2": False,
+        # the gateway's own listener; `-s` command lines pass server=false so that mitmproxy's
+        # default listener never comes up before the script is loaded
+        "server": True,
     }
 
 
@@ -126,16 +130,22 @@ class Gateway:
             logger.error("easgate: the gateway is not configured; refusing to run without it")
             ctx.master.shutdown()
             return
-        # Loaded as a `-s` script, the gateway is configured while mitmproxy is already bringing
-        # up its default listener; replace it with the gateway's own right away.
+        # Loaded as a `-s` script, the gateway is configured only after mitmproxy brought up its
+        # listeners: with `--set server=false` there are none, and the gateway starts its own here.
+        # A listener of any other mode (mitmproxy's default forward proxy on *:8080) means the
+        # command line lacked that option: refuse rather than having run as an open proxy.
         ps = ctx.master.addons.get("proxyserver")
-        if ps is not None:
-            from mitmproxy.proxy import mode_specs
-
-            want = [mode_specs.ProxyMode.parse(m) for m in ctx.options.mode]
-            if {s.mode for s in ps.servers} != set(want):
-                logger.info("easgate: replacing mitmproxy's default listener with the gateway's")
-                asyncio.get_running_loop().create_task(ps.servers.update(want))
+        if ps is None:
+            return
+        want = [mode_specs.ProxyMode.parse(m) for m in ctx.options.mode]
+        have = {s.mode for s in ps.servers}
+        if have - set(want):
+            logger.error("easgate: mitmproxy started its own proxy listener before the gateway script was "
+                         "loaded; start mitmdump/mitmweb with --set server=false (the gateway brings up its own)")
+            ctx.master.shutdown()
+            return
+        if have != set(want):
+            asyncio.get_running_loop().create_task(ps.servers.update(want))
 
 
 class ContentSwitch:

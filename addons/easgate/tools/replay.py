@@ -14,7 +14,7 @@ reads the flows with mitmproxy's FlowReader and runs each through a mitmproxy ma
 the gateway's addons (``Master.load_flow``: the same hook sequence as ``mitmdump -n -r``). The
 same thing works inside plain mitmproxy::
 
-    mitmdump -n -r CAPTURE -s addons/replay.py --set easgate_config=CONFIG --set easgate_replay=true
+    mitmdump -n -r CAPTURE -s addons/replay.py --set server=false --set easgate_config=CONFIG --set easgate_replay=true
 
 With ``easgate_replay`` on, `ReplayCheck` (put in front of the gateway's addons by this tool) takes every flow read
 from a file (``flow.live`` is False) before the gateway sees it: it keeps the recorded outcome
