@@ -124,9 +124,6 @@ class DecisionCache:
             self.evictions += 1
         return True
 
-    def invalidate(self, key: Hashable) -> bool:
-        return self._entries.pop(key, None) is not None
-
     def clear(self) -> int:
         """Drop every entry (and detach in-flight computations). Returns how many entries."""
         n = len(self._entries)

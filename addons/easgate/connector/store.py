@@ -266,11 +266,6 @@ class Inventory:
             rows = self.conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchall()
         return Device.from_row(rows[0]) if rows else None
 
-    def data_version(self) -> int:
-        """Changes whenever another connection commits (SQLite's PRAGMA data_version)."""
-        with self.lock:
-            return self.conn.execute("PRAGMA data_version").fetchone()[0]
-
     def count(self) -> int:
         """Number of devices; recounted only after someone else committed a change."""
         with self.lock:

@@ -15,12 +15,14 @@ import logging
 import re
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net import tls as net_tls
 from mitmproxy.proxy import mode_specs
+from OpenSSL import SSL
 
 from ..core.errors import ConfigError
 from ..core.paths import normalize_path
-from . import certheader
-from .config import GatewayConfig, Pool, Route, Upstream, load_config
+from . import certheader, mitmcompat
+from .config import GatewayConfig, Pool, Upstream, load_config
 from .connections import Connections
 from .proxyproto import ProxyProtocol
 from .respond import answer, drop
@@ -245,11 +247,6 @@ def bad_host(req: http.Request) -> str | None:
     return None
 
 
-def route_of(flow: http.HTTPFlow, cfg: GatewayConfig) -> Route | None:
-    name = flow.metadata.get(ROUTE_KEY)
-    return cfg.route(name) if name else None
-
-
 class UpstreamPools:
     """Upstream connections: only to pool servers, with each pool's TLS trust, SNI and timeouts."""
 
@@ -284,19 +281,12 @@ class UpstreamPools:
         asyncio.get_running_loop().call_later(
             pool.connect_timeout_s, self._connect_timeout, data.server, data.client, pool)
 
-    def _handler(self, client):
-        ps = ctx.master.addons.get("proxyserver")
-        return ps.connections.get(client.id) if ps else None
-
     def _connect_timeout(self, server: connection.Server, client: connection.Client, pool: Pool) -> None:
         if server.timestamp_tcp_setup is not None or server.error:
             return
-        handler = self._handler(client)
-        io = handler.transports.get(server) if handler else None
-        if io and io.handler and not io.handler.done():
+        if mitmcompat.cancel_connect(client, server):
             logger.warning(f"upstream {server.address[0]}:{server.address[1]} (pool {pool.name}): "
                            f"no connection within {pool.connect_timeout_s:g}s")
-            io.handler.cancel()
 
     LONG_POLL_COMMANDS = ("Ping", "Sync")
 
@@ -337,11 +327,7 @@ class UpstreamPools:
             return  # answered (or gone) meanwhile
         logger.warning(f"upstream {flow.request.host}:{flow.request.port} (pool {pool.name}): "
                        f"no response within {timeout:g}s; closing it")
-        handler = self._handler(flow.client_conn)
-        io = handler.transports.get(flow.server_conn) if handler else None
-        transport = getattr(getattr(io, "writer", None), "transport", None)
-        if transport is not None and not transport.is_closing():
-            transport.abort()  # mitmproxy answers the client with a 502
+        mitmcompat.abort(flow.client_conn, flow.server_conn)  # mitmproxy answers the client with a 502
 
     def server_connect_error(self, data) -> None:
         addr = data.server.address
@@ -350,9 +336,6 @@ class UpstreamPools:
             self.gw.switch.balancer.mark_down(entry[1], entry[0], data.server.error or "connect failed")
 
     def tls_start_server(self, tls_start) -> None:
-        from mitmproxy.net import tls as net_tls
-        from OpenSSL import SSL
-
         server = tls_start.conn
         entry = self.by_address.get(server.address[:2]) if server.address else None
         if entry is None:
@@ -369,18 +352,7 @@ class UpstreamPools:
         conn = SSL.Connection(ssl_ctx)
         sni = pool.sni or up.host
         server.sni = sni
-        import ipaddress
-
-        param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
-        SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, 0x4)  # no partial wildcards  # type: ignore
-        try:
-            ip = ipaddress.ip_address(sni).packed
-        except ValueError:
-            name = sni.encode("idna")
-            conn.set_tlsext_host_name(name)
-            SSL._lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))  # type: ignore[attr-defined]
-        else:
-            SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
+        mitmcompat.verify_upstream_name(conn, sni)
         conn.set_alpn_protos([b"http/1.1"])
         conn.set_connect_state()
         tls_start.ssl_conn = conn

@@ -1,12 +1,24 @@
-"""Work-arounds for mitmproxy behaviour a gateway can't live with, installed once at load.
+"""Every use of mitmproxy's (and pyOpenSSL's) private API, in one place.
 
-Each one names the mitmproxy version it was found in; each is a no-op if the code it wraps is
-not there. Remove one when mitmproxy fixes the behaviour.
+mitmproxy has no public API for what a gateway needs here: aborting one connection's transport,
+cancelling a connect that hangs, checking an upstream's host name with OpenSSL's verify
+parameters, and fixing a crash in its HTTP/1 layer. Each function names what it relies on;
+tests/test_mitmcompat.py checks each of those against the installed mitmproxy, so an upgrade that
+changes one fails loudly there instead of silently here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+
+from mitmproxy import connection, ctx
+from mitmproxy.addons.tlsconfig import DEFAULT_HOSTFLAGS
+from mitmproxy.proxy import commands, mode_servers
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from OpenSSL import SSL
 
 logger = logging.getLogger(__name__)
 _installed = False
@@ -25,12 +37,6 @@ def _http1_request_trailers() -> None:
     inside the HTTP/1 layer; the client is never answered and waits until its connection's idle
     timeout (an hour on a gateway). Turn it into the protocol error that mitmproxy raises for any
     other malformed body: the connection is closed at once."""
-    try:
-        from mitmproxy.proxy import commands
-        from mitmproxy.proxy.layers.http import _http1
-        from mitmproxy.proxy.layers.http._base import ReceiveHttp
-    except ImportError:  # pragma: no cover - another mitmproxy layout
-        return
     conn_cls = getattr(_http1, "Http1Connection", None)
     original = getattr(conn_cls, "read_body", None)
     if original is None or getattr(original, "_easgate", False):
@@ -46,3 +52,80 @@ def _http1_request_trailers() -> None:
 
     read_body._easgate = True  # type: ignore[attr-defined]
     conn_cls.read_body = read_body
+
+
+# -- connections ------------------------------------------------------------------------------
+# Relies on: Proxyserver.connections (client id -> ConnectionHandler), ConnectionHandler.transports
+# (Connection -> ConnectionIO with .handler, the connect task, and .writer, an asyncio StreamWriter).
+
+
+def _io(client: connection.Client, conn: connection.Connection):
+    ps = ctx.master.addons.get("proxyserver")
+    handler = ps.connections.get(client.id) if ps else None
+    return handler.transports.get(conn) if handler else None
+
+
+def abort(client: connection.Client, conn: connection.Connection | None = None) -> bool:
+    """Reset `conn` (default: the client connection itself) of `client`'s connection handler now,
+    without a graceful close. False if it is gone or already closing."""
+    io = _io(client, conn or client)
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    if transport is None or transport.is_closing():
+        return False
+    transport.abort()
+    return True
+
+
+def cancel_connect(client: connection.Client, server: connection.Server) -> bool:
+    """Cancel mitmproxy's task that is still connecting to `server` (mitmproxy then answers the
+    client with a 502). False if there is no such task or it has finished."""
+    io = _io(client, server)
+    task: asyncio.Task | None = getattr(io, "handler", None)
+    if task is None or task.done():
+        return False
+    task.cancel()
+    return True
+
+
+# -- upstream TLS -----------------------------------------------------------------------------
+# Relies on: pyOpenSSL's SSL._lib (the cffi OpenSSL binding), Connection._ssl, SSL._openssl_assert,
+# and mitmproxy's tlsconfig.DEFAULT_HOSTFLAGS: the same calls mitmproxy's own tls_start_server makes.
+
+
+def verify_upstream_name(conn: SSL.Connection, sni: str) -> None:
+    """Make OpenSSL check the upstream certificate against `sni` (a host name, or an IP address
+    against the certificate's IP SANs), as mitmproxy does: no partial wildcards, no CN fallback.
+    Sends `sni` as the TLS server name unless it is an IP address (RFC 6066)."""
+    param = SSL._lib.SSL_get0_param(conn._ssl)  # type: ignore[attr-defined]
+    SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, DEFAULT_HOSTFLAGS)  # type: ignore[attr-defined]
+    try:
+        ip = ipaddress.ip_address(sni).packed
+    except ValueError:
+        name = sni.encode("idna")
+        conn.set_tlsext_host_name(name)
+        ok = SSL._lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))  # type: ignore[attr-defined]
+    else:
+        ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
+    SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
+
+
+# -- the listener -----------------------------------------------------------------------------
+# Relies on: mode_servers.ReverseInstance.listen(host, port) returning a list of asyncio servers,
+# and .handle_stream(reader, writer) as the connection callback.
+
+
+def patch_reverse_listener(reuse_port: bool, backlog: int) -> None:
+    """Bind mitmproxy's reverse-proxy listener (TCP) with `backlog` and, if asked, SO_REUSEPORT.
+    Port 0 is left to mitmproxy (it picks a port and calls listen again with it)."""
+    cls = mode_servers.ReverseInstance
+    orig = getattr(cls, "_easgate_orig_listen", None) or cls.listen
+    cls._easgate_orig_listen = orig  # type: ignore[attr-defined]
+
+    async def listen(self, host: str, port: int):
+        if self.mode.transport_protocol != "tcp" or port == 0:
+            return await orig(self, host, port)
+        server = await asyncio.start_server(self.handle_stream, host, port, backlog=backlog,
+                                            reuse_port=True if reuse_port else None)
+        return [server]
+
+    cls.listen = listen  # type: ignore[method-assign]

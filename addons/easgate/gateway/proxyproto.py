@@ -22,7 +22,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
-import weakref
 from dataclasses import dataclass
 
 from mitmproxy.proxy import commands, events, layer
@@ -230,7 +229,6 @@ class ProxyProtocol:
         self.gw = gw
         self.trusted: Trusted | None = None
         self.require = True
-        self.via: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> balancer address
         self.counts = {"accepted": 0, "refused_untrusted": 0, "refused_missing": 0, "refused_invalid": 0}
 
     def apply(self, cfg) -> None:
@@ -279,7 +277,6 @@ class ProxyProtocol:
             return
         self.counts["accepted"] += 1
         if header.source is not None:
-            self.via[client] = client.peername
             client.peername = header.source
             logger.debug(f"PROXY v{header.version} from {peer}: client {header.source[0]}:{header.source[1]}")
         self._decide(nextlayer, _StripHeader(ctx_, header.length))
@@ -290,7 +287,3 @@ class ProxyProtocol:
         # its layers put themselves on the stack: take them off again, leaving the mode layer only.
         del nextlayer.context.layers[1:]
         nextlayer.layer = chosen
-
-    def balancer_of(self, client) -> tuple | None:
-        """The balancer a connection came through, if it carried a PROXY header."""
-        return self.via.get(client)

@@ -8,6 +8,8 @@ from mitmproxy import ctx, http
 from mitmproxy import flow as mflow
 from mitmproxy.utils import human
 
+from . import mitmcompat
+
 
 def answer(flow: http.HTTPFlow, response: http.Response) -> None:
     """Answer a request from requestheaders, or close it when mitmproxy streams its body.
@@ -33,18 +35,7 @@ def drop(flow: http.HTTPFlow) -> None:
         flow.error = mflow.Error(mflow.Error.KILLED_MESSAGE)
         return
     flow.kill()
-    client = flow.client_conn
-
-    def abort() -> None:
-        ps = ctx.master.addons.get("proxyserver")
-        handler = ps.connections.get(client.id) if ps else None
-        io = handler.transports.get(client) if handler else None
-        writer = getattr(io, "writer", None)
-        transport = getattr(writer, "transport", None)
-        if transport is not None and not transport.is_closing():
-            transport.abort()
-
-    asyncio.get_running_loop().call_soon(abort)
+    asyncio.get_running_loop().call_soon(mitmcompat.abort, flow.client_conn)
 
 
 def _may_stream(req: http.Request) -> bool:

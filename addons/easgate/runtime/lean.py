@@ -30,7 +30,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 from mitmproxy import addonmanager, exceptions, flow, hooks, master, options, optmanager
@@ -434,8 +433,3 @@ def mitmdump_filter_extra(args) -> dict:
     """What mitmdump does with a trailing filter expression."""
     v = " ".join(args.filter_args)
     return dict(save_stream_filter=v, readfile_filter=v, dumper_filter=v)
-
-
-def now() -> str:
-    t = time.time()
-    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"

@@ -29,6 +29,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from ..gateway import mitmcompat
+
 logger = logging.getLogger("easgate")
 
 # ------------------------------------------------------------------------------------------------
@@ -43,26 +45,10 @@ def somaxconn() -> int:
 
 
 def configure_listener(reuse_port: bool, backlog: int | None = None) -> None:
-    """Patch mitmproxy's reverse-proxy listener (TCP) in this process, before it binds.
-
-    mitmproxy binds with asyncio's defaults: no SO_REUSEPORT and a backlog of 100 (a burst of
-    reconnecting phones overflows it). Only the reverse mode the gateway uses is touched.
-    """
-    from mitmproxy.proxy import mode_servers
-
-    cls = mode_servers.ReverseInstance
-    orig = getattr(cls, "_easgate_orig_listen", None) or cls.listen
-    cls._easgate_orig_listen = orig
-    backlog = backlog or min(somaxconn(), 65535)
-
-    async def listen(self, host: str, port: int):
-        if self.mode.transport_protocol != "tcp" or port == 0:
-            return await orig(self, host, port)  # port 0: mitmproxy picks one and calls us again
-        server = await asyncio.start_server(self.handle_stream, host, port, backlog=backlog,
-                                            reuse_port=True if reuse_port else None)
-        return [server]
-
-    cls.listen = listen
+    """The reverse-proxy listener (TCP) of this process, before it binds: a deep accept backlog
+    (mitmproxy's is asyncio's 100, which a burst of reconnecting phones overflows) and, in
+    workers, SO_REUSEPORT so that N processes share the port."""
+    mitmcompat.patch_reverse_listener(reuse_port, backlog or min(somaxconn(), 65535))
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -1,0 +1,58 @@
+"""What easgate.gateway.mitmcompat relies on in the installed mitmproxy and pyOpenSSL.
+
+Each test names one private API the gateway uses. A mitmproxy upgrade that changes one fails
+here, by name, instead of turning into a gateway that silently stops aborting denied
+connections or checking upstream certificates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from mitmproxy.addons import proxyserver, tlsconfig
+from mitmproxy.proxy import mode_servers, server
+from mitmproxy.proxy.layers.http import _http1
+from OpenSSL import SSL
+
+from easgate.gateway import mitmcompat
+
+
+def test_proxyserver_keeps_connection_handlers_by_client_id():
+    assert isinstance(proxyserver.Proxyserver().connections, dict)
+
+
+def test_connection_handlers_keep_transports_with_a_task_and_a_writer():
+    assert "transports" in inspect.signature(server.ConnectionHandler.__init__).parameters or \
+        "self.transports" in inspect.getsource(server.ConnectionHandler.__init__)
+    fields = {f.name for f in dataclasses.fields(server.ConnectionIO)}
+    assert {"handler", "writer"} <= fields
+
+
+def test_pyopenssl_exposes_the_verify_param_calls():
+    for name in ("SSL_get0_param", "X509_VERIFY_PARAM_set_hostflags", "X509_VERIFY_PARAM_set1_host",
+                 "X509_VERIFY_PARAM_set1_ip"):
+        assert hasattr(SSL._lib, name), name
+    assert callable(SSL._openssl_assert)
+    assert isinstance(tlsconfig.DEFAULT_HOSTFLAGS, int) and tlsconfig.DEFAULT_HOSTFLAGS & 0x4
+
+
+def test_verify_upstream_name_sets_the_name_or_the_ip():
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    for sni in ("exchange.example.test", "127.0.0.1", "::1"):
+        conn = SSL.Connection(ctx)
+        mitmcompat.verify_upstream_name(conn, sni)  # raises if OpenSSL refuses the parameter
+    assert SSL.Connection(ctx).get_servername() is None
+
+
+def test_http1_layer_has_the_read_body_the_trailer_fix_wraps():
+    mitmcompat.install()
+    read_body = _http1.Http1Connection.read_body
+    assert getattr(read_body, "_easgate", False), "the trailer fix was not installed"
+    assert hasattr(_http1.Http1Server, "ReceiveProtocolError") and hasattr(_http1.Http1Server, "stream_id")
+
+
+def test_reverse_instance_listens_through_listen_and_handle_stream():
+    params = list(inspect.signature(mode_servers.ReverseInstance.listen).parameters)
+    assert params[:3] == ["self", "host", "port"]
+    assert hasattr(mode_servers.ReverseInstance, "handle_stream")
