@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..core.errors import ConfigError
+from ..core.net import parse_listen
 from . import store
 from .config import ConnectorConfig, load_connector_config
 from .service import serve
@@ -29,11 +30,11 @@ def cmd_connector(args) -> int:
     try:
         cfg = load_connector_config(args.config)
         if args.listen:
-            host, sep, port = args.listen.rpartition(":")
-            if not sep or not port.isdigit() or int(port) > 65535:
-                raise ConfigError("--listen", "", f"'{args.listen}' is not HOST:PORT", "e.g. 127.0.0.1:9080")
-            cfg = ConnectorConfig(cfg.path, host.strip("[]") or "127.0.0.1", int(port), cfg.inventory,
-                                  cfg.policy, cfg.decision_log)
+            try:
+                host, port = parse_listen(args.listen)
+            except ValueError as e:
+                raise ConfigError("--listen", "", str(e), "e.g. 127.0.0.1:9080") from None
+            cfg = ConnectorConfig(cfg.path, host, port, cfg.inventory, cfg.policy, cfg.decision_log)
         return asyncio.run(serve(cfg))
     except ConfigError as e:
         print(f"easgate connector: config error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from mitmproxy.proxy import mode_specs
 from OpenSSL import SSL
 
 from ..core.errors import ConfigError
+from ..core.net import parse_listen
 from ..core.paths import normalize_path
 from . import certheader, mitmcompat
 from .config import GatewayConfig, Pool, Upstream, load_config
@@ -54,10 +55,11 @@ def forced_options(cfg: GatewayConfig) -> dict:
 
 
 def with_listen(cfg: GatewayConfig, listen: str) -> GatewayConfig:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError("--set easgate_listen", "", f"'{listen}' is not HOST:PORT", "e.g. 127.0.0.1:8443")
-    return dataclasses.replace(cfg, listen_host=host.strip("[]") or "0.0.0.0", listen_port=int(port))
+    try:
+        host, port = parse_listen(listen, default_host="0.0.0.0")
+    except ValueError as e:
+        raise ConfigError("--set easgate_listen", "", str(e), "e.g. 127.0.0.1:8443") from None
+    return dataclasses.replace(cfg, listen_host=host, listen_port=port)
 
 
 class Gateway:

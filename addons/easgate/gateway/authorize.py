@@ -28,6 +28,7 @@ from ..authz.cache import DecisionCache, cache_key
 from ..authz.policy import PolicyError, PolicyStore
 from ..core.decision import Decision
 from ..core.errors import ConfigError
+from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
 from .respond import answer, drop
@@ -131,7 +132,7 @@ class ActiveSyncGate:
         method = req.method.upper()
         if method in at.pass_methods:
             return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", "filter")
-        host = (req.host_header or "").rsplit(":", 1)[0].lower()
+        host = host_of(req.host_header or "")
         if not normalize_path(req.path).lower().startswith(at.path_prefix.lower()):
             return None, Decision(False, "path not covered by applies_to on an authorized route", "filter")
         if at.hosts and host not in at.hosts:

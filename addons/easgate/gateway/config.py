@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.net import host_of
 from ..core.paths import normalize_path
 from ..core.yamlfile import Node, kind, parse_listen, read_yaml
 
@@ -503,7 +504,7 @@ def _parse_match(m: Node) -> Match | None:
     return Match(
         path_prefix=normalize_path(prefix) if prefix else None,
         ignore_case=m.child("ignore_case").bool(False),
-        hosts=tuple(h.lower() for h in m.child("host").strlist()),
+        hosts=tuple(host_of(h) for h in m.child("host").strlist()),
         methods=tuple(x.upper() for x in m.child("method").strlist()),
         header_present=m.child("header_present").strlist(),
         header_equals=equals,
@@ -532,7 +533,7 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
                    "pass_methods": "list, default [OPTIONS]"})
         at = AppliesTo(
             path_prefix=a.child("path_prefix").str(at.path_prefix),
-            hosts=tuple(h.lower() for h in a.child("hosts").strlist()),
+            hosts=tuple(host_of(h) for h in a.child("hosts").strlist()),
             methods=tuple(x.upper() for x in a.child("methods").strlist(at.methods)),
             commands=a.child("commands").strlist(),
             pass_methods=tuple(x.upper() for x in a.child("pass_methods").strlist(at.pass_methods)),

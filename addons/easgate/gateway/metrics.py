@@ -32,6 +32,7 @@ from collections import Counter
 from mitmproxy import ctx, exceptions, http
 
 from .. import __version__
+from ..core import net
 from .authorize import ActiveSyncGate
 
 logger = logging.getLogger("easgate")
@@ -42,14 +43,7 @@ READ_TIMEOUT_S = 5.0
 
 def parse_listen(value: str) -> tuple[str, int]:
     """'HOST:PORT', ':PORT' or 'PORT' -> (host, port); raises ValueError with the reason."""
-    v = value.strip()
-    host, sep, port = v.rpartition(":")
-    if not sep:
-        host, port = "", v
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"'{value}' is not HOST:PORT (e.g. 127.0.0.1:9090)")
-    return host, int(port)
+    return net.parse_listen(value)
 
 
 def _is_loopback(host: str) -> bool:

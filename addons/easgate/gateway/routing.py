@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mitmproxy import flowfilter, http
 
+from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import GatewayConfig, Match, Pool, Route, Upstream
 
@@ -117,11 +118,7 @@ class Balancer:
 def request_view(flow: http.HTTPFlow, cert_status: str, path: str | None = None) -> RequestView:
     """What routes match on; `path` is the already normalised path when the caller has it."""
     req = flow.request
-    host = req.host_header or ""
-    if host.startswith("["):
-        host = host[: host.find("]") + 1]
-    else:
-        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    host = host_of(req.host_header or "")
     if path is None:
         path = normalize_path(req.path)
-    return RequestView(req.method.upper(), host.lower(), path, req.headers, cert_status)
+    return RequestView(req.method.upper(), host, path, req.headers, cert_status)

@@ -69,6 +69,7 @@ from mitmproxy import ctx, http
 
 from ..authz import identity
 from ..core.errors import ConfigError
+from ..core.net import parse_port, split_hostport
 from ..gateway.certheader import fold
 from ..gateway.chain import make_addons, validate_config
 from ..gateway.config import DEFAULT_CERT_HEADER
@@ -561,10 +562,13 @@ def summary(results: list[Result], *, live: bool = False) -> tuple[str, int]:
 
 
 def _target(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"'{value}' is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        host, port = split_hostport(value)
+        if port is None:
+            raise ValueError(f"'{value}' is not HOST:PORT")
+        return host or "127.0.0.1", parse_port(port, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_replay(args) -> int:
