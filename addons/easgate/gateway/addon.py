@@ -4,7 +4,7 @@
 `OptionsError`, so mitmproxy refuses to start), forces the mitmproxy options a gateway depends on,
 and hands the parsed config to its sub-addons, which run in this order for every request:
 
-    TlsOffload -> StripCertHeaders -> ContentSwitch -> ClientCertHeader -> ActiveSyncGate
+    StrictRequests -> TlsOffload -> StripCertHeaders -> ContentSwitch -> ClientCertHeader -> ActiveSyncGate
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..core.paths import normalize_path
 from . import certheader, mitmcompat
 from .config import GatewayConfig, Pool, Upstream, load_config
 from .connections import Connections
+from .http1 import StrictRequests
 from .proxyproto import ProxyProtocol
 from .respond import answer, drop
 from .routing import ROUTE_KEY, Balancer, Router, request_view
@@ -67,6 +68,7 @@ class Gateway:
 
     def __init__(self) -> None:
         self.config: GatewayConfig | None = None
+        self.strict = StrictRequests()  # one strict reading of the request head, before anything else
         self.tls = TlsOffload()
         self.strip = certheader.StripCertHeaders()
         self.switch = ContentSwitch(self)
@@ -74,7 +76,7 @@ class Gateway:
         self.cert_header = certheader.ClientCertHeader(self)
         self.connections = Connections(self)  # per-process connection cap, requests in flight
         self.proxyproto = ProxyProtocol(self)  # PROXY v1/v2 from trusted balancers, before TLS
-        self.addons: list = [self.connections, self.proxyproto, self.tls, self.strip, self.switch, self.cert_header,
+        self.addons: list = [self.connections, self.proxyproto, self.strict, self.tls, self.strip, self.switch, self.cert_header,
                              self.upstreams]
 
     def add_stage(self, addon) -> None:

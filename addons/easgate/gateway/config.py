@@ -178,6 +178,15 @@ class ProxyProtocol:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on one request head, enforced by the strict HTTP/1 reader (http1.py) before routing."""
+
+    max_header_bytes: int = 32768  # request line + header fields + the blank line
+    max_headers: int = 100  # header field lines
+    max_target_length: int = 8192  # the request-target (path and query) as sent
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     listen_host: str
@@ -191,6 +200,7 @@ class GatewayConfig:
     client_idle_timeout_s: int = 3660
     proxy_protocol: ProxyProtocol | None = None
     max_connections: int = 0  # concurrent client connections per process; 0 = from the open-files limit
+    limits: Limits = Limits()
 
     def route(self, name: str) -> Route:
         """The route named `name` (a dict lookup: this runs several times per request)."""
@@ -218,6 +228,7 @@ TOP_KEYS = {
     "client_idle_timeout_s": "seconds, at least 3600 for ActiveSync Ping",
     "proxy_protocol": "{trusted: [10.0.0.0/8], require: true} (PROXY v1/v2 from a layer-4 balancer)",
     "max_connections": "concurrent client connections per process; 0 = derived from the open-files limit",
+    "limits": "{max_header_bytes: 32768, max_headers: 100, max_target_length: 8192} (bounds on a request head)",
 }
 
 
@@ -257,11 +268,29 @@ def parse_config(data: Any, path: Path) -> GatewayConfig:
     idle = root.child("client_idle_timeout_s").int(3660, 1, 7 * 86400)
     pp = _parse_proxy_protocol(root.child("proxy_protocol")) if root.has("proxy_protocol") else None
     max_conns = root.child("max_connections").int(0, 0, 10_000_000)
+    limits = _parse_limits(root.child("limits")) if root.has("limits") else Limits()
     return GatewayConfig(
         path=path, listen_host=host, listen_port=port, tls=tls, pools=pools, routes=routes,
         default_route=default_route, authorization=auth, audit_log=audit, client_idle_timeout_s=idle,
-        proxy_protocol=pp, max_connections=max_conns,
+        proxy_protocol=pp, max_connections=max_conns, limits=limits,
     )
+
+
+def _parse_limits(n: Node) -> Limits:
+    d = Limits()
+    n.mapping({"max_header_bytes": f"bytes of a request head, from 1024 to 1048576 (default {d.max_header_bytes})",
+               "max_headers": f"header lines per request, from 8 to 1000 (default {d.max_headers})",
+               "max_target_length": f"bytes of the request-target, from 256 to 65536 (default {d.max_target_length})"})
+    limits = Limits(
+        max_header_bytes=n.child("max_header_bytes").int(d.max_header_bytes, 1024, 1048576),
+        max_headers=n.child("max_headers").int(d.max_headers, 8, 1000),
+        max_target_length=n.child("max_target_length").int(d.max_target_length, 256, 65536),
+    )
+    if limits.max_target_length >= limits.max_header_bytes:
+        raise n.child("max_target_length").err(
+            f"{limits.max_target_length} is not below max_header_bytes ({limits.max_header_bytes})",
+            "the request-target is part of the head: lower it or raise max_header_bytes")
+    return limits
 
 
 def _parse_proxy_protocol(n: Node) -> ProxyProtocol:

@@ -1,0 +1,278 @@
+"""One strict reading of every HTTP/1 request head, before anything routes, decides or forwards it.
+
+mitmproxy reads request heads leniently (it is a debugging proxy): a folded header line (obs-fold)
+is kept in the previous value as `\\r\\n ` and forwarded byte for byte, a bare CR or a NUL stays in a
+value, any method and any `HTTP/x.y` version are accepted (`HTTP/2.0` is then sent upstream as
+HTTP/1.1), a bare LF ends a line, and a head may grow without bound. A server behind the gateway
+that reads such a request differently (it unfolds or splits the continuation line, takes a bare CR
+for a line end, prefers Transfer-Encoding over Content-Length) sees headers, framing and even whole
+requests that no route, header rule or authorization decision ever saw.
+
+So there is one reading, RFC 9112's, and everything outside it is refused with 400 (431/414 for the
+limits) and the connection is closed: no further pipelined request on it is read. Two places apply it:
+
+- `StrictReader` patches mitmproxy's HTTP/1 server layer (the only use of private mitmproxy API,
+  all in `install()` below) so the raw head bytes are checked before mitmproxy parses them: bare LF
+  line ends, obs-fold and over-long heads are only visible there.
+- `StrictRequests`, the first addon of the gateway, checks the parsed request mitmproxy hands to
+  every addon — what it would forward — with the same rules, in case the layer patch is missing.
+
+`install()` also makes `Expect: 100-continue` wait for the decision: a request answered in
+`requestheaders` (a deny, a 400, a 404) gets that answer at once, never a `100 Continue`, and its
+connection is closed instead of the body being read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+from mitmproxy import http
+from mitmproxy.net.http import http1 as wire
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http1  # private: see install()
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage, ResponseHeaders, ResponseProtocolError
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+
+from .config import GatewayConfig, Limits
+
+logger = logging.getLogger("easgate.http1")
+
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
+VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+# Field values: visible ASCII, SP, HTAB and obs-text (RFC 9110 5.5); every other control byte, CR,
+# LF and NUL included, is refused.
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The request-target: visible ASCII only (RFC 3986 plus the few bytes browsers send unescaped).
+_BAD_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]")
+_CONTENT_LENGTH = re.compile(rb"0|[1-9][0-9]{0,17}")
+FRAMING = (b"content-length", b"transfer-encoding")
+
+
+class Refusal(ValueError):
+    """Why a request head is refused, and with which status."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+@dataclass(frozen=True)
+class Head:
+    method: bytes
+    target: bytes
+    version: bytes
+    fields: tuple[tuple[bytes, bytes], ...]
+
+
+def check_parts(head: Head, limits: Limits) -> None:
+    """The rules on a request line and its header fields, however they were read; raises Refusal."""
+    if not TOKEN.fullmatch(head.method):
+        raise Refusal(f"method {head.method[:40]!r} is not a token")
+    if head.version not in VERSIONS:
+        raise Refusal(f"HTTP version {head.version[:20]!r} is not HTTP/1.0 or HTTP/1.1")
+    if len(head.target) > limits.max_target_length:
+        raise Refusal(f"request-target of {len(head.target)} bytes is over limits.max_target_length "
+                      f"({limits.max_target_length})", 414)
+    if not head.target or _BAD_TARGET_BYTE.search(head.target):
+        raise Refusal("request-target is empty or has a control, space or non-ASCII byte")
+    if len(head.fields) > limits.max_headers:
+        raise Refusal(f"{len(head.fields)} header fields, over limits.max_headers ({limits.max_headers})", 431)
+    cl: list[bytes] = []
+    te: list[bytes] = []
+    for name, value in head.fields:
+        if not TOKEN.fullmatch(name):
+            raise Refusal(f"header name {name[:40]!r} is not a token")
+        if _BAD_VALUE_BYTE.search(value):
+            what = "a folded line (obs-fold)" if b"\r\n" in value else "a control byte (CR, LF, NUL or other)"
+            raise Refusal(f"header {name.decode()} has {what}")
+        low = name.lower()
+        if low == b"content-length":
+            cl.append(value)
+        elif low == b"transfer-encoding":
+            te.append(value)
+        elif low.replace(b"_", b"-") in FRAMING:
+            # CGI-style backends fold '_' into '-': Content_Length would frame the body for them.
+            raise Refusal(f"header {name.decode()} reads as a framing header")
+    if te and cl:
+        raise Refusal("both Transfer-Encoding and Content-Length")
+    if len(cl) > 1:
+        raise Refusal("more than one Content-Length (even with equal values)")
+    if len(te) > 1:
+        raise Refusal("more than one Transfer-Encoding")
+    if cl and not _CONTENT_LENGTH.fullmatch(cl[0]):
+        raise Refusal(f"Content-Length {cl[0][:30]!r} is not a decimal number")
+    if te:
+        if te[0] != b"chunked":
+            raise Refusal(f"Transfer-Encoding {te[0][:30]!r} is not exactly 'chunked'")
+        if head.version != b"HTTP/1.1":
+            raise Refusal("Transfer-Encoding in an HTTP/1.0 request")
+
+
+def check_head(raw: bytes, limits: Limits) -> Head:
+    """Read one raw request head (request line through the blank line) the RFC 9112 way; raises Refusal."""
+    if len(raw) > limits.max_header_bytes:
+        raise Refusal(f"request head of {len(raw)} bytes is over limits.max_header_bytes "
+                      f"({limits.max_header_bytes})", 431)
+    if not raw.endswith(b"\r\n\r\n"):
+        raise Refusal("request head not ended by CRLF CRLF (bare LF)")
+    lines = raw[:-4].split(b"\r\n")
+    for line in lines:
+        if b"\n" in line or b"\r" in line:
+            raise Refusal("bare CR or LF in the request head")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise Refusal("request line is not METHOD SP TARGET SP VERSION")
+    fields = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise Refusal("folded header line (obs-fold)")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise Refusal("header line without a colon")
+        fields.append((name, value.strip(b" \t")))
+    head = Head(parts[0], parts[1], parts[2], tuple(fields))
+    check_parts(head, limits)
+    return head
+
+
+def check_request(req: http.Request, limits: Limits) -> None:
+    """The same rules on a request as mitmproxy parsed it (what it would forward); raises Refusal."""
+    d = req.data
+    target = d.path
+    if d.authority and d.method != b"CONNECT":  # absolute-form: scheme://authority/path
+        target = d.scheme + b"://" + d.authority + d.path
+    check_parts(Head(d.method, target, d.http_version, tuple(req.headers.fields)), limits)
+
+
+def refusal_response(r: Refusal) -> http.Response:
+    return http.Response.make(r.status, f"Bad request: {r.reason}\n".encode(),
+                              {"Content-Type": "text/plain", "Connection": "close"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The addon
+
+
+class StrictRequests:
+    """First addon: refuses what the strict reading refuses, on the request as parsed."""
+
+    def __init__(self) -> None:
+        self.limits = Limits()
+        self.refused = 0
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        self.limits = cfg.limits
+        install(self)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        try:
+            check_request(flow.request, self.limits)
+        except Refusal as r:
+            self.refuse(r, flow.client_conn.peername)
+            flow.metadata["easgate.refused_request"] = r.reason
+            flow.comment = f"bad request: {r.reason}"
+            flow.response = refusal_response(r)
+
+    def refuse(self, r: Refusal, peer) -> None:
+        self.refused += 1
+        logger.info(f"client {peer[0] if peer else '?'}: {r.status} {r.reason}; connection closed")
+
+
+# ---------------------------------------------------------------------------------------------
+# mitmproxy internals (12.3): the one place that uses private API. test_http1.py's
+# test_mitmproxy_internals_still_there fails loudly when mitmproxy changes what this relies on.
+
+_LEADING_BLANK = re.compile(rb"(?:\r\n)*")
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11's ReceiveBuffer.maybe_extract_lines ends a head
+_reader: StrictRequests | None = None
+
+
+def install(reader: StrictRequests) -> None:
+    """Check raw heads in `Http1Server.read_headers`, and hold `100 Continue` for answered requests."""
+    global _reader
+    _reader = reader
+    server = _http1.Http1Server
+    if not getattr(server.read_headers, "_easgate", False):
+        server.read_headers = _strict_read_headers(server.read_headers)
+    stream = http_layers.HttpStream
+    if not getattr(stream.state_wait_for_request_headers, "_easgate", False):
+        stream.state_wait_for_request_headers = _answer_before_continue(stream.state_wait_for_request_headers)
+
+
+def screen(buf: bytes, limits: Limits) -> None:
+    """Check the next head in a connection's receive buffer, as far as it has arrived; raises Refusal."""
+    start = _LEADING_BLANK.match(buf).end()  # RFC 9112 2.2: empty lines before a request line are ignored
+    if buf[start:start + 1] == b"\n":
+        raise Refusal("bare LF before the request line")
+    m = _HEAD_END.search(buf, start)
+    if m is None:
+        if len(buf) - start > limits.max_header_bytes:
+            raise Refusal(f"request head over limits.max_header_bytes ({limits.max_header_bytes})", 431)
+        return
+    if start:  # mitmproxy consumes a leading empty line on its own; the head is checked next time
+        return
+    check_head(buf[:m.end()], limits)
+
+
+def _strict_read_headers(original):
+    def read_headers(self, event):
+        reader = _reader
+        if reader is not None and isinstance(event, events.DataReceived) and self.buf:
+            try:
+                screen(bytes(self.buf), reader.limits)
+            except Refusal as r:
+                reader.refuse(r, self.conn.peername)
+                yield commands.SendData(self.conn, wire.assemble_response(refusal_response(r)))
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        return (yield from original(self, event))
+
+    read_headers._easgate = True  # type: ignore[attr-defined]
+    return read_headers
+
+
+def _answer_before_continue(original):
+    """mitmproxy sends `100 Continue` after requestheaders even when an addon already set the
+    response: the client then uploads its whole body to be told no. Answer it now instead."""
+
+    def state_wait_for_request_headers(self, event):
+        gen = original(self, event)
+        held = False
+        reply = None
+        try:
+            while True:
+                cmd = gen.send(reply)
+                if (isinstance(cmd, http_layers.SendHttp) and isinstance(cmd.event, ResponseHeaders)
+                        and cmd.event.response.status_code == 100 and self.flow.response is not None):
+                    held, reply = True, None
+                    continue
+                reply = yield cmd
+        except StopIteration as stop:
+            result = stop.value
+        if not held:
+            return result
+        resp = self.flow.response
+        resp.headers["Connection"] = "close"
+        self.client_state = self.state_errored  # a body sent anyway is read and dropped
+        resp.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        if (yield from self.check_killed(True)):
+            return None
+        yield from self.send_response()  # response hook, head and body
+        self.flow.live = False
+        yield http_layers.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        yield http_layers.SendHttp(
+            ResponseProtocolError(self.stream_id, "answered before 100 Continue", ErrorCode.KILL),
+            self.context.client)
+        yield http_layers.DropStream(self.stream_id)
+        return None
+
+    state_wait_for_request_headers._easgate = True  # type: ignore[attr-defined]
+    return state_wait_for_request_headers
