@@ -72,6 +72,11 @@ def check_parts(head: Head, limits: Limits) -> None:
     """The rules on a request line and its header fields, however they were read; raises Refusal."""
     if not TOKEN.fullmatch(head.method):
         raise Refusal(f"method {head.method[:40]!r} is not a token")
+    if head.method != head.method.upper():
+        # Methods are case-sensitive (RFC 9110 9.1), but mitmproxy's Request.method upper-cases
+        # them for every addon while the original bytes go upstream: `options` would be decided
+        # as OPTIONS. No ActiveSync or MDM client sends a lower-case method.
+        raise Refusal(f"method {head.method[:40]!r} is not in upper case")
     if head.version not in VERSIONS:
         raise Refusal(f"HTTP version {head.version[:20]!r} is not HTTP/1.0 or HTTP/1.1")
     if len(head.target) > limits.max_target_length:
