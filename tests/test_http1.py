@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from conftest import HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, write_config
-from easgate import http1
-from easgate.config import ConfigError, Limits, parse_config
+from easgate.core.errors import ConfigError
+from easgate.gateway import http1
+from easgate.gateway.config import Limits, parse_config
 from support.client import send_raw, statuses
 from support.corpus import ALLOWED, DENIED, Case, generated_cases, hostile_cases, pipelined_cases, request
 from support.models import MODELS, read_stream
