@@ -322,3 +322,13 @@ def test_mitmproxy_internals_still_there():
     for sample in (b"a\r\n\r\nb", b"a\n\nb", b"a\n\r\nb", b"a\r\n\nb", b"a\r\r\n\r\n"):
         assert blank_line_regex.search(sample).span() == http1._HEAD_END.search(sample).span()
     assert read_stream  # the models are importable without mitmproxy's help
+
+
+def test_limits_example_in_the_docs_is_the_default(pki, tmp_path):
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    block = text.split("## `limits` and the strict reading of requests", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+    class Up:
+        url = "http://127.0.0.1:1"
+    cfg = base_config(pki, Up, Up, **yaml.safe_load(block))
+    assert parse_config(cfg, tmp_path / "gateway.yaml").limits == Limits()
