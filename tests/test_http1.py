@@ -332,3 +332,27 @@ def test_limits_example_in_the_docs_is_the_default(pki, tmp_path):
         url = "http://127.0.0.1:1"
     cfg = base_config(pki, Up, Up, **yaml.safe_load(block))
     assert parse_config(cfg, tmp_path / "gateway.yaml").limits == Limits()
+
+
+@pytest.mark.parametrize("mutate,why", [
+    (lambda r: None, None),
+    (lambda r: setattr(r.headers, "fields", r.headers.fields + ((b"X-A", b"a\r\n NSClientCert: FORGED"),)), "obs-fold"),
+    (lambda r: setattr(r.headers, "fields", r.headers.fields + ((b"X-A", b"a\x00"),)), "control byte"),
+    (lambda r: setattr(r.data, "method", b"options"), "upper case"),
+    (lambda r: setattr(r.data, "http_version", b"HTTP/2.0"), "HTTP version"),
+    (lambda r: setattr(r.data, "path", b"/a\x00b"), "request-target"),
+], ids=["clean", "obs-fold", "nul", "lower-case-method", "http2", "nul-path"])
+def test_the_addon_refuses_what_mitmproxy_parsed(mutate, why):
+    """The second line of defence: the same rules on the parsed request, if the layer check is missing."""
+    from mitmproxy.test import taddons, tflow
+
+    addon = http1.StrictRequests()
+    with taddons.context(addon):
+        f = tflow.tflow()
+        mutate(f.request)
+        addon.requestheaders(f)
+    if why is None:
+        assert f.response is None
+    else:
+        assert f.response.status_code == 400 and f.response.headers["connection"] == "close"
+        assert why in f.metadata["easgate.refused_request"]

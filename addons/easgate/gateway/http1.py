@@ -38,6 +38,7 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage,
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 
 from .config import GatewayConfig, Limits
+from .respond import answer
 
 logger = logging.getLogger("easgate.http1")
 
@@ -182,7 +183,7 @@ class StrictRequests:
             self.refuse(r, flow.client_conn.peername)
             flow.metadata["easgate.refused_request"] = r.reason
             flow.comment = f"bad request: {r.reason}"
-            flow.response = refusal_response(r)
+            answer(flow, refusal_response(r))  # or drop it, when mitmproxy streams its body
 
     def refuse(self, r: Refusal, peer) -> None:
         self.refused += 1
