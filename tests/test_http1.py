@@ -8,6 +8,7 @@ raw TLS sockets.
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from conftest import HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, write_config
 from easgate.core.errors import ConfigError
@@ -70,8 +73,11 @@ def upstream_reads(up: RecordingUpstream, tags: set[str]) -> dict[str, list]:
     return {m: [r for conn, _ in per for r in conn if r.tag in tags] for m, per in up.reads().items()}
 
 
-def violations(ex: RecordingUpstream, md: RecordingUpstream, audit_path: Path, tags: set[str]) -> list[str]:
-    """The differential invariants, for the requests whose case id is in `tags`."""
+def violations(ex: RecordingUpstream, md: RecordingUpstream, audit_path: Path, tags: set[str],
+               certs: dict[str, str] | None = None) -> list[str]:
+    """The differential invariants, for the requests whose case id is in `tags`; `certs` maps the
+    case ids sent with a client certificate to the NSClientCert value the gateway inserts for it."""
+    certs = certs or {}
     lines = [l for l in audit(audit_path) if tag_of(l.get("agent")) in tags]
     allows: dict[str, list[dict]] = {}
     for l in lines:
@@ -96,9 +102,12 @@ def violations(ex: RecordingUpstream, md: RecordingUpstream, audit_path: Path, t
         for model, per_conn in per_model.items():
             for reads, _ in per_conn:
                 for r in reads:
-                    if r.cert_headers and (r.tag in tags or r.tag is None):
-                        problems.append(f"{up.name}/{model} saw NSClientCert {r.cert_headers} (case {r.tag}); "
-                                        f"no client sent a certificate")
+                    if r.tag not in tags and r.tag is not None:
+                        continue
+                    inserted = [certs[r.tag]] if r.tag in certs and up is md else []
+                    if r.cert_headers and r.cert_headers != inserted:
+                        problems.append(f"{up.name}/{model} saw NSClientCert {[c[:40] for c in r.cert_headers]} "
+                                        f"(case {r.tag}); the gateway inserted {[c[:40] for c in inserted]}")
         # every model frames every connection the same way: no request hides inside another
         for i, strict in enumerate(per_model["strict"]):
             for model in MODELS[1:]:
@@ -110,10 +119,16 @@ def violations(ex: RecordingUpstream, md: RecordingUpstream, audit_path: Path, t
     return problems
 
 
-def run(gw, cases: list[Case], threads: int = 12) -> dict[str, dict]:
+def run(gw, pki, cases: list[Case], threads: int = 12) -> dict[str, dict]:
     g, *_ , ctx = gw
+    ctxs = {None: ctx} | {c.cert: client_context(pki, c.cert) for c in cases if c.cert}
     with ThreadPoolExecutor(threads) as pool:
-        return dict(zip((c.id for c in cases), pool.map(lambda c: send_raw(g.port, ctx, c.data), cases)))
+        return dict(zip((c.id for c in cases), pool.map(lambda c: send_raw(g.port, ctxs[c.cert], c.data), cases)))
+
+
+def der_b64(pki: Path, name: str) -> str:
+    cert = x509.load_pem_x509_certificates((pki / f"{name}.pem").read_bytes())[0]
+    return base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,20 +235,18 @@ def test_expect_100_continue_allowed_device_continues_after_the_decision(gw):
 # The differential test (the issue's "How to prove it")
 
 
-def test_hostile_corpus_differential(gw):
+def test_hostile_corpus_differential(gw, pki):
     g, ex, md, audit_path, ctx = gw
-    cases = hostile_cases() + pipelined_cases() + generated_cases(seed=20261201, n=300)
-    for c in cases:  # fresh case ids for this run
-        c.data = c.data.replace(b"case=", b"case=d-")
-        c.tags = [f"d-{t}" for t in c.tags]
+    cases = hostile_cases("d-") + pipelined_cases("d-") + generated_cases(seed=20261201, n=300, p="d-")
     t0 = time.monotonic()
-    results = run(gw, cases)
+    results = run(gw, pki, cases)
     tags = {t for c in cases for t in c.tags}
+    certs = {t: der_b64(pki, c.cert) for c in cases if c.cert for t in c.tags}
     hung = [cid for cid, r in results.items() if not r["statuses"] and not r["closed"]]
     assert not hung, f"no answer and no close: {hung[:10]}"
     # the audit line of a forwarded request is written before it is forwarded; wait for the last ones
     # of the requests that are still being read
-    problems = violations(ex, md, audit_path, tags)
+    problems = violations(ex, md, audit_path, tags, certs)
     assert not problems, "\n".join(problems[:25])
     for c in cases:
         if c.hostile:
@@ -248,6 +261,8 @@ def test_hostile_corpus_differential(gw):
         assert {r.tag and r.tag.startswith("d-g") for r in got}
     forms = {r.query_form for r in reads["strict"]}
     assert {"plain", "base64"} <= forms
+    inserted = [r for r in upstream_reads(md, tags)["split"] if r.cert_headers]
+    assert len(inserted) >= 5  # the gateway's own NSClientCert does arrive, on every reader
     assert time.monotonic() - t0 < 60
 
 

@@ -246,7 +246,8 @@ def _identity(r: Read) -> None:
         except ValueError:
             raw = b""
         _binary(r, raw)
-    auth = r.header("authorization")
+    auths = [v for k, v in r.headers if k.lower() == "authorization"]
+    auth = auths[-1] if auths else None  # a server that keeps the last of repeated fields
     if auth:
         scheme, _, cred = auth.strip().partition(" ")
         if scheme.lower() == "basic":

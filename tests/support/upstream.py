@@ -54,6 +54,7 @@ class RecordingUpstream:
             if self.ctx:
                 c = self.ctx.wrap_socket(c, server_side=True)
             answered = 0
+            refused = False
             while True:
                 data = c.recv(65536)
                 if not data:
@@ -61,13 +62,15 @@ class RecordingUpstream:
                 with self.lock:
                     buf += data
                     snapshot = bytes(buf)
+                if refused:
+                    continue  # keep recording what else arrives: the other models read it afterwards
                 reads, err = read_stream(snapshot, "strict")
                 for _ in reads[answered:]:
                     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
                 answered = len(reads)
                 if err not in (None, "incomplete", "incomplete body"):
                     c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    return
+                    refused = True
         except (OSError, ssl.SSLError):
             return
         finally:
