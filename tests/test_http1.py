@@ -9,7 +9,6 @@ raw TLS sockets.
 from __future__ import annotations
 
 import base64
-import inspect
 import json
 import os
 import socket
@@ -23,13 +22,14 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from conftest import HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, write_config
 from easgate.core.errors import ConfigError
 from easgate.gateway import http1
 from easgate.gateway.config import Limits, parse_config
+
+from conftest import HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, write_config
 from support.client import send_raw, statuses
 from support.corpus import ALLOWED, DENIED, Case, generated_cases, hostile_cases, pipelined_cases, request
-from support.models import MODELS, read_stream
+from support.models import MODELS
 from support.upstream import RecordingUpstream
 
 LIMITS = {"max_header_bytes": 4096, "max_headers": 30, "max_target_length": 1024}
@@ -316,27 +316,6 @@ def test_limits_config_errors(pki, tmp_path, limits, msg):
         parse_config(cfg, tmp_path / "gateway.yaml")
     assert msg in str(e.value) and "\n" not in str(e.value)
     assert parse_config(base_config(pki, Up, Up), tmp_path / "g.yaml").limits == Limits()
-
-
-def test_mitmproxy_internals_still_there():
-    """http1.install() patches two private mitmproxy functions; this fails when mitmproxy changes them."""
-    from mitmproxy.proxy.layers.http import HttpStream, _http1
-
-    http1.install(http1.StrictRequests())
-    read_headers = _http1.Http1Server.read_headers
-    wait = HttpStream.state_wait_for_request_headers
-    assert getattr(read_headers, "_easgate", False) and getattr(wait, "_easgate", False)
-    # what the patches rely on: heads are cut by h11's blank-line rule from `self.buf`, and 100
-    # Continue is sent from state_wait_for_request_headers right after the requestheaders hook
-    src = inspect.getsource(inspect.unwrap(read_headers.__closure__[0].cell_contents))
-    assert "self.buf.maybe_extract_lines()" in src and "read_request_head" in src
-    src = inspect.getsource(inspect.unwrap(wait.__closure__[0].cell_contents))
-    assert src.index("HttpRequestHeadersHook") < src.index("100-continue") < src.index("Response.make(100)")
-    from h11._receivebuffer import blank_line_regex
-
-    for sample in (b"a\r\n\r\nb", b"a\n\nb", b"a\n\r\nb", b"a\r\n\nb", b"a\r\r\n\r\n"):
-        assert blank_line_regex.search(sample).span() == http1._HEAD_END.search(sample).span()
-    assert read_stream  # the models are importable without mitmproxy's help
 
 
 def test_limits_example_in_the_docs_is_the_default(pki, tmp_path):

@@ -12,7 +12,7 @@ import inspect
 
 from mitmproxy.addons import proxyserver, tlsconfig
 from mitmproxy.proxy import mode_servers, server
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import HttpStream, _http1
 from OpenSSL import SSL
 
 from easgate.gateway import mitmcompat
@@ -56,3 +56,30 @@ def test_reverse_instance_listens_through_listen_and_handle_stream():
     params = list(inspect.signature(mode_servers.ReverseInstance.listen).parameters)
     assert params[:3] == ["self", "host", "port"]
     assert hasattr(mode_servers.ReverseInstance, "handle_stream")
+
+
+def test_http1_server_cuts_request_heads_from_its_buffer_by_h11s_blank_line():
+    """screen_http1_heads sees the bytes read_headers is about to parse: the same buffer, cut the same way."""
+    from h11._receivebuffer import blank_line_regex
+
+    mitmcompat.screen_http1_heads(lambda buf, peer: None)
+    wrapped = _http1.Http1Server.read_headers
+    assert getattr(wrapped, "_easgate", False)
+    src = inspect.getsource(inspect.unwrap(wrapped.__closure__[0].cell_contents))
+    assert "self.buf.maybe_extract_lines()" in src and "read_request_head" in src and "self.done" in src
+    for sample in (b"a\r\n\r\nb", b"a\n\nb", b"a\n\r\nb", b"a\r\n\nb", b"a\r\r\n\r\n", b"a\r\nb"):
+        want = blank_line_regex.search(sample)
+        got = mitmcompat.HEAD_END.search(sample)
+        assert (want and want.span()) == (got and got.span()), sample
+
+
+def test_100_continue_is_sent_right_after_the_requestheaders_hook():
+    """answer_before_continue holds back the 100 that state_wait_for_request_headers sends after the hook."""
+    mitmcompat.answer_before_continue()
+    wrapped = HttpStream.state_wait_for_request_headers
+    assert getattr(wrapped, "_easgate", False)
+    src = inspect.getsource(inspect.unwrap(wrapped.__closure__[0].cell_contents))
+    assert src.index("HttpRequestHeadersHook") < src.index("100-continue") < src.index("Response.make(100)")
+    assert "state_consume_request_body" in src
+    for name in ("send_response", "check_killed", "state_errored"):
+        assert callable(getattr(HttpStream, name)), name

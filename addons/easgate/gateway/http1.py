@@ -11,32 +11,27 @@ requests that no route, header rule or authorization decision ever saw.
 So there is one reading, RFC 9112's, and everything outside it is refused with 400 (431/414 for the
 limits) and the connection is closed: no further pipelined request on it is read. Two places apply it:
 
-- `StrictReader` patches mitmproxy's HTTP/1 server layer (the only use of private mitmproxy API,
-  all in `install()` below) so the raw head bytes are checked before mitmproxy parses them: bare LF
-  line ends, obs-fold and over-long heads are only visible there.
+- `StrictRequests.screen` sees the raw head bytes before mitmproxy's HTTP/1 server layer parses
+  them (hooked in by `mitmcompat.screen_http1_heads`): bare LF line ends, obs-fold and over-long
+  heads are only visible there.
 - `StrictRequests`, the first addon of the gateway, checks the parsed request mitmproxy hands to
   every addon — what it would forward — with the same rules, in case the layer patch is missing.
 
-`install()` also makes `Expect: 100-continue` wait for the decision: a request answered in
-`requestheaders` (a deny, a 400, a 404) gets that answer at once, never a `100 Continue`, and its
-connection is closed instead of the body being read.
+`mitmcompat.answer_before_continue` makes `Expect: 100-continue` wait for the decision: a request
+answered in `requestheaders` (a deny, a 400, a 404) gets that answer at once, never a `100
+Continue`, and its connection is closed instead of the body being read.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass
 
 from mitmproxy import http
 from mitmproxy.net.http import http1 as wire
-from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import _http1  # private: see install()
-from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage, ResponseHeaders, ResponseProtocolError
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 
+from . import mitmcompat
 from .config import GatewayConfig, Limits
 from .respond import answer
 
@@ -172,7 +167,8 @@ class StrictRequests:
 
     def apply(self, cfg: GatewayConfig) -> None:
         self.limits = cfg.limits
-        install(self)
+        mitmcompat.screen_http1_heads(self.screen)
+        mitmcompat.answer_before_continue()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -185,38 +181,32 @@ class StrictRequests:
             flow.comment = f"bad request: {r.reason}"
             answer(flow, refusal_response(r))  # or drop it, when mitmproxy streams its body
 
+    def screen(self, buf: bytes, peer) -> bytes | None:
+        """The raw answer to send before closing, when the head arriving in `buf` is refused."""
+        try:
+            screen(buf, self.limits)
+        except Refusal as r:
+            self.refuse(r, peer)
+            return wire.assemble_response(refusal_response(r))
+        return None
+
     def refuse(self, r: Refusal, peer) -> None:
         self.refused += 1
         logger.info(f"client {peer[0] if peer else '?'}: {r.status} {r.reason}; connection closed")
 
 
-# ---------------------------------------------------------------------------------------------
-# mitmproxy internals (12.3): the one place that uses private API. test_http1.py's
-# test_mitmproxy_internals_still_there fails loudly when mitmproxy changes what this relies on.
-
 _LEADING_BLANK = re.compile(rb"(?:\r\n)*")
-_HEAD_END = re.compile(rb"\n\r?\n")  # where h11's ReceiveBuffer.maybe_extract_lines ends a head
-_reader: StrictRequests | None = None
-
-
-def install(reader: StrictRequests) -> None:
-    """Check raw heads in `Http1Server.read_headers`, and hold `100 Continue` for answered requests."""
-    global _reader
-    _reader = reader
-    server = _http1.Http1Server
-    if not getattr(server.read_headers, "_easgate", False):
-        server.read_headers = _strict_read_headers(server.read_headers)
-    stream = http_layers.HttpStream
-    if not getattr(stream.state_wait_for_request_headers, "_easgate", False):
-        stream.state_wait_for_request_headers = _answer_before_continue(stream.state_wait_for_request_headers)
 
 
 def screen(buf: bytes, limits: Limits) -> None:
-    """Check the next head in a connection's receive buffer, as far as it has arrived; raises Refusal."""
+    """Check the next head in a connection's receive buffer, as far as it has arrived; raises Refusal.
+
+    `buf` is what mitmproxy's HTTP/1 server is about to cut a head from (mitmcompat.HEAD_END, h11's
+    rule): the check sees exactly the bytes mitmproxy will parse."""
     start = _LEADING_BLANK.match(buf).end()  # RFC 9112 2.2: empty lines before a request line are ignored
     if buf[start:start + 1] == b"\n":
         raise Refusal("bare LF before the request line")
-    m = _HEAD_END.search(buf, start)
+    m = mitmcompat.HEAD_END.search(buf, start)
     if m is None:
         if len(buf) - start > limits.max_header_bytes:
             raise Refusal(f"request head over limits.max_header_bytes ({limits.max_header_bytes})", 431)
@@ -224,61 +214,3 @@ def screen(buf: bytes, limits: Limits) -> None:
     if start:  # mitmproxy consumes a leading empty line on its own; the head is checked next time
         return
     check_head(buf[:m.end()], limits)
-
-
-def _strict_read_headers(original):
-    def read_headers(self, event):
-        reader = _reader
-        if reader is not None and isinstance(event, events.DataReceived) and self.buf:
-            try:
-                screen(bytes(self.buf), reader.limits)
-            except Refusal as r:
-                reader.refuse(r, self.conn.peername)
-                yield commands.SendData(self.conn, wire.assemble_response(refusal_response(r)))
-                yield commands.CloseConnection(self.conn)
-                self.state = self.done
-                return
-        return (yield from original(self, event))
-
-    read_headers._easgate = True  # type: ignore[attr-defined]
-    return read_headers
-
-
-def _answer_before_continue(original):
-    """mitmproxy sends `100 Continue` after requestheaders even when an addon already set the
-    response: the client then uploads its whole body to be told no. Answer it now instead."""
-
-    def state_wait_for_request_headers(self, event):
-        gen = original(self, event)
-        held = False
-        reply = None
-        try:
-            while True:
-                cmd = gen.send(reply)
-                if (isinstance(cmd, http_layers.SendHttp) and isinstance(cmd.event, ResponseHeaders)
-                        and cmd.event.response.status_code == 100 and self.flow.response is not None):
-                    held, reply = True, None
-                    continue
-                reply = yield cmd
-        except StopIteration as stop:
-            result = stop.value
-        if not held:
-            return result
-        resp = self.flow.response
-        resp.headers["Connection"] = "close"
-        self.client_state = self.state_errored  # a body sent anyway is read and dropped
-        resp.timestamp_start = time.time()
-        yield HttpResponseHeadersHook(self.flow)
-        if (yield from self.check_killed(True)):
-            return None
-        yield from self.send_response()  # response hook, head and body
-        self.flow.live = False
-        yield http_layers.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
-        yield http_layers.SendHttp(
-            ResponseProtocolError(self.stream_id, "answered before 100 Continue", ErrorCode.KILL),
-            self.context.client)
-        yield http_layers.DropStream(self.stream_id)
-        return None
-
-    state_wait_for_request_headers._easgate = True  # type: ignore[attr-defined]
-    return state_wait_for_request_headers

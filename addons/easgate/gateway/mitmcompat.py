@@ -2,7 +2,8 @@
 
 mitmproxy has no public API for what a gateway needs here: aborting one connection's transport,
 cancelling a connect that hangs, checking an upstream's host name with OpenSSL's verify
-parameters, and fixing a crash in its HTTP/1 layer. Each function names what it relies on;
+parameters, fixing a crash in its HTTP/1 layer, seeing a request head's raw bytes before it is
+parsed, and holding back `100 Continue` for a request that is already answered. Each function names what it relies on;
 tests/test_mitmcompat.py checks each of those against the installed mitmproxy, so an upgrade that
 changes one fails loudly there instead of silently here.
 """
@@ -12,12 +13,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
+import time
+from collections.abc import Callable
 
 from mitmproxy import connection, ctx
 from mitmproxy.addons.tlsconfig import DEFAULT_HOSTFLAGS
-from mitmproxy.proxy import commands, mode_servers
+from mitmproxy.proxy import commands, events, mode_servers
+from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage, ResponseHeaders, ResponseProtocolError
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from OpenSSL import SSL
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,88 @@ def _http1_request_trailers() -> None:
 
     read_body._easgate = True  # type: ignore[attr-defined]
     conn_cls.read_body = read_body
+
+
+# -- HTTP/1 request heads ---------------------------------------------------------------------
+# Relies on: _http1.Http1Server.read_headers(self, event) cutting each request head from self.buf
+# (h11's ReceiveBuffer.maybe_extract_lines: up to the first LF [CR] LF, HEAD_END) on a DataReceived,
+# with self.conn, self.state and self.done; and HttpStream.state_wait_for_request_headers sending
+# `100 Continue` (SendHttp(ResponseHeaders(status 100))) right after HttpRequestHeadersHook, then
+# leaving the body to state_consume_request_body, with send_response(), check_killed() and
+# SendHttp/DropStream to finish a stream.
+
+HEAD_END = re.compile(rb"\n\r?\n")
+_screen: Callable[[bytes, tuple | None], bytes | None] | None = None
+
+
+def screen_http1_heads(screen: Callable[[bytes, tuple | None], bytes | None]) -> None:
+    """Before mitmproxy's HTTP/1 server parses a request head, call `screen(buffer, peername)`; when
+    it returns bytes, send them to the client and close the connection: nothing else on it is read."""
+    global _screen
+    _screen = screen
+    cls = _http1.Http1Server
+    original = cls.read_headers
+    if getattr(original, "_easgate", False):
+        return
+
+    def read_headers(self, event):
+        check = _screen
+        if check is not None and isinstance(event, events.DataReceived) and self.buf:
+            answer = check(bytes(self.buf), self.conn.peername)
+            if answer is not None:
+                yield commands.SendData(self.conn, answer)
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
+                return
+        return (yield from original(self, event))
+
+    read_headers._easgate = True  # type: ignore[attr-defined]
+    cls.read_headers = read_headers
+
+
+def answer_before_continue() -> None:
+    """mitmproxy 12.3 sends `100 Continue` after requestheaders even when an addon already set the
+    response: the client then uploads its whole body to be told no. Send that response at once
+    instead, without the 100, and close the connection (a body sent anyway is not read)."""
+    cls = http_layers.HttpStream
+    original = cls.state_wait_for_request_headers
+    if getattr(original, "_easgate", False):
+        return
+
+    def state_wait_for_request_headers(self, event):
+        gen = original(self, event)
+        held = False
+        reply = None
+        try:
+            while True:
+                cmd = gen.send(reply)
+                if (isinstance(cmd, http_layers.SendHttp) and isinstance(cmd.event, ResponseHeaders)
+                        and cmd.event.response.status_code == 100 and self.flow.response is not None):
+                    held, reply = True, None
+                    continue
+                reply = yield cmd
+        except StopIteration as stop:
+            result = stop.value
+        if not held:
+            return result
+        resp = self.flow.response
+        resp.headers["Connection"] = "close"
+        self.client_state = self.state_errored  # whatever the client still sends is dropped
+        resp.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        if (yield from self.check_killed(True)):
+            return None
+        yield from self.send_response()  # the response hook, the head and the body
+        self.flow.live = False
+        yield http_layers.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        yield http_layers.SendHttp(
+            ResponseProtocolError(self.stream_id, "answered before 100 Continue", ErrorCode.KILL),
+            self.context.client)
+        yield http_layers.DropStream(self.stream_id)
+        return None
+
+    state_wait_for_request_headers._easgate = True  # type: ignore[attr-defined]
+    cls.state_wait_for_request_headers = state_wait_for_request_headers
 
 
 # -- connections ------------------------------------------------------------------------------
