@@ -184,7 +184,8 @@ def _tls(gw) -> ssl.SSLSocket:
     return ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port), timeout=5), server_hostname=HOSTNAME)
 
 
-def _recv_until(s: ssl.SSLSocket, pred, timeout: float = 5.0) -> bytes:
+def _recv_until(s: ssl.SSLSocket, pred, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """What arrived until `pred` holds, the peer closed, or `timeout`; and whether it closed."""
     out = bytearray()
     deadline = time.monotonic() + timeout
     while not pred(bytes(out)) and time.monotonic() < deadline:
@@ -194,23 +195,23 @@ def _recv_until(s: ssl.SSLSocket, pred, timeout: float = 5.0) -> bytes:
         except (TimeoutError, socket.timeout):
             break
         except (OSError, ssl.SSLError):
-            break
+            return bytes(out), True
         if not chunk:
-            break
+            return bytes(out), True
         out += chunk
-    return bytes(out)
+    return bytes(out), False
 
 
 def test_expect_100_continue_denied_device_is_answered_without_continue(gw):
     g, ex, md, audit_path, ctx = gw
     s = _tls(gw)
     s.sendall(_expect_head("expect-denied", DENIED[0]))  # the head only: a real client waits for 100
-    got = _recv_until(s, lambda b: b"\r\n\r\n" in b)
+    got, _ = _recv_until(s, lambda b: b"\r\n\r\n" in b)
     assert statuses(got)[:1] == [403], got[:200]
     assert b"100 Continue" not in got
-    rest = _recv_until(s, lambda b: False, timeout=3)  # the gateway closes instead of reading 100 kB
+    rest, closed = _recv_until(s, lambda b: False, timeout=5)  # the gateway closes instead of reading 100 kB
     s.close()
-    assert statuses(got + rest) == [403]
+    assert closed and statuses(got + rest) == [403]
     lines = [l for l in audit(audit_path) if tag_of(l.get("agent")) == "expect-denied"]
     assert [l["decision"] for l in lines] == ["deny"]
 
@@ -219,12 +220,12 @@ def test_expect_100_continue_allowed_device_continues_after_the_decision(gw):
     g, ex, md, audit_path, ctx = gw
     s = _tls(gw)
     s.sendall(_expect_head("expect-allowed", ALLOWED[0]))
-    got = _recv_until(s, lambda b: b"\r\n\r\n" in b)
+    got, _ = _recv_until(s, lambda b: b"\r\n\r\n" in b)
     assert got.startswith(b"HTTP/1.1 100"), got[:200]
     # the decision was written before the client was told to continue
     assert [l["decision"] for l in audit(audit_path) if tag_of(l.get("agent")) == "expect-allowed"] == ["allow"]
     s.sendall(b"x" * 100000)
-    got += _recv_until(s, lambda b: b"\r\n\r\nok" in b)
+    got += _recv_until(s, lambda b: b"\r\n\r\nok" in b)[0]
     s.close()
     assert b"200 OK" in got
     seen = upstream_reads(ex, {"expect-allowed"})["strict"]
