@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import ssl
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,7 +52,8 @@ def gw(pki, tmp_path_factory):
     cfg["limits"] = LIMITS
     argv = easgate_argv("run", str(write_config(tmp, cfg)), "--listen", "127.0.0.1:0",
                         "--workers", os.environ.get("EASGATE_WORKERS", "1"),
-                        *(["--full"] if os.environ.get("EASGATE_MASTER") == "full" else []))
+                        *(["--full"] if os.environ.get("EASGATE_MASTER") == "full" else []),
+                        "--", "--set", "easgate_metrics=127.0.0.1:0")
     g = GatewayProcess(argv).wait_ready()
     yield g, ex, md, tmp / "audit.jsonl", client_context(pki)
     g.stop()
@@ -161,6 +164,22 @@ def test_nothing_pipelined_after_a_refused_request_is_read(gw):
         with up.lock:
             assert not any(b"case=pipe-" in bytes(s) for s in up.streams)
     assert not [l for l in audit(audit_path) if tag_of(l.get("agent")) in set(case.tags)]
+
+
+def test_refusals_are_counted_in_the_metrics(gw):
+    g, ex, md, audit_path, ctx = gw
+    for case in hostile_cases("m-")[:3]:
+        assert send_raw(g.port, ctx, case.data)["statuses"] == [400]
+    deadline = time.monotonic() + 10
+    while not (urls := [m[1] for line in g.lines if (m := re.search(r"metrics at (http://\S+/metrics)", line))]):
+        assert time.monotonic() < deadline, g.output
+        time.sleep(0.05)
+    total = 0
+    for url in set(urls):  # one listener per worker: the counters are per worker
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        m = re.search(r'^easgate_bad_requests_total\{code="400"\} (\d+)$', body, re.M)
+        total += int(m[1]) if m else 0
+    assert total >= 3, body[:2000]
 
 
 def test_pipelined_requests_are_each_decided(gw):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -163,7 +164,7 @@ class StrictRequests:
 
     def __init__(self) -> None:
         self.limits = Limits()
-        self.refused = 0
+        self.refused: Counter[int] = Counter()  # refused request heads by status (metrics)
 
     def apply(self, cfg: GatewayConfig) -> None:
         self.limits = cfg.limits
@@ -191,7 +192,7 @@ class StrictRequests:
         return None
 
     def refuse(self, r: Refusal, peer) -> None:
-        self.refused += 1
+        self.refused[r.status] += 1
         logger.info(f"client {peer[0] if peer else '?'}: {r.status} {r.reason}; connection closed")
 
 

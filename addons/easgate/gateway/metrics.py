@@ -215,6 +215,10 @@ class Metrics:
         d.metric("easgate_refused_requests_total", "counter",
                  "Requests on connections the gateway refused (plain HTTP, missing or invalid client certificate).",
                  self.refused)
+        strict = getattr(self.gw, "strict", None)
+        d.metric("easgate_bad_requests_total", "counter",
+                 "Request heads refused by the strict HTTP/1 reading (connection closed), by status code.",
+                 [({"code": c}, v) for c, v in sorted(getattr(strict, "refused", {}).items())])
         d.metric("easgate_responses_total", "counter", "Responses sent to clients, by route and status code.",
                  [({"route": r, "code": c}, v) for (r, c), v in sorted(self.responses.items(), key=str)])
         d.metric("easgate_upstream_errors_total", "counter",
