@@ -155,6 +155,14 @@ def test_strict_reading_refuses(gw, case):
     assert not [l for l in audit(audit_path) if tag_of(l.get("agent")) in tags]
 
 
+def test_empty_lines_before_a_request_line_are_skipped(gw):
+    """RFC 9112 2.2; mitmproxy alone would wait for more bytes with the request already buffered."""
+    g, ex, md, audit_path, ctx = gw
+    res = send_raw(g.port, ctx, b"\r\n\r\n" + request("crlf", "GET", "/enroll/x"))
+    assert res["statuses"] == [200] and res["seconds"] < 3
+    assert [r.tag for r in upstream_reads(md, {"crlf"})["strict"]] == ["crlf"]
+
+
 def test_nothing_pipelined_after_a_refused_request_is_read(gw):
     g, ex, md, audit_path, ctx = gw
     case = pipelined_cases()[0]

@@ -100,6 +100,8 @@ def hostile_cases(p: str = "") -> list[Case]:
     add("smuggle-options", _smuggle(p + "smuggle-options", "OPTIONS", A, D, b" "), "the same behind OPTIONS")
     add("fold-auth", request(p + "fold-auth", "POST", ident=A, headers=[("X-A", f"a\r\n Authorization: {basic(D[0])}")]),
         "folded second Authorization")
+    add("crlf-fold", b"\r\n" + request(p + "crlf-fold", "GET", "/enroll/x", headers=[("X-A", "a\r\n NSClientCert: F")]),
+        "an empty line, then obs-fold")
     add("cr-value", request(p + "cr-value", "GET", "/enroll/x", headers=[("X-A", "a\rNSClientCert: FORGED")]),
         "bare CR in a header value")
     add("nul-value", request(p + "nul-value", "POST", ident=A, headers=[("X-A", "a\x00b")]), "NUL in a header value")
