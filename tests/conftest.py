@@ -211,16 +211,43 @@ class GatewayProcess:
         self.lines: list[str] = []
         self.port: int | None = None
         self._ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._more = threading.Condition()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+            with self._more:
+                self.lines.append(line.rstrip("\n"))
+                self._more.notify_all()
             m = LISTEN_RE.search(line)
             if m and self.port is None:
                 self.port = int(m[2])
                 self._ready.set()
         self._ready.set()
+        with self._more:
+            self._more.notify_all()
+
+    def wait_line(self, pred, timeout: float = 10) -> str:
+        """Wait for an output line for which pred(line) holds; returns it."""
+        found: list[str] = []
+
+        def seen() -> bool:
+            found[:] = [ln for ln in self.lines if pred(ln)][:1]
+            return bool(found) or not self._pump_thread.is_alive()
+
+        with self._more:
+            self._more.wait_for(seen, timeout)
+        assert found, f"no matching line in the gateway's output within {timeout}s:\n{self.output}"
+        return found[0]
+
+    def wait_output(self, text: str, timeout: float = 10) -> str:
+        """Wait until `text` appears in the output (a log line may follow the response it is about)."""
+        with self._more:
+            if not self._more.wait_for(lambda: text in self.output or not self._pump_thread.is_alive(), timeout):
+                raise AssertionError(f"{text!r} not in the gateway's output within {timeout}s:\n{self.output}")
+        assert text in self.output, f"{text!r} not in the gateway's output (it exited):\n{self.output}"
+        return self.output
 
     def wait_ready(self, timeout: float = 20) -> GatewayProcess:
         self._ready.wait(timeout)
@@ -235,7 +262,7 @@ class GatewayProcess:
 
     def wait_exit(self, timeout: float = 20) -> int:
         rc = self.proc.wait(timeout)
-        time.sleep(0.1)
+        self._pump_thread.join(5)  # the output up to the end
         return rc
 
     def stop(self) -> int | None:
@@ -246,6 +273,7 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._pump_thread.join(5)
         return self.proc.returncode
 
 

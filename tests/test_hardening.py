@@ -114,11 +114,12 @@ def test_connector_hanging_with_many_waiting_clients(start_gateway, pki, exchang
         time.sleep(0.1)
         mdm_answer, mdm_s = timed(request, g.port, "GET", "/enroll", pki)  # while 41 callouts hang
         results = [f.result() for f in futures]
-    assert not isinstance(mdm_answer, Exception) and mdm_answer.status == 200 and mdm_s < 2.0
+    # held up behind the hung callouts, it would wait for their 30 s hang; the bound only tells the two apart
+    assert not isinstance(mdm_answer, Exception) and mdm_answer.status == 200 and mdm_s < 10.0
     statuses = [r.status if not isinstance(r, Exception) else repr(r) for r, _ in results]
     slowest = max(s for _, s in results)
     # a hung client would wait for the connector's 30 s hang; 51 TLS clients on 2 busy cores take a while
-    assert slowest < 5.0, f"a client waited {slowest:.2f}s on a hung connector (timeout 500 ms)"
+    assert slowest < 10.0, f"a client waited {slowest:.2f}s on a hung connector (timeout 500 ms)"
     unknown, known = statuses[:40], statuses[40:]
     expected_unknown = {"deny": 403, "allow": 200, "stale": 403}[fail_mode]
     expected_known = {"deny": 403, "allow": 200, "stale": 200}[fail_mode]
