@@ -15,11 +15,15 @@ the bottom. docs/netscaler-import.md has the mapping table.
 from __future__ import annotations
 
 import bisect
+import gc
+import functools
 import itertools
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mitmproxy import flowfilter
 
 from .core.paths import normalize_path
 
@@ -92,6 +96,12 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
+# runs of characters the scanners below only copy (a regex jump instead of a Python loop per character)
+_PLAIN_RUN = re.compile(r'[^\\"()]+')
+_PLAIN_RUN_INNER = re.compile(r'[^\\"]+')
+_WORD_RUN = re.compile(r'[^\\"()\s]+')
+
+
 def _scan_quoted_balanced(line: str, i: int) -> tuple[str, int] | None:
     """NetScaler's own idiom: `-rule "HTTP.REQ.URL.STARTSWITH("/x")"`, `""literal""`.
 
@@ -102,6 +112,10 @@ def _scan_quoted_balanced(line: str, i: int) -> tuple[str, int] | None:
     n = len(line)
     j, depth, inner, buf = i + 1, 0, False, []
     while j < n:
+        if m := (_PLAIN_RUN_INNER if inner else _PLAIN_RUN).match(line, j):
+            buf.append(m[0])
+            j = m.end()
+            continue
         c = line[j]
         if c == "\\" and j + 1 < n and line[j + 1] in "\"\\":
             buf.append(line[j + 1])
@@ -137,6 +151,10 @@ def _scan_quoted_plain(line: str, i: int) -> tuple[str, int] | None:
     n = len(line)
     j, buf = i + 1, []
     while j < n:
+        if m := _PLAIN_RUN_INNER.match(line, j):
+            buf.append(m[0])
+            j = m.end()
+            continue
         c = line[j]
         if c == "\\" and j + 1 < n and line[j + 1] in "\"\\":
             buf.append(line[j + 1])
@@ -155,6 +173,10 @@ def _scan_word(line: str, i: int) -> tuple[str, int]:
     n = len(line)
     j, depth, inner, buf = i, 0, False, []
     while j < n:
+        if m := (_PLAIN_RUN_INNER if inner else _WORD_RUN).match(line, j):
+            buf.append(m[0])
+            j = m.end()
+            continue
         c = line[j]
         if c == "\\" and j + 1 < n and line[j + 1] in "\"\\":
             buf.append(line[j + 1])
@@ -180,6 +202,9 @@ def _scan_word(line: str, i: int) -> tuple[str, int]:
     return "".join(buf), j
 
 
+_SIMPLE_WORD = re.compile(r'[^\s"()\\]+(?=\s|$)')
+
+
 def tokenize(line: str) -> list[Token]:
     """Split one logical line into words; `#` at the start of a word begins a comment."""
     toks: list[Token] = []
@@ -189,7 +214,10 @@ def tokenize(line: str) -> list[Token]:
             i += 1
         if i >= n or line[i] == "#":
             return toks
-        if line[i] == '"':
+        if m := _SIMPLE_WORD.match(line, i):  # most words: no quote, parenthesis or backslash
+            toks.append(Token(m[0]))
+            i = m.end()
+        elif line[i] == '"':
             r = _scan_quoted_balanced(line, i) or _scan_quoted_plain(line, i)
             if r is None:
                 raise NsSyntaxError(f"unbalanced quote starting at column {i + 1}")
@@ -417,6 +445,7 @@ def _classify(segs: list[tuple[str, list]], src: str):
     return atom
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_expr(text: str):
     """A NetScaler policy rule -> Const | Atom | Not | And | Or; raises ExprError."""
     if not text.strip():
@@ -567,6 +596,25 @@ def _structured_path(a: Atom) -> bool:
             and "#" not in v and normalize_path(v) == v)
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_FILTER_SHAPES: set[str] = set()
+
+
+def check_filter(flt: str) -> None:
+    """A generated filter must parse. mitmproxy's parser (pyparsing) takes ~5 ms a filter, so each
+    shape (the filter with its quoted strings blanked) is parsed once; every filter's regexes are
+    compiled. Raises ExprError (a bug in this module)."""
+    shape = _QUOTED.sub('"x"', flt)
+    try:
+        if shape not in _FILTER_SHAPES:
+            flowfilter.parse(flt)
+            _FILTER_SHAPES.add(shape)
+        for q in _QUOTED.findall(flt):
+            re.compile(re.sub(r"\\(.)", r"\1", q[1:-1]))
+    except (ValueError, re.error) as err:  # pragma: no cover - a bug in this module
+        raise ExprError(f"generated filter does not parse ({err}): {flt}")
+
+
 def to_match(e) -> dict | str | None:
     """easgate `match` for a rule: 'any', a mapping, or None (the rule is always false).
 
@@ -613,12 +661,7 @@ def to_match(e) -> dict | str | None:
         flt = " & ".join(to_filter(x) for x in rest)
         if any(a.kind in ("url", "path") for x in rest for a in atoms_of(x)):
             flt += " & " + HOST_GUARD
-        from mitmproxy import flowfilter
-
-        try:
-            flowfilter.parse(flt)
-        except ValueError as err:  # pragma: no cover - a bug in this module
-            raise ExprError(f"generated filter does not parse ({err}): {flt}")
+        check_filter(flt)
         m["filter"] = flt
     return m
 
@@ -626,39 +669,88 @@ def to_match(e) -> dict | str | None:
 # ---- reasoning about which requests reach a route ------------------------------------------
 
 
-def _consistent(env: dict[Atom, bool]) -> bool:
-    """Prefix facts between URL STARTSWITH tests (the only relations that matter for routing)."""
-    pre = [(a, v) for a, v in env.items() if a.kind in ("url", "path") and a.op == "startswith"
-           and "?" not in a.value]
-    for (a, va), (b, vb) in itertools.permutations(pre, 2):
-        if not va:
+def _prefix_ok(a: Atom, va: bool, b: Atom, vb: bool) -> bool:
+    """Can the URL tests a (= va) and b (= vb) hold together? Prefix facts between URL STARTSWITH
+    tests are the only relations between conditions that matter for routing."""
+    for (x, vx), (y, vy) in (((a, va), (b, vb)), ((b, vb), (a, va))):
+        if not vx:
             continue
-        ka, kb = (a.value.lower(), b.value.lower()) if (a.icase or b.icase) else (a.value, b.value)
-        if vb and not (ka.startswith(kb) or kb.startswith(ka)):
+        kx, ky = (x.value.lower(), y.value.lower()) if (x.icase or y.icase) else (x.value, y.value)
+        if vy and not (kx.startswith(ky) or ky.startswith(kx)):
             return False  # the URL cannot start with both
-        if not vb and ka.startswith(kb) and (b.icase or not a.icase):
-            return False  # a implies b
+        if not vy and kx.startswith(ky) and (y.icase or not x.icase):
+            return False  # x implies y
     return True
 
 
-MAX_ATOMS = 14
+def _is_prefix(a: Atom) -> bool:
+    return a.kind in ("url", "path") and a.op == "startswith" and "?" not in a.value
 
 
+def _eval3(e, env: dict[Atom, bool]) -> bool | None:
+    """e under a partial assignment: True, False, or None (depends on unassigned tests)."""
+    if isinstance(e, Atom):
+        return env.get(e)
+    if isinstance(e, Const):
+        return e.value
+    if isinstance(e, Not):
+        v = _eval3(e.x, env)
+        return None if v is None else not v
+    is_and, unknown = isinstance(e, And), False
+    for x in e.xs:
+        v = _eval3(x, env)
+        if v is None:
+            unknown = True
+        elif v != is_and:
+            return v  # a False in AND, a True in OR decides
+    return None if unknown else is_and
+
+
+def satisfiable(e) -> bool:
+    """Is there a request for which e holds? A backtracking search over the tests of e that stops
+    at the first contradiction (three-valued evaluation, prefix facts checked as tests are set)."""
+    atoms = list(dict.fromkeys(atoms_of(e)))
+    env: dict[Atom, bool] = {}
+    prefixes: list[Atom] = []
+
+    def go(i: int) -> bool:
+        v = _eval3(e, env)
+        if v is False:
+            return False
+        if i == len(atoms):
+            return v is True
+        a = atoms[i]
+        for val in (False, True):
+            if _is_prefix(a) and not all(_prefix_ok(a, val, b, env[b]) for b in prefixes):
+                continue
+            env[a] = val
+            if _is_prefix(a):
+                prefixes.append(a)
+            ok = go(i + 1)
+            if _is_prefix(a):
+                prefixes.pop()
+            del env[a]
+            if ok:
+                return True
+        return False
+
+    return go(0)
+
+
+MAX_ATOMS = 24
+
+
+@functools.lru_cache(maxsize=65536)
 def decide(premise, question) -> bool | None:
     """True if every request satisfying premise satisfies question, False if none does,
-    None if it depends (or the premise is unsatisfiable: then False)."""
-    atoms = list(dict.fromkeys(atoms_of(premise) + atoms_of(question)))
-    if len(atoms) > MAX_ATOMS:
+    None if it depends (or there are too many tests to tell). An unsatisfiable premise: False."""
+    if len(set(atoms_of(premise)) | set(atoms_of(question))) > MAX_ATOMS:
         return None
-    seen = set()
-    for values in itertools.product((False, True), repeat=len(atoms)):
-        env = dict(zip(atoms, values))
-        if not _consistent(env) or not evaluate(premise, env):
-            continue
-        seen.add(evaluate(question, env))
-        if len(seen) == 2:
-            return None
-    return seen == {True}
+    if not satisfiable(simplify(And((premise, question)))):
+        return False
+    if not satisfiable(simplify(And((premise, Not(question))))):
+        return True
+    return None
 
 
 def with_cert(e, present: bool = True):
@@ -681,6 +773,26 @@ def assume(e, true_atoms: set):
     if isinstance(e, (And, Or)):
         return type(e)(tuple(assume(x, true_atoms) for x in e.xs))
     return e
+
+
+def independent_dropped(premise, question):
+    """The premise without the top-level conjuncts that share no test with the rest (and are no URL
+    prefix tests): they can be chosen freely, so they never change what decide() answers, and
+    without them the same few (premise, question) pairs repeat (decide is memoized)."""
+    conj = list(premise.xs) if isinstance(premise, And) else [premise]
+    if len(conj) == 1 and not atoms_of(premise):
+        return premise
+    seen: dict[Atom, int] = {}
+    for a in atoms_of(question):
+        seen[a] = 2
+    per = [set(atoms_of(c)) for c in conj]
+    for atoms in per:
+        for a in atoms:
+            seen[a] = seen.get(a, 0) + 1
+    keep = [c for c, atoms in zip(conj, per)
+            if not atoms or any(seen[a] > 1 or _is_prefix(a) for a in atoms)
+            or not (isinstance(c, Atom) or isinstance(c, Not) and isinstance(c.x, Atom) or satisfiable(c))]
+    return simplify(And(tuple(keep))) if keep else Const(True)
 
 
 def implies_activesync(e) -> bool:
@@ -1444,8 +1556,9 @@ class Importer:
         self.by_atom: dict[tuple, list[int]] = {}
         for i, r in enumerate(routes):
             r["index"] = i
-            for a in set(atoms_of(r["expr"])):
-                self.by_atom.setdefault(_atom_key(a), []).append(i)
+            r["keys"] = frozenset(_atom_key(a) for a in atoms_of(r["expr"]))
+            for k in r["keys"]:
+                self.by_atom.setdefault(k, []).append(i)
 
     def holds_on(self, r: dict, question) -> bool | None:
         """Does `question` hold for every request that reaches route r (True), for none (False), or
@@ -1453,22 +1566,21 @@ class Importer:
         rules that share a test with the question are added, nearest first, while the truth table
         stays small. Fewer earlier rules only ever turn an answer into None, never a wrong one."""
         premise = r["expr"]
-        got = decide(premise, question)
+        got = decide(independent_dropped(premise, question), question)
         if got is not None:
             return got
         atoms = set(atoms_of(premise)) | set(atoms_of(question))
+        keys = {_atom_key(a) for a in atoms}
         earlier: set[int] = set()
-        for a in atoms:
-            idx = self.by_atom.get(_atom_key(a), [])
+        for k in keys:
+            idx = self.by_atom.get(k, [])
             pos = bisect.bisect_left(idx, r["index"])
             earlier.update(idx[max(0, pos - REFINE_ROUTES):pos])
         parts = [premise]
         for i in sorted(earlier, reverse=True)[:REFINE_ROUTES]:
-            e = self.routes[i]["expr"]
-            if len(atoms | set(atoms_of(e))) > MAX_ATOMS:
-                continue
-            atoms |= set(atoms_of(e))
-            parts.append(Not(e))
+            # only rules about the same tests: one with tests of its own rarely decides anything here
+            if self.routes[i]["keys"] <= keys:
+                parts.append(Not(self.routes[i]["expr"]))
         if len(parts) == 1:
             return None
         return decide(simplify(And(tuple(parts))), question)
@@ -2367,10 +2479,15 @@ def cmd_import(args) -> int:
                        services=_pairs(args.service, "--service"),
                        pool_ca=_pairs(args.pool_ca, "--pool-ca"), pool_sni=_pairs(args.pool_sni, "--pool-sni"),
                        vserver=args.vserver)
+        # millions of small objects and no reference cycles: the cyclic collector would only rescan
+        # them, again and again (twice the time of a 50,000-line import)
+        gc.disable()
         yaml_text, imp = import_netscaler(text, args.file, opts)
     except UsageError as e:
         _err(f"easgate import-netscaler: {e}")
         return EXIT_UNREADABLE
+    finally:
+        gc.enable()
     if args.output:
         Path(args.output).write_text(yaml_text)
     else:
