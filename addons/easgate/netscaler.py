@@ -35,7 +35,7 @@ class NsSyntaxError(ValueError):
     """A line that cannot be split into words (unbalanced quote or parenthesis)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Token:
     text: str
     quoted: bool = False
@@ -215,7 +215,7 @@ def tokenize(line: str) -> list[Token]:
         if i >= n or line[i] == "#":
             return toks
         if m := _SIMPLE_WORD.match(line, i):  # most words: no quote, parenthesis or backslash
-            toks.append(Token(m[0]))
+            toks.append(Token(sys.intern(m[0])))  # the same few words on every line: one copy each
             i = m.end()
         elif line[i] == '"':
             r = _scan_quoted_balanced(line, i) or _scan_quoted_plain(line, i)
@@ -236,12 +236,12 @@ class ExprError(ValueError):
     """An expression (or part of one) easgate cannot express."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Const:
     value: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Atom:
     """One test. kind: url | path | host | header | method | cert | opaque."""
 
@@ -252,17 +252,17 @@ class Atom:
     icase: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Not:
     x: object
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class And:
     xs: tuple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Or:
     xs: tuple
 
@@ -709,32 +709,30 @@ def _eval3(e, env: dict[Atom, bool]) -> bool | None:
 def satisfiable(e) -> bool:
     """Is there a request for which e holds? A backtracking search over the tests of e that stops
     at the first contradiction (three-valued evaluation, prefix facts checked as tests are set)."""
-    atoms = list(dict.fromkeys(atoms_of(e)))
-    env: dict[Atom, bool] = {}
-    prefixes: list[Atom] = []
+    return _search(e, list(dict.fromkeys(atoms_of(e))), {}, [], 0)
 
-    def go(i: int) -> bool:
-        v = _eval3(e, env)
-        if v is False:
-            return False
-        if i == len(atoms):
-            return v is True
-        a = atoms[i]
-        for val in (False, True):
-            if _is_prefix(a) and not all(_prefix_ok(a, val, b, env[b]) for b in prefixes):
-                continue
-            env[a] = val
-            if _is_prefix(a):
-                prefixes.append(a)
-            ok = go(i + 1)
-            if _is_prefix(a):
-                prefixes.pop()
-            del env[a]
-            if ok:
-                return True
+
+def _search(e, atoms: list[Atom], env: dict[Atom, bool], prefixes: list[Atom], i: int) -> bool:
+    v = _eval3(e, env)
+    if v is False:
         return False
-
-    return go(0)
+    if i == len(atoms):
+        return v is True
+    a = atoms[i]
+    is_prefix = _is_prefix(a)
+    for val in (False, True):
+        if is_prefix and not all(_prefix_ok(a, val, b, env[b]) for b in prefixes):
+            continue
+        env[a] = val
+        if is_prefix:
+            prefixes.append(a)
+        ok = _search(e, atoms, env, prefixes, i + 1)
+        if is_prefix:
+            prefixes.pop()
+        del env[a]
+        if ok:
+            return True
+    return False
 
 
 MAX_ATOMS = 24
@@ -805,7 +803,7 @@ def implies_activesync(e) -> bool:
 # 3. Commands
 
 
-@dataclass
+@dataclass(slots=True)
 class Cmd:
     line: int
     text: str
@@ -837,6 +835,7 @@ VERBS = [
     ("enable", "ns", "feature"), ("save", "ns", "config"),
 ]
 _VERB_INDEX: dict[tuple[str, ...], tuple[str, ...]] = {v: v for v in VERBS}
+_VERB_NAMES = {v: " ".join(v) for v in VERBS}
 # commands that change nothing easgate would do
 HARMLESS_VERBS = {"enable ns feature", "save ns config"}
 # appliance-wide settings (addresses, routing, DNS, NTP, users, SNMP, ...): not part of a gateway
@@ -946,7 +945,7 @@ def parse_command(no: int, text: str, tokens: list[Token]) -> Cmd | str:
             cur = t.text[1:].lower()
             if cur in opts:
                 return f"option {t.text} given twice"
-            opts[cur], names[cur] = [], t.text
+            opts[cur], names[cur] = [], sys.intern(t.text)
             last = cur
             if cur in FLAGS:
                 cur = None
@@ -957,14 +956,15 @@ def parse_command(no: int, text: str, tokens: list[Token]) -> Cmd | str:
             opts[cur or last].append(t.text)
         if cur is not None:
             last = cur
-    return Cmd(no, text, " ".join(verb), args, opts, names, " ".join(t.text for t in tokens[:len(verb)]))
+    return Cmd(no, text, _VERB_NAMES[verb], args, opts, names,
+               sys.intern(" ".join(t.text for t in tokens[:len(verb)])))
 
 
 # =============================================================================================
 # 4. The model and its translation
 
 
-@dataclass
+@dataclass(slots=True)
 class Member:
     """One server of a pool: a service, or one member of a service group."""
 
@@ -976,7 +976,7 @@ class Member:
     disabled: str | None = None  # why it is out of rotation
 
 
-@dataclass
+@dataclass(slots=True)
 class LbVserver:
     name: str
     proto: str
@@ -991,7 +991,7 @@ class LbVserver:
         return bool(self.ip) and self.ip not in ("0", "0.0.0.0", "::") and self.port not in (None, "0")
 
 
-@dataclass
+@dataclass(slots=True)
 class Report:
     line: int
     message: str
@@ -1621,14 +1621,14 @@ class Importer:
             view = dict(r, expr=simplify(with_cert(r["expr"], True)))
             for prio, b, pol, act, header, rule in binds:
                 applies = self.holds_on(view, rule)
-                where = f"ssl policy {pol.args[0]} (line {pol.line}, bound line {b.line}, action {act.args[0]} line {act.line})"
+                where = f"ssl policy {pol.args[0]} (line {pol.line})"
                 if applies is True:
                     r["cert_header"] = header
                     r["comments"].append(f"{where}: its rule holds for every request on this route that "
                                          f"presents a certificate, so {header} carries the verified certificate")
                     break
                 if applies is False:
-                    r["comments"].append(f"{where}: its rule never holds on this route: no certificate header")
+                    r["comments"].append(f"{where} never holds here: no certificate header")
                     continue
                 self.untranslated(b.line, f"ssl policy {pol.args[0]} covers only part of route {r['name']}'s "
                                           f"traffic; easgate sets client_cert_header per route: split the cs policy")
@@ -1722,9 +1722,9 @@ class Importer:
                 continue
             cond = [g.condition for g in gs]
             holds = self.holds_on(r, simplify(Or(tuple(cond))) if len(cond) > 1 else cond[0])
-            names = ", ".join(f"{g.policy} (line {g.cmd.line}, bound line {g.bind.line})" for g in gs)
+            names = ", ".join(f"{g.policy} (line {g.cmd.line})" for g in gs)
             if holds is False:
-                r["comments"].append(f"responder {names}: never holds on this route: no authorization, as on NetScaler")
+                r["comments"].append(f"responder {names} never holds here: no authorization")
                 continue
             applied.extend(gs)
             r["authorize"] = True
