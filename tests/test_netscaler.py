@@ -14,21 +14,11 @@ from mitmproxy.test import tflow
 
 from easgate.gateway.config import parse_config
 from easgate.gateway.routing import Router, request_view
-from easgate.netscaler import (
-    Atom,
-    Const,
-    ExprError,
-    Not,
-    NsSyntaxError,
-    Options,
-    decide,
-    import_netscaler,
-    logical_lines,
-    parse_expr,
-    simplify,
-    to_match,
-    tokenize,
-)
+from easgate.tools.netscaler import Options, import_netscaler
+from easgate.tools.netscaler.expressions import Atom, Const, ExprError, Not, parse_expr, simplify
+from easgate.tools.netscaler.filters import to_match
+from easgate.tools.netscaler.lexer import NsSyntaxError, logical_lines, tokenize
+from easgate.tools.netscaler.reasoning import decide
 from easgate.tools.pki import cert_b64_der, load_cert
 
 from conftest import ROOT, request

@@ -16,12 +16,13 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from test_revocation import OpensslResponder
+
+from easgate.gateway.config import parse_config
+from easgate.tools.netscaler import Options, import_netscaler
+from easgate.tools.pki import cert_b64_der, load_cert
 
 from conftest import ROOT, request
-from test_revocation import OpensslResponder
-from easgate.config import parse_config
-from easgate.netscaler import Options, import_netscaler
-from easgate.pki import cert_b64_der, load_cert
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 PROD = FIX / "netscaler-xm10-exchange2016.conf"

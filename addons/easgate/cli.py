@@ -15,7 +15,6 @@ from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitm_main
 from mitmproxy.tools.web.master import WebMaster
 
-from . import netscaler
 from .connector import commands as connector_commands
 from .core.errors import ConfigError
 from .gateway.addon import with_listen
@@ -29,7 +28,7 @@ from .runtime.lean import (
     mitmdump_filter_extra,
     run_master,
 )
-from .tools import demo, replay
+from .tools import demo, netscaler, replay
 from .tools.pki import generate_pki, revoke
 
 
