@@ -16,12 +16,17 @@ class Cmd:
     verb: str  # "add lb vserver"
     args: list[str]
     opts: dict[str, list[str]]  # lower-case option name -> values ([] for a flag)
-    names: dict[str, str]  # lower-case -> as written
     written: str = ""  # the verb as written ("add policy httpCallout")
 
     def opt(self, name: str, default: str | None = None) -> str | None:
         v = self.opts.get(name)
         return " ".join(v) if v else default
+
+    def spelled(self, name: str) -> str:
+        """Option `name` as the line writes it (`-ocspCheck`), for messages: looked up in the text
+        rather than kept for every line of a 50,000-line file."""
+        m = re.search(r"(?<!\S)-(" + re.escape(name) + r")(?!\S)", self.text, re.IGNORECASE)
+        return "-" + (m[1] if m else name)
 
     def short(self, width: int = 110) -> str:
         t = " ".join(self.text.split())
@@ -138,12 +143,11 @@ def parse_command(no: int, text: str, tokens: list[Token]) -> Cmd | str:
     verb = _VERB_INDEX.get(words) or _VERB_INDEX.get(words[:2])
     if verb is None:
         if words[:2] in APPLIANCE_PREFIXES and words not in _NOT_APPLIANCE:
-            return Cmd(no, text, "appliance", [t.text for t in tokens], {}, {}, " ".join(words[:2]))
+            return Cmd(no, text, "appliance", [t.text for t in tokens], {}, " ".join(words[:2]))
         return "unknown command '" + " ".join(t.text for t in tokens[:3]) + "'"
     rest = tokens[len(verb):]
     args: list[str] = []
     opts: dict[str, list[str]] = {}
-    names: dict[str, str] = {}
     cur: str | None = None
     last = ""
     for t in rest:
@@ -151,7 +155,7 @@ def parse_command(no: int, text: str, tokens: list[Token]) -> Cmd | str:
             cur = t.text[1:].lower()
             if cur in opts:
                 return f"option {t.text} given twice"
-            opts[cur], names[cur] = [], sys.intern(t.text)
+            opts[cur] = []
             last = cur
             if cur in FLAGS:
                 cur = None
@@ -162,5 +166,5 @@ def parse_command(no: int, text: str, tokens: list[Token]) -> Cmd | str:
             opts[cur or last].append(t.text)
         if cur is not None:
             last = cur
-    return Cmd(no, text, _VERB_NAMES[verb], args, opts, names,
+    return Cmd(no, text, _VERB_NAMES[verb], args, opts,
                sys.intern(" ".join(t.text for t in tokens[:len(verb)])))

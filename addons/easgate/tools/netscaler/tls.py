@@ -119,7 +119,7 @@ class TlsMixin:
                 if v in ("optional", "mandatory"):
                     modes[opt] = v
                 else:
-                    self.untranslated(b.line, f"bind ssl vserver -certkeyName {name} -CA: {b.names[opt]} "
+                    self.untranslated(b.line, f"bind ssl vserver -certkeyName {name} -CA: {b.spelled(opt)} "
                                               f"{b.opt(opt)} is not Optional or Mandatory")
         if not modes:
             return entry, notes
