@@ -137,9 +137,14 @@ def main() -> None:
     ]
     for n, lines, took, rss, rc, routes, cpu in rows:
         text.append(f"| {n:,} | {lines:,} | {took:.2f} s | {cpu:.2f} s | {rss:.0f} MB | {routes:,} | {rc} |")
-    ratio = big[2] / small[2]
-    text += ["", f"{big[0] / small[0]:.1f}x the cs policies took {ratio:.1f}x the time. Target: 50,000 lines with "
-             f"25,000 cs policies under 10 s and 300 MB: {'met' if big[2] < 10 and big[3] < 300 else 'NOT met'}.", ""]
+    ratio = big[6] / small[6]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+    text += ["", f"{big[0] / small[0]:.1f}x the cs policies took {ratio:.1f}x the CPU time (start-up included). "
+             f"Target: 50,000 lines with 25,000 cs policies under 10 s and 300 MB: CPU time {big[6]:.2f} s "
+             f"{verdict(big[6] < 10)}, wall time {big[2]:.2f} s {verdict(big[2] < 10)}, peak RSS {big[3]:.0f} MB "
+             f"{verdict(big[3] < 300)}.", ""]
     section = "\n".join(text)
     print(section)
     if args.write:

@@ -333,3 +333,22 @@ def test_a_gateway_from_the_production_file_behaves_like_the_appliance(pki, exch
     connector.stop()
     assert dropped(lambda: eas("ApplNOTYET000001", headers=basic))
     assert len(exchange.requests()) == seen_before + 1  # only the autodiscover request since the deny
+
+
+def test_a_positional_undef_action_and_mixed_fail_modes():
+    """`add responder policy NAME RULE ACTION UNDEFACTION`: the policy's own NOOP beats the global
+    DROP; with the other policy failing closed, easgate denies (stricter) and says so."""
+    conf = prod_text().replace(" DROP -undefAction DROP -comment", " DROP NOOP -comment")
+    text, imp = import_netscaler(conf, "p.conf")
+    assert yaml.safe_load(text)["authorization"]["on_connector_error"] == "deny"
+    msgs = [r.message for r in imp.reports if "rsp_pol_xnc_basic" in r.message]
+    assert msgs and "lets a request through when its callout fails" in msgs[0]
+    assert imp.weaker and not [w for w in imp.weaker if "fail" in w.message]
+
+
+def test_to_lower_with_an_upper_case_literal_never_matches():
+    conf = prod_text().replace('TO_LOWER.STARTSWITH(\\"/autodiscover/\\")', 'TO_LOWER.STARTSWITH(\\"/Autodiscover/\\")')
+    assert conf != prod_text()
+    text, _ = import_netscaler(conf, "p.conf")
+    assert "cs_pol_autodiscover" not in [r["name"] for r in yaml.safe_load(text)["routes"]]
+    assert "the rule is always false: no route" in text
