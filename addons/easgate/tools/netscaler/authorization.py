@@ -229,8 +229,9 @@ class AuthorizationMixin:
                                       "URL's host as Host (make the URL use that name if the connector needs it)")
         if "resultexpr" in merged:
             expr, c = merged["resultexpr"]
-            bool_ok = re.fullmatch(r'HTTP\.RES\.BODY\(\d+\)\.(CONTAINS|EQ|STARTSWITH)\("Allow"\)', expr.replace(" ", ""), re.I)
-            if not re.fullmatch(r"HTTP\.RES\.BODY\(\d+\)", expr.replace(" ", ""), re.I) and not bool_ok:
+            compact = expr.replace(" ", "")
+            bool_ok = re.fullmatch(r'HTTP\.RES\.BODY\(\d+\)\.(CONTAINS|EQ|STARTSWITH)\("Allow"\)', compact, re.IGNORECASE)
+            if not re.fullmatch(r"HTTP\.RES\.BODY\(\d+\)", compact, re.IGNORECASE) and not bool_ok:
                 self.untranslated(c.line, f"httpCallout {name}: -resultExpr {expr}: easgate reads the answer body "
                                           "(JSON result or an exact Allow/Deny token), nothing else")
         if "parameters" in merged:

@@ -102,7 +102,8 @@ def add_commands(sub) -> None:
     )
     s.add_argument("file", help="NetScaler CLI lines, e.g. ns.conf")
     s.add_argument("--vserver", metavar="NAME",
-                   help="the cs vserver to translate (default: the one carrying ActiveSync, else the first)")
+                   help="the cs vserver to translate (default: the one whose traffic responder policies "
+                        "guard, else the one carrying ActiveSync, else the first)")
     s.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="fill the placeholder [NAME] of the file (repeatable), e.g. --set EXCHANGESERVER-IP=10.0.0.5")
     s.add_argument("--cert", action="append", metavar="CERTKEY=PEM[,KEY]",

@@ -43,7 +43,7 @@ class Or:
 
 
 _LEX = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<op>&&|\|\||[!().,+])|(?P<num>\d+)'
-                  r'|(?P<id>[A-Za-z_][A-Za-z0-9_]*))', re.S)
+                  r'|(?P<id>[A-Za-z_][A-Za-z0-9_]*))', re.DOTALL)
 _STR_ESC = {"n": "\n", "t": "\t", "r": "\r"}
 
 
@@ -57,7 +57,9 @@ def lex_expr(text: str) -> list[tuple[str, str]]:
         kind = m.lastgroup
         val = m.group(kind)
         if kind == "str":
-            val = re.sub(r"\\(.)", lambda e: _STR_ESC.get(e[1], e[1]), val[1:-1])
+            val = val[1:-1]
+            if "\\" in val:
+                val = re.sub(r"\\(.)", lambda e: _STR_ESC.get(e[1], e[1]), val)
         toks.append((kind, val))
         i = m.end()
     return toks
