@@ -418,12 +418,6 @@ POC_REPORTED = {
 }
 
 
-def test_fixture_copy_matches_the_shared_one():
-    shared = ROOT.parent / "shared" / "fixtures" / "netscaler-poc.conf"
-    if not shared.exists():
-        pytest.skip("../shared is not present")
-    assert POC.read_text() == shared.read_text()
-
 
 def test_poc_without_values_marks_every_placeholder():
     text, imp = import_netscaler(POC.read_text(), str(POC))
