@@ -238,8 +238,7 @@ class RealStack:
 
     def stop(self) -> None:
         """End every process by PID (sogod's setsid workers included) and remove the directory."""
-        for p in self.procs.values():
-            self._seen.update(_descendants(p.pid))
+        self._seen.update(_descendants([p.pid for p in self.procs.values()]))
         self._stop_sogod()
         ending = {"nginx": signal.SIGTERM, "relay": signal.SIGTERM, "memcached": signal.SIGKILL,
                   "dovecot": signal.SIGTERM, "postgres": signal.SIGINT}  # SIGINT: postgres' fast shutdown
@@ -554,7 +553,7 @@ http {{
         p = self.procs.get("sogod")
         if p is None or p.poll() is not None:
             return
-        self._seen.update(_descendants(p.pid))
+        self._seen.update(_descendants([p.pid]))
         watchdog = p.pid  # setpriv execs sogod: our child is the watchdog itself
         workers = _children(watchdog)
         with contextlib.suppress(ProcessLookupError):
@@ -577,21 +576,26 @@ def _pwmgr(url: str, u: User) -> urllib.request.HTTPPasswordMgrWithDefaultRealm:
     return m
 
 
-def _children(pid: int) -> list[int]:
-    out = []
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (one pass over /proc)."""
+    out = {}
     for st in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = st.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                out.append(int(st.parent.name))
+            out[int(st.parent.name)] = int(st.read_text().rsplit(")", 1)[1].split()[1])
     return out
 
 
-def _descendants(pid: int) -> set[int]:
-    out, todo = {pid}, [pid]
+def _children(pid: int) -> list[int]:
+    return [k for k, parent in _parents().items() if parent == pid]
+
+
+def _descendants(pids: list[int]) -> set[int]:
+    parents = _parents()
+    out, todo = set(pids), list(pids)
     while todo:
-        for kid in _children(todo.pop()):
-            if kid not in out:
+        p = todo.pop()
+        for kid, parent in parents.items():
+            if parent == p and kid not in out:
                 out.add(kid)
                 todo.append(kid)
     return out
