@@ -233,6 +233,8 @@ def test_audit_and_content_view_show_what_the_client_sent(gateway, pki, real_sta
     assert views[0]["client certificate"].startswith("verified") and "none" in views[2]["client certificate"]
     assert views[0]["decision"].startswith("allow") and views[2]["decision"].startswith("deny")
     assert [f.response.status_code for f in flows] == [200, 200, 403]
+    assert not any("malformed" in v for v in views)
+    assert "PolicyKey" not in provision
 
 
 @pytest.mark.parametrize("mode", ["deny", "allow", "stale"])
