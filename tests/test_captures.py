@@ -189,7 +189,7 @@ def test_wbxml_bodies_render_with_mitmproxys_view(name):
                 else:
                     assert "<Status>1</Status>" in resp.text
                 if command == "Provision" and name.startswith("sogo-"):
-                    # SOGo has no device policy: Policy Status 2 and no PolicyKey (MS-ASPROV 2.2.2.54.2)
+                    # SOGo has no device policy: Policy Status 2 and no PolicyKey (MS-ASPROV 2.2.2.54.1)
                     assert "<Status>2</Status>\n        </Policy>" in resp.text and "PolicyKey" not in resp.text
 
 

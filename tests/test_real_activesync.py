@@ -278,3 +278,15 @@ def _mail(sender, to, subject: str) -> EmailMessage:
     m["From"], m["To"], m["Subject"] = sender.address, to.address, subject
     m.set_content("delivered over SMTP and LMTP")
     return m
+
+
+def test_options_reaches_the_real_server_and_shows_what_it_offers(gateway, pki, real_stack):
+    """OPTIONS (MS-ASHTTP 2.2.3) through the gateway to SOGo: it offers protocol versions up to 14.1 only
+    (MS-ASHTTP 2.2.4.1.2.2), yet answers pyactivesync's 16.1 requests in the other tests; the gateway
+    passes both on unchanged (it does not negotiate versions, the client and the server do)."""
+    g = gateway()
+    with client(g, pki, ALICE, MANAGED, cert="iphone") as c:
+        r = c._transport.session.options(c._transport.base_url)
+    assert r.status_code == 200
+    assert r.headers["MS-ASProtocolVersions"].split(",") == ["2.5", "12.0", "12.1", "14.0", "14.1"]
+    assert "FolderSync" in r.headers["MS-ASProtocolCommands"].split(",")

@@ -7,7 +7,7 @@ CA file or a client certificate, so `EasClient` sets them on the `requests.Sessi
 environment override `session.verify`, and proxy variables must not divert loopback traffic.
 
 Provision against a server without a device policy (SOGo): it answers Provision Status 1 with a
-Policy Status 2 ("no policy for this client", [MS-ASPROV] 2.2.2.54.2) and no PolicyKey, so
+Policy Status 2 ("no policy for this client", [MS-ASPROV] 2.2.2.54.1) and no PolicyKey, so
 pyactivesync's `provision()` raises; MS-ASPROV lets such a client go on without a policy key, and
 `EasClient.provision` does so (returns None).
 
