@@ -257,9 +257,14 @@ def test_connector_outage_as_the_real_client_sees_it(gateway, pki, real_stack, c
             with pytest.raises(requests.HTTPError) as e:
                 c.provision()
             assert denied(e) == 403
-    last = g.audit()[-1]
-    assert last["source"] == "fail-mode" and f"on_connector_error={mode}" in last["reason"] or \
-        (mode == "stale" and "no decision younger" in last["reason"])
+    log = g.audit()
+    assert [(a["device_id"], a["source"]) for a in log] == [(MANAGED, "connector"), (MANAGED, "fail-mode"),
+                                                           (UNMANAGED, "fail-mode")]
+    reused = {"deny": "denied by on_connector_error=deny", "allow": "allowed by on_connector_error=allow",
+              "stale": "last known decision: connector: Allow"}[mode]
+    assert reused in log[1]["reason"]
+    if mode == "stale":
+        assert "no decision younger" in log[2]["reason"]
 
 
 def test_required_client_certificate_with_the_real_client(gateway, pki, real_stack):
