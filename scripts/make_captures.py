@@ -5,11 +5,11 @@
 
 What it does, so anyone can regenerate the captures:
 
-1. a throw-away PKI (easgate.pki) in a temporary directory; its device CA and root CA
+1. a throw-away PKI (easgate.tools.pki) in a temporary directory; its device CA and root CA
    certificates are copied to OUT/ca/ (the captured device certificates were issued by them, and
    OUT/gateway.yaml trusts them, so replays verify them as the recording gateway did);
 2. a stand-in Exchange (HTTPS, answers ActiveSync commands with WBXML like Exchange does) and
-   the stand-in MDM server (easgate.standins);
+   the stand-in MDM server (easgate.tools.standins);
 3. for every session below, a real gateway process, `easgate run OUT/gateway.yaml
    --workers 1 -- -w RAW` (mitmproxy's own Save addon writes each flow with the gateway's decision
    in flow.metadata), its pools pointed at the stand-ins; real HTTP clients drive the session
@@ -19,14 +19,14 @@ What it does, so anyone can regenerate the captures:
    everything else is kept as recorded.
 
 Two sessions are real software on both sides: `sogo-managed` and `sogo-unmanaged` are pyactivesync (an
-EAS 16.1 client library, easgate.realclient) talking through the gateway to SOGo's ActiveSync server
-with Dovecot behind it (easgate.realstack, started for them; root and the Debian packages that
+EAS 16.1 client library, easgate.tools.realclient) talking through the gateway to SOGo's ActiveSync server
+with Dovecot behind it (easgate.tools.realstack, started for them; root and the Debian packages that
 scripts/ensure_test_tools.sh installs). Nothing in those requests or answers was written here; the
 script only resolves mail.example.test to 127.0.0.1, as /etc/hosts would.
 
 The other sessions stand for clients that cannot run here (iOS Mail, an Android client using the
 base64 query form, Outlook for iOS and Android, Safari on the MDM pages): their request bodies are
-WBXML built with easgate.capture.wbxml from the requests these clients send
+WBXML built with easgate.tools.capture.wbxml from the requests these clients send
 (Provision with DeviceInformation, FolderSync with SyncKey 0, Sync, Ping with HeartbeatInterval,
 SendMail / SmartReply with MIME). Nothing is random except what a real run makes random (ports,
 timestamps, flow ids, TLS keys), so a regenerated set replays to the same decisions.

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from easgate import realstack
+from easgate.tools import realstack
 from easgate.tools.pki import generate_pki
 from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
@@ -368,7 +368,7 @@ def curl(port: int, path: str, pki: Path, *args: str, cert: str | None = None, t
 
 @pytest.fixture(scope="session")
 def real_stack(pki):
-    """A running easgate.realstack.RealStack; nginx serves the PKI's exchange certificate, so the
+    """A running easgate.tools.realstack.RealStack; nginx serves the PKI's exchange certificate, so the
     gateway's Exchange pool (internal CA, SNI exchange.internal) trusts it like the stand-in.
     Skips where the packages or root are missing, except in CI (CI=true), where that fails."""
     if gaps := realstack.missing():

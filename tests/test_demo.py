@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from easgate import realstack
+from easgate.tools import realstack
 
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed
@@ -147,7 +147,7 @@ def test_real_demo_as_the_readme_says(tmp_path):
         out = "".join(lines)
         assert "SOGo ActiveSync behind nginx" in out
         base = re.search(r"state in (/\S+)", out)[1]
-        cmds = [ln.strip() for ln in lines if " -m easgate.realclient " in ln]
+        cmds = [ln.strip() for ln in lines if " -m easgate.tools.realclient " in ln]
         assert len(cmds) == 2
         iphone, ipad = cmds
         assert "device-iphone.pem" in iphone and "--cert" not in ipad

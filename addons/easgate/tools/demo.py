@@ -14,8 +14,8 @@ a table (device, expected, got) and exits 0 only when every row matches. Ctrl-C 
 stops everything, gateway first, and checks that nothing is left listening.
 
 `--real` puts real software behind the gateway instead of the stand-in Exchange: SOGo's ActiveSync
-server with Dovecot, PostgreSQL, memcached and an nginx TLS front (easgate.realstack; needs root and
-the Debian packages scripts/ensure_test_tools.sh installs), and prints `python -m easgate.realclient`
+server with Dovecot, PostgreSQL, memcached and an nginx TLS front (easgate.tools.realstack; needs root and
+the Debian packages scripts/ensure_test_tools.sh installs), and prints `python -m easgate.tools.realclient`
 commands that sync alice's mailbox with pyactivesync, a real EAS client, through the gateway.
 
 DIR (default ./demo-state) is demo state: the inventory and the connector's policy are rewritten
@@ -305,7 +305,7 @@ class Demo:
     def realclient(self, device_id: str, cert: str | None) -> str:
         """The pyactivesync command that syncs alice's inbox through the gateway as `device_id`."""
         alice = USERS[0]
-        argv = [sys.executable, "-m", "easgate.realclient", "--server", f"localhost:{self.gateway_port}",
+        argv = [sys.executable, "-m", "easgate.tools.realclient", "--server", f"localhost:{self.gateway_port}",
                 "--ca", str(self.certs / "public-ca.pem"), "--user", alice.login, "--password", alice.password,
                 "--device-id", device_id]
         if cert:

@@ -6,7 +6,7 @@ recipient's IMAP mailbox (no queue, no polling). A refused recipient is refused 
 aiosmtpd is the maintained successor of the stdlib `smtpd` module (gone in Python 3.12); postfix would
 do the same job with a spool, a queue manager and a dozen files of configuration to keep in a temp dir.
 
-Run: python -m easgate.smtprelay HOST PORT LMTP_SOCKET
+Run: python -m easgate.tools.smtprelay HOST PORT LMTP_SOCKET
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class LmtpRelay:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print("usage: python -m easgate.smtprelay HOST PORT LMTP_SOCKET", file=sys.stderr)
+        print("usage: python -m easgate.tools.smtprelay HOST PORT LMTP_SOCKET", file=sys.stderr)
         return 2
     host, port, sock = argv[0], int(argv[1]), argv[2]
     c = Controller(LmtpRelay(sock), hostname=host, port=port, server_hostname="relay.example.test")

@@ -11,7 +11,7 @@ Policy Status 2 ("no policy for this client", [MS-ASPROV] 2.2.2.54.1) and no Pol
 pyactivesync's `provision()` raises; MS-ASPROV lets such a client go on without a policy key, and
 `EasClient.provision` does so (returns None).
 
-    python -m easgate.realclient --server localhost:8443 --ca certs/public-ca.pem \\
+    python -m easgate.tools.realclient --server localhost:8443 --ca certs/public-ca.pem \\
         --user alice --password alice-pw --device-id DEMOIPHONE01 [--cert P --key K] inbox
 """
 
@@ -51,7 +51,7 @@ class EasClient(Client):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m easgate.realclient",
+    p = argparse.ArgumentParser(prog="python -m easgate.tools.realclient",
                                 description="Sync a mailbox through the gateway with pyactivesync")
     p.add_argument("--server", required=True, help="gateway HOST:PORT")
     p.add_argument("--ca", required=True, help="CA file that issued the gateway's certificate")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import email.message
 import imaplib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -92,9 +93,7 @@ def missing() -> list[str]:
                    (SETPRIV, "util-linux")):
         if not p.exists():
             out.append(pkg)
-    try:
-        import aiosmtpd  # noqa: F401  (only to say it is missing; the relay runs in its own process)
-    except ImportError:
+    if importlib.util.find_spec("aiosmtpd") is None:  # the relay runs in its own process
         out.append("python package aiosmtpd (pip install -e '.[test]')")
     return out
 
@@ -428,9 +427,9 @@ namespace inbox {{
                                   "-m", "32"], user="memcache")
 
     def _start_relay(self) -> None:
-        self._spawn("relay", [sys.executable, "-m", "easgate.smtprelay", "127.0.0.1", str(self.ports["smtp"]),
+        self._spawn("relay", [sys.executable, "-m", "easgate.tools.smtprelay", "127.0.0.1", str(self.ports["smtp"]),
                               str(self.base / "dovecot/run/lmtp")],
-                    env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+                    env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
 
     def _start_sogod(self, workers: int) -> None:
         home = self._dir("sogo", "sogo", 0o700)
