@@ -156,15 +156,18 @@ def test_managed_device_provisions_syncs_fetches_and_sends(gateway, pki, real_st
 
 def test_unmanaged_device_denied_at_first_request_and_gets_no_mail(gateway, pki, real_stack):
     g = gateway()
-    real_stack.deliver(_mail(BOB, CAROL, "for carol only"))
+    subject = f"for carol only {uuid.uuid4().hex[:8]}"
+    real_stack.deliver(_mail(BOB, CAROL, subject))
     with client(g, pki, CAROL, UNMANAGED) as c:
         with pytest.raises(requests.HTTPError) as e:
             c.provision()
         assert denied(e) == 403
         c._provisioned = True  # carry on as a client that ignores the refusal would
-        with pytest.raises(requests.HTTPError) as e:
+        with pytest.raises(requests.HTTPError) as e2:
             c.list_folders()
-        assert denied(e) == 403
+        assert denied(e2) == 403
+    assert subject in real_stack.subjects(CAROL)  # the mail is there, on the server...
+    assert not any(subject.encode() in x.value.response.content for x in (e, e2))  # ...and never left it
     log = g.audit()
     assert [(a["command"], a["decision"], a["source"]) for a in log] == [("Provision", "deny", "mode"),
                                                                             ("FolderSync", "deny", "cache")]
