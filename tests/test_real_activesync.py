@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+from mitmproxy import contentviews
+from mitmproxy.test import taddons
 from pyactivesync import FolderType
 
 from easgate.gateway.contentview import describe
@@ -237,6 +239,12 @@ def test_audit_and_content_view_show_what_the_client_sent(gateway, pki, real_sta
     assert views[0]["decision"].startswith("allow") and views[2]["decision"].startswith("deny")
     assert [f.response.status_code for f in flows] == [200, 200, 403]
     assert not any("malformed" in v for v in views)
+    # what SOGo answered to Provision, in mitmproxy's own WBXML view: Policy Status 2, "there is no
+    # policy for this client" (MS-ASPROV 2.2.2.54.1), and no PolicyKey
+    with taddons.context():
+        provision = contentviews.prettify_message(flows[0].response, flows[0])
+    assert provision.view_name == "WBXML" and "<PolicyType>MS-EAS-Provisioning-WBXML</PolicyType>" in provision.text
+    assert "<Status>2</Status>\n        </Policy>" in provision.text and "PolicyKey" not in provision.text
 
 
 @pytest.mark.parametrize("mode", ["deny", "allow", "stale"])
