@@ -248,13 +248,15 @@ class RealStack:
                     p.send_signal(sig)
         for name in ending:
             self._end(name, signal.SIGKILL)
-        for pid in self._alive():  # dovecot's log and anvil outlive its master by seconds, deaf to SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_for("the stack's processes to end", lambda: not self.leftovers(), 10)
-        self.procs.clear()
-        if self._own_base and self.base is not None:
-            shutil.rmtree(self.base, ignore_errors=True)
+        try:
+            for pid in self._alive():  # dovecot's log and anvil outlive its master by seconds, deaf to SIGTERM
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            wait_for("the stack's processes to end", lambda: not self.leftovers(), 10)
+        finally:
+            self.procs.clear()
+            if self._own_base and self.base is not None:
+                shutil.rmtree(self.base, ignore_errors=True)
 
     def leftovers(self) -> list[str]:
         """Processes of the stack still running after stop(), as 'pid name'. A dead process that
@@ -266,6 +268,10 @@ class RealStack:
         return out
 
     def _alive(self) -> list[int]:
+        """PIDs the stack ran, plus any process working in its directory (every daemon starts there,
+        so a sogod worker the watchdog forked after we looked is found too), that are not dead."""
+        if self.base is not None:
+            self._seen.update(_working_in(self.base))
         out = []
         for pid in self._seen:
             with contextlib.suppress(OSError, IndexError):
@@ -285,7 +291,7 @@ class RealStack:
         log = open(self.base / "logs" / f"{name}.out", "wb")
         with log:
             p = subprocess.Popen(wrap + argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 env=env, cwd=cwd)
+                                 env=env, cwd=cwd or self.base)
         self.procs[name] = p
         return p
 
@@ -581,6 +587,16 @@ def _parents() -> dict[int, int]:
     for st in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
             out[int(st.parent.name)] = int(st.read_text().rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def _working_in(base: Path) -> set[int]:
+    """PIDs whose current directory is `base` or below it (root reads every /proc/PID/cwd)."""
+    out = set()
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        with contextlib.suppress(OSError, ValueError):
+            if Path(os.readlink(cwd)).is_relative_to(base):
+                out.add(int(cwd.parent.name))
     return out
 
 
