@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The system tools the end-to-end tests drive as real clients: curl, openssl (OCSP responder,
-# s_client) and chromium (mitmweb's page in a real browser). Installed with apt-get when missing
+# s_client) and chromium (mitmweb's page in a real browser), and the real ActiveSync server stack
+# behind the gateway (addons/easgate/realstack.py): SOGo + its ActiveSync module, Dovecot IMAP and
+# LMTP, PostgreSQL, memcached and nginx (the package scripts start nothing without systemd; the
+# tests start their own instances on free loopback ports). Installed with apt-get when missing
 # and we may (root, Debian/Ubuntu); otherwise says what is missing: those tests then skip, except
 # in CI (CI=true), where a missing tool fails them.
 set -u
@@ -8,6 +11,13 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ -x /usr/sbin/sogod ] || need+=(sogo)
+[ -d /usr/lib/GNUstep/SOGo/ActiveSync.SOGo ] || need+=(sogo-activesync)
+[ -x /usr/sbin/dovecot ] || need+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
+[ -x /usr/bin/memcached ] || need+=(memcached)
+[ -x /usr/sbin/nginx ] || need+=(nginx)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need[*]} for the tests (apt-get)" >&2

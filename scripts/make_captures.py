@@ -5,11 +5,11 @@
 
 What it does, so anyone can regenerate the captures:
 
-1. a throw-away PKI (easgate.pki) in a temporary directory; its device CA and root CA
+1. a throw-away PKI (easgate.tools.pki) in a temporary directory; its device CA and root CA
    certificates are copied to OUT/ca/ (the captured device certificates were issued by them, and
    OUT/gateway.yaml trusts them, so replays verify them as the recording gateway did);
 2. a stand-in Exchange (HTTPS, answers ActiveSync commands with WBXML like Exchange does) and
-   the stand-in MDM server (easgate.standins);
+   the stand-in MDM server (easgate.tools.standins);
 3. for every session below, a real gateway process, `easgate run OUT/gateway.yaml
    --workers 1 -- -w RAW` (mitmproxy's own Save addon writes each flow with the gateway's decision
    in flow.metadata), its pools pointed at the stand-ins; real HTTP clients drive the session
@@ -18,7 +18,15 @@ What it does, so anyone can regenerate the captures:
 4. `easgate capture --sanitize RAW OUT/NAME.mitm`: the passwords in Authorization become REDACTED,
    everything else is kept as recorded.
 
-The request bodies are WBXML built with easgate.capture.wbxml from the requests these clients send
+Two sessions are real software on both sides: `sogo-managed` and `sogo-unmanaged` are pyactivesync (an
+EAS 16.1 client library, easgate.tools.realclient) talking through the gateway to SOGo's ActiveSync server
+with Dovecot behind it (easgate.tools.realstack, started for them; root and the Debian packages that
+scripts/ensure_test_tools.sh installs). Nothing in those requests or answers was written here; the
+script only resolves mail.example.test to 127.0.0.1, as /etc/hosts would.
+
+The other sessions stand for clients that cannot run here (iOS Mail, an Android client using the
+base64 query form, Outlook for iOS and Android, Safari on the MDM pages): their request bodies are
+WBXML built with easgate.tools.capture.wbxml from the requests these clients send
 (Provision with DeviceInformation, FolderSync with SyncKey 0, Sync, Ping with HeartbeatInterval,
 SendMail / SmartReply with MIME). Nothing is random except what a real run makes random (ports,
 timestamps, flow ids, TLS keys), so a regenerated set replays to the same decisions.
@@ -39,10 +47,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from email.message import EmailMessage
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import requests
 import yaml
+from pyactivesync import FolderType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
@@ -51,6 +62,8 @@ from easgate.authz.identity import decode_binary_query, encode_binary_query
 from easgate.tools import standins
 from easgate.tools.capture import E, wbxml
 from easgate.tools.pki import generate_pki
+from easgate.tools.realclient import EasClient
+from easgate.tools.realstack import ATTACHMENT_NAME, SEED_SUBJECT, USERS, RealStack
 from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
 HOSTNAME = "mail.example.test"
@@ -435,6 +448,67 @@ def mdm_enrollment(port: int, pki: Path) -> list:
             curl(port, pki, "/zdm/enroll/profile?platform=ios", agent=SAFARI_UA, cert="device-iphone")]
 
 
+def _resolve_demo_host() -> None:
+    """mail.example.test -> 127.0.0.1 in this process (pyactivesync connects to the name it is given)."""
+    original = socket.getaddrinfo
+
+    def getaddrinfo(host, *a, **kw):
+        return original("127.0.0.1" if host == HOSTNAME else host, *a, **kw)
+
+    socket.getaddrinfo = getaddrinfo
+
+
+def _real_client(port: int, pki: Path, device_id: str, cert: str | None):
+    alice = USERS[0]
+    return EasClient(f"{HOSTNAME}:{port}", alice.login, alice.password, device_id=device_id, ca=pki / "public-ca.pem",
+                     cert=(pki / f"{cert}.pem", pki / f"{cert}.key") if cert else None)
+
+
+STACK: dict[str, RealStack] = {}  # the running real server, for the sogo-* sessions
+
+
+def sogo_managed(port: int, pki: Path) -> list:
+    """pyactivesync on alice's managed iPhone (its device certificate) against SOGo: Provision (SOGo has
+    no policy: no PolicyKey), FolderSync, Sync x2, ItemOperations (the message, its attachment),
+    SendMail to bob, and a Ping that a new mail wakes."""
+    stack = STACK["stack"]
+    alice, bob = USERS[0], USERS[1]
+    with _real_client(port, pki, "ApplF17ABCDEF01", "device-iphone") as c:
+        c.provision()
+        inbox = next(f for f in c.list_folders() if f.type == FolderType.INBOX)
+        key = c.sync_folder(inbox.id, sync_key="0").sync_key
+        r = c.sync_folder(inbox.id, sync_key=key)
+        seed = next(i for i in r.added if i.fields.get("Email.Subject") == SEED_SUBJECT)
+        item = c.fetch_item(inbox.id, seed.server_id)
+        att = next(a for a in item.attachments if a.display_name == ATTACHMENT_NAME)
+        c.fetch_attachment(att.file_reference)
+        m = EmailMessage()
+        m["From"], m["To"], m["Subject"] = alice.address, bob.address, "Re: " + SEED_SUBJECT
+        m.set_content("Thanks, got the report.")
+        c.send_mail(m)
+        news = EmailMessage()
+        news["From"], news["To"], news["Subject"] = bob.address, alice.address, "Lunch?"
+        news.set_content("12:30 at the usual place?")
+        stack.deliver(news)
+        p = c.ping([inbox.id], heartbeat=10)
+    if p.status != "2":
+        raise SystemExit(f"sogo-managed: the Ping answered Status {p.status}, not 2 (changes): the new mail was missed")
+    return [200] * 8
+
+
+def sogo_unmanaged(port: int, pki: Path) -> list:
+    """pyactivesync on alice's unmanaged iPad (no certificate): Provision and FolderSync, both denied."""
+    out = []
+    with _real_client(port, pki, "ApplDMPQ99887766", None) as c:
+        for call in (c.provision, c.list_folders):
+            try:
+                call()
+            except requests.HTTPError as e:
+                out.append(e.response.status_code)
+                c._provisioned = True  # go on as a client that ignores the refusal
+    return out
+
+
 SESSIONS = {
     "iphone-managed": (iphone_managed, "iOS Mail on alice's managed iPhone (device certificate): OPTIONS, Provision "
                        "x2, FolderSync, Sync x2, Ping, SendMail"),
@@ -443,7 +517,11 @@ SESSIONS = {
     "outlook-mobile": (outlook_mobile, "Outlook for iOS and Android (allowed by the policy's agent allow list)"),
     "mdm-enrollment": (mdm_enrollment, "iPhone Safari on the MDM enrollment pages, without and with the device "
                        "certificate"),
+    "sogo-managed": (sogo_managed, "pyactivesync on alice's managed iPhone against SOGo: Provision, FolderSync, "
+                     "Sync x2, ItemOperations x2, SendMail, Ping"),
+    "sogo-unmanaged": (sogo_unmanaged, "pyactivesync on alice's unmanaged iPad against SOGo: denied at Provision"),
 }
+REAL = ("sogo-managed", "sogo-unmanaged")  # sessions against the real server stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,11 +564,15 @@ def main(argv: list[str] | None = None) -> int:
         exchange = EasExchange("exchange", tls=(pki / "exchange.pem", pki / "exchange.key")).start()
         mdm = MdmStandIn("mdm").start()
         inventory = {}
+        if any(n in REAL for n in (args.only or SESSIONS)):
+            STACK["stack"] = RealStack(pki / "exchange.pem", pki / "exchange.key").start()
+            _resolve_demo_host()
         try:
             for name, (session, what) in SESSIONS.items():
                 if args.only and name not in args.only:
                     continue
-                cfg = recording_config(template, out, pki, exchange.url, mdm.url, tmp / f"{name}-audit.jsonl")
+                upstream = STACK["stack"].eas_url if name in REAL else exchange.url
+                cfg = recording_config(template, out, pki, upstream, mdm.url, tmp / f"{name}-audit.jsonl")
                 cfg_path = tmp / f"{name}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
                 raw = tmp / f"{name}.raw.mitm"
@@ -515,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             exchange.stop()
             mdm.stop()
+            if "stack" in STACK:
+                STACK.pop("stack").stop()
     for name, info in inventory.items():
         print(f"  {name}: {len(info['statuses'])} flows: {info['what']}")
     return 0

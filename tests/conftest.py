@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
+from easgate.tools import realstack
 from easgate.tools.pki import generate_pki
 from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
@@ -359,3 +360,23 @@ def curl(port: int, path: str, pki: Path, *args: str, cert: str | None = None, t
         argv += ["--cert", str(pki / f"{cert}.pem"), "--key", str(pki / f"{cert}.key")]
     argv += [*args, f"https://{HOSTNAME}:{port}{path}"]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real ActiveSync server stack (SOGo + Dovecot + PostgreSQL + memcached + nginx), once per session
+
+
+@pytest.fixture(scope="session")
+def real_stack(pki):
+    """A running easgate.tools.realstack.RealStack; nginx serves the PKI's exchange certificate, so the
+    gateway's Exchange pool (internal CA, SNI exchange.internal) trusts it like the stand-in.
+    Skips where the packages or root are missing, except in CI (CI=true), where that fails."""
+    if gaps := realstack.missing():
+        msg = "real ActiveSync stack unavailable, needs: " + ", ".join(gaps) + " (scripts/ensure_test_tools.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    stack = realstack.RealStack(pki / "exchange.pem", pki / "exchange.key").start()
+    yield stack
+    stack.stop()
+    assert not stack.leftovers(), f"real stack processes still there after stop: {stack.leftovers()}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ EXPECTED = {
                        (None, "Provision", "Provision", "FolderSync", "Sync", "Ping", "SmartReply")],
     "outlook-mobile": [("activesync", "allow", "none", c) for c in (None, "Provision", "FolderSync", "Sync", "Ping")],
     "mdm-enrollment": [("mdm", "pass", "none", None)] * 2 + [("mdm", "pass", "verified", None)] * 2,
+    # real software on both sides: pyactivesync through the gateway to SOGo (scripts/make_captures.py)
+    "sogo-managed": [("activesync", "allow", "verified", c) for c in
+                     ("Provision", "FolderSync", "Sync", "Sync", "ItemOperations", "ItemOperations", "SendMail",
+                      "Ping")],
+    "sogo-unmanaged": [("activesync", "deny", "none", c) for c in ("Provision", "FolderSync")],
 }
 AGENTS = {
     "iphone-managed": "Apple-iPhone15C2/2105.219",
@@ -44,10 +50,12 @@ AGENTS = {
     "android-base64": "Android/14-EAS-2.0",
     "outlook-mobile": "Outlook-iOS-Android/1.0",
     "mdm-enrollment": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X)",
+    "sogo-managed": "python-requests/",  # pyactivesync sends requests' default User-Agent
+    "sogo-unmanaged": "python-requests/",
 }
 NAMES = sorted(EXPECTED)
 WBXML_ROOTS = {"Provision": "Provision", "FolderSync": "FolderSync", "Sync": "Sync", "Ping": "Ping",
-               "SendMail": "SendMail", "SmartReply": "SmartReply"}
+               "SendMail": "SendMail", "SmartReply": "SmartReply", "ItemOperations": "ItemOperations"}
 
 
 def capture(name: str) -> Path:
@@ -108,7 +116,8 @@ def test_capture_is_a_realistic_sanitized_session(name):
     assert len(flows) == len(EXPECTED[name])
     for f, (route, decision, cert, command) in zip(flows, EXPECTED[name]):
         req = f.request
-        assert req.host_header == "mail.example.test" and f.client_conn.sni == "mail.example.test"
+        # with the port when a real HTTP client (requests) sends it, as RFC 9110 7.2 has it for a non-default port
+        assert re.fullmatch(r"mail\.example\.test(:\d+)?", req.host_header) and f.client_conn.sni == "mail.example.test"
         assert f.client_conn.tls_version in ("TLSv1.2", "TLSv1.3")
         assert req.headers["User-Agent"].startswith(AGENTS[name])
         # recorded by the gateway: the decision is on the flow, the response is the real one
@@ -174,7 +183,14 @@ def test_wbxml_bodies_render_with_mitmproxys_view(name):
                 assert "<MIME><![CDATA[From: " in req.text
             if f.response.raw_content and f.response.status_code == 200:  # Exchange's answers are WBXML too
                 resp = contentviews.prettify_message(f.response, f)
-                assert resp.view_name == "WBXML" and "<Status>1</Status>" in resp.text
+                assert resp.view_name == "WBXML"
+                if command == "Ping" and name.startswith("sogo-"):  # woken by a new mail: Status 2, the folder
+                    assert "<Status>2</Status>" in resp.text and "<Folder>" in resp.text
+                else:
+                    assert "<Status>1</Status>" in resp.text
+                if command == "Provision" and name.startswith("sogo-"):
+                    # SOGo has no device policy: Policy Status 2 and no PolicyKey (MS-ASPROV 2.2.2.54.1)
+                    assert "<Status>2</Status>\n        </Policy>" in resp.text and "PolicyKey" not in resp.text
 
 
 def test_sanitize_changes_only_credentials(tmp_path):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from easgate.tools import realstack
+
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "addons"))
@@ -113,6 +115,57 @@ def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
         assert not [n for n, pt in ports.items() if listening(pt)]
     finally:
         busy.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_real_demo_as_the_readme_says(tmp_path):
+    """`.venv/bin/easgate demo --real` as written (in a fresh directory), then the two printed
+    pyactivesync commands, then Ctrl-C: the real stack and the gateway stop, nothing is left."""
+    if gaps := realstack.missing():
+        msg = "real ActiveSync stack unavailable, needs: " + ", ".join(gaps)
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    assert ".venv/bin/easgate demo --real\n" in (ROOT / "README.md").read_text()
+    p = subprocess.Popen([str(Path(sys.executable).parent / "easgate"), "demo", "--real"], cwd=tmp_path, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in p.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(lines)
+        out = "".join(lines)
+        assert "SOGo ActiveSync behind nginx" in out
+        base = re.search(r"state in (/\S+)", out)[1]
+        cmds = [ln.strip() for ln in lines if " -m easgate.tools.realclient " in ln]
+        assert len(cmds) == 2
+        iphone, ipad = cmds
+        assert "device-iphone.pem" in iphone and "--cert" not in ipad
+        r = subprocess.run(shlex.split(iphone), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Provision: no policy for this device" in r.stdout and "INBOX" in r.stdout
+        assert realstack.SEED_SUBJECT in r.stdout
+        r = subprocess.run(shlex.split(ipad), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "HTTP 403 to Cmd=Provision" in r.stderr, r.stdout + r.stderr
+
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(60) == 0
+        deadline = time.time() + 5
+        while time.time() < deadline and "nothing left listening" not in "".join(lines):
+            time.sleep(0.05)
+        assert "nothing left listening" in "".join(lines), "".join(lines[-10:])
+        assert not Path(base).exists()
+    finally:
         if p.poll() is None:
             p.kill()
             p.wait()

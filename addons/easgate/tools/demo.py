@@ -13,6 +13,11 @@ and her unmanaged iPad (denied). `--scenario` sends those and a few more request
 a table (device, expected, got) and exits 0 only when every row matches. Ctrl-C (or SIGTERM)
 stops everything, gateway first, and checks that nothing is left listening.
 
+`--real` puts real software behind the gateway instead of the stand-in Exchange: SOGo's ActiveSync
+server with Dovecot, PostgreSQL, memcached and an nginx TLS front (easgate.tools.realstack; needs root and
+the Debian packages scripts/ensure_test_tools.sh installs), and prints `python -m easgate.tools.realclient`
+commands that sync alice's mailbox with pyactivesync, a real EAS client, through the gateway.
+
 DIR (default ./demo-state) is demo state: the inventory and the connector's policy are rewritten
 on every start, so a run always begins from the same devices.
 """
@@ -45,6 +50,7 @@ from ..authz.policy import PolicyStore
 from ..connector.service import ConnectorService, ConnectorThread
 from ..connector.store import Inventory, InventoryError
 from .pki import cert_b64_der, generate_pki, load_cert
+from .realstack import SEED_SUBJECT, USERS, RealStack, StackError
 from .standins import ExchangeStandIn, MdmStandIn
 
 HOSTNAME = "mail.example.test"
@@ -145,7 +151,9 @@ def _listening(port: int) -> bool:
 
 
 class Demo:
-    def __init__(self, directory: Path, port: int = 8443, out=sys.stdout) -> None:
+    def __init__(self, directory: Path, port: int = 8443, out=sys.stdout, real: bool = False) -> None:
+        self.real = real
+        self.stack: RealStack | None = None
         self.dir = Path(directory).expanduser().resolve()
         self.certs = self.dir / "certs"
         self.want_port = port
@@ -181,18 +189,27 @@ class Demo:
         policy_file = self.dir / "activesync-policy.yaml"
         policy_file.write_text(DEMO_POLICY.format(db=db))
 
-        self.exchange = ExchangeStandIn("exchange", tls=(self.certs / "exchange.pem", self.certs / "exchange.key")).start()
+        if self.real:
+            try:
+                self.stack = RealStack(self.certs / "exchange.pem", self.certs / "exchange.key").start()
+            except StackError as e:
+                raise DemoError(str(e))
+            exchange_url = self.stack.eas_url
+        else:
+            self.exchange = ExchangeStandIn("exchange", tls=(self.certs / "exchange.pem", self.certs / "exchange.key")).start()
+            exchange_url = self.exchange.url
         self.mdm = MdmStandIn("mdm").start()
         service = ConnectorService(inv, PolicyStore(policy_file), AuditLog(self.dir / "logs" / "connector-decisions.jsonl"))
         self.connector = ConnectorThread(service, "127.0.0.1", 0).start()
-        self.ports = {"exchange": self.exchange.port, "mdm": self.mdm.port, "connector": self.connector.port}
+        self.ports = {"exchange": self.stack.ports["https"] if self.stack else self.exchange.port, "mdm": self.mdm.port,
+                      "connector": self.connector.port}
 
         port = self.want_port
         if port and not _port_free(port):
             self.say(f"port {port} is busy on 127.0.0.1; the gateway takes a free port instead (or pass --port)")
             port = 0
         cfg_path = self.dir / "gateway.yaml"
-        cfg = gateway_config(self.dir, self.certs, port, self.exchange.url, self.mdm.url, self.connector.url)
+        cfg = gateway_config(self.dir, self.certs, port, exchange_url, self.mdm.url, self.connector.url)
         cfg_path.write_text("# written by `easgate demo`; the same shape as policies/gateway.yaml\n"
                             + yaml.safe_dump(cfg, sort_keys=False))
         self._start_gateway(cfg_path)
@@ -242,7 +259,11 @@ class Demo:
         for s in (self.exchange, self.mdm):
             if s is not None:
                 s.stop()
-        return [f"{name} (127.0.0.1:{port})" for name, port in self.ports.items() if port and _listening(port)]
+        left = []
+        if self.stack is not None:
+            self.stack.stop()
+            left = [f"real stack process {p}" for p in self.stack.leftovers()]
+        return left + [f"{name} (127.0.0.1:{port})" for name, port in self.ports.items() if port and _listening(port)]
 
     # -- what to tell the user ----------------------------------------------------------------
 
@@ -269,14 +290,40 @@ class Demo:
         self.say(f"easgate demo: everything on 127.0.0.1, state in {rel}/")
         self.say(f"  gateway    https://{HOSTNAME}:{self.gateway_port}   easgate run {rel}/gateway.yaml "
                  f"(log {rel}/logs/gateway.log, decisions {rel}/logs/decisions.jsonl)")
-        self.say(f"  exchange   {self.exchange.url}   stand-in Exchange (HTTPS, internal CA)")
+        if self.stack:
+            self.say(f"  exchange   {self.stack.eas_url}   SOGo ActiveSync behind nginx (HTTPS, internal CA); "
+                     f"Dovecot IMAP 127.0.0.1:{self.stack.ports['imap']}, state in {self.stack.base}")
+            self.say("             mailboxes: " + ", ".join(f"{u.login}/{u.password}" for u in USERS))
+        else:
+            self.say(f"  exchange   {self.exchange.url}   stand-in Exchange (HTTPS, internal CA)")
         self.say(f"  mdm        {self.mdm.url}   stand-in MDM (echoes the NSClientCert header)")
         self.say(f"  connector  {self.connector.url}/services/ActiveSync/Authorize   "
                  f"{self.connector.service.inventory.count()} devices in {rel}/devices.db "
                  f"(decisions {rel}/logs/connector-decisions.jsonl)")
         self.say(f"  PKI        {rel}/certs/ (throw-away; clients trust public-ca.pem)")
 
+    def realclient(self, device_id: str, cert: str | None) -> str:
+        """The pyactivesync command that syncs alice's inbox through the gateway as `device_id`."""
+        alice = USERS[0]
+        argv = [sys.executable, "-m", "easgate.tools.realclient", "--server", f"localhost:{self.gateway_port}",
+                "--ca", str(self.certs / "public-ca.pem"), "--user", alice.login, "--password", alice.password,
+                "--device-id", device_id]
+        if cert:
+            argv += ["--cert", str(self.certs / f"{cert}.pem"), "--key", str(self.certs / f"{cert}.key")]
+        return shlex.join([*argv, "inbox"])
+
     def instructions(self) -> None:
+        if self.stack:
+            self.say()
+            self.say("alice's managed iPhone syncs her inbox with pyactivesync, a real EAS client, "
+                     "through the gateway (FolderSync, Sync):")
+            self.say(self.realclient(IPHONE, "device-iphone"))
+            self.say()
+            self.say("her unmanaged iPad is denied at its first request (403 from the gateway):")
+            self.say(self.realclient(IPAD, None))
+            self.say()
+            self.say("Ctrl-C stops everything.")
+            return
         c = self.curl_commands()
         rel = _rel(self.dir)
         self.say()
@@ -320,7 +367,25 @@ class Demo:
         finally:
             c.close()
 
+    def real_scenario(self) -> list[Row]:
+        def run(device_id: str, cert: str | None) -> Callable[[], str]:
+            def go() -> str:
+                p = subprocess.run(shlex.split(self.realclient(device_id, cert)), capture_output=True, text=True,
+                                   timeout=120)
+                if p.returncode == 0:
+                    return "inbox synced" if SEED_SUBJECT in p.stdout else f"synced, no seed mail: {p.stdout[-80:]!r}"
+                err = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+                m = re.search(r"HTTP (\d+) to Cmd=(\w+)", err)
+                return f"{m[1]} at {m[2]}" if m else err
+            return go
+
+        return [Row("iPhone ApplF17ABCDEF01 (alice, managed, cert), pyactivesync", "inbox synced",
+                    run(IPHONE, "device-iphone")),
+                Row("iPad ApplDMPQ99887766 (alice, not managed), pyactivesync", "403 at Provision", run(IPAD, None))]
+
     def scenario(self) -> list[Row]:
+        if self.stack:
+            return self.real_scenario()
         iphone_cert = cert_b64_der(load_cert(self.certs / "device-iphone.pem"))
         inv = self.connector.service.inventory
 
@@ -428,7 +493,7 @@ def run_scenario(demo: Demo) -> bool:
 
 
 def cmd_demo(args) -> int:
-    demo = Demo(Path(args.dir), args.port)
+    demo = Demo(Path(args.dir), args.port, real=args.real)
     stopping = False
 
     def on_signal(signum, frame) -> None:
@@ -479,4 +544,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "a busy port falls back to a free one)")
     s.add_argument("--scenario", action="store_true", help="send the demo requests, print a table, exit 0 only "
                    "if every row is as expected")
+    s.add_argument("--real", action="store_true", help="real software behind the gateway: SOGo's ActiveSync "
+                   "server with Dovecot and PostgreSQL instead of the stand-in Exchange (root; Debian packages), and "
+                   "pyactivesync commands to sync a mailbox through the gateway")
     s.set_defaults(fn=cmd_demo)
