@@ -55,7 +55,35 @@ def cmd_check(args) -> int:
     for p in cfg.pools.values():
         print(f"pool {p.name}: {', '.join(s.url for s in p.servers)}  host_header={p.host_header}"
               + (f" ca={p.ca}" if p.ca else ""))
+    for line in describe_authorization(cfg):
+        print(line)
     return 0
+
+
+def describe_authorization(cfg: GatewayConfig) -> list[str]:
+    """The authorization section as `check` shows it: what decides, what happens when it fails."""
+    a = cfg.authorization
+    if a is None:
+        return ["authorization: none (no route says authorize: activesync)"]
+    t, c = a.applies_to, a.connector
+    guarded = [r.name for r in cfg.routes if r.authorize]
+    fail = "- (no connector)"
+    if c:
+        fail = a.on_connector_error + (f" (the last decision if at most {a.stale_max_age_s:g} s old, else deny)"
+                                       if a.on_connector_error == "stale" else "")
+    rows = [
+        ("applies to", f"path^={t.path_prefix}  methods={'|'.join(t.methods)}  pass={'|'.join(t.pass_methods) or '-'}"
+                       f"  commands={'|'.join(t.commands) or 'all'}  hosts={'|'.join(t.hosts) or 'any'}"),
+        ("policy", str(a.policy or "-")),
+        ("connector", f"{c.url}  (timeout {c.timeout_ms} ms, at most {c.max_concurrency} at once"
+                      + ("" if c.verify else ", certificate NOT verified") + ")"
+         if c else "- (the policy's inventory and mode decide)"),
+        ("on connector error", fail),
+        ("cache", f"allow {a.cache.allow_ttl_s:g} s, deny {a.cache.deny_ttl_s:g} s, at most {a.cache.max_entries} entries"),
+        ("denied", "connection dropped" if a.deny.action == "drop" else f"HTTP {a.deny.status}"),
+        ("audit log", str(cfg.audit_log or "- (decisions go to the debug log only)")),
+    ]
+    return [f"authorization (routes: {', '.join(guarded) or 'none'})"] + [f"  {k:<19} {v}" for k, v in rows]
 
 
 def describe_match(m) -> str:
@@ -95,6 +123,30 @@ def _mitm_args(args) -> list[str]:
     return out + list(args.mitmproxy_args or [])
 
 
+def _take_listen(listen: str | None, extra: list[str]) -> tuple[str | None, list[str]]:
+    """`-- --set easgate_listen=X` is the same as `--listen X`: one value, passed on once (workers
+    get `--listen` from the supervisor; mitmproxy refuses an option set twice)."""
+    out, found = [], []
+    i = 0
+    while i < len(extra):
+        a = extra[i]
+        if a == "--set" and i + 1 < len(extra) and extra[i + 1].startswith("easgate_listen="):
+            found.append(extra[i + 1].split("=", 1)[1])
+            i += 2
+            continue
+        if a.startswith("--set=easgate_listen="):
+            found.append(a.split("=", 2)[2])
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    if not found:
+        return listen, extra
+    if listen is not None or len(found) > 1:
+        raise ValueError("the listen address is given more than once (--listen, --set easgate_listen): give it once")
+    return found[0], out
+
+
 def cmd_run(args) -> int:
     cfg = _validate(args.config)
     n = args.workers if args.workers is not None else workers.default_workers()
@@ -103,7 +155,18 @@ def cmd_run(args) -> int:
     if n < 1:
         print("easgate: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.listen and args.worker_index is None:
+        try:
+            with_listen(cfg, args.listen)
+        except ConfigError as e:
+            print(f"easgate: {e}", file=sys.stderr)
+            return 2
     if n > 1 and args.worker_index is None:
+        # the workers' options, checked once here: a bad --set is one line, not one per worker
+        factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
+        rc = run_master(factory, _mitm_args(args), lean=not args.full, extra=mitmdump_filter_extra, check_only=True)
+        if rc:
+            return rc
         return _supervise(args, cfg, n)
 
     ready = None
@@ -233,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
     args.mitmproxy_args = extra
+    if args.cmd in ("run", "web"):
+        try:
+            args.listen, args.mitmproxy_args = _take_listen(args.listen, extra)
+        except ValueError as e:
+            print(f"easgate: {e}", file=sys.stderr)
+            return 2
     return args.fn(args) or 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import IO
@@ -29,6 +30,21 @@ class AuditLog:
             except OSError as e:
                 raise ConfigError(None, "audit_log", f"cannot write {path}: {e.strerror}",
                                   "choose a writable path or fix its permissions")
+
+    @staticmethod
+    def check(path: Path | None) -> None:
+        """What opening would find out, without creating the file or its directory: `easgate
+        check` must not write anything."""
+        if path is None:
+            return
+        if path.exists():
+            ok = path.is_file() and os.access(path, os.W_OK)
+        else:
+            parent = next((p for p in path.parents if p.exists()), None)
+            ok = parent is not None and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+        if not ok:
+            raise ConfigError(None, "audit_log", f"cannot write {path}",
+                              "choose a writable path or fix its permissions")
 
     def write(self, record: dict) -> None:
         record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,20 @@ def parse_listen(root: Node, default_port: int) -> tuple[str, int]:
     if listen.value is None:
         return "127.0.0.1", default_port
     listen.mapping({"host": "an IP address", "port": "a TCP port, 0 picks a free one"})
-    host = listen.child("host").str("127.0.0.1") or "127.0.0.1"
+    host = listen.child("host")
+    value = host.str("127.0.0.1") or "127.0.0.1"
+    if not is_listen_host(value):
+        raise host.err(f"'{value}' is not an IP address",
+                       "use an address of this machine, e.g. 127.0.0.1, 0.0.0.0 (all IPv4) or :: (all IPv6)")
     port = listen.child("port").int(default_port, 0, 65535)
-    return host, default_port if port is None else port
+    return value, default_port if port is None else port
+
+
+def is_listen_host(host: str) -> bool:
+    """An IP address literal, what a listener binds: a typo such as `127.0.0.l` would otherwise be
+    looked up as a host name at bind time (core/net.parse_listen says the same for HOST:PORT)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

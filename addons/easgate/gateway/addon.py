@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import logging
 import re
 
@@ -63,12 +64,30 @@ def with_listen(cfg: GatewayConfig, listen: str) -> GatewayConfig:
     return dataclasses.replace(cfg, listen_host=host, listen_port=port)
 
 
+def unknown_options(opts) -> str | None:
+    """One line naming the `--set` options nobody declared, or None.
+
+    mitmproxy keeps an unknown `--set name=value` aside in case an addon declares it later and
+    never says anything: a misspelled `easgate_confg=` would be ignored silently.
+    """
+    names = sorted(getattr(opts, "deferred", {}) or {})
+    if not names:
+        return None
+    hints = []
+    for n in names:
+        close = difflib.get_close_matches(n, sorted(opts.keys()), n=1, cutoff=0.75)
+        hints.append(f"{n} (did you mean {close[0]}?)" if close else n)
+    return (f"unknown option{'s' if len(names) > 1 else ''} --set {', '.join(hints)}: "
+            "`--options` lists them all")
+
+
 class Gateway:
     """Owns the config file; its sub-addons do the work."""
 
     def __init__(self) -> None:
         self.config: GatewayConfig | None = None
         self.strict = StrictRequests()  # one strict reading of the request head, before anything else
+        self._rolling_back = False
         self.tls = TlsOffload()
         self.strip = certheader.StripCertHeaders()
         self.switch = ContentSwitch(self)
@@ -84,6 +103,11 @@ class Gateway:
         self.addons.append(addon)
 
     def load(self, loader) -> None:
+        # mitmproxy rolls a failed option update back by configuring every addon again with the old
+        # values; an error raised then would replace the real one (a bad easgate_metrics reported
+        # as "easgate_config is not set"). Note the failure so the rollback stays quiet.
+        self._rolling_back = False
+        loader.master.options.errored.connect(self._option_error)
         loader.add_option(
             "easgate_config", str, "",
             "The easgate gateway configuration (YAML), e.g. policies/gateway.yaml. Required.",
@@ -98,8 +122,11 @@ class Gateway:
             if self.config is not None:  # someone changed a mitmproxy option: keep ours in force
                 self._enforce()
             return
+        rolling_back, self._rolling_back = self._rolling_back, False
         path = ctx.options.easgate_config
         if not path:
+            if rolling_back:
+                return  # the error that caused the rollback is the one to report
             raise exceptions.OptionsError(
                 "easgate_config is not set: start with --set easgate_config=policies/gateway.yaml")
         try:
@@ -114,6 +141,9 @@ class Gateway:
         self._enforce()
         logger.info(f"easgate: loaded {cfg.path}: {len(cfg.routes)} routes, listening on "
                     f"{cfg.listen_host}:{cfg.listen_port}")
+
+    def _option_error(self, exc: Exception) -> None:
+        self._rolling_back = True
 
     def apply(self, cfg: GatewayConfig) -> None:
         """Build every sub-addon's state from cfg; the first error stops the whole load."""
@@ -134,6 +164,10 @@ class Gateway:
     def running(self) -> None:
         if self.config is None:
             logger.error("easgate: the gateway is not configured; refusing to run without it")
+            ctx.master.shutdown()
+            return
+        if why := unknown_options(ctx.options):  # as a `-s` script; `easgate run` checked before
+            logger.error(f"easgate: {why}; stopping")
             ctx.master.shutdown()
             return
         # Loaded as a `-s` script, the gateway is configured only after mitmproxy brought up its

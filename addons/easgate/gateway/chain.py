@@ -7,6 +7,10 @@ reads its outcome (mitmweb annotations, metrics, the flow bound).
 
 from __future__ import annotations
 
+import dataclasses
+
+from ..authz.audit import AuditLog
+from ..core.errors import ConfigError
 from . import mitmcompat
 from .addon import Gateway
 from .authorize import ActiveSyncGate
@@ -27,7 +31,12 @@ def make_addons() -> list:
 
 def validate_config(path: str) -> GatewayConfig:
     """Load the config and build every addon's state from it, as a start would (certificates, keys,
-    CA files, policies are all read); raises ConfigError. Nothing is started."""
+    CA files, policies are all read); raises ConfigError. Nothing is started and nothing is written:
+    the audit log is checked for writability, not opened (which would create it)."""
     cfg = load_config(path)
-    make_addons()[0].apply(cfg)
+    try:
+        AuditLog.check(cfg.audit_log)
+    except ConfigError as e:
+        raise ConfigError(cfg.path, e.key, e.problem, e.fix) from None
+    make_addons()[0].apply(dataclasses.replace(cfg, audit_log=None))
     return cfg

@@ -48,7 +48,7 @@ from mitmproxy.addons import (
 )
 from mitmproxy.tools import cmdline
 
-from ..gateway.addon import Gateway, forced_options
+from ..gateway.addon import Gateway, forced_options, unknown_options
 from . import workers
 
 logger = logging.getLogger("easgate")
@@ -335,8 +335,13 @@ class Ready:
 
 def run_master(master_factory: Callable[[options.Options], master.Master], arguments: Sequence[str], *,
                lean: bool, grace_s: float = 10.0, log_prefix: str = "", ready: Ready | None = None,
-               extra: Callable | None = None) -> int:
-    """mitmproxy.tools.main.run for `easgate run`; returns the exit status."""
+               extra: Callable | None = None, check_only: bool = False) -> int:
+    """mitmproxy.tools.main.run for `easgate run`; returns the exit status.
+
+    check_only: parse the arguments and configure every addon as a start would, then return
+    without serving (the supervisor's pre-flight: a bad `--set` is one error line, not one per
+    worker). Only errors are printed.
+    """
     from mitmproxy.tools.main import process_options
     from mitmproxy.utils import arg_check, debug
 
@@ -351,6 +356,10 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
             skip_message_typechecks()
         opts = options.Options()
         m = master_factory(opts)
+        if check_only and m._termlog_addon is not None:
+            m._termlog_addon.uninstall()
+            logging.getLogger().addHandler(_errors_only := logging.StreamHandler(sys.stderr))
+            _errors_only.setLevel(logging.ERROR)
         if log_prefix and m._termlog_addon is not None:
             h = m._termlog_addon.logger
             h.formatter = _PrefixFormatter(log_prefix, h.formatter)
@@ -373,6 +382,8 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
                 return 0
             if extra and args.filter_args:
                 opts.update(**extra(args))
+            if why := unknown_options(opts):
+                raise exceptions.OptionsError(why)
             if lean and isinstance(m, LeanMaster):
                 gw = next((a for a in m.gateway_addons if isinstance(a, Gateway)), None)
                 forced = set(forced_options(gw.config)) if gw and gw.config else set()
@@ -383,8 +394,10 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
                 if ignored:
                     logger.warning("easgate: ignored (the gateway configures TLS itself): " + ", ".join(ignored))
         except exceptions.OptionsError as e:
-            print(f"{sys.argv[0]}: {e}", file=sys.stderr)
+            print(f"easgate: {e}", file=sys.stderr)
             return 1
+        if check_only:
+            return 0
         if ready is not None:
             m.addons.add(ready)
 

@@ -1,0 +1,122 @@
+"""What a user sees when a command line or a config is wrong, and what `easgate check` tells them.
+
+Every case runs the real `easgate` command and reads what it printed: one line naming the real
+problem, a non-zero exit, no traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, GatewayProcess, authz_config, base_config, easgate_argv, request, write_config
+
+
+def run(argv: list[str], cwd=ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def error_lines(p: subprocess.CompletedProcess) -> list[str]:
+    """The lines a user reads as the error: stderr without the gateway's own start-up log lines."""
+    return [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("[")]
+
+
+BAD_SETS = [
+    ("easgate_metrics=notaport", "easgate_metrics: 'notaport' is not HOST:PORT"),
+    ("easgate_metrics=127.0.0.l:9090", "'127.0.0.l' in '127.0.0.l:9090' is not an IP address"),
+    ("easgate_listen=foo", "easgate_listen: 'foo' is not HOST:PORT"),
+    ("easgate_listen=127.0.0.l:0", "'127.0.0.l' in '127.0.0.l:0' is not an IP address"),
+    ("easgate_max_flows=-1", "easgate_max_flows must be 0 (no limit) or more"),
+    ("easgate_max_flows=many", "easgate_max_flows: not an integer: many"),
+    ("easgate_confg=x", "unknown option --set easgate_confg (did you mean easgate_config?)"),
+]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("setting,expected", BAD_SETS, ids=[s for s, _ in BAD_SETS])
+def test_a_bad_set_option_names_the_real_problem_in_one_line(pki, exchange, mdm, tmp_path, workers, setting,
+                                                             expected):
+    cfg = write_config(tmp_path, base_config(pki, exchange, mdm))
+    p = run(easgate_argv("run", str(cfg), "--workers", workers, "--", "--set", setting))
+    assert p.returncode != 0, p.stdout + p.stderr
+    lines = error_lines(p)
+    assert len(lines) == 1, p.stderr  # one line, also with several workers (not one per worker)
+    assert expected in lines[0], p.stderr
+    assert "easgate_config is not set" not in p.stderr and "Traceback" not in p.stderr
+    assert "Received multiple values" not in p.stderr
+    assert "worker" not in p.stderr  # refused before any worker started
+
+
+def test_a_misspelled_option_stops_the_mitmdump_script_too(pki, exchange, mdm, tmp_path):
+    cfg = write_config(tmp_path, base_config(pki, exchange, mdm))
+    p = run([str(Path(sys.executable).parent / "mitmdump"), "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={cfg}",
+             "--set", "easgate_listen=127.0.0.1:0", "--set", "easgate_metircs=9090"])
+    assert "unknown option --set easgate_metircs (did you mean easgate_metrics?)" in p.stdout + p.stderr
+
+
+def test_listen_given_twice_is_one_clear_line(pki, exchange, mdm, tmp_path):
+    cfg = write_config(tmp_path, base_config(pki, exchange, mdm))
+    p = run(easgate_argv("run", str(cfg), "--listen", "127.0.0.1:0", "--", "--set", "easgate_listen=127.0.0.1:0"))
+    assert p.returncode == 2
+    assert error_lines(p) == ["easgate: the listen address is given more than once (--listen, --set "
+                              "easgate_listen): give it once"]
+
+
+def test_set_easgate_listen_works_like_listen_with_several_workers(pki, exchange, mdm, tmp_path):
+    """The supervisor passes --listen to its workers: a user's --set easgate_listen is folded into it."""
+    cfg = write_config(tmp_path, base_config(pki, exchange, mdm))
+    g = GatewayProcess(easgate_argv("run", str(cfg), "--workers", "2", "--", "--set", "easgate_listen=127.0.0.1:0"))
+    try:
+        g.wait_ready(30)
+        assert request(g.port, "GET", "/enroll", pki).status == 200
+    finally:
+        g.stop()
+
+
+def test_check_refuses_a_listen_host_that_is_not_an_address(pki, exchange, mdm, tmp_path):
+    c = base_config(pki, exchange, mdm)
+    c["listen"]["host"] = "127.0.0.l"
+    p = run(easgate_argv("check", str(write_config(tmp_path, c))))
+    assert p.returncode == 2
+    assert error_lines(p) == [f"easgate: config error: {tmp_path / 'gateway.yaml'}: listen.host: '127.0.0.l' is not an "
+                              "IP address (use an address of this machine, e.g. 127.0.0.1, 0.0.0.0 (all IPv4) or :: "
+                              "(all IPv6))"]
+
+
+def test_check_shows_the_authorization_section_and_writes_nothing(pki, exchange, mdm, tmp_path, connector):
+    c = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block"}, connector=connector,
+                     on_connector_error="stale")
+    c["audit_log"] = str(tmp_path / "logs" / "audit.jsonl")
+    cfg = write_config(tmp_path, c)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    p = run(easgate_argv("check", str(cfg)))
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "authorization (routes: activesync)" in out
+    assert f"policy              {tmp_path / 'policy.yaml'}" in out
+    assert f"connector           {connector.url}  (timeout 500 ms" in out
+    assert "on connector error  stale (the last decision if at most 3600 s old, else deny)" in out
+    assert "cache               allow 300 s, deny 30 s, at most 100000 entries" in out
+    assert "denied              HTTP 403" in out
+    assert f"audit log           {tmp_path / 'logs' / 'audit.jsonl'}" in out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no audit log, no logs/ directory
+    assert connector.calls == []  # checking calls nobody
+
+
+def test_check_says_when_the_audit_log_cannot_be_written(pki, exchange, mdm, tmp_path):
+    c = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block"})
+    (tmp_path / "afile").write_text("")
+    c["audit_log"] = str(tmp_path / "afile" / "audit.jsonl")  # a file where a directory should be
+    p = run(easgate_argv("check", str(write_config(tmp_path, c))))
+    assert p.returncode == 2
+    assert "audit_log: cannot write" in p.stderr and len(error_lines(p)) == 1
+
+
+def test_check_without_authorization_says_so(pki, exchange, mdm, tmp_path):
+    p = run(easgate_argv("check", str(write_config(tmp_path, base_config(pki, exchange, mdm)))))
+    assert p.returncode == 0, p.stderr
+    assert "authorization: none (no route says authorize: activesync)" in p.stdout
