@@ -6,13 +6,16 @@ problem, a non-zero exit, no traceback.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, GatewayProcess, authz_config, base_config, easgate_argv, request, write_config
+from conftest import HOSTNAME, ROOT, GatewayProcess, client_context, authz_config, base_config, easgate_argv, request, write_config
 
 
 def run(argv: list[str], cwd=ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -120,3 +123,55 @@ def test_check_without_authorization_says_so(pki, exchange, mdm, tmp_path):
     p = run(easgate_argv("check", str(write_config(tmp_path, base_config(pki, exchange, mdm)))))
     assert p.returncode == 0, p.stderr
     assert "authorization: none (no route says authorize: activesync)" in p.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# What clients see of the gateway's own errors, and what the log says instead
+
+
+def test_error_pages_show_neither_mitmproxy_nor_internal_addresses(pki, exchange, mdm, tmp_path, start_gateway):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed = s.getsockname()[1]  # bound, never listening: connections are refused
+    c = base_config(pki, exchange, mdm)
+    c["pools"]["mdm"]["servers"] = [f"http://127.0.0.1:{closed}"]
+    g = start_gateway(c)
+    try:
+        r = request(g.port, "GET", "/enroll", pki)
+    finally:
+        s.close()
+    assert r.status == 502
+    assert "Server" not in r.headers, r.headers
+    assert r.body == b"502 Bad Gateway\n"
+    assert str(closed).encode() not in r.body and b"127.0.0.1" not in r.body and b"mitmproxy" not in r.body
+    deadline = time.monotonic() + 10
+    while f"Connect call failed ('127.0.0.1', {closed})" not in g.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"Connect call failed ('127.0.0.1', {closed})" in g.output  # the detail is in the log
+
+
+def test_a_malformed_request_still_says_what_is_wrong_with_it(pki, exchange, mdm, start_gateway):
+    g = start_gateway(base_config(pki, exchange, mdm))
+    ctx = client_context(pki)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port)), server_hostname=HOSTNAME) as tls:
+        tls.sendall(b"GET /enroll HTTP/1.1\r\nHost: mail.example.test\r\nContent-Length: x\r\n\r\n")
+        head = tls.recv(4096)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"mitmproxy" not in head.lower() and b"\r\nServer:" not in head
+
+
+@pytest.mark.parametrize("cert,expected", [
+    ("device-expired", "client certificate CN=ApplEXPIRED00001,O=easgate demo, rejected: certificate has expired"),
+    ("device-rogue", "client certificate chain: the certificate 1 above the client's, CN=Rogue Device CA,O=not "
+                     "easgate, rejected: self-signed certificate in certificate chain"),
+])
+def test_a_rejected_client_certificate_is_logged_with_its_subject_and_reason(pki, exchange, mdm, start_gateway, cert,
+                                                                             expected):
+    g = start_gateway(base_config(pki, exchange, mdm))  # client_certs optional, on_invalid reject
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        request(g.port, "GET", "/enroll", pki, cert=cert)
+    deadline = time.monotonic() + 10
+    while expected not in g.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert expected in g.output
+    assert "may not trust the proxy's certificate" not in g.output

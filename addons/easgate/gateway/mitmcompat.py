@@ -37,6 +37,69 @@ def install() -> None:
         return
     _installed = True
     _http1_request_trailers()
+    _http1_error_pages()
+    _client_handshake_failure_reason()
+
+
+def _client_handshake_failure_reason() -> None:
+    """mitmproxy 12.3.1 explains any failed client handshake as "The client may not trust the
+    proxy's certificate": for a gateway that rejected the client's certificate, that points the
+    operator at the wrong certificate. When the SSL connection's app data says why the handshake
+    failed (a `handshake_failure` string, see tls.CertRejected), that line is logged instead."""
+    try:
+        from mitmproxy.proxy import commands
+        from mitmproxy.proxy.layers import tls
+    except ImportError:  # pragma: no cover - another mitmproxy layout
+        return
+    cls = getattr(tls, "ClientTLSLayer", None)
+    original = getattr(cls, "on_handshake_error", None)
+    if original is None or getattr(original, "_easgate", False):
+        return
+
+    def on_handshake_error(self, err: str):
+        data = self.tls.get_app_data() if getattr(self, "tls", None) is not None else None
+        why = getattr(data, "handshake_failure", None)
+        gen = original(self, err)
+        try:
+            cmd = next(gen)
+            while True:
+                if why and isinstance(cmd, commands.Log) and cmd.message.startswith("Client TLS handshake failed"):
+                    cmd = commands.Log(f"Client TLS handshake failed: {why}", cmd.level)
+                    why = None
+                cmd = gen.send((yield cmd))
+        except StopIteration as e:
+            return e.value
+
+    on_handshake_error._easgate = True  # type: ignore[attr-defined]
+    cls.on_handshake_error = on_handshake_error
+
+
+def _http1_error_pages() -> None:
+    """mitmproxy 12.3.1 answers a request it could not forward with an HTML page that carries
+    `Server: mitmproxy 12.3.1` and the internal error, e.g. "Connect call failed ('10.0.0.5', 443)":
+    what runs the gateway and the addresses behind it, told to anyone on the Internet. The client
+    gets the status and its reason phrase only; the detail is in the gateway's log (the upstream
+    pools' error hook) and on the flow. A 4xx about the client's own request keeps its message."""
+    try:
+        from mitmproxy import http
+        from mitmproxy.net.http import http1, status_codes
+        from mitmproxy.proxy.layers.http import _http1
+    except ImportError:  # pragma: no cover - another mitmproxy layout
+        return
+    if getattr(getattr(_http1, "make_error_response", None), "_easgate", False):
+        return
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        reason = status_codes.RESPONSES.get(status_code, "Error")
+        text = f"{status_code} {reason}\n"
+        if 400 <= status_code < 500 and message:
+            text += f"{message}\n"
+        resp = http.Response.make(status_code, text.encode("utf-8", "replace"),
+                                  http.Headers(Connection="close", Content_Type="text/plain; charset=utf-8"))
+        return http1.assemble_response(resp)
+
+    make_error_response._easgate = True  # type: ignore[attr-defined]
+    _http1.make_error_response = make_error_response
 
 
 def _http1_request_trailers() -> None:

@@ -4,7 +4,7 @@ mitmproxy's own TLS setup would present a certificate minted by mitmproxy's CA a
 client certificate without telling anyone. easgate builds the client-side TLS itself, from one
 pyOpenSSL context made at configure time, and verifies the presented chain in Python on every
 handshake: OpenSSL skips its verify callback on resumed sessions, so its verdict can't be trusted
-alone (see ../shared/DESIGN.md).
+alone (docs/design-notes.md, "TLS").
 """
 
 from __future__ import annotations
@@ -199,8 +199,39 @@ def _alpn_http11(conn: SSL.Connection, offers: list[bytes]) -> bytes:
     return b"http/1.1" if b"http/1.1" in offers else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+class CertRejected:
+    """Why OpenSSL refused a client certificate, kept on the SSL connection (its app data) so the
+    handshake failure is logged with the certificate's subject and the reason: mitmproxy's own line
+    ("the client may not trust the proxy's certificate") would blame the gateway's certificate."""
+
+    def __init__(self, what: str, subject: str, reason: str) -> None:
+        self.what, self.subject, self.reason = what, subject, reason
+
+    @property
+    def handshake_failure(self) -> str:  # read by mitmcompat's handshake-error patch
+        return f"{self.what} {self.subject}, rejected: {self.reason}"
+
+
+def _verify_error(errno: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib  # pyOpenSSL exposes no public name for the error strings
+
+        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+    except Exception:  # pragma: no cover - another pyOpenSSL
+        return f"OpenSSL verify error {errno}"
+
+
 def _openssl_verdict(conn, cert, errno, depth, ok) -> bool:
     # First line of defence: a chain that does not verify fails the handshake ("a bad one is not").
+    if not ok and conn.get_app_data() is None:
+        # OpenSSL stops at the first failure: at depth > 0 the client's own certificate has not been
+        # looked at (nor is the chain available yet), so the failing one is named.
+        try:
+            subject = cert.to_cryptography().subject.rfc4514_string() or "(empty subject)"
+        except Exception:
+            subject = "(unreadable certificate)"
+        what = "client certificate" if depth == 0 else f"client certificate chain: the certificate {depth} above the client's,"
+        conn.set_app_data(CertRejected(what, subject, _verify_error(errno)))
     return bool(ok)
 
 
