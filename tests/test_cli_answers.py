@@ -6,6 +6,8 @@ problem, a non-zero exit, no traceback.
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import ssl
 import subprocess
@@ -175,3 +177,59 @@ def test_a_rejected_client_certificate_is_logged_with_its_subject_and_reason(pki
         time.sleep(0.05)
     assert expected in g.output
     assert "may not trust the proxy's certificate" not in g.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline replay: writes nothing and calls nobody unless asked
+
+ALICE = {"Authorization": "Basic " + base64.b64encode(b"CONTOSO\\alice:secret").decode(),
+         "User-Agent": "Apple-iPhone14C2/2104.60"}
+
+
+def _eas(device: str) -> str:
+    return f"/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId={device}&DeviceType=iPhone"
+
+
+def test_offline_replay_touches_neither_the_audit_log_nor_the_connector(pki, exchange, mdm, tmp_path, connector,
+                                                                         start_gateway):
+    connector.allowed = {"ApplGOOD0001"}
+    cfg_dict = authz_config(pki, exchange, mdm, tmp_path, connector=connector)
+    cfg = write_config(tmp_path, cfg_dict)
+    audit = Path(cfg_dict["audit_log"])
+    cap = tmp_path / "own.mitm"
+    g = start_gateway(cfg, extra=["-w", str(cap)])
+    assert request(g.port, "POST", _eas("ApplGOOD0001"), pki, headers=ALICE, body=b"").status == 200
+    assert request(g.port, "POST", _eas("ApplBAD00002"), pki, headers=ALICE, body=b"").status == 403
+    with socket.create_connection(("127.0.0.1", g.port)) as plain:  # refused: plain HTTP
+        plain.sendall(b"GET /enroll HTTP/1.1\r\nHost: mail.example.test\r\n\r\n")
+        plain.recv(100)
+    assert request(g.port, "GET", "/enroll", pki).status == 200
+    g.stop()
+    recorded_audit = audit.read_bytes()
+    assert recorded_audit.count(b"\n") == 2
+    calls = len(connector.calls)
+
+    # the same config, its own capture: every flow as recorded (the refused plain-HTTP one too)
+    p = run(easgate_argv("replay", str(cap), "--config", str(cfg)))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "4 flows: 4 as recorded, 0 differ" in p.stdout
+    assert "allow (connector)" in p.stdout and "deny (connector)" in p.stdout and "refused" in p.stdout
+    assert audit.read_bytes() == recorded_audit  # the production audit log is untouched
+    assert len(connector.calls) == calls  # and the connector was not asked
+
+    # asked for: an audit log of the replay's own, and real connector calls
+    mine = tmp_path / "replayed.jsonl"
+    p = run(easgate_argv("replay", str(cap), "--config", str(cfg), "--audit-log", str(mine), "--connector"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [json.loads(l)["decision"] for l in mine.read_text().splitlines()] == ["allow", "deny"]
+    assert len(connector.calls) == calls + 2
+    assert audit.read_bytes() == recorded_audit
+
+
+def test_offline_replay_without_a_recorded_connector_answer_says_so(pki, exchange, mdm, tmp_path, connector):
+    """A capture made with a policy-file config, replayed with a connector config: nothing to reuse."""
+    cfg = write_config(tmp_path, authz_config(pki, exchange, mdm, tmp_path, connector=connector))
+    p = run(easgate_argv("replay", str(ROOT / "tests/captures/ipad-unmanaged.mitm"), "--config", str(cfg), "--json"))
+    rows = [json.loads(l)["replayed"] for l in p.stdout.splitlines()]
+    assert any("the connector is not called in an offline replay" in r["reason"] for r in rows), p.stdout
+    assert connector.calls == []

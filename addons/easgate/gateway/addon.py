@@ -87,6 +87,8 @@ class Gateway:
     def __init__(self) -> None:
         self.config: GatewayConfig | None = None
         self.strict = StrictRequests()  # one strict reading of the request head, before anything else
+        # fields replaced in every config loaded (the offline replay turns the audit log off)
+        self.overrides: dict = {}
         self._rolling_back = False
         self.tls = TlsOffload()
         self.strip = certheader.StripCertHeaders()
@@ -131,6 +133,8 @@ class Gateway:
                 "easgate_config is not set: start with --set easgate_config=policies/gateway.yaml")
         try:
             cfg = load_config(path)
+            if self.overrides:
+                cfg = dataclasses.replace(cfg, **self.overrides)
             if ctx.options.easgate_listen:
                 cfg = with_listen(cfg, ctx.options.easgate_listen)
             self.apply(cfg)

@@ -24,12 +24,20 @@ removes the client-certificate header the recording gateway had inserted. After 
 decided, it compares and logs one line per flow and a summary (``--set
 easgate_replay_report=FILE`` also writes one JSON line per flow).
 
+Offline replay writes nothing and calls nobody unless asked: the config's audit log is not
+opened (``--audit-log FILE`` / ``easgate_replay_audit`` writes the replayed decisions to FILE),
+and the connector is not called (it would record the replayed devices as seen): where the
+capture holds the connector's answer for a request, that answer is used again; where it holds
+none, the replay says so and the fail mode decides. ``--connector`` /
+``easgate_replay_connector`` calls the configured connector instead.
+
 What is compared: the route and the decision (``allow``, ``deny``, ``pass`` for a route without
 authorization, ``refused`` for a connection the gateway would not serve, ``no route``); with
 ``--strict`` also the reason and the source. Decisions come from the config's backends: a policy
-file is read as the gateway reads it; a connector is called as the gateway would call it (start
-it first, or replay with a policy-file config; the captures in tests/captures/ are recorded with
-one, tests/captures/policy.yaml, so they replay with nothing else running). The decision cache
+file is read as the gateway reads it; a connector answers as recorded, or, with ``--connector``,
+is called as the gateway would call it (start it first). The captures in tests/captures/ are
+recorded with a policy file, tests/captures/policy.yaml, so they replay with nothing else
+running. The decision cache
 works as in the gateway, so a capture replayed in its recorded order hits the cache where the
 recording did.
 
@@ -65,14 +73,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 from ..authz import identity
+from ..authz.audit import AuditLog
 from ..core.errors import ConfigError
 from ..core.net import parse_port, split_hostport
 from ..gateway.certheader import fold
 from ..gateway.chain import make_addons, validate_config
+from ..gateway.authorize import ActiveSyncGate
 from ..gateway.config import DEFAULT_CERT_HEADER
+from ..gateway.xnc import Answer, ConnectorError
 from . import capture
 
 logger = logging.getLogger("easgate.replay")
@@ -102,7 +113,9 @@ class Outcome:
     cert: str = ""  # the client certificate verdict: none | verified | invalid ("" unknown)
 
     def key(self, strict: bool) -> tuple:
-        base = (self.route, self.decision, self.cert)
+        # A refused connection is refused before routing: the live gateway records neither a route
+        # nor a certificate verdict for it, the replay shows both. Refused is refused.
+        base = (None, self.decision, "") if self.decision == "refused" else (self.route, self.decision, self.cert)
         return (*base, self.reason, self.source) if strict else base
 
     def as_dict(self) -> dict:
@@ -190,6 +203,28 @@ class Result:
 # The addon
 
 
+class RecordedConnector:
+    """Stands in for the connector in an offline replay: answers what the capture says the
+    connector answered for the flow being replayed, and calls nobody (a real call would record
+    the replayed device as seen in the connector's inventory)."""
+
+    calls = 0
+    connections_opened = 0
+
+    def __init__(self) -> None:
+        self.recorded: dict | None = None  # the recorded outcome of the flow being decided
+
+    async def authorize(self, user, agent, ip, url, device_id) -> Answer:
+        r = self.recorded or {}
+        if r.get("source") == "connector" and r.get("decision") in ("allow", "deny"):
+            return Answer(r["decision"] == "allow", r.get("reason") or "connector (recorded)")
+        raise ConnectorError("the connector is not called in an offline replay and the capture holds no "
+                             "connector answer for this request (--connector calls it)")
+
+    def close(self) -> None:
+        pass
+
+
 class ReplayCheck:
     """Re-decides flows read from a file (easgate_replay) and compares with the recorded decision.
 
@@ -202,6 +237,7 @@ class ReplayCheck:
         self._at: datetime.datetime | None = None
         self._wrapped = None
         self._report = None
+        self.connector = RecordedConnector()
 
     def load(self, loader) -> None:
         loader.add_option("easgate_replay", bool, False,
@@ -213,10 +249,14 @@ class ReplayCheck:
                           "Replay: a different reason or source also counts as a difference.")
         loader.add_option("easgate_replay_report", str, "",
                           "Replay: also write one JSON line per replayed flow to this file.")
+        loader.add_option("easgate_replay_audit", str, "",
+                          "Replay: write the replayed decisions to this audit log (by default none is written; "
+                          "the config's audit_log is never opened).")
+        loader.add_option("easgate_replay_connector", bool, False,
+                          "Replay: call the config's connector (by default its recorded answers are used and "
+                          "it is not contacted).")
 
     def configure(self, updated) -> None:
-        from mitmproxy import exceptions
-
         if "easgate_replay_cert_time" in updated and ctx.options.easgate_replay_cert_time not in CERT_TIMES:
             raise exceptions.OptionsError(
                 f"easgate_replay_cert_time: '{ctx.options.easgate_replay_cert_time}' is not one of capture, now")
@@ -231,6 +271,22 @@ class ReplayCheck:
                     raise exceptions.OptionsError(f"easgate_replay_report: cannot write "
                                                   f"{ctx.options.easgate_replay_report}: {e.strerror}")
         self._install_clock()
+        gate = self._gate()
+        if gate is not None:
+            if {"easgate_config", "easgate_replay_audit"} & set(updated):
+                gate.audit.close()
+                path = ctx.options.easgate_replay_audit
+                try:
+                    gate.audit = AuditLog(Path(path).resolve() if path else None)
+                except ConfigError as e:
+                    raise exceptions.OptionsError(f"easgate_replay_audit: {e.problem}") from None
+            if gate.connector is not None and not ctx.options.easgate_replay_connector \
+                    and not isinstance(gate.connector, RecordedConnector):
+                gate.connector.close()
+                gate.connector = self.connector
+
+    def _gate(self) -> ActiveSyncGate | None:
+        return next((a for a in self.gw.addons if isinstance(a, ActiveSyncGate)), None)
 
     def _install_clock(self) -> None:
         """Let the gateway's certificate verifier see the capture's time while a flow is replayed."""
@@ -254,6 +310,7 @@ class ReplayCheck:
         if not self._on(flow) or RECORDED_KEY in flow.metadata:
             return
         prepare(flow, self.gw)
+        self.connector.recorded = flow.metadata[RECORDED_KEY]
         if ctx.options.easgate_replay_cert_time == "capture":
             ts = flow.client_conn.timestamp_start or flow.request.timestamp_start
             if ts:
@@ -327,7 +384,9 @@ def replay_addons() -> list:
     """The gateway's addons with `ReplayCheck` in front (it must see a flow read from a file
     before the gateway does); the production chain never carries it."""
     addons = make_addons()
-    addons[0].addons.insert(0, ReplayCheck(addons[0]))
+    gw = addons[0]
+    gw.overrides["audit_log"] = None  # a replay never writes the production audit log (see ReplayCheck)
+    gw.addons.insert(0, ReplayCheck(gw))
     return addons
 
 
@@ -338,18 +397,21 @@ def _gateway_addons():
 
 
 async def run_offline(paths: list[Path], config: Path, *, cert_time: str = "capture", strict: bool = False,
-                      verbosity: str = "warn") -> list[Result]:
+                      verbosity: str = "warn", audit_log: Path | None = None,
+                      call_connector: bool = False) -> list[Result]:
     """Replay each capture file through a fresh gateway (its own decision cache, as when it was
     recorded); returns one Result per HTTP flow."""
     results: list[Result] = []
     for p in paths:
-        for r in await _offline_one(p, config, cert_time=cert_time, strict=strict, verbosity=verbosity):
+        for r in await _offline_one(p, config, cert_time=cert_time, strict=strict, verbosity=verbosity,
+                                    audit_log=audit_log, call_connector=call_connector):
             r.capture = str(p)
             results.append(r)
     return results
 
 
-async def _offline_one(path: Path, config: Path, *, cert_time: str, strict: bool, verbosity: str) -> list[Result]:
+async def _offline_one(path: Path, config: Path, *, cert_time: str, strict: bool, verbosity: str,
+                       audit_log: Path | None, call_connector: bool) -> list[Result]:
     from mitmproxy import io, master, options
     from mitmproxy.addons import termlog
 
@@ -362,7 +424,9 @@ async def _offline_one(path: Path, config: Path, *, cert_time: str, strict: bool
     try:
         # one update: the gateway loads its config on the first change it sees (OptionsError if bad)
         opts.update(easgate_config=str(Path(config).resolve()), termlog_verbosity=verbosity, easgate_replay=True,
-                    easgate_replay_cert_time=cert_time, easgate_replay_strict=strict)
+                    easgate_replay_cert_time=cert_time, easgate_replay_strict=strict,
+                    easgate_replay_audit=str(audit_log) if audit_log else "",
+                    easgate_replay_connector=call_connector)
         await m.running()
         try:
             with open(path, "rb") as f:
@@ -572,8 +636,6 @@ def _target(value: str) -> tuple[str, int]:
 
 
 def cmd_replay(args) -> int:
-    from mitmproxy import exceptions
-
     paths = [Path(p) for p in args.capture]
     for p in paths:
         if not p.is_file():
@@ -596,7 +658,8 @@ def cmd_replay(args) -> int:
                 print(f"easgate: config error: {e}", file=sys.stderr)
                 return 2
             results = asyncio.run(run_offline(paths, Path(args.config), cert_time=args.cert_time,
-                                              strict=args.strict, verbosity=verbosity))
+                                              strict=args.strict, verbosity=verbosity, audit_log=args.audit_log,
+                                              call_connector=args.connector))
     except exceptions.OptionsError as e:
         print(f"easgate replay: config error: {e}", file=sys.stderr)
         return 2
@@ -624,6 +687,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--cert-time", choices=CERT_TIMES, default="capture",
                    help="verify client certificates as of the capture (default) or now")
     s.add_argument("--strict", action="store_true", help="a different reason or source also counts as a difference")
+    s.add_argument("--audit-log", type=Path, metavar="FILE",
+                   help="offline: write the replayed decisions to this audit log (default: none; the config's "
+                        "audit_log is never written)")
+    s.add_argument("--connector", action="store_true",
+                   help="offline: call the config's connector (default: reuse its answers recorded in the capture; "
+                        "a call records the device as seen)")
     s.add_argument("--json", action="store_true", help="one JSON object per flow instead of the table")
     s.add_argument("-v", "--verbose", action="store_true", help="show the gateway's log")
     s.add_argument("--target", type=_target, metavar="HOST:PORT",
