@@ -233,3 +233,24 @@ def test_offline_replay_without_a_recorded_connector_answer_says_so(pki, exchang
     rows = [json.loads(l)["replayed"] for l in p.stdout.splitlines()]
     assert any("the connector is not called in an offline replay" in r["reason"] for r in rows), p.stdout
     assert connector.calls == []
+
+
+def test_startup_warns_once_when_the_connector_is_unreachable(pki, exchange, mdm, tmp_path, connector, start_gateway):
+    up = start_gateway(authz_config(pki, exchange, mdm, tmp_path, connector=connector))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    down_url = f"http://127.0.0.1:{s.getsockname()[1]}/services/ActiveSync/Authorize"
+    try:
+        c = authz_config(pki, exchange, mdm, tmp_path, connector=connector)
+        c["authorization"]["connector"]["url"] = down_url
+        down = start_gateway(write_config(tmp_path, c, "down.yaml"))
+        deadline = time.monotonic() + 10
+        while "is unreachable" not in down.output and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        s.close()
+    warnings = [l for l in down.output.splitlines() if "is unreachable" in l]
+    assert len(warnings) == 1, down.output
+    assert f"the connector {down_url} is unreachable (" in warnings[0]
+    assert "its decisions fall to on_connector_error=deny" in warnings[0]
+    assert "unreachable" not in up.output  # the reachable one starts quietly

@@ -57,6 +57,7 @@ class ActiveSyncGate:
         self.audit = AuditLog(None)
         self.counters: Counter = Counter()
         self._reload_task: asyncio.Task | None = None
+        self._probe_task: asyncio.Task | None = None
 
     # -- configuration --------------------------------------------------------------------
 
@@ -79,6 +80,16 @@ class ActiveSyncGate:
     def running(self) -> None:
         if self.policy and self._reload_task is None:
             self._reload_task = asyncio.get_running_loop().create_task(self._watch_policy())
+        if isinstance(self.connector, ConnectorClient):
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_connector(self.connector))
+
+    async def _probe_connector(self, client: ConnectorClient) -> None:
+        """One line at start-up when the connector cannot be reached: until it can, every decision
+        it would make goes to on_connector_error, and the operator should know before the phones do."""
+        why = await client.probe()
+        if why is not None and self.auth is not None:
+            logger.warning(f"easgate: the connector {client.cfg.url} is unreachable ({why}); until it answers, "
+                           f"its decisions fall to on_connector_error={self.auth.on_connector_error}")
 
     def done(self) -> None:
         if self._reload_task:

@@ -135,6 +135,19 @@ class ConnectorClient:
             raise ConnectorError(f"connector unreachable: {e or type(e).__name__}")
         return parse_answer(status, body)
 
+    async def probe(self) -> str | None:
+        """Can the connector be reached at all (TCP, and TLS for https)? The reason if not. The
+        connection is kept for the first callout."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await self._open()
+        except TimeoutError:
+            return f"no connection within {self.cfg.timeout_ms} ms"
+        except (OSError, ssl.SSLError) as e:
+            return str(e) or type(e).__name__
+        self.idle.append(conn)
+        return None
+
     async def _get(self, target: str) -> tuple[int, bytes]:
         conn = self.idle.pop() if self.idle else None
         reused = conn is not None
