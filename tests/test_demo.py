@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from doccommands import covers
 from easgate.tools import realstack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,7 @@ def test_scenario_passes_and_leaves_nothing_listening(tmp_path):
 
 
 @pytest.mark.parametrize("via", ["easgate", "make"])
+@covers("README.md", "make demo")
 def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))

@@ -28,7 +28,7 @@ from .runtime.lean import (
     mitmdump_filter_extra,
     run_master,
 )
-from .tools import demo, netscaler, replay
+from .tools import demo, netscaler, replay, standins
 from .tools.pki import generate_pki, revoke
 
 
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # modules with an add_commands(subparsers) function: demo, connector and devices, import-netscaler,
-# replay and capture
-COMMAND_MODULES = (demo, connector_commands, netscaler, replay)
+# replay and capture, standins
+COMMAND_MODULES = (demo, standins, connector_commands, netscaler, replay)
 
 
 def main(argv: list[str] | None = None) -> int:

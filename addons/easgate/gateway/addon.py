@@ -64,20 +64,23 @@ def with_listen(cfg: GatewayConfig, listen: str) -> GatewayConfig:
     return dataclasses.replace(cfg, listen_host=host, listen_port=port)
 
 
-def unknown_options(opts) -> str | None:
+def unknown_options(opts, names=None) -> str | None:
     """One line naming the `--set` options nobody declared, or None.
 
     mitmproxy keeps an unknown `--set name=value` aside in case an addon declares it later and
-    never says anything: a misspelled `easgate_confg=` would be ignored silently.
+    never says anything: a misspelled `easgate_confg=` would be ignored silently. `names`: only
+    these count (the command line's; ~/.mitmproxy/config.yaml may hold mitmweb's options),
+    default: the `easgate_*` ones.
     """
-    names = sorted(getattr(opts, "deferred", {}) or {})
-    if not names:
+    deferred = getattr(opts, "deferred", {}) or {}
+    found = sorted(n for n in deferred if (n in names if names is not None else n.startswith("easgate")))
+    if not found:
         return None
     hints = []
-    for n in names:
+    for n in found:
         close = difflib.get_close_matches(n, sorted(opts.keys()), n=1, cutoff=0.75)
         hints.append(f"{n} (did you mean {close[0]}?)" if close else n)
-    return (f"unknown option{'s' if len(names) > 1 else ''} --set {', '.join(hints)}: "
+    return (f"unknown option{'s' if len(found) > 1 else ''} --set {', '.join(hints)}: "
             "`--options` lists them all")
 
 

@@ -382,7 +382,7 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
                 return 0
             if extra and args.filter_args:
                 opts.update(**extra(args))
-            if why := unknown_options(opts):
+            if why := unknown_options(opts, {spec.split("=", 1)[0] for spec in args.setoptions or ()}):
                 raise exceptions.OptionsError(why)
             if lean and isinstance(m, LeanMaster):
                 gw = next((a for a in m.gateway_addons if isinstance(a, Gateway)), None)

@@ -2,16 +2,27 @@
 
 Real sockets, real TLS: they answer the way the real servers would as far as a gateway can tell,
 and they remember what reached them, so a test can prove what did *not*.
+
+`easgate standins CONFIG` starts them on the pool addresses a gateway config names (the
+ActiveSync route's pool gets an Exchange stand-in, every other pool an MDM stand-in), so a config
+such as policies/gateway.yaml can be tried before the real servers are connected.
 """
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
 import json
+import signal
 import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..gateway.config import GatewayConfig, load_config
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -47,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
         with self.server.lock:
             self.server.seen.append(seen)
+        if self.server.echo:
+            print(f"{self.server.name}: {self.command} {self.path}", flush=True)
         hold = self.server.hold_s if "Cmd=Ping" in self.path or self.path.endswith("/hold") else 0
         if hold:
             time.sleep(hold)
@@ -73,6 +86,7 @@ class StandIn(ThreadingHTTPServer):
         self.seen: list[dict] = []
         self.lock = threading.Lock()
         self.hold_s = hold_s
+        self.echo = False  # print one line per request (easgate standins)
         self.scheme = "http"
         if tls:
             sslctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -130,3 +144,83 @@ class MdmStandIn(StandIn):
         payload = json.dumps({"upstream": "mdm", "path": seen["path"], "NSClientCert": cert,
                               "headers": seen["headers"]}).encode()
         return 200, {"Content-Type": "application/json", "X-Upstream": "mdm"}, payload
+
+
+# ---------------------------------------------------------------------------------------------
+# easgate standins CONFIG
+
+
+def _is_local(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plan(cfg: GatewayConfig, cert: Path | None, key: Path | None) -> list[tuple[type[StandIn], str, object, tuple | None]]:
+    """(stand-in class, pool name, server, TLS cert/key) for every pool server; ValueError naming
+    what cannot be stood in for (a server on another machine, an https server without a certificate)."""
+    activesync = {r.pool for r in cfg.routes if r.authorize}
+    out = []
+    for pool in cfg.pools.values():
+        for server in pool.servers:
+            if not _is_local(server.host):
+                raise ValueError(f"pool {pool.name}: {server.url} is not on this machine; stand-ins listen on "
+                                 "loopback addresses only (point the pool at 127.0.0.1 to try the config)")
+            tls = None
+            if server.scheme == "https":
+                c = cert or (pool.ca.parent / "exchange.pem" if pool.ca else None)
+                k = key or (c.with_suffix(".key") if c else None)
+                if c is None or not c.is_file() or not k.is_file():
+                    raise ValueError(f"pool {pool.name}: {server.url} needs a certificate its pool trusts: "
+                                     f"{c or 'none'} not found (run `easgate pki certs`, or pass --cert and --key)")
+                tls = (c, k)
+            cls = ExchangeStandIn if pool.name in activesync else MdmStandIn
+            out.append((cls, pool.name, server, tls))
+    return out
+
+
+def cmd_standins(args) -> int:
+    try:
+        cfg = load_config(args.config)
+        todo = plan(cfg, args.cert, args.key)
+    except (ConfigError, ValueError) as e:
+        print(f"easgate standins: {e}", file=sys.stderr)
+        return 2
+    started: list[StandIn] = []
+    # block the stop signals in every thread (the servers' threads inherit the mask); sigwait takes them
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for cls, pool, server, tls in todo:
+            try:
+                s = cls(pool, host=server.host, port=server.port, tls=tls)
+            except OSError as e:
+                print(f"easgate standins: cannot listen on {server.host}:{server.port} (pool {pool}): "
+                      f"{e.strerror or e}", file=sys.stderr)
+                return 1
+            s.echo = not args.quiet
+            started.append(s.start())
+            kind = "Exchange" if cls is ExchangeStandIn else "MDM"
+            print(f"stand-in {kind} for pool {pool}: {server.scheme}://{server.host}:{server.port}", flush=True)
+        print("stand-ins running; Ctrl-C stops them", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})  # blocked below, before the servers started
+        return 0
+    finally:
+        for s in started:
+            s.stop()
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("standins", help="start stand-in Exchange and MDM servers on a config's pool addresses",
+                       description="Start a stand-in Exchange (for the pool of the ActiveSync route) and a stand-in "
+                                   "MDM server (every other pool) on the loopback addresses a gateway config's pools "
+                                   "name, to try the config before the real servers are connected. Each request "
+                                   "they get is printed.")
+    s.add_argument("config", help="gateway YAML whose pools to stand in for, e.g. policies/gateway.yaml")
+    s.add_argument("--cert", type=Path, help="certificate (PEM) of the https stand-ins; default: exchange.pem next "
+                                            "to the pool's ca file (what `easgate pki` makes)")
+    s.add_argument("--key", type=Path, help="its private key; default: the --cert file with .key")
+    s.add_argument("-q", "--quiet", action="store_true", help="do not print each request")
+    s.set_defaults(fn=cmd_standins)

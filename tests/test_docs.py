@@ -1,0 +1,91 @@
+"""Every command in README.md and docs/*.md is run by a test (see tests/doccommands.py).
+
+Adding a command to a document: write (or extend) a test that runs it exactly as written, and
+name it in the test's `@covers("docs/FILE.md", "the command")` decorator. This test then passes.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from doccommands import NOT_RUN, ROOT, all_commands, commands_in, normalize
+
+TESTS = Path(__file__).resolve().parent
+
+
+def covered() -> dict[tuple[str, str], list[str]]:
+    """(document, normalized command) -> the tests whose @covers names it, read from the sources."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(TESTS.glob("test_*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        # module-level string constants (README = "README.md") may name the document
+        consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                  and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                  for t in n.targets if isinstance(t, ast.Name)}
+
+        def value(a: ast.expr) -> str:
+            return consts[a.id] if isinstance(a, ast.Name) and a.id in consts else ast.literal_eval(a)
+
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for dec in node.decorator_list:
+                if not (isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "covers"):
+                    continue
+                args = [value(a) for a in dec.args]
+                for cmd in args[1:]:
+                    out.setdefault((args[0], normalize(cmd)), []).append(f"{path.name}::{node.name}")
+    return out
+
+
+def test_every_documented_command_is_run_by_a_test():
+    cov = covered()
+    exempt = {(f, normalize(c)) for f, c in NOT_RUN}
+    missing = [c for c in all_commands() if (c.file, c.key) not in cov and (c.file, c.key) not in exempt]
+    assert not missing, (
+        "documented commands no test runs (write a test that runs each exactly as written and add "
+        "@covers(FILE, COMMAND) to it, see tests/doccommands.py):\n"
+        + "\n".join(f"  {c.file}:{c.line}: {c.text}" for c in missing))
+
+
+def test_every_covered_command_is_still_documented():
+    shown = {(c.file, c.key) for c in all_commands()}
+    stale = [f"  {f}: {c!r} (claimed by {', '.join(tests)})" for (f, c), tests in covered().items()
+             if (f, c) not in shown]
+    stale += [f"  {f}: {c!r} (NOT_RUN)" for f, c in NOT_RUN if (f, normalize(c)) not in shown]
+    assert not stale, "commands tests claim to run that the documents no longer show:\n" + "\n".join(stale)
+
+
+def test_the_extractor_reads_blocks_as_documented(tmp_path, monkeypatch):
+    """Continuations, comments, quoted '#', and non-command blocks."""
+    import doccommands
+
+    doc = tmp_path / "x.md"
+    doc.write_text("\n".join([
+        "```",
+        "easgate run gw.yaml -- --set a=b   # a comment",
+        "curl -s 'http://h/#frag' \\",
+        "    -o out   # continued",
+        "# a whole-line comment",
+        "```",
+        "```text",
+        "easgate: config error: this is output",
+        "```",
+        "```yaml",
+        "listen: {port: 1}",
+        "```",
+        "```sh",
+        "openssl ocsp -index i &",
+        "```",
+    ]) + "\n")
+    monkeypatch.setattr(doccommands, "ROOT", tmp_path)
+    got = [(c.line, c.text) for c in commands_in(doc)]
+    assert got == [(2, "easgate run gw.yaml -- --set a=b"), (3, "curl -s 'http://h/#frag' -o out"),
+                   (14, "openssl ocsp -index i &")]
+
+
+def test_readme_layout_and_outputs_are_not_mistaken_for_commands():
+    for c in all_commands():
+        assert not c.text.startswith(("easgate: config error", "addons/", "ActiveSync request:", "defaults")), c
+    assert (ROOT / "README.md").is_file()
