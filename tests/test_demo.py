@@ -107,6 +107,12 @@ def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
         r = subprocess.run(shlex.split(ipad), capture_output=True, text=True, timeout=30)
         assert r.stdout.startswith("HTTP/1.1 403"), r.stdout + r.stderr
 
+        # the inventory commands it prints run as printed (.venv/bin/easgate from the checkout)
+        devices = [ln.strip() for ln in lines if " devices --db " in ln]
+        assert devices and all(ln.startswith(".venv/bin/easgate devices --db ") for ln in devices), devices
+        r = subprocess.run(shlex.split(devices[0]), cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stdout + r.stderr
+
         os.killpg(p.pid, signal.SIGINT)
         # the demo exits 0; make itself then dies of the SIGINT it got, as make does in a terminal
         assert p.wait(30) == (0 if via == "easgate" else -signal.SIGINT)

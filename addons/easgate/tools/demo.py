@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -92,6 +93,21 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit(1)
 os.execv(sys.executable, [sys.executable, "-m", "easgate.cli", *sys.argv[2:]])
 """
+
+
+def easgate_command() -> str:
+    """How this user runs easgate, for commands the demo prints: `.venv/bin/easgate` from a
+    checkout (`make demo`), `easgate` when it is on PATH."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "easgate" and "/" not in sys.argv[0]:
+        return "easgate"
+    script = argv0 if argv0.name == "easgate" else Path(sys.executable).parent / "easgate"
+    if not script.is_file():
+        return "easgate"
+    if shutil.which("easgate") == str(script.absolute()):
+        return "easgate"
+    rel = os.path.relpath(script.absolute())
+    return rel if not rel.startswith("..") else str(script.absolute())
 
 
 class DemoError(Exception):
@@ -288,7 +304,7 @@ class Demo:
     def banner(self) -> None:
         rel = _rel(self.dir)
         self.say(f"easgate demo: everything on 127.0.0.1, state in {rel}/")
-        self.say(f"  gateway    https://{HOSTNAME}:{self.gateway_port}   easgate run {rel}/gateway.yaml "
+        self.say(f"  gateway    https://{HOSTNAME}:{self.gateway_port}   {easgate_command()} run {rel}/gateway.yaml "
                  f"(log {rel}/logs/gateway.log, decisions {rel}/logs/decisions.jsonl)")
         if self.stack:
             self.say(f"  exchange   {self.stack.eas_url}   SOGo ActiveSync behind nginx (HTTPS, internal CA); "
@@ -334,8 +350,8 @@ class Demo:
         self.say(c["ipad"])
         self.say()
         self.say("Change the inventory while it runs (the connector sees it at once; the gateway caches allows 5 s):")
-        self.say(f"  easgate devices --db {rel}/devices.db add {IPAD} --user alice --type iPad")
-        self.say(f"  easgate devices --db {rel}/devices.db block {IPHONE}")
+        self.say(f"  {easgate_command()} devices --db {rel}/devices.db add {IPAD} --user alice --type iPad")
+        self.say(f"  {easgate_command()} devices --db {rel}/devices.db block {IPHONE}")
         self.say(f"  curl -s '{self.connector.url}/services/ActiveSync/Simulate?user=alice&DeviceId={IPAD}'")
         self.say()
         self.say("Ctrl-C stops everything.")
