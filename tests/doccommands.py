@@ -12,8 +12,7 @@ the `covers` decorator, and gets each command's text from the document with `doc
         cmd = doc_command("docs/connector.md", ".venv/bin/easgate connector policies/connector.yaml")
         subprocess.run(cmd, shell=True, ...)
 
-tests/test_docs.py reads the `covers` decorators of every tests/test_*.py (without importing
-them) and fails for a documented command no test covers, and for a covered one that is no longer
+tests/test_docs.py imports every tests/test_*.py, reads what their `covers` decorators say, and fails for a documented command no test covers, and for a covered one that is no longer
 in its document. Commands that cannot run inside the test suite (they install system packages,
 run the suite itself, or take ten minutes) are listed in NOT_RUN with the reason.
 """

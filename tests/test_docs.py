@@ -6,7 +6,7 @@ name it in the test's `@covers("docs/FILE.md", "the command")` decorator. This t
 
 from __future__ import annotations
 
-import ast
+import importlib
 from pathlib import Path
 
 from doccommands import NOT_RUN, ROOT, all_commands, commands_in, normalize
@@ -15,27 +15,13 @@ TESTS = Path(__file__).resolve().parent
 
 
 def covered() -> dict[tuple[str, str], list[str]]:
-    """(document, normalized command) -> the tests whose @covers names it, read from the sources."""
+    """(document, normalized command) -> the tests whose @covers names it (every tests/test_*.py)."""
     out: dict[tuple[str, str], list[str]] = {}
     for path in sorted(TESTS.glob("test_*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        # module-level string constants (README = "README.md") may name the document
-        consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
-                  and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
-                  for t in n.targets if isinstance(t, ast.Name)}
-
-        def value(a: ast.expr) -> str:
-            return consts[a.id] if isinstance(a, ast.Name) and a.id in consts else ast.literal_eval(a)
-
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for dec in node.decorator_list:
-                if not (isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "covers"):
-                    continue
-                args = [value(a) for a in dec.args]
-                for cmd in args[1:]:
-                    out.setdefault((args[0], normalize(cmd)), []).append(f"{path.name}::{node.name}")
+        module = importlib.import_module(path.stem)
+        for name, fn in vars(module).items():
+            for file, cmd in getattr(fn, "doc_commands", ()):
+                out.setdefault((file, cmd), []).append(f"{path.name}::{name}")
     return out
 
 

@@ -1,108 +1,32 @@
-"""The README's commands, run exactly as written, in a copy of the checkout's layout.
-
-The copy (`site` fixture) has `policies/`, `tests/captures/`, and `.venv` and `addons` linked to the
-checkout's, so `.venv/bin/easgate ...` runs as a user types it. What the test changes is data, not
-commands: the fixed ports of the copied configs (8443, 9443, 9081, 9080) become free ports (the
-curl lines get the gateway's port the same way), and a HOME of its own gives mitmweb a free UI
-port and no browser (`~/.mitmproxy/config.yaml`).
-"""
+"""The README's commands, run exactly as written in a copy of the checkout's layout (tests/docsite.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
 import ssl
-import subprocess
-import sys
-import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, GatewayProcess
-from doccommands import commands_in, covers, doc_command
+from conftest import ROOT
+from doccommands import commands_in, covers
+from docsite import make_site, wait_for
 
-VENV = Path(sys.executable).parent.parent
 README = "README.md"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Site:
-    dir: Path
-    env: dict
-    ports: dict[int, int] = field(default_factory=dict)  # documented port -> the copy's port
-    procs: list[GatewayProcess] = field(default_factory=list)
-
-    def cmd(self, file: str, command: str) -> str:
-        """The documented command, with the copy's ports for the documented ones."""
-        text = doc_command(file, command)
-        for old, new in self.ports.items():
-            text = re.sub(rf"(?<=:){old}\b", str(new), text)
-        return text
-
-    def run(self, file: str, command: str, ok: bool = True, timeout: float = 90) -> subprocess.CompletedProcess:
-        p = subprocess.run(["bash", "-c", self.cmd(file, command)], cwd=self.dir, env=self.env, capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        assert (p.returncode == 0) == ok, f"{command}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-        return p
-
-    def start(self, file: str, command: str) -> GatewayProcess:
-        g = GatewayProcess(["bash", "-c", "exec " + self.cmd(file, command)], cwd=self.dir, env=self.env)
-        self.procs.append(g)
-        return g
-
-    def stop_all(self) -> None:
-        for g in reversed(self.procs):
-            g.stop()
-
-
-def wait_for(g: GatewayProcess, pattern: str, timeout: float = 30) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = re.search(pattern, g.output)
-        if m:
-            return m
-        if g.proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"no {pattern!r} in:\n{g.output}")
-
-
 @pytest.fixture
-def site(tmp_path) -> Site:
-    d = tmp_path / "site"
-    d.mkdir()
-    shutil.copytree(ROOT / "policies", d / "policies")
-    shutil.copytree(ROOT / "tests" / "captures", d / "tests" / "captures")
-    (d / ".venv").symlink_to(VENV)
-    (d / "addons").symlink_to(ROOT / "addons")
-    home = tmp_path / "home"
-    (home / ".mitmproxy").mkdir(parents=True)
-    (home / ".mitmproxy" / "config.yaml").write_text("web_port: 0\nweb_open_browser: false\n")
-    s = Site(d, dict(os.environ, HOME=str(home), PYTHONUNBUFFERED="1"))
-    s.ports = {p: free_port() for p in (8443, 9443, 9081, 9080)}
-    for name in ("gateway.yaml", "connector.yaml"):
-        f = d / "policies" / name
-        text = f.read_text()
-        for old, new in s.ports.items():
-            text = re.sub(rf"(?<=:){old}\b|(?<=port: ){old}\b", str(new), text)
-        f.write_text(text)
+def site(tmp_path):
+    s = make_site(tmp_path)
     yield s
     s.stop_all()
 
 
-def readme_pki(site: Site) -> None:
+def readme_pki(site) -> None:
     site.run(README, ".venv/bin/easgate pki certs")
     assert (site.dir / "certs" / "gateway-full.pem").exists()
 

@@ -151,7 +151,7 @@ def cmd_run(args) -> int:
     cfg = _validate(args.config)
     n = args.workers if args.workers is not None else workers.default_workers()
     if args.workers is None and any(a.split("=", 1)[0] in _ONE_PROCESS_ARGS for a in args.mitmproxy_args or []):
-        n = 1  # listing options, reading or replaying flows: one process, not one per core
+        n = 1  # see _ONE_PROCESS_ARGS
     if n < 1:
         print("easgate: --workers must be at least 1", file=sys.stderr)
         return 2
@@ -181,8 +181,10 @@ def cmd_run(args) -> int:
                       log_prefix=prefix, ready=ready, extra=mitmdump_filter_extra)
 
 
+# listing options, reading or replaying flows, or writing them (N workers would each truncate and
+# write the same -w file): one process
 _ONE_PROCESS_ARGS = {"--options", "--commands", "--version", "-r", "--rfile", "-n", "--no-server", "-C",
-                     "--client-replay", "-S", "--server-replay"}
+                     "--client-replay", "-S", "--server-replay", "-w", "--wfile"}
 
 
 def _supervise(args, cfg: GatewayConfig, n: int) -> int:

@@ -186,6 +186,7 @@ def sanitize_file(src: Path, dst: Path) -> tuple[int, int]:
     with open(src, "rb") as f:
         flows = list(io.FlowReader(f).stream())
     changed = sum(sanitize_flow(fl) for fl in flows)
+    dst.parent.mkdir(parents=True, exist_ok=True)  # captures/NAME.mitm: the directory may be new
     tmp = dst.with_name(dst.name + ".tmp")
     with open(tmp, "wb") as f:
         w = io.FlowWriter(f)
