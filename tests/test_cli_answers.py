@@ -254,3 +254,48 @@ def test_startup_warns_once_when_the_connector_is_unreachable(pki, exchange, mdm
     assert f"the connector {down_url} is unreachable (" in warnings[0]
     assert "its decisions fall to on_connector_error=deny" in warnings[0]
     assert "unreachable" not in up.output  # the reachable one starts quietly
+
+
+# ------------------------------------------------------------------------------------------------
+# --help says something for every command and argument
+
+
+def _parsers():
+    import argparse
+
+    from easgate.cli import build_parser
+
+    todo = [("easgate", build_parser())]
+    while todo:
+        name, p = todo.pop()
+        yield name, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helps = {c.dest: c.help for c in a._choices_actions}
+                for sub, sp in a.choices.items():
+                    assert helps.get(sub), f"{name} {sub}: no one-line help in the command list"
+                    todo.append((f"{name} {sub}", sp))
+
+
+def test_every_command_and_argument_has_help():
+    import argparse
+
+    missing = []
+    for name, p in _parsers():
+        if not (p.description or name == "easgate"):
+            missing.append(f"{name}: no description")
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) or a.help == argparse.SUPPRESS:
+                continue
+            if not a.help:
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}: no help")
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("command", ["check", "pki"])
+def test_check_and_pki_help_explain_themselves(command):
+    p = run(easgate_argv(command, "--help"))
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert {"check": "Writes nothing", "pki": "Not for production"}[command] in text
+    assert "gateway YAML" in text or "directory to create it in" in text

@@ -40,7 +40,7 @@ IPHONE, IPAD = "ApplF17ABCDEF01", "ApplDMPQ99887766"
 ANDROID_ID = bytes.fromhex("00ff10203040506070809a0b0c0d0e0f")
 WEB_RE = re.compile(r"Web server listening at (http://[^/\s]+)/\?token=([0-9a-f]+)")
 METRICS_RE = re.compile(r"easgate: metrics at (http://\S+/metrics)")
-DENY_IPAD = f"deny: device {IPAD} not managed [mode]"
+DENY_IPAD = f"route activesync: deny: device {IPAD} not managed [mode]"
 SYNC_BODY = wbxml(E("AirSync:Sync", E("AirSync:Collections", E("AirSync:Collection", E("AirSync:SyncKey", "0"),
                                                                 E("AirSync:CollectionId", "5")))))
 
@@ -176,14 +176,14 @@ def test_flows_carry_route_decision_mark_and_comment(web):
     assert denied["comment"] == DENY_IPAD
     assert denied["response"]["status_code"] == 403
     allowed = by_path(flows, IPHONE)
-    assert allowed["marked"] == "" and allowed["comment"].startswith(f"allow: device {IPHONE} managed")
+    assert allowed["marked"] == "" and allowed["comment"].startswith(f"route activesync: allow: device {IPHONE} managed")
     assert allowed["response"]["status_code"] == 200
     android = by_path(flows, "?j")  # the base64 query form
-    assert android["marked"] and android["comment"] == f"deny: device {ANDROID_ID.hex()} not managed [mode]"
+    assert android["marked"] and android["comment"] == f"route activesync: deny: device {ANDROID_ID.hex()} not managed [mode]"
     mdm_flow = by_path(flows, "/zdm/enroll")
     assert mdm_flow["comment"] == "route mdm" and not mdm_flow["marked"]
     options = [f for f in flows if f["request"]["method"] == "OPTIONS"][0]
-    assert options["comment"].startswith("allow: OPTIONS passes")
+    assert options["comment"].startswith("route activesync: allow: OPTIONS passes")
     # the gateway's log goes through mitmproxy's logging: it is in mitmweb's event log
     events = w.call("GET", "/events")
     assert any("easgate: loaded" in e["message"] for e in events)

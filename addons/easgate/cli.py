@@ -246,15 +246,20 @@ def cmd_pki(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="easgate", description="Exchange ActiveSync gateway on mitmproxy")
+    p = argparse.ArgumentParser(
+        prog="easgate", description="easgate: a secure mail gateway for Exchange ActiveSync, on mitmproxy. "
+        "Start with `easgate pki certs`, `easgate check CONFIG` and `easgate run CONFIG` (README.md, docs/).")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     for name, fn, helptext in (("run", cmd_run, "run the gateway (lean mitmproxy master, N worker processes)"),
                                ("web", cmd_web, "run the gateway with mitmweb's UI")):
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         s.add_argument("config", help="gateway YAML, e.g. policies/gateway.yaml")
-        s.add_argument("--listen", help="HOST:PORT to listen on, overriding the config's listen")
-        s.epilog = "Further mitmdump/mitmweb arguments go after --, e.g. easgate run gw.yaml -- --set flow_detail=2"
+        s.add_argument("--listen", metavar="HOST:PORT",
+                       help="listen here instead of the config's listen (port 0 picks a free one)")
+        s.epilog = (f"Further {'mitmdump' if name == 'run' else 'mitmweb'} arguments go after --, e.g. "
+                    f"easgate {name} policies/gateway.yaml -- --set easgate_metrics=127.0.0.1:9090. "
+                    "See docs/configuration.md.")
         if name == "run":
             s.add_argument("--workers", type=int, metavar="N",
                            help="worker processes sharing the port (SO_REUSEPORT); default: one per CPU core. "
@@ -266,15 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("check", help="validate a config and print its resolved routes")
-    s.add_argument("config")
+    s = sub.add_parser("check", help="validate a config and print its resolved routes",
+                       description="Validate a gateway config as a start would (every certificate, key, CA file and "
+                                   "policy is read) and print the listener, the routes in priority order, the pools "
+                                   "and the authorization (policy, connector, fail mode, cache, audit log). Writes "
+                                   "nothing. Exit status 0 when valid, 2 with one line naming file, key and fix.")
+    s.add_argument("config", help="gateway YAML, e.g. policies/gateway.yaml")
     s.set_defaults(fn=cmd_check)
 
-    s = sub.add_parser("pki", help="create a throw-away demo PKI")
-    s.add_argument("dir")
-    s.add_argument("--hostname", action="append", help="gateway certificate name (repeatable)")
-    s.add_argument("--force", action="store_true", help="regenerate even if it exists")
-    s.add_argument("--ocsp-url", help="OCSP responder URL for the device certificates' AIA, e.g. http://127.0.0.1:8888/")
+    s = sub.add_parser("pki", help="create a throw-away demo PKI",
+                       description="Create a throw-away PKI for trying easgate: a public CA and the gateway's "
+                                   "certificate, an internal CA and the stand-in Exchange's, the MDM's device CA "
+                                   "and root CA with device certificates (valid, expired, not yet valid, rogue), "
+                                   "and a CRL. DIR/README.txt lists the files. Not for production: bring your own "
+                                   "certificates there.")
+    s.add_argument("dir", help="directory to create it in, e.g. certs (policies/gateway.yaml expects ./certs)")
+    s.add_argument("--hostname", action="append", metavar="NAME",
+                   help="a name for the gateway certificate (repeatable; default mail.example.test, localhost, "
+                        "127.0.0.1)")
+    s.add_argument("--force", action="store_true", help="make a new PKI even if DIR already holds one")
+    s.add_argument("--ocsp-url", metavar="URL", help="OCSP responder URL for the device certificates' AIA, e.g. http://127.0.0.1:8888/")
     s.add_argument("--revoke", action="append", metavar="NAME",
                    help="revoke a device certificate (e.g. device-ipad) in index.txt and device-ca.crl (repeatable)")
     s.set_defaults(fn=cmd_pki)
@@ -282,7 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     # Further command groups live next to their code; each module offers add_commands(sub).
     for mod in COMMAND_MODULES:
         mod.add_commands(sub)
+    _describe(p)
     return p
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """A command without a description shows its one-line help on top of its --help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {c.dest: c.help for c in action._choices_actions}
+            for name, sp in action.choices.items():
+                if not sp.description and helps.get(name):
+                    sp.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe(sp)
 
 
 # modules with an add_commands(subparsers) function: demo, connector and devices, import-netscaler,

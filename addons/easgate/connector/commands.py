@@ -161,24 +161,24 @@ def add_devices_command(sub: argparse._SubParsersAction) -> None:
     ds = p.add_subparsers(dest="devices_cmd", required=True)
 
     s = ds.add_parser("import", parents=[common], help="import an MDM export (CSV or YAML)")
-    s.add_argument("file", type=Path)
+    s.add_argument("file", type=Path, help="CSV with a header row, or YAML (docs/connector.md lists the columns)")
     s.add_argument("--skip-bad", action="store_true", help="import the good rows, report the bad ones")
     s.add_argument("--replace", action="store_true", help="the file is the whole inventory: remove unlisted devices")
     s.set_defaults(devices_fn=_cmd_import)
 
     s = ds.add_parser("add", parents=[common], help="add or replace one device")
-    s.add_argument("device_id")
+    s.add_argument("device_id", help="the ActiveSync DeviceId, e.g. ApplF17ABCDEF01")
     s.add_argument("--user", required=True, help=r"the owner: alice, CONTOSO\alice or alice@contoso.com")
     s.add_argument("--type", help="DeviceType, e.g. iPhone")
-    s.add_argument("--model")
-    s.add_argument("--unmanaged", action="store_true")
-    s.add_argument("--noncompliant", action="store_true")
+    s.add_argument("--model", help="the device model (informational)")
+    s.add_argument("--unmanaged", action="store_true", help="not managed by the MDM (default: managed)")
+    s.add_argument("--noncompliant", action="store_true", help="not compliant (default: compliant)")
     s.set_defaults(devices_fn=_cmd_add)
 
     for name, helptext in (("block", "block a device (the connector denies it at once)"),
                            ("unblock", "lift a block"), ("remove", "delete a device")):
         s = ds.add_parser(name, parents=[common], help=helptext)
-        s.add_argument("device_id")
+        s.add_argument("device_id", help="the ActiveSync DeviceId (any case)")
         s.set_defaults(devices_fn=_cmd_flag)
 
     s = ds.add_parser("list", parents=[common], help="list devices")

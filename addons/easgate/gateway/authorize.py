@@ -217,7 +217,8 @@ class ActiveSyncGate:
         flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
         if ident is not None:
             flow.metadata[IDENTITY_KEY] = identity_dict(ident)
-        flow.comment = f"{d.verdict}: {d.reason} [{d.source}]"
+        # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
+        flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
         req = flow.request
         self.audit.write({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

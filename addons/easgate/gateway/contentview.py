@@ -13,7 +13,7 @@ without a body (OPTIONS, most base64-form requests' interesting part is the quer
 
 `WebAnnotations` (an addon after the gateway's) registers the view, comments flows that the
 gateway routed without an authorization decision (``route mdm``; decided flows already carry
-``allow|deny: reason [source]``), and adds mitmweb's "comment" column to the flow list unless
+``route NAME: allow|deny: reason [source]``), and adds mitmweb's "comment" column to the flow list unless
 ``web_columns`` was set explicitly.
 """
 

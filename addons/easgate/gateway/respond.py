@@ -15,7 +15,7 @@ def answer(flow: http.HTTPFlow, response: http.Response) -> None:
     """Answer a request from requestheaders, or close it when mitmproxy streams its body.
 
     mitmproxy can't answer a request whose body it streams (`stream_large_bodies`): "Can't set a
-    response and enable streaming at the same time" (DESIGN.md). Such a request, or one whose
+    response and enable streaming at the same time" (docs/design-notes.md). Such a request, or one whose
     body may grow past the threshold (chunked), is killed instead: the client sees the connection
     close, and nothing reaches the upstream either way.
     """
