@@ -41,7 +41,7 @@ def tls_get(port: int, site, path: str = "/enroll") -> bytes:
 SERVING = [
     (MITMWEB, ".venv/bin/easgate web policies/gateway.yaml"),
     (MITMWEB, ".venv/bin/easgate web policies/gateway.yaml -- --set easgate_max_flows=10000"),
-    (MITMWEB, ".venv/bin/mitmweb -s addons/gateway.py --set easgate_config=policies/gateway.yaml"),
+    (MITMWEB, ".venv/bin/mitmweb -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml"),
     (SCALING, ".venv/bin/easgate run policies/gateway.yaml"),
     (SCALING, ".venv/bin/easgate run policies/gateway.yaml --workers 4"),
 ]
@@ -107,13 +107,13 @@ def test_metrics_commands(site):
 
 
 @covers(OPS, ".venv/bin/easgate replay tests/captures/*.mitm --config tests/captures/gateway.yaml",
-        ".venv/bin/mitmdump -n -r tests/captures/ipad-unmanaged.mitm -s addons/replay.py "
+        ".venv/bin/mitmdump -n -r tests/captures/ipad-unmanaged.mitm -s addons/replay.py --set server=false "
         "--set easgate_config=tests/captures/gateway.yaml --set easgate_replay=true --set easgate_listen=127.0.0.1:0")
 def test_offline_replay_commands(site):
     p = site.run(OPS, ".venv/bin/easgate replay tests/captures/*.mitm --config tests/captures/gateway.yaml")
     assert re.search(r"\d+ flows: \d+ as recorded, 0 differ", p.stdout), p.stdout
     p = site.run(OPS, ".venv/bin/mitmdump -n -r tests/captures/ipad-unmanaged.mitm -s addons/replay.py "
-                      "--set easgate_config=tests/captures/gateway.yaml --set easgate_replay=true "
+                      "--set server=false --set easgate_config=tests/captures/gateway.yaml --set easgate_replay=true "
                       "--set easgate_listen=127.0.0.1:0")
     assert "easgate replay: 4 flows, 0 differ from the capture" in p.stdout + p.stderr
 

@@ -83,3 +83,23 @@ def test_100_continue_is_sent_right_after_the_requestheaders_hook():
     assert "state_consume_request_body" in src
     for name in ("send_response", "check_killed", "state_errored"):
         assert callable(getattr(HttpStream, name)), name
+
+
+def test_http1_layer_answers_errors_through_make_error_response():
+    mitmcompat.install()
+    assert getattr(_http1.make_error_response, "_easgate", False), "the error-page fix was not installed"
+    page = _http1.make_error_response(502, "Connect call failed ('10.0.0.5', 443)")
+    assert page.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"10.0.0.5" not in page and b"Server:" not in page
+    assert "make_error_response(" in inspect.getsource(_http1.Http1Server)
+
+
+def test_client_tls_layer_logs_handshake_errors_in_on_handshake_error():
+    from mitmproxy.proxy.layers import tls
+
+    mitmcompat.install()
+    assert getattr(tls.ClientTLSLayer.on_handshake_error, "_easgate", False)
+    assert "may not trust the proxy's certificate" in inspect.getsource(tls.ClientTLSLayer)
+
+
+def test_openssl_names_verify_errors():
+    assert mitmcompat.verify_error_string(10) == "certificate has expired"

@@ -88,12 +88,12 @@ def tls_get(port: int, certs: Path, path: str = "/enroll") -> bytes:
 
 @pytest.mark.parametrize("command", [
     ".venv/bin/easgate web policies/gateway.yaml",
-    ".venv/bin/mitmdump -s addons/gateway.py --set easgate_config=policies/gateway.yaml",
-    ".venv/bin/mitmweb  -s addons/gateway.py --set easgate_config=policies/gateway.yaml",
+    ".venv/bin/mitmdump -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml",
+    ".venv/bin/mitmweb  -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml",
 ], ids=["easgate-web", "mitmdump", "mitmweb"])
 @covers(README, ".venv/bin/easgate web policies/gateway.yaml",
-        ".venv/bin/mitmdump -s addons/gateway.py --set easgate_config=policies/gateway.yaml",
-        ".venv/bin/mitmweb  -s addons/gateway.py --set easgate_config=policies/gateway.yaml")
+        ".venv/bin/mitmdump -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml",
+        ".venv/bin/mitmweb  -s addons/gateway.py --set server=false --set easgate_config=policies/gateway.yaml")
 def test_the_poc_config_serves_with_every_documented_command(site, command):
     readme_pki(site)
     g = site.start(README, command).wait_ready(60)

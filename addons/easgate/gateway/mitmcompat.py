@@ -17,15 +17,19 @@ import re
 import time
 from collections.abc import Callable
 
-from mitmproxy import connection, ctx
+from mitmproxy import connection, ctx, http
 from mitmproxy.addons.tlsconfig import DEFAULT_HOSTFLAGS
+from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import commands, events, mode_servers
 from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage, ResponseHeaders, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ossl_ffi
+from OpenSSL._util import lib as _ossl_lib
 
 logger = logging.getLogger(__name__)
 _installed = False
@@ -46,12 +50,7 @@ def _client_handshake_failure_reason() -> None:
     proxy's certificate": for a gateway that rejected the client's certificate, that points the
     operator at the wrong certificate. When the SSL connection's app data says why the handshake
     failed (a `handshake_failure` string, see tls.CertRejected), that line is logged instead."""
-    try:
-        from mitmproxy.proxy import commands
-        from mitmproxy.proxy.layers import tls
-    except ImportError:  # pragma: no cover - another mitmproxy layout
-        return
-    cls = getattr(tls, "ClientTLSLayer", None)
+    cls = getattr(tls_layers, "ClientTLSLayer", None)
     original = getattr(cls, "on_handshake_error", None)
     if original is None or getattr(original, "_easgate", False):
         return
@@ -74,18 +73,21 @@ def _client_handshake_failure_reason() -> None:
     cls.on_handshake_error = on_handshake_error
 
 
+def verify_error_string(errno: int) -> str:
+    """OpenSSL's text for an X509 verify error (`certificate has expired`); pyOpenSSL exposes no
+    public name for it (relies on: OpenSSL._util.lib.X509_verify_cert_error_string)."""
+    try:
+        return _ossl_ffi.string(_ossl_lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+    except Exception:
+        return f"OpenSSL verify error {errno}"
+
+
 def _http1_error_pages() -> None:
     """mitmproxy 12.3.1 answers a request it could not forward with an HTML page that carries
     `Server: mitmproxy 12.3.1` and the internal error, e.g. "Connect call failed ('10.0.0.5', 443)":
     what runs the gateway and the addresses behind it, told to anyone on the Internet. The client
     gets the status and its reason phrase only; the detail is in the gateway's log (the upstream
     pools' error hook) and on the flow. A 4xx about the client's own request keeps its message."""
-    try:
-        from mitmproxy import http
-        from mitmproxy.net.http import http1, status_codes
-        from mitmproxy.proxy.layers.http import _http1
-    except ImportError:  # pragma: no cover - another mitmproxy layout
-        return
     if getattr(getattr(_http1, "make_error_response", None), "_easgate", False):
         return
 

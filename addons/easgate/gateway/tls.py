@@ -23,7 +23,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from OpenSSL import SSL, crypto
 
 from ..core.errors import ConfigError
-from . import revocation
+from . import mitmcompat, revocation
 from .config import TlsConfig, TrustedCa
 
 logger = logging.getLogger(__name__)
@@ -212,15 +212,6 @@ class CertRejected:
         return f"{self.what} {self.subject}, rejected: {self.reason}"
 
 
-def _verify_error(errno: int) -> str:
-    try:
-        from OpenSSL._util import ffi, lib  # pyOpenSSL exposes no public name for the error strings
-
-        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
-    except Exception:  # pragma: no cover - another pyOpenSSL
-        return f"OpenSSL verify error {errno}"
-
-
 def _openssl_verdict(conn, cert, errno, depth, ok) -> bool:
     # First line of defence: a chain that does not verify fails the handshake ("a bad one is not").
     if not ok and conn.get_app_data() is None:
@@ -231,7 +222,7 @@ def _openssl_verdict(conn, cert, errno, depth, ok) -> bool:
         except Exception:
             subject = "(unreadable certificate)"
         what = "client certificate" if depth == 0 else f"client certificate chain: the certificate {depth} above the client's,"
-        conn.set_app_data(CertRejected(what, subject, _verify_error(errno)))
+        conn.set_app_data(CertRejected(what, subject, mitmcompat.verify_error_string(errno)))
     return bool(ok)
 
 
