@@ -292,6 +292,9 @@ def test_upstream_down_or_not_answering_connect_gives_502_quickly(start_gateway,
         r = request(g.port, "GET", "/enroll", pki, timeout=20)
         assert r.status == 502
         assert time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 5  # the log line is read by another thread: poll for it
+        while "no connection within 1s" not in g.output and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "no connection within 1s" in g.output
     finally:
         for f in fillers:
