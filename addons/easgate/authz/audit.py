@@ -38,7 +38,7 @@ class AuditLog:
         if path is None:
             return
         if path.exists():
-            ok = path.is_file() and os.access(path, os.W_OK)
+            ok = not path.is_dir() and os.access(path, os.W_OK)  # a file, a FIFO, /dev/full...
         else:
             parent = next((p for p in path.parents if p.exists()), None)
             ok = parent is not None and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
