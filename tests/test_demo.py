@@ -128,6 +128,7 @@ def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
             p.wait()
 
 
+@covers("README.md", ".venv/bin/easgate demo --real")
 def test_real_demo_as_the_readme_says(tmp_path):
     """`.venv/bin/easgate demo --real` as written (in a fresh directory), then the two printed
     pyactivesync commands, then Ctrl-C: the real stack and the gateway stop, nothing is left."""
