@@ -41,8 +41,14 @@ BAD_SETS = [
 ]
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("setting,expected", BAD_SETS, ids=[s for s, _ in BAD_SETS])
+# every case with one worker; with a supervisor and two workers, one case per kind of check (the
+# supervisor's pre-flight runs the same option handling once)
+CASES = [("1", s, e) for s, e in BAD_SETS] + [("2", s, e) for s, e in BAD_SETS
+                                               if s.split("=")[0] in ("easgate_metrics", "easgate_confg")
+                                               or s == "easgate_listen=foo"]
+
+
+@pytest.mark.parametrize("workers,setting,expected", CASES, ids=[f"w{w}-{s}" for w, s, _ in CASES])
 def test_a_bad_set_option_names_the_real_problem_in_one_line(pki, exchange, mdm, tmp_path, workers, setting,
                                                              expected):
     cfg = write_config(tmp_path, base_config(pki, exchange, mdm))
