@@ -305,3 +305,12 @@ def test_check_and_pki_help_explain_themselves(command):
     text = " ".join(p.stdout.split())
     assert {"check": "Writes nothing", "pki": "Not for production"}[command] in text
     assert "gateway YAML" in text or "directory to create it in" in text
+
+
+def test_standins_refuse_a_pool_on_another_machine(pki, exchange, mdm, tmp_path):
+    c = base_config(pki, exchange, mdm)
+    c["pools"]["mdm"]["servers"] = ["http://10.0.0.5:80"]
+    p = run(easgate_argv("standins", str(write_config(tmp_path, c))))
+    assert p.returncode == 2
+    assert error_lines(p) == ["easgate standins: pool mdm: http://10.0.0.5:80 is not on this machine; stand-ins "
+                              "listen on loopback addresses only (point the pool at 127.0.0.1 to try the config)"]
