@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import ROOT, GatewayProcess
 from doccommands import doc_command
+
+from conftest import ROOT, GatewayProcess
 
 VENV = Path(sys.executable).parent.parent
 

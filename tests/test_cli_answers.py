@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOSTNAME, ROOT, GatewayProcess, client_context, authz_config, base_config, easgate_argv, request, write_config
+from conftest import (
+    HOSTNAME,
+    ROOT,
+    GatewayProcess,
+    authz_config,
+    base_config,
+    client_context,
+    easgate_argv,
+    request,
+    write_config,
+)
 
 
 def run(argv: list[str], cwd=ROOT, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from doccommands import covers
+
 from easgate.tools import realstack
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -79,9 +79,9 @@ from ..authz import identity
 from ..authz.audit import AuditLog
 from ..core.errors import ConfigError
 from ..core.net import parse_port, split_hostport
+from ..gateway.authorize import ActiveSyncGate
 from ..gateway.certheader import fold
 from ..gateway.chain import make_addons, validate_config
-from ..gateway.authorize import ActiveSyncGate
 from ..gateway.config import DEFAULT_CERT_HEADER
 from ..gateway.xnc import Answer, ConnectorError
 from . import capture
