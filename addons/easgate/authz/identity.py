@@ -127,7 +127,7 @@ class Identity:
     request was well-formed; otherwise it is a one-line reason and unreadable fields are None."""
 
     user: str | None
-    user_source: str  # "basic" | "query" | "none"
+    user_source: str  # "basic" | "query" | "none"; after principal.py also "certificate" | "bearer"
     device_id: str | None
     device_id_binary: bool
     device_type: str | None
@@ -140,6 +140,9 @@ class Identity:
     query_form: str  # "plain" | "base64" | "empty"
     locale: int | None
     error: str | None
+    # Filled by principal.py from the verified client certificate (device binding, certificate user).
+    cert_device_id: str | None = None
+    cert_user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

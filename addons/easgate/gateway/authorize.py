@@ -13,6 +13,7 @@ status (default 403) or drops the connection like NetScaler's responder DROP.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from ..authz import identity
 from ..authz.audit import AuditLog
 from ..authz.cache import DecisionCache, cache_key
 from ..authz.policy import PolicyError, PolicyStore
+from ..authz.principal import Principal
 from ..core.decision import Decision
 from ..core.errors import ConfigError
 from ..core.net import host_of
@@ -45,6 +47,16 @@ def identity_dict(ident: identity.Identity) -> dict:
     return {k: getattr(ident, k) for k in ident.__slots__}
 
 
+def certified(ident: identity.Identity) -> dict[str, str]:
+    """What the callout adds about the certificate and the user's source (XNC ignores extra parameters)."""
+    extra = {"userSource": ident.user_source}
+    if ident.cert_device_id:
+        extra["certDeviceId"] = ident.cert_device_id
+    if ident.cert_user:
+        extra["certUser"] = ident.cert_user
+    return extra
+
+
 class ActiveSyncGate:
     """Decides on routes that say `authorize: activesync`; nothing else touches those flows after it."""
 
@@ -54,6 +66,7 @@ class ActiveSyncGate:
         self.policy: PolicyStore | None = None
         self.connector: ConnectorClient | None = None
         self.cache: DecisionCache | None = None
+        self.principal: Principal | None = None
         self.audit = AuditLog(None)
         self.counters: Counter = Counter()
         self._reload_task: asyncio.Task | None = None
@@ -75,6 +88,7 @@ class ActiveSyncGate:
             self.connector.close()
         self.auth, self.policy, self.audit = auth, policy, audit
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
+        self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
 
     def running(self) -> None:
@@ -156,6 +170,15 @@ class ActiveSyncGate:
             return ident, Decision(False, ident.error, "identity")
         if at.commands and ident.command not in at.commands:
             return ident, Decision(False, f"command {ident.command} not covered by applies_to", "filter")
+        # Who is asking, as far as the gateway can verify it (identity.user_from), and whether the
+        # DeviceId is the certificate's (device_binding): authz/principal.py, authz/binding.py.
+        cert = self.gw.tls.verdict(flow.client_conn)
+        ident, why = await self.principal.establish(
+            ident, req.headers.get_all("authorization"),
+            base64.b64decode(cert.der_b64) if cert.verified and cert.der_b64 else None, cert.reason,
+            self.gw.config.route(flow.metadata["easgate.route"]).device_binding)
+        if why is not None:
+            return ident, Decision(False, why, "identity")
         if not ident.user:
             return ident, Decision(False, "request has no user", "identity")
         if not ident.device_id:
@@ -190,7 +213,7 @@ class ActiveSyncGate:
         if self.connector is not None:
             try:
                 answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,
-                                                        ident.url, ident.device_id)
+                                                        ident.url, ident.device_id, certified(ident))
                 self.counters["connector_answers"] += 1
                 return to_decision(answer)
             except ConnectorError as e:

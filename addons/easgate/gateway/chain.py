@@ -14,6 +14,7 @@ from ..core.errors import ConfigError
 from . import mitmcompat
 from .addon import Gateway
 from .authorize import ActiveSyncGate
+from .autodiscover import RedirectRewrite
 from .config import GatewayConfig, load_config
 from .contentview import WebAnnotations
 from .flowlimit import FlowLimit
@@ -25,6 +26,7 @@ def make_addons() -> list:
     mitmcompat.install()
     gw = Gateway()
     gw.add_stage(ActiveSyncGate(gw))
+    gw.add_stage(RedirectRewrite(gw))  # responses: internal hosts out of redirects and Autodiscover
     gw.addons += [WebAnnotations(gw), Metrics(gw), FlowLimit()]  # after the decision
     return [gw]
 

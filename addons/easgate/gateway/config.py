@@ -7,12 +7,15 @@ because a gateway that starts half-configured is worse than one that does not st
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..authz.binding import BindingRule, parse_binding
+from ..authz.principal import IdentityConfig, parse_identity
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
@@ -74,6 +77,13 @@ class Match:
 
 
 @dataclass(frozen=True)
+class RewriteRedirects:
+    """`rewrite_redirects`: 451 X-MS-Location, Location and Autodiscover answers never name an internal host."""
+
+    public_hosts: tuple[str, ...] = ()  # hosts a redirect may name; empty = only the one the client used
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     priority: int
@@ -81,6 +91,8 @@ class Route:
     pool: str
     authorize: str | None = None  # "activesync" or None
     client_cert_header: str | None = None
+    device_binding: BindingRule | None = None  # the route's own, else authorization.device_binding
+    rewrite_redirects: RewriteRedirects | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,8 @@ class Authorization:
     on_connector_error: str = "deny"
     stale_max_age_s: float = 3600.0
     deny: DenyConfig = field(default_factory=DenyConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    device_binding: BindingRule | None = None  # default for every `authorize: activesync` route
 
 
 @dataclass(frozen=True)
@@ -264,6 +278,7 @@ def parse_config(data: Any, path: Path) -> GatewayConfig:
         name = next(r.name for r in routes if r.authorize)
         raise ConfigError(path, "authorization", "missing",
                           f"route '{name}' says authorize: activesync; add an authorization section with a policy or a connector")
+    routes = _bind_routes(root, routes, auth, tls)
     audit = root.child("audit_log").path(base, must_exist=False)
     idle = root.child("client_idle_timeout_s").int(3660, 1, 7 * 86400)
     pp = _parse_proxy_protocol(root.child("proxy_protocol")) if root.has("proxy_protocol") else None
@@ -291,6 +306,29 @@ def _parse_limits(n: Node) -> Limits:
             f"{limits.max_target_length} is not below max_header_bytes ({limits.max_header_bytes})",
             "the request-target is part of the head: lower it or raise max_header_bytes")
     return limits
+
+
+def _bind_routes(root: Node, routes: tuple[Route, ...], auth: Authorization | None,
+                 tls: TlsConfig) -> tuple[Route, ...]:
+    """Every authorized route gets its device binding (its own, else authorization.device_binding;
+    `device_binding: off` on a route turns the default off); binding needs client certificates."""
+    raw = {r["name"]: r for r in root.value["routes"] if isinstance(r, dict)}
+    out = []
+    for r in routes:
+        own = raw.get(r.name, {}).get("device_binding")
+        if own is not None and not r.authorize:
+            raise ConfigError(root.file, f"routes[{r.name}].device_binding", "is set on a route without authorize",
+                              "device binding is part of the ActiveSync decision: add authorize: activesync")
+        binding = r.device_binding if own is not None else (auth.device_binding if auth and r.authorize else None)
+        if binding is not None and tls.client_certs.mode == "off":
+            key = f"routes[{r.name}].device_binding" if own is not None else "authorization.device_binding"
+            raise ConfigError(root.file, key, "needs client certificates, but tls.client_certs.mode is off",
+                              "set tls.client_certs.mode: optional (or required) with the device CA")
+        out.append(r if binding is r.device_binding else dataclasses.replace(r, device_binding=binding))
+    if auth is not None and auth.identity.uses_certificate and tls.client_certs.mode == "off":
+        raise ConfigError(root.file, "authorization.identity.user_from", "lists certificate, but tls.client_certs.mode is off",
+                          "set tls.client_certs.mode: optional (or required) with the device CA")
+    return tuple(out)
 
 
 def _parse_proxy_protocol(n: Node) -> ProxyProtocol:
@@ -459,6 +497,8 @@ ROUTE_KEYS = {
     "pool": "a pool name",
     "authorize": "activesync",
     "client_cert_header": f"a header name, usually {DEFAULT_CERT_HEADER}",
+    "device_binding": "off, or {device_id: ..., user: ...}: this route's own device binding",
+    "rewrite_redirects": "true, or {public_hosts: [mail.example.com]}: keep internal hosts out of redirects",
 }
 MATCH_KEYS = {
     "path_prefix": "/Microsoft-Server-ActiveSync",
@@ -493,14 +533,25 @@ def _parse_routes(n: Node, pools: dict[str, Pool]) -> tuple[Route, ...]:
         cert_header = r.child("client_cert_header").str()
         if cert_header is not None and not _HEADER_NAME.match(cert_header):
             raise r.child("client_cert_header").err(f"'{cert_header}' is not a valid header name")
+        binding = parse_binding(r.child("device_binding")) if r.child("device_binding").value is not None else None
         routes.append(Route(name=name, priority=prio, match=_parse_match(r.child("match")), pool=pool,
-                            authorize=authorize, client_cert_header=cert_header))
+                            authorize=authorize, client_cert_header=cert_header, device_binding=binding,
+                            rewrite_redirects=_parse_rewrite(r.child("rewrite_redirects"))))
     prios = [r.priority for r in routes]
     for r in routes:
         if prios.count(r.priority) > 1:
             raise ConfigError(n.file, f"routes[{r.name}].priority", f"priority {r.priority} is used twice",
                               "priorities decide the order: give every route its own")
     return tuple(sorted(routes, key=lambda r: r.priority))
+
+
+def _parse_rewrite(n: Node) -> RewriteRedirects | None:
+    if n.value is None or n.value is False:
+        return None
+    if n.value is True:
+        return RewriteRedirects()
+    n.mapping({"public_hosts": "the public host names a redirect may name, e.g. [mail.example.com]"})
+    return RewriteRedirects(public_hosts=tuple(h.lower() for h in n.child("public_hosts").strlist()))
 
 
 def _parse_match(m: Node) -> Match | None:
@@ -552,6 +603,8 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
             "on_connector_error": "deny | allow | stale",
             "stale_max_age_s": "seconds",
             "deny": "{status: 403} or {action: drop}",
+            "identity": "{user_from: [basic, query], certificate_user, user_match, bearer}",
+            "device_binding": "{device_id: {from: san_uri, pattern: ...}, user: san_upn}: bind the DeviceId to the certificate",
         }
     )
     at = AppliesTo()
@@ -599,8 +652,10 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
                           status=d.child("status").int(403, 400, 599),
                           body=d.child("body").str(deny.body) if d.has("body") else deny.body,
                           retry_after_s=d.child("retry_after_s").int(None, 0, 86400))
+    binding = parse_binding(n.child("device_binding")) if n.has("device_binding") else None
     return Authorization(
         applies_to=at, policy=policy, connector=conn, cache=cache,
         on_connector_error=n.child("on_connector_error").str("deny", FAIL_MODES),
         stale_max_age_s=n.child("stale_max_age_s").num(3600.0), deny=deny,
+        identity=parse_identity(n.child("identity"), base), device_binding=binding,
     )

@@ -80,7 +80,9 @@ def parse_answer(status: int, body: bytes) -> Answer:
     raise ConnectorError(f"connector answered something that is not a decision: {text[:20]!r}")
 
 
-def callout_query(user: str | None, agent: str | None, ip: str, url: str, device_id: str | None) -> str:
+def callout_query(user: str | None, agent: str | None, ip: str, url: str, device_id: str | None,
+                  extra: dict[str, str] | None = None) -> str:
+    """XNC's query; `extra` (certDeviceId, certUser, userSource) follows the parameters XNC knows."""
     return urllib.parse.urlencode({
         "user": user or "",
         "agent": agent or "",
@@ -88,6 +90,7 @@ def callout_query(user: str | None, agent: str | None, ip: str, url: str, device
         "url": base64.b64encode(url.encode("utf-8", "surrogateescape")).decode(),
         "resultType": "json",
         "DeviceId": device_id or "",
+        **(extra or {}),
     })
 
 
@@ -121,9 +124,9 @@ class ConnectorClient:
         self.calls = 0
         self.connections_opened = 0
 
-    async def authorize(self, user, agent, ip, url, device_id) -> Answer:
+    async def authorize(self, user, agent, ip, url, device_id, extra: dict[str, str] | None = None) -> Answer:
         """One callout; raises ConnectorError on timeout, refusal or a non-answer."""
-        target = f"{self.path}?{callout_query(user, agent, ip, url, device_id)}"
+        target = f"{self.path}?{callout_query(user, agent, ip, url, device_id, extra)}"
         self.calls += 1
         try:
             async with asyncio.timeout(self.timeout):  # queueing for a slot counts against it

@@ -48,6 +48,8 @@ __all__ = [
     "DEFAULT_HOSTNAMES",
     "DEVICES",
     "DEVICE_URI_PREFIX",
+    "DEVICE_USERS",
+    "UPN_OID",
     "PKI_FILES",
     "cert_b64_der",
     "generate_pki",
@@ -63,6 +65,8 @@ INTERNAL_MDM_HOSTNAMES: tuple[str, ...] = ("mdm.internal", "localhost", "127.0.0
 DEMO_ORG = "easgate demo"
 #: Device certificates carry SAN URI ``urn:easgate:device:<CN>``.
 DEVICE_URI_PREFIX = "urn:easgate:device:"
+#: szOID_NT_PRINCIPAL_NAME: the SAN otherName type that holds a User Principal Name.
+UPN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 
 #: Device certificates: file stem -> (CN, O, issuing CA, validity kind).
 #: validity kind is "valid", "expired" (ended yesterday) or "notyet" (starts tomorrow).
@@ -74,6 +78,17 @@ DEVICES: dict[str, tuple[str, str, str, str]] = {
     "device-notyet": ("ApplNOTYET000001", DEMO_ORG, "device-ca", "notyet"),
     # Same CN as the iPhone, but issued by an unrelated CA: must never verify.
     "device-rogue": ("ApplF17ABCDEF01", DEMO_ORG, "rogue-ca", "valid"),
+}
+
+#: The user each device certificate names, as an MDM puts it (docs/device-certificates.md): the UPN in a
+#: SAN otherName and the same address as a SAN rfc822Name (e-mail).
+DEVICE_USERS: dict[str, str] = {
+    "device-iphone": "alice@example.test",
+    "device-ipad": "alice@example.test",
+    "device-android": "bob@contoso.com",
+    "device-expired": "alice@example.test",
+    "device-notyet": "alice@example.test",
+    "device-rogue": "alice@example.test",
 }
 
 _CAS = ("public-ca", "internal-ca", "root-ca", "device-ca", "rogue-ca")
@@ -91,7 +106,7 @@ _README_ENTRIES: list[tuple[str, str]] = [
     ("device-ca.pem / .key", "'XenMobile Device CA': intermediate under the root (pathlen 0) that issues device certificates."),
     ("device-cas.pem", "Device CA + root CA concatenated: the trust bundle for client (device) certificates."),
     ("rogue-ca.pem / .key", "An unrelated CA. Its device certificate (device-rogue) must never be accepted."),
-    ("device-<name>.pem", "Device (client) certificate + issuing CA (EKU clientAuth, SAN URI urn:easgate:device:<CN>)."),
+    ("device-<name>.pem", "Device (client) certificate + issuing CA (EKU clientAuth; CN and SAN URI urn:easgate:device:<DeviceId>, SAN UPN and e-mail of its user)."),
     ("device-<name>.key", "The device's private key."),
     ("device-<name>-bundle.pem", "Certificate + chain + key in one file (handy for curl --cert)."),
     ("index.txt (+ .attr)", "OpenSSL 'ca' database of every certificate issued by the device CA (for openssl ocsp -index)."),
@@ -201,8 +216,22 @@ def _san(hostnames: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def _device_san(cn: str) -> x509.SubjectAlternativeName:
-    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"{DEVICE_URI_PREFIX}{cn}")])
+def _der_utf8(text: str) -> bytes:
+    """DER UTF8String (the value of a UPN otherName)."""
+    body = text.encode("utf-8")
+    if len(body) < 0x80:
+        return bytes((0x0C, len(body))) + body
+    n = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes((0x0C, 0x80 | len(n))) + n + body
+
+
+def _device_san(cn: str, upn: str | None = None) -> x509.SubjectAlternativeName:
+    """SAN URI urn:easgate:device:<DeviceId>; with `upn`, also the UPN (otherName) and e-mail
+    (rfc822Name): what XenMobile, Workspace ONE and Intune certificate templates put there."""
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"{DEVICE_URI_PREFIX}{cn}")]
+    if upn:
+        names += [x509.OtherName(UPN_OID, _der_utf8(upn)), x509.RFC822Name(upn)]
+    return x509.SubjectAlternativeName(names)
 
 
 @dataclass
@@ -339,7 +368,12 @@ def _existing_matches(directory: Path, hostnames: Sequence[str], ocsp_url: str |
         urls = [d.access_location.value for d in aia if d.access_method == AuthorityInformationAccessOID.OCSP]
     except x509.ExtensionNotFound:
         urls = []
-    return set(san) == set(_san(hostnames)) and urls == ([ocsp_url] if ocsp_url else [])
+    try:
+        dev_san = device.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        has_upn = any(o.type_id == UPN_OID for o in dev_san.get_values_for_type(x509.OtherName))
+    except x509.ExtensionNotFound:
+        has_upn = False
+    return set(san) == set(_san(hostnames)) and urls == ([ocsp_url] if ocsp_url else []) and has_upn
 
 
 # --------------------------------------------------------------------------- main API
@@ -456,7 +490,7 @@ def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path
         # cryptography's client verifier (webpki policy) insists on a SAN in the
         # leaf, so carry the device id as a URI there too.
         dev = _make_leaf(
-            ca, _name(cn, org), nb, na, ExtendedKeyUsageOID.CLIENT_AUTH, san=_device_san(cn),
+            ca, _name(cn, org), nb, na, ExtendedKeyUsageOID.CLIENT_AUTH, san=_device_san(cn, DEVICE_USERS.get(stem)),
             ocsp_url=ocsp_url if ca_stem == "device-ca" else None,
         )
         chain_pem = _pem(dev.cert) + _pem(ca.cert)
@@ -573,7 +607,7 @@ def _readme(hostnames: Sequence[str], now: datetime.datetime) -> str:
     lines += ["", "Device certificates (all issued by the device CA unless noted):"]
     for stem, (cn, org, ca_stem, kind) in DEVICES.items():
         note = kind if ca_stem == "device-ca" else f"{kind}, issued by {ca_stem} -- must be rejected"
-        lines.append(f"  {stem:<16} CN={cn}, O={org} ({note})")
+        lines.append(f"  {stem:<16} CN={cn}, O={org}, UPN {DEVICE_USERS.get(stem, '-')} ({note})")
     lines += [
         "",
         "Examples:",

@@ -120,10 +120,48 @@ class StandIn(ThreadingHTTPServer):
             return list(self.seen)
 
 
+AUTODISCOVER_XML = """<?xml version="1.0" encoding="utf-8"?>
+<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006">
+  <Response xmlns="http://schemas.microsoft.com/exchange/autodiscover/mobilesync/responseschema/2006">
+    <Culture>en:us</Culture>
+    <User><DisplayName>Alice</DisplayName><EMailAddress>alice@example.test</EMailAddress></User>
+    <Action>
+      <Settings>
+        <Server>
+          <Type>MobileSync</Type>
+          <Url>https://{host}/Microsoft-Server-ActiveSync</Url>
+          <Name>https://{host}/Microsoft-Server-ActiveSync</Name>
+        </Server>
+      </Settings>
+    </Action>
+  </Response>
+</Autodiscover>
+"""
+
+
 class ExchangeStandIn(StandIn):
-    """Answers ActiveSync OPTIONS with the capability headers and POSTs with 200 like Exchange."""
+    """Answers ActiveSync OPTIONS with the capability headers and POSTs with 200 like Exchange, and
+    Autodiscover ([MS-ASCMD] 2.2.1.1 XML, and the JSON form) naming its internal host, as an Exchange
+    behind a gateway does. A DeviceId in `moved` gets a 451 whose X-MS-Location names the internal
+    host ([MS-ASHTTP] 3.1.5.2.2)."""
+
+    internal_host = "exchange.internal"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.moved: set[str] = set()
 
     def answer(self, h, seen):
+        lower = h.path.lower()
+        if lower.startswith("/autodiscover/autodiscover.xml"):
+            return 200, {"Content-Type": "text/xml; charset=utf-8", "X-Upstream": "exchange"}, \
+                AUTODISCOVER_XML.format(host=self.internal_host).encode()
+        if lower.startswith("/autodiscover/autodiscover.json"):
+            body = json.dumps({"Protocol": "ActiveSync", "Url": f"https://{self.internal_host}/Microsoft-Server-ActiveSync"})
+            return 200, {"Content-Type": "application/json", "X-Upstream": "exchange"}, body.encode()
+        if self.moved and any(f"DeviceId={d}" in h.path for d in self.moved):
+            return 451, {"X-MS-Location": f"https://{self.internal_host}/Microsoft-Server-ActiveSync",
+                         "X-Upstream": "exchange"}, b""
         if h.command == "OPTIONS":
             return 200, {"MS-Server-ActiveSync": "15.1", "MS-ASProtocolVersions": "2.5,12.0,12.1,14.0,14.1,16.0,16.1",
                          "MS-ASProtocolCommands": "Sync,SendMail,SmartForward,SmartReply,GetAttachment,FolderSync,"
