@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -352,3 +353,49 @@ def test_451_x_ms_location_is_rewritten(start_gateway, pki, exchange, mdm, tmp_p
         assert r.headers["X-MS-Location"] == f"https://{conftest.HOSTNAME}:{g.port}/Microsoft-Server-ActiveSync"
     finally:
         exchange.moved = set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad identity configuration: one line naming file, key and fix
+
+
+def _bad_identity(pki, exchange, mdm, tmp_path, case: str) -> tuple[dict, str, str]:
+    idp = Idp(tmp_path)
+    cfg = config(pki, exchange, mdm, tmp_path)
+    auth = cfg["authorization"]
+    if case == "place":
+        auth["device_binding"] = {"device_id": "san_url"}
+        return cfg, "authorization.device_binding.device_id", "'san_url' is not a place"
+    if case == "pattern":
+        auth["device_binding"] = {"device_id": {"from": "san_uri", "pattern": "urn:easgate:device:.+"}}
+        return cfg, "authorization.device_binding.device_id.pattern", "has 0 groups"
+    if case == "certs off":
+        cfg["tls"]["client_certs"] = {"mode": "off"}
+        auth["device_binding"] = BINDING
+        return cfg, "authorization.device_binding", "needs client certificates"
+    if case == "source":
+        auth["identity"] = {"user_from": ["basic", "kerberos"]}
+        return cfg, "authorization.identity.user_from[1]", "'kerberos' is not a user source"
+    if case == "hs256":
+        auth["identity"] = bearer_identity(idp)
+        auth["identity"]["bearer"]["algorithms"] = ["HS256"]
+        return cfg, "authorization.identity.bearer.algorithms[0]", "'HS256' is not an allowed algorithm"
+    if case == "no bearer":
+        auth["identity"] = {"user_from": ["bearer"]}
+        return cfg, "authorization.identity.bearer", "missing"
+    if case == "jwks":
+        idp.file.write_text("<html>")
+        auth["identity"] = bearer_identity(idp)
+        return cfg, "authorization.identity.bearer.jwks", "is not JSON"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["place", "pattern", "certs off", "source", "hs256", "no bearer", "jwks"])
+def test_bad_identity_config_is_one_line(pki, exchange, mdm, tmp_path, case):
+    cfg, key, text = _bad_identity(pki, exchange, mdm, tmp_path, case)
+    path = conftest.write_config(tmp_path, cfg)
+    p = subprocess.run(conftest.easgate_argv("check", str(path)), capture_output=True, text=True, timeout=60,
+                       cwd=conftest.ROOT)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode != 0 and len(lines) == 1, p.stderr
+    assert str(path) in lines[0] and f" {key}: " in lines[0] and text in lines[0]

@@ -230,7 +230,9 @@ def _device_san(cn: str, upn: str | None = None) -> x509.SubjectAlternativeName:
     (rfc822Name): what XenMobile, Workspace ONE and Intune certificate templates put there."""
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"{DEVICE_URI_PREFIX}{cn}")]
     if upn:
-        names += [x509.OtherName(UPN_OID, _der_utf8(upn)), x509.RFC822Name(upn)]
+        names.append(x509.OtherName(UPN_OID, _der_utf8(upn)))  # UTF-8
+        if upn.isascii():  # an rfc822Name is ASCII only
+            names.append(x509.RFC822Name(upn))
     return x509.SubjectAlternativeName(names)
 
 
