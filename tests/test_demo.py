@@ -53,6 +53,12 @@ def test_scenario_passes_and_leaves_nothing_listening(tmp_path):
     assert rows["MDM request with the iPhone's device cert"][1:] == ["200 mdm, NSClientCert: iPhone cert", "yes"]
     assert rows["MDM request without a cert"][1:] == ["200 mdm, NSClientCert: none", "yes"]
     assert rows["OPTIONS /Microsoft-Server-ActiveSync"][2] == "yes"
+    # identity (issue 16): a copied DeviceId, a Bearer user, a token for another user than the certificate
+    assert rows["iPhone's DeviceId copied, with the iPad's certificate"][1] == \
+        "403 denied: device binding: DeviceId is not the certificate's"
+    assert rows["Bearer token (alice) from her iPhone"][1] == "200 exchange"
+    assert rows["Bearer token for bob, alice's iPhone certificate"][1] == "403 denied: the user sources disagree"
+    assert rows["Autodiscover (JSON) names the public host"][1] == "200 exchange, public URL"
     assert len(rows) >= 10 and all(v[2] == "yes" and v[0] == v[1] for v in rows.values())
     assert f"{len(rows)} of {len(rows)} rows as expected" in out
     assert "nothing left listening" in out

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -23,11 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from easgate.authz.binding import Place, place_values
 from easgate.tools.pki import (
+    DEVICE_USERS,
     DEVICES,
+    IDP_AUDIENCE,
+    IDP_ISSUER,
     PKI_FILES,
     cert_b64_der,
     generate_pki,
+    issue_token,
     load_cert,
     load_certs,
 )
@@ -174,7 +180,7 @@ def test_index_txt(pki: dict[str, Path]) -> None:
     serials = json.loads(pki["serials.json"].read_text())
     lines = pki["index.txt"].read_text().splitlines()
     issued_by_device_ca = [s for s, (_, _, ca, _) in DEVICES.items() if ca == "device-ca"]
-    assert len(lines) == len(issued_by_device_ca) == 5
+    assert len(lines) == len(issued_by_device_ca) == 8
     by_serial = {}
     for line in lines:
         fields = line.split("\t")
@@ -435,3 +441,23 @@ def test_fast(tmp_path: Path) -> None:
     start = time.perf_counter()
     generate_pki(tmp_path)
     assert time.perf_counter() - start < 1.0
+
+
+def test_device_certificates_carry_device_id_and_upn_like_an_mdm(pki: dict[str, Path]) -> None:
+    """DeviceId in the CN and a SAN URI, the user's UPN in a SAN otherName and as e-mail
+    (docs/device-certificates.md); read back the way the gateway's device binding reads them."""
+    for stem, (device_id, _, _, _) in DEVICES.items():
+        cert = load_cert(pki[f"{stem}.pem"])
+        assert place_values(cert, Place("san_uri", pattern="urn:easgate:device:(.+)")) == (device_id,)
+        assert place_values(cert, Place("subject_cn")) == (device_id,)
+        assert place_values(cert, Place("san_upn")) == (DEVICE_USERS[stem],)
+        assert place_values(cert, Place("san_email")) == (DEVICE_USERS[stem],)
+
+
+def test_demo_identity_provider_tokens_verify_against_its_jwks(pki: dict[str, Path]) -> None:
+    token = issue_token(pki["idp.key"].parent, "alice@example.test")
+    jwks = jwt.PyJWKSet.from_json(pki["idp-jwks.json"].read_text())
+    key = jwks[jwt.get_unverified_header(token)["kid"]]
+    claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=IDP_AUDIENCE, issuer=IDP_ISSUER)
+    assert claims["upn"] == "alice@example.test" and claims["exp"] > claims["iat"]
+    assert "PRIVATE" not in pki["idp-jwks.json"].read_text()

@@ -50,7 +50,7 @@ from ..authz.identity import encode_binary_query
 from ..authz.policy import PolicyStore
 from ..connector.service import ConnectorService, ConnectorThread
 from ..connector.store import Inventory, InventoryError
-from .pki import cert_b64_der, generate_pki, load_cert
+from .pki import IDP_AUDIENCE, IDP_ISSUER, cert_b64_der, generate_pki, issue_token, load_cert
 from .realstack import SEED_SUBJECT, USERS, RealStack, StackError
 from .standins import ExchangeStandIn, MdmStandIn
 
@@ -60,6 +60,7 @@ IPHONE, IPAD = "ApplF17ABCDEF01", "ApplDMPQ99887766"
 IPHONE_UA = "Apple-iPhone15C2/2101.100"
 IPAD_UA = "Apple-iPad14C1/2101.100"
 LISTEN_RE = re.compile(r"listening at (?:\S+ )?\[?([0-9.:a-f]*)\]?:(\d+)")
+BINDING_DENY = "device binding: DeviceId is not the certificate's"
 REPO_INVENTORY = Path(__file__).resolve().parents[3] / "policies" / "demo-inventory.csv"
 
 #: The demo's devices, used when the package runs outside a checkout (same rows as policies/demo-inventory.csv).
@@ -130,8 +131,14 @@ def gateway_config(d: Path, certs: Path, port: int, exchange_url: str, mdm_url: 
             "mdm": {"servers": [mdm_url], "host_header": "client"},
         },
         "routes": [
+            # Autodiscover goes to Exchange without an ActiveSync decision (Exchange authenticates it);
+            # its answers, and 451 redirects, never name the internal host (docs/configuration.md).
+            {"name": "autodiscover-xml", "priority": 50, "pool": "exchange", "rewrite_redirects": True,
+             "match": {"path_prefix": "/autodiscover/autodiscover.xml", "ignore_case": True}},
+            {"name": "autodiscover-json", "priority": 51, "pool": "exchange", "rewrite_redirects": True,
+             "match": {"path_prefix": "/autodiscover/autodiscover.json", "ignore_case": True}},
             {"name": "activesync", "priority": 100, "match": {"path_prefix": "/Microsoft-Server-ActiveSync"},
-             "pool": "exchange", "authorize": "activesync"},
+             "pool": "exchange", "authorize": "activesync", "rewrite_redirects": True},
             {"name": "mdm", "priority": 110, "match": "any", "pool": "mdm", "client_cert_header": "NSClientCert"},
         ],
         "authorization": {
@@ -143,6 +150,16 @@ def gateway_config(d: Path, certs: Path, port: int, exchange_url: str, mdm_url: 
             "cache": {"allow_ttl_s": 5, "deny_ttl_s": 0, "max_entries": 10000},
             "on_connector_error": "deny",
             "deny": {"status": 403},
+            # Who: a verified Bearer token, else Basic; the device certificate's UPN must agree.
+            "identity": {
+                "user_from": ["bearer", "basic", "certificate"],
+                "user_match": "account",
+                "bearer": {"jwks": str(certs / "idp-jwks.json"), "issuer": IDP_ISSUER, "audience": IDP_AUDIENCE,
+                           "algorithms": ["ES256"], "user_claim": ["upn"]},
+            },
+            # Which device: the DeviceId must be the one the device certificate names (SAN URI).
+            "device_binding": {"device_id": {"from": "san_uri", "pattern": "urn:easgate:device:(.+)"},
+                               "user": "san_upn", "user_match": "account"},
         },
         "audit_log": str(d / "logs" / "decisions.jsonl"),
     }
@@ -368,11 +385,14 @@ class Demo:
         return c
 
     def send(self, method: str, path: str, *, user: str | None = "alice", agent: str = IPHONE_UA,
-             cert: str | None = None, headers: dict | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+             cert: str | None = None, headers: dict | None = None,
+             token: str | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
         c = self._conn(cert)
         try:
             h = {"User-Agent": agent, **(headers or {})}
-            if user:
+            if token:
+                h["Authorization"] = f"Bearer {token}"
+            elif user:
                 h["Authorization"] = "Basic " + base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
             if method == "POST":
                 h.setdefault("MS-ASProtocolVersion", "16.1")
@@ -399,6 +419,15 @@ class Demo:
                     run(IPHONE, "device-iphone")),
                 Row("iPad ApplDMPQ99887766 (alice, not managed), pyactivesync", "403 at Provision", run(IPAD, None))]
 
+    def last_reason(self) -> str:
+        """The gateway's last decision reason (from its audit log), short enough for the table."""
+        lines = (self.dir / "logs" / "decisions.jsonl").read_text().splitlines()
+        reason = json.loads(lines[-1])["reason"] if lines else "no decision"
+        if reason.startswith("device binding: DeviceId") and "does not match the certificate" in reason:
+            return BINDING_DENY
+        reason = reason.split(" (")[0]
+        return reason if reason.startswith("device binding:") else reason.split(":")[0]
+
     def scenario(self) -> list[Row]:
         if self.stack:
             return self.real_scenario()
@@ -406,11 +435,13 @@ class Demo:
         inv = self.connector.service.inventory
 
         def activesync(device_id: str, dtype: str, user: str = "alice", cert: str | None = None,
-                       agent: str = IPHONE_UA) -> Callable[[], str]:
+                       agent: str = IPHONE_UA, token_for: str | None = None, why: bool = False) -> Callable[[], str]:
             def run() -> str:
+                token = issue_token(self.certs, token_for) if token_for else None
                 status, headers, body = self.send("POST", self.sync_path(device_id, dtype, user.split("@")[0]),
-                                                  user=user, cert=cert, agent=agent)
-                return _outcome(status, headers, body)
+                                                  user=user, cert=cert, agent=agent, token=token)
+                got = _outcome(status, headers, body)
+                return f"{got}: {self.last_reason()}" if why and got == "403 denied" else got
             return run
 
         def base64_form() -> str:
@@ -436,24 +467,45 @@ class Demo:
                 return f"{status} mdm, NSClientCert: {what}"
             return run
 
+        def autodiscover() -> str:
+            status, headers, body = self.send("GET", "/autodiscover/autodiscover.json?Email=alice@example.test"
+                                              "&Protocol=ActiveSync", user=None)
+            url = json.loads(body).get("Url", "") if status == 200 else ""
+            public = f"https://{HOSTNAME}:{self.gateway_port}/Microsoft-Server-ActiveSync"
+            where = "public URL" if url == public else f"URL {url or body[:60]!r}"
+            return f"{status} {headers.get('X-Upstream') or '-'}, {where}"
+
         def add_then_ask() -> str:
             inv.add("ApplNEW000000001", "erin", "iPhone", "iPhone 16")  # what `easgate devices add` does
-            return activesync("ApplNEW000000001", "iPhone", "erin")()
+            return activesync("ApplNEW000000001", "iPhone", "erin", cert="device-erin")()
 
         return [
             Row("iPhone ApplF17ABCDEF01 (alice, managed, cert)", "200 exchange",
                 activesync(IPHONE, "iPhone", cert="device-iphone")),
-            Row("iPad ApplDMPQ99887766 (alice, not managed)", "403 denied", activesync(IPAD, "iPad", agent=IPAD_UA)),
+            Row("iPad ApplDMPQ99887766 (alice, not managed)", "403 denied",
+                activesync(IPAD, "iPad", agent=IPAD_UA, cert="device-ipad")),
             Row("iPhone, base64 query form", "200 exchange", base64_form),
             Row("Android (bob@contoso.com, managed)", "200 exchange",
-                activesync("androidc1234567890", "Android", "bob@contoso.com", agent="Android-Mail/2024.01")),
-            Row("iPhone ApplF17ABCDEF01 used by mallory", "403 denied", activesync(IPHONE, "iPhone", "mallory")),
+                activesync("androidc1234567890", "Android", "bob@contoso.com", agent="Android-Mail/2024.01",
+                           cert="device-android")),
+            Row("iPhone ApplF17ABCDEF01 used by mallory", "403 denied",
+                activesync(IPHONE, "iPhone", "mallory", cert="device-iphone")),
             Row("iPhone ApplDEADBEEF0001 (carol, noncompliant)", "403 denied",
-                activesync("ApplDEADBEEF0001", "iPhone", "CONTOSO\\carol")),
-            Row("iPhone ApplLOST00000001 (dave, blocked)", "403 denied", activesync("ApplLOST00000001", "iPhone", "dave")),
+                activesync("ApplDEADBEEF0001", "iPhone", "CONTOSO\\carol", cert="device-carol")),
+            Row("iPhone ApplLOST00000001 (dave, blocked)", "403 denied",
+                activesync("ApplLOST00000001", "iPhone", "dave", cert="device-dave")),
             Row("iPhone ApplNEW000000001 (erin, not yet in inventory)", "403 denied",
-                activesync("ApplNEW000000001", "iPhone", "erin")),
+                activesync("ApplNEW000000001", "iPhone", "erin", cert="device-erin")),
             Row("  ... after `easgate devices add` (live)", "200 exchange", add_then_ask),
+            Row("iPhone's DeviceId copied, with the iPad's certificate", f"403 denied: {BINDING_DENY}",
+                activesync(IPHONE, "iPhone", cert="device-ipad", why=True)),
+            Row("iPhone DeviceId without a certificate", "403 denied: device binding: no verified client certificate",
+                activesync(IPHONE, "iPhone", why=True)),
+            Row("Bearer token (alice) from her iPhone", "200 exchange",
+                activesync(IPHONE, "iPhone", cert="device-iphone", token_for="alice@example.test")),
+            Row("Bearer token for bob, alice's iPhone certificate", "403 denied: the user sources disagree",
+                activesync(IPHONE, "iPhone", cert="device-iphone", token_for="bob@contoso.com", why=True)),
+            Row("Autodiscover (JSON) names the public host", "200 exchange, public URL", autodiscover),
             Row("OPTIONS /Microsoft-Server-ActiveSync", "200 exchange, offers 16.1", options),
             Row("MDM request with the iPhone's device cert", "200 mdm, NSClientCert: iPhone cert", mdm("device-iphone")),
             Row("MDM request without a cert", "200 mdm, NSClientCert: none", mdm(None)),

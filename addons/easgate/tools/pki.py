@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,8 +52,11 @@ __all__ = [
     "DEVICE_USERS",
     "UPN_OID",
     "PKI_FILES",
+    "IDP_AUDIENCE",
+    "IDP_ISSUER",
     "cert_b64_der",
     "generate_pki",
+    "issue_token",
     "load_cert",
     "load_certs",
     "revoke",
@@ -78,6 +82,10 @@ DEVICES: dict[str, tuple[str, str, str, str]] = {
     "device-notyet": ("ApplNOTYET000001", DEMO_ORG, "device-ca", "notyet"),
     # Same CN as the iPhone, but issued by an unrelated CA: must never verify.
     "device-rogue": ("ApplF17ABCDEF01", DEMO_ORG, "rogue-ca", "valid"),
+    # The demo inventory's other phones (policies/demo-inventory.csv), so device binding can hold for them.
+    "device-carol": ("ApplDEADBEEF0001", DEMO_ORG, "device-ca", "valid"),
+    "device-dave": ("ApplLOST00000001", DEMO_ORG, "device-ca", "valid"),
+    "device-erin": ("ApplNEW000000001", DEMO_ORG, "device-ca", "valid"),
 }
 
 #: The user each device certificate names, as an MDM puts it (docs/device-certificates.md): the UPN in a
@@ -89,7 +97,15 @@ DEVICE_USERS: dict[str, str] = {
     "device-expired": "alice@example.test",
     "device-notyet": "alice@example.test",
     "device-rogue": "alice@example.test",
+    "device-carol": "carol@contoso.com",
+    "device-dave": "dave@example.test",
+    "device-erin": "erin@example.test",
 }
+
+#: The demo's throw-away identity provider (what ADFS / Entra ID are for Bearer tokens).
+IDP_ISSUER = "https://idp.example.test/adfs"
+IDP_AUDIENCE = "https://mail.example.test"
+IDP_KID = "easgate-demo-idp"
 
 _CAS = ("public-ca", "internal-ca", "root-ca", "device-ca", "rogue-ca")
 _SERVERS = ("gateway", "exchange", "mdm")
@@ -109,6 +125,7 @@ _README_ENTRIES: list[tuple[str, str]] = [
     ("device-<name>.pem", "Device (client) certificate + issuing CA (EKU clientAuth; CN and SAN URI urn:easgate:device:<DeviceId>, SAN UPN and e-mail of its user)."),
     ("device-<name>.key", "The device's private key."),
     ("device-<name>-bundle.pem", "Certificate + chain + key in one file (handy for curl --cert)."),
+    ("idp.key / idp-jwks.json", "A throw-away identity provider's signing key (EC P-256) and its JWKS: Bearer tokens for the demo."),
     ("index.txt (+ .attr)", "OpenSSL 'ca' database of every certificate issued by the device CA (for openssl ocsp -index)."),
     ("device-ca.crl", "The device CA's CRL (next update in 7 days); `easgate pki DIR --revoke NAME` adds to it."),
     ("serials.json", "Certificate name -> serial number (upper-case hex, as in index.txt)."),
@@ -125,6 +142,7 @@ def _pki_files() -> list[str]:
     files += ["gateway-chain.pem", "gateway-full.pem"]
     for dev in DEVICES:
         files += [f"{dev}.pem", f"{dev}.key", f"{dev}-bundle.pem"]
+    files += ["idp.key", "idp-jwks.json"]
     files += ["index.txt", "index.txt.attr", "serials.json", "README.txt"]
     return files
 
@@ -510,6 +528,12 @@ def _generate(directory: Path, hostnames: tuple[str, ...], paths: dict[str, Path
             )
             index_lines.append(line)
 
+    idp_key = _new_key()
+    files["idp.key"] = _key_pem(idp_key)
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(idp_key.public_key()))
+    jwk.update(kid=IDP_KID, use="sig", alg="ES256")
+    files["idp-jwks.json"] = (json.dumps({"keys": [jwk]}, indent=2) + "\n").encode()
+
     files["index.txt"] = "".join(line + "\n" for line in index_lines).encode()
     files["index.txt.attr"] = b"unique_subject = no\n"
     files["serials.json"] = (json.dumps(serials, indent=2, sort_keys=True) + "\n").encode()
@@ -538,6 +562,17 @@ def _crl_pem(ca: _Issued, revoked: Sequence[tuple[int, datetime.datetime]], numb
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
     return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def issue_token(directory: Path | str, user: str, *, ttl_s: int = 3600, audience: str = IDP_AUDIENCE,
+                issuer: str = IDP_ISSUER) -> str:
+    """A Bearer JWT (ES256) from the demo identity provider in `directory`: `upn` and
+    `unique_name` claims name `user`, as ADFS tokens do."""
+    key = serialization.load_pem_private_key((Path(directory) / "idp.key").read_bytes(), None)
+    now = int(datetime.datetime.now(datetime.UTC).timestamp())
+    claims = {"iss": issuer, "aud": audience, "iat": now, "nbf": now, "exp": now + ttl_s,
+              "upn": user, "unique_name": user}
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": IDP_KID})  # type: ignore[arg-type]
 
 
 def _parse_openssl_time(s: str) -> datetime.datetime:
