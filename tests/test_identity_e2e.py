@@ -347,7 +347,9 @@ def test_autodiscover_answers_never_name_the_internal_host(start_gateway, pki, e
 def test_451_x_ms_location_is_rewritten(start_gateway, pki, exchange, mdm, tmp_path):
     exchange.moved = {IPHONE}
     try:
-        g = start_gateway(autodiscover_config(pki, exchange, mdm, tmp_path))
+        cfg = autodiscover_config(pki, exchange, mdm, tmp_path)
+        cfg["pools"]["exchange"]["host_header"] = "upstream"  # the client's Host is still where redirects point
+        g = start_gateway(cfg)
         r = request(g.port, "POST", sync(IPHONE), pki, headers=basic("alice"))
         assert r.status == 451
         assert r.headers["X-MS-Location"] == f"https://{conftest.HOSTNAME}:{g.port}/Microsoft-Server-ActiveSync"

@@ -271,6 +271,8 @@ class ContentSwitch:
         # An absolute-form target (POST https://other/... HTTP/1.1) would otherwise be forwarded
         # naming the internal upstream: send origin-form.
         req.data.authority = b""
+        # The Host the client addressed, whatever the upstream gets: redirects point back at it.
+        flow.metadata.setdefault("easgate.client_host", req.host_header or "")
         if pool.host_header == "upstream":
             req.host_header = server.authority
         elif pool.host_header != "client":

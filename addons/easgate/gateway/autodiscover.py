@@ -98,6 +98,11 @@ class RedirectRewrite:
         return self.gw.config.route(name).rewrite_redirects
 
     @staticmethod
+    def _client_host(flow: http.HTTPFlow) -> str:
+        """The Host the client addressed (the pool may have sent the upstream another)."""
+        return flow.metadata.get("easgate.client_host") or flow.request.host_header or ""
+
+    @staticmethod
     def _is_autodiscover(flow: http.HTTPFlow) -> bool:
         return flow.request.path.lower().startswith(AUTODISCOVER_PREFIX)
 
@@ -105,7 +110,7 @@ class RedirectRewrite:
         rule = self._rule(flow)
         if rule is None:
             return
-        client_host = flow.request.host_header or ""
+        client_host = self._client_host(flow)
         headers = flow.response.headers
         for name in REDIRECT_HEADERS:
             values = headers.get_all(name)
@@ -140,7 +145,7 @@ class RedirectRewrite:
                                                {"Content-Type": "text/plain"})
             return
         rewrite = rewrite_xml if text.lstrip().startswith("<") else rewrite_text
-        new, n = rewrite(text, flow.request.host_header or "", rule)
+        new, n = rewrite(text, self._client_host(flow), rule)
         if n:
             resp.set_text(new)
             self._count(flow, "body", n)
