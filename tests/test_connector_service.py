@@ -473,3 +473,19 @@ def test_example_connector_config_loads():
     assert (cfg.host, cfg.port) == ("127.0.0.1", 9080)
     assert cfg.policy == ROOT / "policies" / "activesync-policy.yaml"
     assert cfg.inventory == ROOT / "state" / "devices.db"
+
+
+def test_certificate_identity_from_the_gateway_is_checked_and_logged(client, conn_env):
+    """Device binding's certDeviceId/certUser/userSource (issue 16): logged, and a DeviceId that is not
+    the certificate's is denied here too (defence in depth behind the gateway's own check)."""
+    extra = {"certDeviceId": "ApplF17ABCDEF01", "certUser": "alice@example.test", "userSource": "certificate"}
+    q = callout_query("alice", "Apple-iPhone", "203.0.113.7", sync_url("ApplF17ABCDEF01"), "ApplF17ABCDEF01", extra)
+    doc = json.loads(get(client, f"/services/ActiveSync/Authorize?{q}")[2])
+    assert doc["result"] == "Allow"
+    q = callout_query("alice", "Apple-iPhone", "203.0.113.7", sync_url("ApplDMPQ99887766"), "ApplDMPQ99887766", extra)
+    doc = json.loads(get(client, f"/services/ActiveSync/Authorize?{q}")[2])
+    assert (doc["result"], doc["source"]) == ("Deny", "identity")
+    assert doc["reason"] == "DeviceId ApplDMPQ99887766 does not match the certificate's ApplF17ABCDEF01 (certDeviceId)"
+    lines = [json.loads(line) for line in conn_env.log.read_text().splitlines()]
+    assert (lines[0]["cert_device_id"], lines[0]["cert_user"], lines[0]["user_source"]) == (
+        "ApplF17ABCDEF01", "alice@example.test", "certificate")

@@ -488,7 +488,7 @@ async def test_one_callout_per_device_even_right_after_a_callout_finishes(tmp_pa
         tctx.configure(gw, easgate_config=str(write_config(tmp_path, cfg)))
         calls, later = [], []
 
-        async def authorize(user, agent, ip, url, device_id):
+        async def authorize(user, agent, ip, url, device_id, extra=None):
             calls.append(device_id)
             await asyncio.sleep(0.01)
             if len(calls) == 1:  # the next request of this device arrives just as this answer does

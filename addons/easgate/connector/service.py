@@ -95,7 +95,9 @@ VERSION = "/services/activesync/version"
 LOG = "/services/activesync/log"
 HEALTH = "/health"
 PARAMS = {"user": "user", "agent": "agent", "ip": "ip", "url": "url", "resulttype": "resultType",
-          "deviceid": "DeviceId", "devicetype": "DeviceType", "limit": "limit"}
+          "deviceid": "DeviceId", "devicetype": "DeviceType", "limit": "limit",
+          # what the gateway verified (device binding, identity.user_from): not part of XNC's callout
+          "certdeviceid": "certDeviceId", "certuser": "certUser", "usersource": "userSource"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +215,11 @@ def callout_identity(p: dict[str, str], *, url_required: bool = True) -> Callout
             error = (f"DeviceId parameter {one_line(param_dev, 40)} does not match the url's DeviceId "
                      f"{one_line(device_id, 40)}")
         device_id = param_dev
+    cert_dev = (p.get("certDeviceId") or "").strip()
+    if cert_dev and error is None and (device_id or "").lower() != cert_dev.lower():
+        # The gateway bound the request to this certificate: a DeviceId that is not its own is denied here too.
+        error = (f"DeviceId {one_line(device_id, 40)} does not match the certificate's {one_line(cert_dev, 40)} "
+                 "(certDeviceId)")
     return CalloutIdentity(user, device_id, ident.device_type or (p.get("DeviceType") or "").strip() or None,
                            agent, ident.command, ip, error)
 
@@ -374,6 +381,9 @@ class ConnectorService:
                 "agent": ident.user_agent, "decision": decision.verdict, "reason": decision.reason,
                 "source": "connector", "decided_by": decision.source, "latency_ms": round(ms, 3), "peer": peer,
             }
+            for key, name in (("certDeviceId", "cert_device_id"), ("certUser", "cert_user"), ("userSource", "user_source")):
+                if p.get(key):
+                    record[name] = p[key]
             self.log.write(record)
             self.recent.append(record)
         if rtype.lower() == "text":
