@@ -205,8 +205,8 @@ class BearerValidator:
         kid = header.get("kid")
         await self.refresh()
         keys = self._candidates(kid)
-        if not keys and isinstance(kid, str):
-            await self.refresh(force=True)  # the provider may have rotated its keys
+        if not keys and (isinstance(kid, str) or not self.keys):
+            await self.refresh(force=True)  # the provider may have rotated its keys (or none were fetched yet)
             keys = self._candidates(kid)
         if not keys:
             what = f"key id {kid[:64]!r}" if isinstance(kid, str) else "a key id (and the key set has several keys)"
