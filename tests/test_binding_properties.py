@@ -37,7 +37,6 @@ from easgate.authz.binding import (
 )
 from easgate.gateway.autodiscover import rewrite_text, rewrite_xml
 from easgate.gateway.config import RewriteRedirects
-from easgate.tools.pki import _der_utf8
 
 settings.register_profile("identity", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -64,6 +63,12 @@ def certificate(san: list[x509.GeneralName], cn: str = "device") -> x509.Certifi
     if san:
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return b.sign(CA_KEY, hashes.SHA256())
+
+
+def der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    length = bytes((n,)) if n < 0x80 else bytes((0x81, n)) if n < 256 else bytes((0x82,)) + n.to_bytes(2, "big")
+    return bytes((tag,)) + length + body
 
 
 URI_RULE = BindingRule(Place("san_uri", pattern="urn:easgate:device:(.+)"), Place("san_upn"), "exact")
@@ -116,7 +121,7 @@ def test_what_the_mdm_writes_is_read_back(dev, upn):
     # A UPN is UTF-8 in its otherName; an rfc822Name is ASCII only (RFC 5280 4.2.1.6)
     email = [x509.RFC822Name(upn)] if upn.isascii() else []
     cert = certificate([x509.UniformResourceIdentifier(f"urn:easgate:device:{dev}"),
-                        x509.OtherName(UPN_OID, _der_utf8(upn)), *email], cn=dev)  # CN: <= 64
+                        x509.OtherName(UPN_OID, der(0x0C, upn.encode())), *email], cn=dev)  # CN: <= 64
     got = read_identity(cert, URI_RULE)
     assert got.device_ids == (dev,) and got.users == (upn,)
     assert place_values(cert, Place("subject_cn")) == (dev,)
@@ -135,12 +140,6 @@ def test_two_different_device_ids_bind_none(a, b):
         assert why is None
     else:
         assert why is not None and "several DeviceIds" in why
-
-
-def der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    length = bytes((n,)) if n < 0x80 else bytes((0x81, n)) if n < 256 else bytes((0x82,)) + n.to_bytes(2, "big")
-    return bytes((tag,)) + length + body
 
 
 @given(tag=st.sampled_from([0x0C, 0x16, 0x13, 0x1E, 0x04, 0x02, 0x05, 0x14, 0x1A]), body=st.binary(max_size=300))
