@@ -133,6 +133,8 @@ class Principal:
             return (f"user unknown to the gateway: the request authenticates with {UNREADABLE_SCHEMES[scheme]}, "
                     f"which only Exchange checks; its User= parameter is not trusted "
                     f"(identity.user_from is [{listed}]: add certificate or bearer)")
+        if scheme == "bearer" and "bearer" in self.cfg.user_from:
+            return "empty Bearer token"
         if scheme == "bearer":
             return (f"user unknown to the gateway: a Bearer token, and identity.user_from [{listed}] has no bearer; "
                     "its User= parameter is not trusted")
