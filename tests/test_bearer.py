@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,10 +83,10 @@ class Clock:
         return self.now
 
 
-def validator(idp: Idp, clock: Clock | None = None, **over) -> BearerValidator:
+def validator(idp: Idp, clock: Clock | None = None, wall=time.time, **over) -> BearerValidator:
     cfg = BearerConfig(issuer=ISSUER, audience=(AUDIENCE,), jwks_url=idp.url, algorithms=("ES256",),
                        **{"refresh_s": 3600, "min_refresh_s": 30, **over})
-    return BearerValidator(cfg, clock or Clock())
+    return BearerValidator(cfg, clock or Clock(), wall)
 
 
 async def test_fetched_once_then_cached_then_refreshed(idp):
@@ -160,3 +161,35 @@ async def test_unknown_key_id_refetches_at_most_every_min_refresh(idp):
     clock.now += 31
     await v.user(token(kid="rotated"))
     assert idp.hits == 2
+
+
+async def test_a_verified_token_is_remembered_until_it_expires_or_its_key_goes(idp, tmp_path):
+    """The signature is checked once per token, not per request; the answer is not kept past the
+    token's exp (plus leeway), nor once the key set changed (a removed key stops counting at once)."""
+    wall = [time.time()]
+    v = validator(idp, wall=lambda: wall[0])
+    t = token()
+    assert await v.user(t) == ("alice@example.test", None)
+    checks = []
+    real = v._check
+
+    async def counting(tok):
+        checks.append(tok)
+        return await real(tok)
+
+    v._check = counting
+    assert await v.user(t) == ("alice@example.test", None)
+    assert checks == []  # remembered
+    wall[0] += 600 + 61  # past exp + leeway
+    assert await v.user(t) == (None, "bearer token expired")
+
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [JWK]}))
+    f = BearerValidator(BearerConfig(issuer=ISSUER, audience=(AUDIENCE,), jwks_file=jwks, algorithms=("ES256",)))
+    assert (await f.user(t))[0] == "alice@example.test"
+    other = {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())),
+             "kid": "k2", "use": "sig"}
+    jwks.write_text(json.dumps({"keys": [other]}))
+    os.utime(jwks, (time.time() + 5, time.time() + 5))  # a new mtime even within the filesystem's resolution
+    user, why = await f.user(t)
+    assert user is None and "'k1' not in the JWKS" in why
