@@ -169,6 +169,12 @@ def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
 
 def place_values(cert: x509.Certificate, place: Place) -> tuple[str, ...]:
     """The distinct values `place` extracts from `cert`, in certificate order (case kept)."""
+    return _place_values(cert, place)
+
+
+@functools.lru_cache(maxsize=4096)
+def _place_values(cert: x509.Certificate, place: Place) -> tuple[str, ...]:
+    # Cached per (certificate, place): every request of a connection asks the same question.
     raw: list[str] = []
     try:
         if place.kind.startswith("san_"):
@@ -203,7 +209,9 @@ def place_values(cert: x509.Certificate, place: Place) -> tuple[str, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def read_identity(cert: x509.Certificate, rule: BindingRule) -> CertIdentity:
+    """What `cert` says through `rule` (cached per certificate and rule)."""
     try:
         subject = cert.subject.rfc4514_string()
     except Exception:
