@@ -214,7 +214,7 @@ class RecordedConnector:
     def __init__(self) -> None:
         self.recorded: dict | None = None  # the recorded outcome of the flow being decided
 
-    async def authorize(self, user, agent, ip, url, device_id) -> Answer:
+    async def authorize(self, user, agent, ip, url, device_id, extra: dict[str, str] | None = None) -> Answer:
         r = self.recorded or {}
         if r.get("source") == "connector" and r.get("decision") in ("allow", "deny"):
             return Answer(r["decision"] == "allow", r.get("reason") or "connector (recorded)")
