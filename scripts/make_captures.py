@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
 from easgate.authz.identity import decode_binary_query, encode_binary_query
+from easgate.core.yamlfile import read_yaml
 from easgate.tools import standins
 from easgate.tools.capture import E, wbxml
 from easgate.tools.pki import generate_pki
@@ -528,7 +529,7 @@ REAL = ("sogo-managed", "sogo-unmanaged")  # sessions against the real server st
 
 
 def recording_config(template: Path, out_dir: Path, pki: Path, exchange: str, mdm: str, audit: Path) -> dict:
-    cfg = yaml.safe_load(template.read_text())
+    _, cfg = read_yaml(template)  # the gateway's own strict reader: a duplicate key is an error here too
     cfg["tls"]["certificate"] = str(pki / "gateway-full.pem")
     cfg["tls"]["client_certs"]["ca"] = [str(out_dir / "ca" / "device-ca.pem"), str(out_dir / "ca" / "root-ca.pem")]
     cfg["pools"]["exchange"].update(servers=[exchange], ca=str(pki / "internal-ca.pem"))

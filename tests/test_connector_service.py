@@ -345,19 +345,22 @@ def test_policy_file_changes_are_seen_live(client, conn_env, monkeypatch):
     monkeypatch.setattr(connector_service, "POLICY_CHECK_S", 0.0)
 
     def settled(user: str, device: str) -> dict:
-        # a changed file is applied once it stayed the same for one check (never half-written):
-        # the first request after a write only notes the change
-        authorize(client, user, device)
+        # a replaced file is applied at the next check (one changed in place never is: test_policy.py)
         return json.loads(authorize(client, user, device)[2])
 
+    def replace(text: str) -> None:
+        tmp = conn_env.policy_file.with_name("policy.yaml.new")
+        tmp.write_text(text)
+        os.replace(tmp, conn_env.policy_file)
+
     assert json.loads(authorize(client, "alice", "ApplF17ABCDEF01")[2])["result"] == "Allow"
-    conn_env.policy_file.write_text("mode: block\ndeny: {users: [alice]}\n# changed\n")
+    replace("mode: block\ndeny: {users: [alice]}\n# changed\n")
     doc = settled("alice", "ApplF17ABCDEF01")
     assert (doc["result"], doc["reason"]) == ("Deny", "user alice on deny list")
-    conn_env.policy_file.write_text("mode: [broken\n")  # the last good policy stays
+    replace("mode: [broken\n")  # the last good policy stays
     assert settled("alice", "ApplF17ABCDEF01")["result"] == "Deny"
     assert "YAML error" in json.loads(get(client, "/health")[2])["policy_error"]
-    conn_env.policy_file.write_text("mode: permit\n")
+    replace("mode: permit\n")
     doc = settled("alice", "UnknownDevice001")
     assert (doc["result"], doc["source"]) == ("Allow", "mode")
 
@@ -384,6 +387,7 @@ def test_authorize_logs_and_records_last_seen_simulate_does_neither(client, conn
     authorize(client, "mallory", "ApplF17ABCDEF01", agent="Evil\r\nInjected: yes")
     inv.flush_seen()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", inv.get("ApplF17ABCDEF01").last_seen)
+    assert conn_env.service.log.flush()  # lines are written by the audit log's writer thread
     lines = [json.loads(ln) for ln in conn_env.log.read_text().splitlines()]
     assert len(lines) == 2
     first = lines[0]
@@ -393,7 +397,8 @@ def test_authorize_logs_and_records_last_seen_simulate_does_neither(client, conn
         "reason": "device ApplF17ABCDEF01 managed and compliant", "source": "connector", "decided_by": "inventory",
         "latency_ms": None, "peer": None}
     assert isinstance(first["latency_ms"], float) and first["peer"].startswith("127.0.0.1:")
-    assert lines[1]["agent"] == "Evil\r\nInjected: yes"  # JSON-escaped: one line per decision
+    # control characters from a client are escaped in the value itself, and the field is named
+    assert lines[1]["agent"] == "Evil\\x0d\\x0aInjected: yes" and lines[1]["escaped"] == ["agent"]
     assert len(conn_env.log.read_text().splitlines()) == 2
     recent = json.loads(get(client, "/services/ActiveSync/Log?limit=1")[2])["decisions"]
     assert [d["user"] for d in recent] == ["mallory"]

@@ -332,17 +332,38 @@ def test_unknown_key_message_format(tmp_path):
 
 
 def _bump(path: Path, text: str) -> None:
-    """Rewrite ``path`` so its stamp surely changes, even on coarse-mtime filesystems."""
-    st = path.stat()
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    """Replace ``path`` atomically (a new file renamed over it), as an operator or MDM export should."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(textwrap.dedent(text), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def settled(store: PolicyStore):
-    """A changed file is applied once it stayed the same for one check: the first check after a
-    change only notes it (so a file still being written is never applied)."""
-    assert store.reload_if_changed() == (False, None)
+    """A replaced file is applied at the next check."""
     return store.reload_if_changed()
+
+
+def test_store_never_applies_a_file_changed_in_place(tmp_path):
+    """A file rewritten in place may be half written however long it stays so: the automatic check
+    reports it once and keeps the last good policy; replacing the file (or a forced reload) applies it."""
+    path = write(tmp_path / "p.yaml", "mode: block\nallow: {users: [alice, bob]}\n")
+    store = PolicyStore(path)
+    good = store.policy
+    with open(path, "w") as f:  # truncate, write half (still valid YAML), pause
+        f.write("mode: block\nallow: {users: [alice]}\n")
+        f.flush()
+        for _ in range(3):
+            changed, err = store.reload_if_changed()
+            assert not changed and store.policy is good
+            if _ == 0:
+                assert "changed in place" in err and str(path) in err and "rename" in err
+            else:
+                assert err is None  # said once
+    assert store.policy.evaluate(ident(user="bob")).allow
+    assert store.reload() == (True, None)  # easgate.reload: the operator says it is complete
+    assert not store.policy.evaluate(ident(user="bob")).allow
+    _bump(path, "mode: permit\n")
+    assert store.reload_if_changed() == (True, None) and store.policy.mode == "permit"
 
 
 def test_store_reload_keeps_last_good(tmp_path):

@@ -1,34 +1,149 @@
-"""The audit trail: one JSON line per authorization decision.
+"""The audit trail: one JSON line per authorization decision, and never one silently lost.
 
-Written synchronously with line buffering: a line per decision is small, and an audit log that
-lags behind or loses its tail on a crash is not an audit log.
+* Every string in a record is made safe before it is encoded: a client chooses its User-Agent,
+  DeviceId, user name and path, and undecodable bytes (which arrive as lone surrogates), control
+  characters, line separators or a megabyte of text must not stop the line being written, split
+  it, or flood the file. A changed value is rewritten as escaped text and its field is named in
+  the record's ``escaped`` list (see `safe_text`).
+* Lines are written by one writer thread from a bounded queue: a sink that blocks (a pipe whose
+  reader stalls, a slow disk) never blocks the event loop.
+* Whether a line can be written is known before a request is let through: `can_accept` is false
+  while the sink is failing (the writer keeps retrying the line it could not write, so nothing
+  queued is lost) or the queue is full. The gateway denies ActiveSync requests it cannot audit
+  (``audit.on_error: deny``, the default).
+* Outages are logged once when they start and once when they end (with how many lines were lost),
+  never per request. `reopen` (SIGHUP, ``easgate.audit.reopen``) opens the path again for logrotate.
+
+Each line is one ``write()`` on an ``O_APPEND`` descriptor, so worker processes sharing the file
+never interleave their lines.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import queue
+import re
+import stat
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from ..core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+ON_ERROR = ("deny", "allow")
+MAX_VALUE_CHARS = 1024  # a User-Agent is ~100 characters; anything this long is clipped
+QUEUE_LINES = 10_000
+RETRY_S = 0.5
+
+# Characters a value may not carry into a log line as they are: C0/C1 controls and DEL, Unicode line
+# and paragraph separators, bidi overrides and isolates (they reorder what a reader sees), and lone
+# surrogates (undecodable bytes, which mitmproxy hands over as U+DC80..U+DCFF).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_ESCAPE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape_char(m: re.Match) -> str:
+    c = m.group()
+    if c == "\\":
+        return "\\\\"
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def safe_text(value: str, limit: int = MAX_VALUE_CHARS) -> tuple[str, bool]:
+    """(text fit for a log line, whether it was changed).
+
+    An unchanged value is the value. A changed one is escaped text: ``\\\\`` is a backslash,
+    ``\\xHH`` a byte that was not UTF-8 or a control character, ``\\uHHHH`` a separator or bidi
+    control; a value longer than `limit` characters is cut there and ends with
+    ``\\[clipped N chars]`` (N: how many were left out). A client cannot forge either form: in
+    escaped text every backslash it sent is doubled.
+    """
+    if len(value) <= limit and not _UNSAFE.search(value):
+        return value, False
+    clipped = len(value) - limit
+    text = _ESCAPE.sub(_escape_char, value[:limit] if clipped > 0 else value)
+    if clipped > 0:
+        text += f"\\[clipped {clipped} chars]"
+    return text, True
+
+
+def _safe(value: Any, path: str, escaped: list[str], limit: int) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "surrogateescape")
+    if isinstance(value, str):
+        text, changed = safe_text(value, limit)
+        if changed:
+            escaped.append(path)
+        return text
+    if isinstance(value, dict):
+        return {str(k): _safe(v, f"{path}.{k}" if path else str(k), escaped, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_safe(v, f"{path}[{i}]", escaped, limit) for i, v in enumerate(value)]
+    return _safe(str(value), path, escaped, limit)
+
+
+def encode(record: dict, limit: int = MAX_VALUE_CHARS) -> str:
+    """One JSON line (without the newline) for `record`, whatever its values hold. Never raises:
+    it is the one thing between a decision and its audit line."""
+    escaped: list[str] = []
+    try:
+        clean = _safe(record, "", escaped, limit)
+        if escaped:
+            clean["escaped"] = escaped
+        return json.dumps(clean, separators=(",", ":"), ensure_ascii=False)
+    except Exception as e:  # pragma: no cover - _safe leaves only str/int/float/bool/None/dict/list
+        return json.dumps({"time": record.get("time"), "audit_error": f"record not encodable: {type(e).__name__}",
+                           "decision": str(record.get("decision")), "flow": str(record.get("flow"))})
+
+
+_STOP = object()
+_REOPEN = object()
+
 
 class AuditLog:
-    def __init__(self, path: Path | None) -> None:
+    """A JSON-lines file fed through a bounded queue by one writer thread.
+
+    `path` None: no file, lines only go to the debug log. The file is opened (and created) at
+    construction, so an unwritable path is a startup error; the thread starts with the first line.
+    """
+
+    def __init__(self, path: Path | None, *, on_error: str = "deny", queue_lines: int = QUEUE_LINES,
+                 retry_s: float = RETRY_S, max_value_chars: int = MAX_VALUE_CHARS) -> None:
         self.path = path
-        self.file: IO[str] | None = None
-        self.failed = False
+        self.on_error = on_error
+        self.retry_s = retry_s
+        self.max_value_chars = max_value_chars
+        self.stats: Counter = Counter()  # lines_written, lines_lost, write_errors, queue_full, reopens, outages
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_lines)
+        self._fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._failing: str | None = None  # the writer's current error (it keeps retrying)
+        self._outage: str | None = None  # what made lines unwritable, from its start until it ends
+        self._outage_kind: str | None = None  # "sink" (writes fail) or "queue" (full)
+        self._outage_start = 0.0
+        self._outage_lost = 0
+        self._outage_refused = 0
+        self.on_outage: Callable[[str | None], None] | None = None  # tests and metrics may listen
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = open(path, "a", buffering=1, encoding="utf-8")
+                self._fd = self._open()
             except OSError as e:
-                raise ConfigError(None, "audit_log", f"cannot write {path}: {e.strerror}",
+                raise ConfigError(None, "audit_log", f"cannot write {path}: {e.strerror or e}",
                                   "choose a writable path or fix its permissions")
 
     @staticmethod
@@ -46,21 +161,205 @@ class AuditLog:
             raise ConfigError(None, "audit_log", f"cannot write {path}",
                               "choose a writable path or fix its permissions")
 
-    def write(self, record: dict) -> None:
-        record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
-        logger.debug(line)
-        if self.file is None:
-            return
-        try:
-            self.file.write(line + "\n")
-            self.failed = False
-        except (OSError, ValueError) as e:
-            if not self.failed:  # say it once per outage, not per request
-                logger.error(f"easgate: audit log {self.path} not writable: {e}; decisions still logged at debug level")
-            self.failed = True
+    # -- the producer side (the event loop) ------------------------------------------------------
 
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
+    def can_accept(self) -> bool:
+        """Would a line submitted now be written? False while the sink fails or the queue is full."""
+        if self._fd is None and self.path is None:
+            return True
+        return self._failing is None and not self._queue.full()
+
+    def must_deny(self) -> str | None:
+        """Why a request that would be allowed must be denied instead (``audit.on_error: deny`` and
+        the line cannot be written), or None."""
+        if self.on_error != "deny" or self.can_accept():
+            return None
+        return f"audit log cannot be written ({self._failing or 'queue full'}); denied by audit.on_error=deny"
+
+    def refused(self) -> None:
+        """Count a request denied because it could not be audited (for the outage's summary)."""
+        with self._lock:
+            self._outage_refused += 1
+        self.stats["requests_denied"] += 1
+
+    def submit(self, record: dict) -> bool:
+        """Queue one record; False if it cannot be written (the line is lost, counted, and the
+        outage logged once). Never raises, never blocks."""
+        record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        line = encode(record, self.max_value_chars)
+        logger.debug(line)
+        if self.path is None:
+            return True
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.stats["queue_full"] += 1
+            self._lost(f"{self._queue.maxsize} lines queued, the sink is not keeping up")
+            return False
+        if self._outage_kind == "queue" and self._failing is None:
+            self._end_outage()
+        return True
+
+    write = submit  # the connector's decision log calls it so
+
+    def reopen(self) -> None:
+        """Open the path again (logrotate moved the file away); done by the writer between lines."""
+        if self.path is None:
+            return
+        self._ensure_thread()
+        try:
+            self._queue.put_nowait(_REOPEN)
+        except queue.Full:  # the writer is stuck: it reopens when it retries
+            self._reopen_wanted = True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line is written (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._queue.unfinished_tasks
+
+    def close(self, timeout: float = 2.0) -> None:
+        t = self._thread
+        if t is not None and t.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                pass
+            t.join(timeout)
+        self._thread = None
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    @property
+    def state(self) -> dict:
+        return {"path": str(self.path) if self.path else None, "on_error": self.on_error,
+                "writable": self.can_accept(), "problem": self._outage, "queued": self._queue.qsize(),
+                **dict(self.stats)}
+
+    # -- the writer thread -----------------------------------------------------------------------
+
+    _reopen_wanted = False
+
+    def _open(self) -> int:
+        assert self.path is not None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            if stat.S_ISFIFO(os.stat(self.path).st_mode):
+                flags |= os.O_NONBLOCK  # no reader yet: ENXIO now rather than a startup that hangs
+        except FileNotFoundError:
+            pass
+        fd = os.open(self.path, flags, 0o640)
+        if flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)  # then block like a file: the queue absorbs a slow reader
+        return fd
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="easgate-audit", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if item is _REOPEN:
+                    self._do_reopen()
+                    continue
+                self._write_until_done(item)
+            finally:
+                self._queue.task_done()
+
+    def _write_until_done(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "surrogateescape")
+        while True:
+            if self._reopen_wanted:
+                self._do_reopen()
+            try:
+                if self._fd is None:
+                    self._fd = self._open()
+                view = memoryview(data)
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+            except OSError as e:
+                self.stats["write_errors"] += 1
+                problem = e.strerror or str(e)
+                if self._failing is None:
+                    self._failing = problem
+                    self._begin_outage(f"{self.path}: {problem}")
+                if e.errno in (errno.EPIPE, errno.ENXIO):  # EPIPE, ENXIO: the reader is gone; a new open finds the next one
+                    self._close_fd()
+                if self._stopping():
+                    self.stats["lines_lost"] += 1
+                    return
+                time.sleep(self.retry_s)  # keep this line and retry it: nothing queued is lost
+                continue
+            self.stats["lines_written"] += 1
+            if self._failing is not None:
+                self._failing = None
+                self._end_outage()
+            return
+
+    def _stopping(self) -> bool:
+        with self._queue.mutex:
+            return bool(self._queue.queue) and self._queue.queue[-1] is _STOP
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def _do_reopen(self) -> None:
+        self._reopen_wanted = False
+        self._close_fd()
+        self.stats["reopens"] += 1
+        try:
+            self._fd = self._open()
+        except OSError as e:  # the write that follows retries and reports it
+            logger.warning(f"easgate: audit log {self.path}: cannot reopen: {e.strerror or e}")
+            return
+        logger.info(f"easgate: audit log {self.path} reopened")
+
+    # -- outages: logged once when they start, once when they end --------------------------------
+
+    def _lost(self, why: str) -> None:
+        self.stats["lines_lost"] += 1
+        self._begin_outage(why, "queue")
+        with self._lock:
+            self._outage_lost += 1
+
+    def _begin_outage(self, why: str, kind: str = "sink") -> None:
+        with self._lock:
+            if self._outage is not None:
+                return
+            self._outage, self._outage_kind, self._outage_start = why, kind, time.monotonic()
+            self._outage_lost = self._outage_refused = 0
+        self.stats["outages"] += 1
+        then = ("ActiveSync requests are denied until it is" if self.on_error == "deny"
+                else "requests still go through (audit.on_error=allow); lines queue up and are lost once the queue is full")
+        logger.error(f"easgate: audit log {self.path} cannot be written: {why}; {then}")
+        if self.on_outage:
+            self.on_outage(why)
+
+    def _end_outage(self) -> None:
+        with self._lock:
+            if self._outage is None:
+                return
+            why, took = self._outage, time.monotonic() - self._outage_start
+            lost, refused = self._outage_lost, self._outage_refused
+            self._outage = self._outage_kind = None
+        logger.warning(f"easgate: audit log {self.path} is written again after {took:.1f}s ({why}); "
+                       f"{lost} lines lost, {refused} requests denied meanwhile")
+        if self.on_outage:
+            self.on_outage(None)

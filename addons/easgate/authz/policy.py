@@ -109,9 +109,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import yaml
-
 from ..core.decision import Decision, one_line
+from ..core.yamlfile import YamlError, parse_yaml_text, yaml_fix
 
 __all__ = [
     "IdentityLike",
@@ -540,29 +539,6 @@ def _load_inventory_csv(path: Path, into: dict[str, InventoryEntry]) -> None:
             raise ctx.error("", f"not UTF-8 text: {e.reason}", "save the file as UTF-8") from e
 
 
-class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """Safe loader that rejects duplicate mapping keys (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    dup = key in seen
-                except TypeError:
-                    continue
-                if dup:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"found duplicate key {key!r}", key_node.start_mark,
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _read_yaml(path: Path, ctx: _Ctx) -> Any:
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -573,16 +549,11 @@ def _read_yaml(path: Path, ctx: _Ctx) -> Any:
     except UnicodeDecodeError as e:
         raise ctx.error("", f"not UTF-8 text: {e.reason}", "save the file as UTF-8") from e
     try:
-        return yaml.load(text, Loader=_YamlLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        key = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        context = getattr(e, "context", None)
-        msg = f"YAML error: {context + ': ' if context else ''}{problem}"
-        fix = ("write each key once (merge the two sections)" if "duplicate key" in problem
-               else "fix the YAML syntax (indentation, quotes, colons)")
-        raise ctx.error(key, msg, fix) from e
+        return parse_yaml_text(text)
+    except YamlError as e:
+        if e.key is not None:  # a duplicate key: the problem names it and both lines
+            raise ctx.error(f"line {e.line}", e.problem, yaml_fix(e)) from None
+        raise ctx.error(f"line {e.line}" if e.line else "", f"YAML error: {e.problem}", yaml_fix(e)) from None
 
 
 def _load_inventory_file(path: Path, ctx: _Ctx, into: dict[str, InventoryEntry]) -> None:
@@ -699,7 +670,7 @@ class PolicyStore:
         self.last_error: str | None = None
         self.generation = 0
         self._failed_stamp: tuple | None = None
-        self._settling: tuple | None = None
+        self._in_place_reported = False
         self._policy: Policy
         self._stamp: tuple
         self._load()
@@ -721,6 +692,7 @@ class PolicyStore:
         policy = load_policy(self.path)
         watched = self._watched(policy)
         self._stamp = tuple(before.get(f) or _stamp((f,))[0] for f in watched)
+        self._seen = self._stamp
         self._policy = policy
         self._failed_stamp = None
         self.last_error = None
@@ -737,19 +709,31 @@ class PolicyStore:
         return self.reload(force=False)
 
     def reload(self, force: bool = True) -> tuple[bool, str | None]:
-        """Reload now (``force=True``) or only if the files changed."""
+        """Reload now (``force=True``: validate and swap whatever the files hold) or only if a
+        watched file was *replaced* (a new inode: written elsewhere and renamed over it, which is
+        atomic). A file changed in place is never applied by the automatic check, however long it
+        stayed the same: a writer may have paused half way. That is reported once, as an error,
+        and stays until the file is replaced or a forced reload (``easgate.reload``) applies it."""
         with self._lock:
             current = _stamp(self._watched())
-            if not force and (current == self._stamp or current == self._failed_stamp):
-                self._settling = None
-                return False, None
-            if not force and current != self._settling:
-                # Changed since the last check: wait until the files stay the same for one check,
-                # so a file still being written (valid YAML, half of it) is never applied.
-                # (Editors that write a new file and rename it are seen at once after that.)
-                self._settling = current
-                return False, None
-            self._settling = None
+            if not force:
+                # Compared with what the previous check saw (not the last load): inode numbers are
+                # reused, so a file renamed in now may carry the inode of one loaded long ago.
+                seen, self._seen = self._seen, current
+                if current == seen or current == self._stamp or current == self._failed_stamp:
+                    return False, None
+                in_place = _changed_in_place(seen, current)
+                if in_place:
+                    self._failed_stamp = current
+                    if self._in_place_reported:
+                        return False, None  # still being written, or written: said once already
+                    self._in_place_reported = True
+                    self.last_error = (
+                        f"{in_place} was changed in place, not replaced: not applied (a writer may not be "
+                        f"done); write the new version to another file and rename it over {in_place} "
+                        f"(easgate policy install does that after checking it), or run easgate.reload")
+                    return False, self.last_error
+            self._in_place_reported = False
             try:
                 self._load()
             except PolicyError as e:
@@ -757,3 +741,16 @@ class PolicyStore:
                 self.last_error = str(e)
                 return False, self.last_error
             return True, None
+
+
+def _changed_in_place(old: tuple, new: tuple) -> str | None:
+    """The first watched file whose content changed while its inode stayed (None if every changed
+    file was replaced, created or removed)."""
+    before = {s[0]: s for s in old}
+    for s in new:
+        b = before.get(s[0])
+        if b is None or b == s or len(s) < 4 or len(b) < 4:
+            continue  # new to the watch list, unchanged, or missing now or before
+        if s[3] == b[3]:  # same inode, other mtime or size: written in place
+            return s[0]
+    return None

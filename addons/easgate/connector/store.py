@@ -61,6 +61,7 @@ import yaml
 
 from ..authz.policy import split_user, user_matches
 from ..core.decision import Decision, one_line
+from ..core.yamlfile import StrictLoader, YamlError, check_duplicate_keys, compose_yaml_text, yaml_fix
 
 __all__ = [
     "Device",
@@ -617,19 +618,20 @@ def _parse_csv(path: Path, text: str) -> Parsed:
     return rows, present, errors
 
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _parse_yaml(path: Path, text: str) -> Parsed:
-    loader = _YAML_LOADER(text)
     try:
-        try:
-            root = loader.get_single_node()
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            return [], frozenset(), [f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); "
-                                     "fix the indentation, quotes or colons"]
+        root = compose_yaml_text(text, check=False)
+    except YamlError as e:
+        where = f"{path}:{e.line}" if e.line else str(path)
+        problem = e.problem if e.key is not None else f"not valid YAML ({e.problem})"
+        return [], frozenset(), [f"{where}: {problem}; {yaml_fix(e)}"]
+    dup: list[str] = []
+    try:
+        check_duplicate_keys(root)  # the one strict reading: a repeated key is an error
+    except YamlError as e:
+        dup.append(f"{path}:{e.line}: {e.problem}; {yaml_fix(e)}")
+    loader = StrictLoader("")
+    try:
         if root is None:
             return [], frozenset(), []
         if isinstance(root, yaml.MappingNode):
@@ -674,6 +676,8 @@ def _parse_yaml(path: Path, text: str) -> Parsed:
                 except ValueError as e:
                     bad = f"{path}:{line}: {e}"
             errors.append(bad)
+        reported = {e.split(": ", 1)[0] for e in errors}
+        errors += [d for d in dup if d.split(": ", 1)[0] not in reported]  # a row's own check said it already
         return rows, frozenset(present), errors
     finally:
         loader.dispose()

@@ -17,6 +17,7 @@ lines.
 ``fail-mode``  the decision backend failed; the configured fail mode decided
 ``filter``     a request filter (e.g. an unsupported command) decided
 ``identity``   the request's identity could not be established
+``audit``      the request would be allowed, but its audit line cannot be written
 =============  ==============================================================
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 __all__ = ["SOURCES", "Decision", "one_line"]
 
 SOURCES: frozenset[str] = frozenset(
-    {"policy", "inventory", "connector", "mode", "cache", "fail-mode", "filter", "identity"}
+    {"policy", "inventory", "connector", "mode", "cache", "fail-mode", "filter", "identity", "audit"}
 )
 
 

@@ -1,6 +1,8 @@
 """Reading YAML config files and walking them with dotted key paths, so every message says where.
 
-`read_yaml` is the one place easgate parses a YAML file; `Node` checks types, ranges and unknown
+`parse_yaml_text` (and `read_yaml`, `compose_yaml_text` on top of it) is the one way easgate parses
+YAML — gateway and connector configs, policies, inventories, captures — and it refuses duplicate
+keys; `Node` checks types, ranges and unknown
 keys and raises `ConfigError` naming the file, the key and the fix.
 """
 
@@ -124,22 +126,112 @@ def _close(word: str, known: dict[str, str]) -> str | None:
     return m[0] if m else None
 
 
+class YamlError(ValueError):
+    """A YAML text easgate will not read: `line` (1-based, or None), the problem, the key if any."""
+
+    def __init__(self, problem: str, line: int | None = None, key: str | None = None) -> None:
+        super().__init__(f"line {line}: {problem}" if line else problem)
+        self.problem, self.line, self.key = problem, line, key
+
+
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def check_duplicate_keys(node: yaml.Node | None) -> None:
+    """Raise YamlError for the first mapping that names a key twice. PyYAML keeps the last value
+    silently: a second `routes:` would drop the first one's `authorize`. Keys are compared as YAML
+    reads them (`1` and `"1"` differ, `yes` and `true` do not)."""
+    constructor = yaml.SafeLoader("")
+    seen_nodes: set[int] = set()
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if id(n) in seen_nodes:  # aliases share nodes (and may be recursive)
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict = {}
+            for k, v in n.value:
+                stack.append(v)
+                if k.tag == "tag:yaml.org,2002:merge" or not isinstance(k, yaml.ScalarNode):
+                    stack.append(k)
+                    continue
+                try:
+                    key = (type(value := constructor.construct_object(k)), value)
+                    hash(key)
+                except (yaml.YAMLError, TypeError):
+                    continue
+                if key in first:
+                    name = k.value if len(k.value) <= 60 else k.value[:57] + "..."
+                    raise YamlError(f"duplicate key '{name}' (first at line {first[key] + 1})",
+                                    k.start_mark.line + 1, name)
+                first[key] = k.start_mark.line
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
+class StrictLoader(_BASE_LOADER):  # type: ignore[misc,valid-type]
+    """yaml's safe loader that refuses duplicate mapping keys."""
+
+    def construct_document(self, node):
+        check_duplicate_keys(node)
+        return super().construct_document(node)
+
+
+def _yaml_error(e: yaml.YAMLError) -> YamlError:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    where = f"column {mark.column + 1}: " if mark is not None else ""
+    return YamlError(f"{where}{context + ': ' if context else ''}{problem}",
+                     mark.line + 1 if mark is not None else None)
+
+
+def parse_yaml_text(text: str) -> Any:
+    """The one way easgate parses YAML: safe types only, duplicate keys refused. Raises YamlError."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e) from None
+
+
+def compose_yaml_text(text: str, check: bool = True) -> yaml.Node | None:
+    """The node tree (with line numbers) for readers that report per node; same checks as
+    `parse_yaml_text` (with check=False the caller runs `check_duplicate_keys` itself, e.g. to
+    report other errors too). Raises YamlError."""
+    try:
+        node = yaml.compose(text, Loader=StrictLoader)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e) from None
+    if check:
+        check_duplicate_keys(node)
+    return node
+
+
+def yaml_fix(e: YamlError) -> str:
+    return ("write each key once (merge the two sections)" if e.problem.startswith("duplicate key")
+            else "fix the YAML syntax (indentation, quotes, colons)")
+
+
 def read_yaml(path: str | Path, what: str = "gateway.yaml") -> tuple[Path, Any]:
     """(resolved path, parsed YAML) of a config file; ConfigError for a missing, unreadable or
-    malformed file, naming it (`what` says which file the user should pass)."""
+    malformed file or a duplicate key, naming it (`what` says which file the user should pass)."""
     path = Path(path).expanduser().resolve()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found", f"pass the path of your {what}")
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror}", "check the file's permissions")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text: {e.reason}", "save the file as UTF-8")
     try:
-        return path, yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(path, "", f"not valid YAML: {where}{getattr(e, 'problem', e)}", "fix the YAML syntax")
+        return path, parse_yaml_text(text)
+    except YamlError as e:
+        if e.key is not None:  # a duplicate key: the message names it and both lines
+            raise ConfigError(path, f"line {e.line}", e.problem, yaml_fix(e)) from None
+        raise ConfigError(path, f"line {e.line}" if e.line else "", f"not valid YAML: {e.problem}",
+                          yaml_fix(e)) from None
 
 
 def parse_listen(root: Node, default_port: int) -> tuple[str, int]:

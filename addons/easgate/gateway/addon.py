@@ -24,6 +24,7 @@ from ..core.errors import ConfigError
 from ..core.net import parse_listen
 from ..core.paths import normalize_path
 from . import certheader, mitmcompat
+from .audittrail import AuditTrail
 from .config import GatewayConfig, Pool, Upstream, load_config
 from .connections import Connections
 from .http1 import StrictRequests
@@ -100,8 +101,9 @@ class Gateway:
         self.cert_header = certheader.ClientCertHeader(self)
         self.connections = Connections(self)  # per-process connection cap, requests in flight
         self.proxyproto = ProxyProtocol(self)  # PROXY v1/v2 from trusted balancers, before TLS
+        self.audit = AuditTrail()  # the authorization stage asks it before it allows
         self.addons: list = [self.connections, self.proxyproto, self.strict, self.tls, self.strip, self.switch, self.cert_header,
-                             self.upstreams]
+                             self.upstreams, self.audit]
 
     def add_stage(self, addon) -> None:
         """Later stages (authorization, audit) plug in after the routing ones."""

@@ -24,7 +24,6 @@ from mitmproxy import command, http
 from mitmproxy import flow as mflow
 
 from ..authz import identity
-from ..authz.audit import AuditLog
 from ..authz.cache import DecisionCache, cache_key
 from ..authz.policy import PolicyError, PolicyStore
 from ..authz.principal import Principal
@@ -67,7 +66,6 @@ class ActiveSyncGate:
         self.connector: ConnectorClient | None = None
         self.cache: DecisionCache | None = None
         self.principal: Principal | None = None
-        self.audit = AuditLog(None)
         self.counters: Counter = Counter()
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
@@ -82,11 +80,9 @@ class ActiveSyncGate:
                 policy = PolicyStore(auth.policy)
             except PolicyError as e:
                 raise ConfigError(cfg.path, "authorization.policy", str(e), "fix the policy file")
-        audit = AuditLog(cfg.audit_log)
-        self.audit.close()
         if self.connector:
             self.connector.close()
-        self.auth, self.policy, self.audit = auth, policy, audit
+        self.auth, self.policy = auth, policy
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
         self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
@@ -108,7 +104,6 @@ class ActiveSyncGate:
     def done(self) -> None:
         if self._reload_task:
             self._reload_task.cancel()
-        self.audit.close()
 
     async def _watch_policy(self) -> None:
         while True:
@@ -236,6 +231,7 @@ class ActiveSyncGate:
         return Decision(False, f"{err}; denied by on_connector_error=deny", "fail-mode")
 
     def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
+        d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
         self.counters[f"{d.verdict}_{d.source}"] += 1
         flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
         if ident is not None:
@@ -243,7 +239,7 @@ class ActiveSyncGate:
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
         flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
         req = flow.request
-        self.audit.write({
+        written = self.gw.audit.record({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "method": req.method,
@@ -259,6 +255,9 @@ class ActiveSyncGate:
             "latency_ms": round(ms, 3),
             "flow": flow.id,
         })
+        if d.allow and not written and self.gw.audit.log.on_error == "deny":
+            d = Decision(False, "audit line lost; denied by audit.on_error=deny", "audit")  # (cannot happen after admit)
+            flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
         if d.allow:
             return
         if d.source != "cache":  # one line per fresh deny; repeats come from the cache and the audit log

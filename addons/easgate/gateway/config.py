@@ -201,6 +201,13 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    on_error: str = "deny"  # deny | allow: what happens to an ActiveSync request whose line cannot be written
+    queue_lines: int = 10_000  # lines waiting for the writer thread before the log counts as unwritable
+    max_value_chars: int = 1024  # longer client values are clipped (marked) in the log
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     listen_host: str
@@ -215,6 +222,7 @@ class GatewayConfig:
     proxy_protocol: ProxyProtocol | None = None
     max_connections: int = 0  # concurrent client connections per process; 0 = from the open-files limit
     limits: Limits = Limits()
+    audit: AuditConfig = AuditConfig()
 
     def route(self, name: str) -> Route:
         """The route named `name` (a dict lookup: this runs several times per request)."""
@@ -239,6 +247,7 @@ TOP_KEYS = {
     "default_route": "the name of a route",
     "authorization": "the ActiveSync authorization settings",
     "audit_log": "a file path for the JSON-lines decision log",
+    "audit": "{on_error: deny | allow, queue_lines: 10000, max_value_chars: 1024}",
     "client_idle_timeout_s": "seconds, at least 3600 for ActiveSync Ping",
     "proxy_protocol": "{trusted: [10.0.0.0/8], require: true} (PROXY v1/v2 from a layer-4 balancer)",
     "max_connections": "concurrent client connections per process; 0 = derived from the open-files limit",
@@ -280,6 +289,7 @@ def parse_config(data: Any, path: Path) -> GatewayConfig:
                           f"route '{name}' says authorize: activesync; add an authorization section with a policy or a connector")
     routes = _bind_routes(root, routes, auth, tls)
     audit = root.child("audit_log").path(base, must_exist=False)
+    audit_cfg = _parse_audit(root.child("audit"))
     idle = root.child("client_idle_timeout_s").int(3660, 1, 7 * 86400)
     pp = _parse_proxy_protocol(root.child("proxy_protocol")) if root.has("proxy_protocol") else None
     max_conns = root.child("max_connections").int(0, 0, 10_000_000)
@@ -287,7 +297,7 @@ def parse_config(data: Any, path: Path) -> GatewayConfig:
     return GatewayConfig(
         path=path, listen_host=host, listen_port=port, tls=tls, pools=pools, routes=routes,
         default_route=default_route, authorization=auth, audit_log=audit, client_idle_timeout_s=idle,
-        proxy_protocol=pp, max_connections=max_conns, limits=limits,
+        proxy_protocol=pp, max_connections=max_conns, limits=limits, audit=audit_cfg,
     )
 
 
@@ -329,6 +339,18 @@ def _bind_routes(root: Node, routes: tuple[Route, ...], auth: Authorization | No
         raise ConfigError(root.file, "authorization.identity.user_from", "lists certificate, but tls.client_certs.mode is off",
                           "set tls.client_certs.mode: optional (or required) with the device CA")
     return tuple(out)
+
+
+def _parse_audit(n: Node) -> AuditConfig:
+    if n.value is None:
+        return AuditConfig()
+    n.mapping({"on_error": "deny (default) | allow",
+               "queue_lines": "lines waiting to be written, e.g. 10000",
+               "max_value_chars": "longest client value kept whole, e.g. 1024"})
+    d = AuditConfig()
+    return AuditConfig(on_error=n.child("on_error").str(d.on_error, ("deny", "allow")),
+                       queue_lines=n.child("queue_lines").int(d.queue_lines, 1, 10_000_000),
+                       max_value_chars=n.child("max_value_chars").int(d.max_value_chars, 64, 1_000_000))
 
 
 def _parse_proxy_protocol(n: Node) -> ProxyProtocol:

@@ -256,6 +256,21 @@ class Metrics:
         d.metric("easgate_policy_reloads_total", "counter", "Policy file reloads.", counters.get("policy_reloads", 0))
         d.metric("easgate_policy_reload_errors_total", "counter", "Policy reloads that failed (last good kept).",
                  counters.get("policy_reload_errors", 0))
+        trail = getattr(self.gw, "audit", None)
+        if trail is not None:
+            st = trail.log.stats
+            d.metric("easgate_audit_writable", "gauge", "1 while the audit log accepts lines, 0 while it cannot be written.",
+                     1 if trail.log.can_accept() else 0)
+            d.metric("easgate_audit_lines_written_total", "counter", "Audit lines written.", st.get("lines_written", 0))
+            d.metric("easgate_audit_lines_lost_total", "counter", "Audit lines that could not be queued (queue full).",
+                     st.get("lines_lost", 0))
+            d.metric("easgate_audit_write_errors_total", "counter", "Failed writes to the audit log (each retried).",
+                     st.get("write_errors", 0))
+            d.metric("easgate_audit_outages_total", "counter", "Times the audit log became unwritable.",
+                     st.get("outages", 0))
+            d.metric("easgate_audit_denied_total", "counter",
+                     "Requests denied because their audit line could not be written (audit.on_error=deny).",
+                     st.get("requests_denied", 0))
         view = ctx.master.addons.get("view") if ctx.master else None
         if view is not None:
             d.metric("easgate_flows_in_memory", "gauge", "Flows mitmweb keeps in memory.", view.store_count())

@@ -208,6 +208,11 @@ class Supervisor:
                         say(f"worker {idx} (pid {pid}) is serving again")
 
     def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:  # logrotate: every worker reopens its audit log; nothing stops
+            for w in self.workers:
+                if w.proc and w.proc.poll() is None:
+                    w.proc.send_signal(signal.SIGHUP)
+            return
         self.stop_requested += 1
         if self.stop_requested > 1:
             for w in self.workers:
@@ -291,6 +296,8 @@ def worker_setup() -> tuple[int | None, bool]:
     sup = os.environ.get("EASGATE_SUPERVISOR_PID")
     if sup:
         set_parent_death_signal(signal.SIGTERM)
+        # A SIGHUP forwarded (logrotate) before the audit log's handler is installed must not kill us.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if os.getppid() != int(sup):  # the supervisor died before we got here
             sys.exit(1)
     # Workers share the supervisor's stdout: a log line must reach it in one write, or two workers'

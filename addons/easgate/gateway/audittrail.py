@@ -1,0 +1,88 @@
+"""The audit log as a gateway addon: opened from the config, reopened for logrotate, and asked
+before an ActiveSync request is allowed.
+
+`admit` turns an allow into a deny when its line could not be written (``audit.on_error: deny``,
+the default): an allowed request with no audit line is exactly what the audit log is there to
+rule out. SIGHUP and the ``easgate.audit.reopen`` command reopen the file (logrotate's
+``postrotate`` sends the signal; ``copytruncate`` needs nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+
+from mitmproxy import command
+
+from ..authz.audit import AuditLog
+from ..core.decision import Decision
+from .config import GatewayConfig
+
+logger = logging.getLogger("easgate.audit")
+
+
+class AuditTrail:
+    def __init__(self) -> None:
+        self.log = AuditLog(None)
+        self._sighup = False
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        a = cfg.audit
+        log = AuditLog(cfg.audit_log, on_error=a.on_error, queue_lines=a.queue_lines,
+                       max_value_chars=a.max_value_chars)
+        old, self.log = self.log, log
+        old.close()
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+
+    def done(self) -> None:
+        if self._sighup:
+            try:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            except (RuntimeError, ValueError):
+                pass
+            self._sighup = False
+        self.log.close()
+
+    def _on_sighup(self) -> None:
+        logger.info("easgate: SIGHUP: reopening the audit log")
+        self.log.reopen()
+
+    # -- what the authorization stage calls ----------------------------------------------------
+
+    def admit(self, d: Decision) -> Decision:
+        """The decision to enforce: `d`, or a deny if `d` allows and its line cannot be written."""
+        if not d.allow:
+            return d
+        why = self.log.must_deny()
+        if why is None:
+            return d
+        self.log.refused()
+        return Decision(False, why, "audit")
+
+    def record(self, rec: dict) -> bool:
+        """Queue the line; False if it is lost (counted, logged once per outage)."""
+        return self.log.submit(rec)
+
+    # -- commands --------------------------------------------------------------------------------
+
+    @command.command("easgate.audit.reopen")
+    def reopen(self) -> str:
+        """Reopen the audit log file (after logrotate moved it away)."""
+        if self.log.path is None:
+            return "no audit_log configured"
+        self.log.reopen()
+        return f"reopening {self.log.path}"
+
+    @command.command("easgate.audit.status")
+    def status(self) -> str:
+        """The audit log: writable or not, lines written, lost, queued, outages."""
+        return json.dumps(self.log.state, sort_keys=True)
