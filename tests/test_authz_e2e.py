@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -146,18 +147,24 @@ def test_garbage_is_never_read_as_allow():
         parse_answer(500, b'{"result": "Allow"}')
 
 
+def replace_file(path, text: str) -> None:
+    """As an operator should change a watched file: write a new one, rename it over (atomic)."""
+    path.with_name(path.name + ".new").write_text(text)
+    os.replace(path.with_name(path.name + ".new"), path)
+
+
 def test_policy_edited_on_disk_and_broken_policy_keeps_last_good(start_gateway, pki, exchange, mdm, tmp_path):
-    g = start_gateway(authz_config(pki, exchange, mdm, tmp_path))
+    g = start_gateway(authz_config(pki, exchange, mdm, tmp_path), extra=["--set", "easgate_policy_poll_ms=100"])
     assert request(g.port, "POST", sync_path(IPAD, dtype="iPad"), pki, headers=BASIC_ALICE).status == 403
     pol = json.loads(json.dumps(POLICY))
     pol["inventory"].append({"device_id": IPAD, "owner": "alice", "compliant": True})
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(pol))
+    replace_file(tmp_path / "policy.yaml", yaml.safe_dump(pol))
     deadline = time.monotonic() + 10
     while request(g.port, "POST", sync_path(IPAD, dtype="iPad"), pki, headers=BASIC_ALICE).status != 200:
         assert time.monotonic() < deadline, g.output
         time.sleep(0.3)
     assert "policy reloaded" in g.output
-    (tmp_path / "policy.yaml").write_text("mode: blokk\n")
+    replace_file(tmp_path / "policy.yaml", "mode: blokk\n")
     deadline = time.monotonic() + 10
     while "keeping the last good policy" not in g.output:
         assert time.monotonic() < deadline, g.output

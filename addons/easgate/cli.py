@@ -28,7 +28,7 @@ from .runtime.lean import (
     mitmdump_filter_extra,
     run_master,
 )
-from .tools import demo, netscaler, replay, standins
+from .tools import demo, netscaler, policyfile, replay, standins
 from .tools.pki import generate_pki, revoke
 
 
@@ -314,8 +314,8 @@ def _describe(parser: argparse.ArgumentParser) -> None:
 
 
 # modules with an add_commands(subparsers) function: demo, connector and devices, import-netscaler,
-# replay and capture, standins
-COMMAND_MODULES = (demo, standins, connector_commands, netscaler, replay)
+# replay and capture, standins, policy check/install
+COMMAND_MODULES = (demo, standins, connector_commands, netscaler, replay, policyfile)
 
 
 def main(argv: list[str] | None = None) -> int:

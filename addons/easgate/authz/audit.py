@@ -20,6 +20,7 @@ never interleave their lines.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -30,7 +31,6 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,13 @@ def encode(record: dict, limit: int = MAX_VALUE_CHARS) -> str:
 
 _STOP = object()
 _REOPEN = object()
+BATCH_LINES = 256
+BATCH_BYTES = 256 * 1024
+
+
+def _resolve(fut, ok: bool) -> None:
+    if not fut.done():
+        fut.set_result(ok)
 
 
 class AuditLog:
@@ -118,26 +125,32 @@ class AuditLog:
 
     `path` None: no file, lines only go to the debug log. The file is opened (and created) at
     construction, so an unwritable path is a startup error; the thread starts with the first line.
+    `commit` waits until its line is written (the gateway answers or forwards a request only then);
+    `submit` only queues it (the connector's decision log).
     """
 
     def __init__(self, path: Path | None, *, on_error: str = "deny", queue_lines: int = QUEUE_LINES,
-                 retry_s: float = RETRY_S, max_value_chars: int = MAX_VALUE_CHARS) -> None:
+                 retry_s: float = RETRY_S, max_value_chars: int = MAX_VALUE_CHARS,
+                 write_timeout_s: float = 1.0) -> None:
         self.path = path
         self.on_error = on_error
         self.retry_s = retry_s
         self.max_value_chars = max_value_chars
+        self.write_timeout_s = write_timeout_s
         self.stats: Counter = Counter()  # lines_written, lines_lost, write_errors, queue_full, reopens, outages
         self._queue: queue.Queue = queue.Queue(maxsize=queue_lines)
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closing = False
+        self._reopen_wanted = False
         self._failing: str | None = None  # the writer's current error (it keeps retrying)
+        self._stalled = False  # a write took longer than write_timeout_s and has not finished
         self._outage: str | None = None  # what made lines unwritable, from its start until it ends
-        self._outage_kind: str | None = None  # "sink" (writes fail) or "queue" (full)
+        self._outage_kind: str | None = None  # "sink" (writes fail or hang) or "queue" (full)
         self._outage_start = 0.0
         self._outage_lost = 0
         self._outage_refused = 0
-        self.on_outage: Callable[[str | None], None] | None = None  # tests and metrics may listen
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,17 +177,19 @@ class AuditLog:
     # -- the producer side (the event loop) ------------------------------------------------------
 
     def can_accept(self) -> bool:
-        """Would a line submitted now be written? False while the sink fails or the queue is full."""
-        if self._fd is None and self.path is None:
+        """Would a line submitted now be written? False while the sink fails or hangs, or the
+        queue is full."""
+        if self.path is None:
             return True
-        return self._failing is None and not self._queue.full()
+        return self._failing is None and not self._stalled and not self._queue.full()
 
     def must_deny(self) -> str | None:
         """Why a request that would be allowed must be denied instead (``audit.on_error: deny`` and
         the line cannot be written), or None."""
         if self.on_error != "deny" or self.can_accept():
             return None
-        return f"audit log cannot be written ({self._failing or 'queue full'}); denied by audit.on_error=deny"
+        why = self._failing or ("a write is hanging" if self._stalled else "queue full")
+        return f"audit log cannot be written ({why}); denied by audit.on_error=deny"
 
     def refused(self) -> None:
         """Count a request denied because it could not be audited (for the outage's summary)."""
@@ -182,26 +197,52 @@ class AuditLog:
             self._outage_refused += 1
         self.stats["requests_denied"] += 1
 
-    def submit(self, record: dict) -> bool:
-        """Queue one record; False if it cannot be written (the line is lost, counted, and the
-        outage logged once). Never raises, never blocks."""
+    def _line(self, record: dict) -> str:
         record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         line = encode(record, self.max_value_chars)
         logger.debug(line)
-        if self.path is None:
-            return True
+        return line
+
+    def _put(self, line: str, fut=None) -> bool:
         self._ensure_thread()
         try:
-            self._queue.put_nowait(line)
+            self._queue.put_nowait((line, fut))
         except queue.Full:
             self.stats["queue_full"] += 1
             self._lost(f"{self._queue.maxsize} lines queued, the sink is not keeping up")
             return False
-        if self._outage_kind == "queue" and self._failing is None:
+        if self._outage_kind == "queue" and self._failing is None and not self._stalled:
             self._end_outage()
         return True
 
+    def submit(self, record: dict) -> bool:
+        """Queue one record; False if it cannot be written (the line is lost, counted, and the
+        outage logged once). Never raises, never blocks."""
+        line = self._line(record)
+        return True if self.path is None else self._put(line)
+
     write = submit  # the connector's decision log calls it so
+
+    async def commit(self, record: dict) -> bool:
+        """Queue one record and wait until it is written: True once it is, False if it cannot be
+        (the sink fails, hangs past write_timeout_s, or the queue is full; the line stays queued if
+        there is room, and is written when the sink recovers). Never raises."""
+        line = self._line(record)
+        if self.path is None:
+            return True
+        if not self.can_accept():  # in an outage: do not make the client wait for it
+            self._put(line)
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        if not self._put(line, fut):
+            return False
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.write_timeout_s)
+        except TimeoutError:
+            if not self._stalled:
+                self._stalled = True
+                self._begin_outage(f"{self.path}: a write took longer than {self.write_timeout_s:g}s")
+            return False
 
     def reopen(self) -> None:
         """Open the path again (logrotate moved the file away); done by the writer between lines."""
@@ -210,7 +251,7 @@ class AuditLog:
         self._ensure_thread()
         try:
             self._queue.put_nowait(_REOPEN)
-        except queue.Full:  # the writer is stuck: it reopens when it retries
+        except queue.Full:  # the writer is behind: it reopens before its next write
             self._reopen_wanted = True
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -227,14 +268,10 @@ class AuditLog:
                 self._queue.put(_STOP, timeout=timeout)
             except queue.Full:
                 pass
+            self._closing = True  # after the queue is drained, or now if it cannot be
             t.join(timeout)
         self._thread = None
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
+        self._close_fd()
 
     @property
     def state(self) -> dict:
@@ -243,8 +280,6 @@ class AuditLog:
                 **dict(self.stats)}
 
     # -- the writer thread -----------------------------------------------------------------------
-
-    _reopen_wanted = False
 
     def _open(self) -> int:
         assert self.path is not None
@@ -261,24 +296,49 @@ class AuditLog:
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            self._closing = False
             self._thread = threading.Thread(target=self._run, name="easgate-audit", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
+        nxt = None
         while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                if item is _REOPEN:
-                    self._do_reopen()
-                    continue
-                self._write_until_done(item)
-            finally:
+            item = nxt if nxt is not None else self._queue.get()
+            nxt = None
+            if item is _STOP:
+                self._queue.task_done()
+                return
+            if item is _REOPEN:
+                self._do_reopen()
+                self._queue.task_done()
+                continue
+            batch = [item]  # what is waiting goes out in one write (one O_APPEND write: never interleaved)
+            size = len(item[0])
+            while len(batch) < BATCH_LINES and size < BATCH_BYTES:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(more, tuple):
+                    nxt = more
+                    break
+                batch.append(more)
+                size += len(more[0])
+            self._resolve_all(batch, self._write_until_done(batch))
+            for _ in batch:
                 self._queue.task_done()
 
-    def _write_until_done(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", "surrogateescape")
+    @staticmethod
+    def _resolve_all(batch: list, ok: bool) -> None:
+        for _, fut in batch:
+            if fut is not None:
+                try:
+                    fut.get_loop().call_soon_threadsafe(_resolve, fut, ok)
+                except RuntimeError:  # the loop is gone (shutting down)
+                    pass
+
+    def _write_until_done(self, batch: list) -> bool:
+        data = "".join(line + "\n" for line, _ in batch).encode("utf-8", "surrogateescape")
         while True:
             if self._reopen_wanted:
                 self._do_reopen()
@@ -295,22 +355,20 @@ class AuditLog:
                 if self._failing is None:
                     self._failing = problem
                     self._begin_outage(f"{self.path}: {problem}")
-                if e.errno in (errno.EPIPE, errno.ENXIO):  # EPIPE, ENXIO: the reader is gone; a new open finds the next one
+                    self._resolve_all(batch, False)  # nobody waits for the retries
+                if e.errno in (errno.EPIPE, errno.ENXIO):  # the reader is gone; a new open finds the next one
                     self._close_fd()
-                if self._stopping():
-                    self.stats["lines_lost"] += 1
-                    return
-                time.sleep(self.retry_s)  # keep this line and retry it: nothing queued is lost
+                if self._closing:
+                    self.stats["lines_lost"] += len(batch)
+                    return False
+                time.sleep(self.retry_s)  # keep these lines and retry: nothing queued is lost
                 continue
-            self.stats["lines_written"] += 1
-            if self._failing is not None:
+            self.stats["lines_written"] += len(batch)
+            if self._failing is not None or self._stalled:
                 self._failing = None
+                self._stalled = False
                 self._end_outage()
-            return
-
-    def _stopping(self) -> bool:
-        with self._queue.mutex:
-            return bool(self._queue.queue) and self._queue.queue[-1] is _STOP
+            return True
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -349,8 +407,6 @@ class AuditLog:
         then = ("ActiveSync requests are denied until it is" if self.on_error == "deny"
                 else "requests still go through (audit.on_error=allow); lines queue up and are lost once the queue is full")
         logger.error(f"easgate: audit log {self.path} cannot be written: {why}; {then}")
-        if self.on_outage:
-            self.on_outage(why)
 
     def _end_outage(self) -> None:
         with self._lock:
@@ -361,5 +417,3 @@ class AuditLog:
             self._outage = self._outage_kind = None
         logger.warning(f"easgate: audit log {self.path} is written again after {took:.1f}s ({why}); "
                        f"{lost} lines lost, {refused} requests denied meanwhile")
-        if self.on_outage:
-            self.on_outage(None)

@@ -662,16 +662,25 @@ class PolicyStore:
     no last good policy to fall back to). Afterwards a broken file never replaces
     a good policy. ``generation`` increases on every successful (re)load; callers
     holding a decision cache should clear it when it changes.
+
+    ``prepare`` (optional) turns a freshly loaded policy into the one kept (the gateway moves a
+    large inventory to SQLite); ``retire`` is called with a policy that was replaced.
+    :meth:`reload_async` loads with an awaitable loader instead (the gateway's runs in another
+    process), so a reload never holds the event loop.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], prepare=None, retire=None):
         self.path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         self._lock = threading.Lock()
+        self._prepare = prepare
+        self._retire = retire
         self.last_error: str | None = None
         self.generation = 0
         self._failed_stamp: tuple | None = None
         self._in_place_reported = False
-        self._policy: Policy
+        self._tainted: set[str] = set()  # files changed in place since the last load
+        self.checks = 0
+        self._policy: Policy | None = None
         self._stamp: tuple
         self._load()
 
@@ -681,7 +690,7 @@ class PolicyStore:
 
     def _watched(self, policy: Policy | None = None) -> tuple[Path, ...]:
         """The policy file first, then every other file the policy read."""
-        policy = policy if policy is not None else getattr(self, "_policy", None)
+        policy = policy if policy is not None else self._policy
         extra = tuple(f for f in policy.files if f != self.path) if policy is not None else ()
         return (self.path, *extra)
 
@@ -690,16 +699,24 @@ class PolicyStore:
         # seen as a change by the next check instead of being missed.
         before = dict(zip(self._watched(), _stamp(self._watched())))
         policy = load_policy(self.path)
+        if self._prepare is not None:
+            policy = self._prepare(policy)
+        self._install(policy, before)
+
+    def _install(self, policy: Policy, before: dict) -> None:
         watched = self._watched(policy)
         self._stamp = tuple(before.get(f) or _stamp((f,))[0] for f in watched)
         self._seen = self._stamp
-        self._policy = policy
+        self._tainted.clear()
+        old, self._policy = self._policy, policy
         self._failed_stamp = None
         self.last_error = None
         self.generation += 1
+        if old is not None and self._retire is not None:
+            self._retire(old)
 
     def reload_if_changed(self) -> tuple[bool, str | None]:
-        """Reload if any watched file's mtime, size or inode changed.
+        """Reload if a watched file was replaced (see :meth:`reload`).
 
         Returns ``(True, None)`` after a successful reload, ``(False, None)`` if
         nothing changed, and ``(False, error)`` when the changed files are broken
@@ -715,42 +732,69 @@ class PolicyStore:
         stayed the same: a writer may have paused half way. That is reported once, as an error,
         and stays until the file is replaced or a forced reload (``easgate.reload``) applies it."""
         with self._lock:
-            current = _stamp(self._watched())
-            if not force:
-                # Compared with what the previous check saw (not the last load): inode numbers are
-                # reused, so a file renamed in now may carry the inode of one loaded long ago.
-                seen, self._seen = self._seen, current
-                if current == seen or current == self._stamp or current == self._failed_stamp:
-                    return False, None
-                in_place = _changed_in_place(seen, current)
-                if in_place:
-                    self._failed_stamp = current
-                    if self._in_place_reported:
-                        return False, None  # still being written, or written: said once already
-                    self._in_place_reported = True
-                    self.last_error = (
-                        f"{in_place} was changed in place, not replaced: not applied (a writer may not be "
-                        f"done); write the new version to another file and rename it over {in_place} "
-                        f"(easgate policy install does that after checking it), or run easgate.reload")
-                    return False, self.last_error
-            self._in_place_reported = False
+            current, go, err = self._check(force)
+            if not go:
+                return False, err
             try:
                 self._load()
             except PolicyError as e:
-                self._failed_stamp = current
-                self.last_error = str(e)
-                return False, self.last_error
+                return False, self._failed(current, e)
             return True, None
 
+    async def reload_async(self, load, force: bool = False) -> tuple[bool, str | None]:
+        """As :meth:`reload`, with ``await load(path)`` doing the reading (and what ``prepare``
+        would do); only stat calls and the swap happen here."""
+        current, go, err = self._check(force)
+        if not go:
+            return False, err
+        before = dict(zip(self._watched(), current))
+        try:
+            policy = await load(self.path)
+        except PolicyError as e:
+            return False, self._failed(current, e)
+        with self._lock:
+            self._install(policy, before)
+        return True, None
 
-def _changed_in_place(old: tuple, new: tuple) -> str | None:
-    """The first watched file whose content changed while its inode stayed (None if every changed
-    file was replaced, created or removed)."""
-    before = {s[0]: s for s in old}
-    for s in new:
-        b = before.get(s[0])
-        if b is None or b == s or len(s) < 4 or len(b) < 4:
-            continue  # new to the watch list, unchanged, or missing now or before
-        if s[3] == b[3]:  # same inode, other mtime or size: written in place
-            return s[0]
-    return None
+    def _failed(self, current: tuple, e: PolicyError) -> str:
+        self._failed_stamp = current
+        self.last_error = str(e)
+        return self.last_error
+
+    def _check(self, force: bool) -> tuple[tuple, bool, str | None]:
+        """(stamps now, load?, error to report)."""
+        self.checks += 1
+        current = _stamp(self._watched())
+        if force:
+            self._tainted.clear()
+            self._in_place_reported = False
+            return current, True, None
+        # Compared with what the previous check saw (not the last load): inode numbers are
+        # reused, so a file renamed in now may carry the inode of one loaded long ago.
+        seen, self._seen = self._seen, current
+        before = {st[0]: st for st in seen}
+        for st in current:
+            b = before.get(st[0])
+            if b is None or b == st:
+                continue
+            if len(st) == 4 and len(b) == 4 and st[3] == b[3]:
+                self._tainted.add(st[0])  # same inode, new content: written in place
+            else:
+                self._tainted.discard(st[0])  # replaced (renamed over), created or removed
+        if self._tainted:
+            # A file written in place stays unusable until it is replaced or a forced reload says
+            # it is complete, even when another watched file is replaced meanwhile.
+            if self._in_place_reported:
+                return current, False, None  # said once already
+            self._in_place_reported = True
+            name = sorted(self._tainted)[0]
+            self._failed_stamp = current
+            self.last_error = (
+                f"{name} was changed in place, not replaced: not applied (a writer may not be "
+                f"done); write the new version to another file and rename it over {name} "
+                f"(easgate policy install does that after checking it), or run easgate.reload")
+            return current, False, self.last_error
+        self._in_place_reported = False
+        if current == seen or current == self._stamp or current == self._failed_stamp:
+            return current, False, None
+        return current, True, None

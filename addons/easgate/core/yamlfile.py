@@ -209,8 +209,8 @@ def compose_yaml_text(text: str, check: bool = True) -> yaml.Node | None:
 
 
 def yaml_fix(e: YamlError) -> str:
-    return ("write each key once (merge the two sections)" if e.problem.startswith("duplicate key")
-            else "fix the YAML syntax (indentation, quotes, colons)")
+    return ("write each key once: merge the two sections" if e.problem.startswith("duplicate key")
+            else "fix the YAML syntax: indentation, quotes, colons")
 
 
 def read_yaml(path: str | Path, what: str = "gateway.yaml") -> tuple[Path, Any]:

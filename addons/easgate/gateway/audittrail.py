@@ -1,9 +1,9 @@
 """The audit log as a gateway addon: opened from the config, reopened for logrotate, and asked
 before an ActiveSync request is allowed.
 
-`admit` turns an allow into a deny when its line could not be written (``audit.on_error: deny``,
-the default): an allowed request with no audit line is exactly what the audit log is there to
-rule out. SIGHUP and the ``easgate.audit.reopen`` command reopen the file (logrotate's
+`admit` turns an allow into a deny when its line cannot be written (``audit.on_error: deny``,
+the default), and `record` waits until the line is written before the request goes on: an allowed
+request with no audit line is exactly what the audit log is there to rule out. SIGHUP and the ``easgate.audit.reopen`` command reopen the file (logrotate's
 ``postrotate`` sends the signal; ``copytruncate`` needs nothing).
 """
 
@@ -31,7 +31,7 @@ class AuditTrail:
     def apply(self, cfg: GatewayConfig) -> None:
         a = cfg.audit
         log = AuditLog(cfg.audit_log, on_error=a.on_error, queue_lines=a.queue_lines,
-                       max_value_chars=a.max_value_chars)
+                       max_value_chars=a.max_value_chars, write_timeout_s=a.write_timeout_ms / 1000)
         old, self.log = self.log, log
         old.close()
 
@@ -68,9 +68,10 @@ class AuditTrail:
         self.log.refused()
         return Decision(False, why, "audit")
 
-    def record(self, rec: dict) -> bool:
-        """Queue the line; False if it is lost (counted, logged once per outage)."""
-        return self.log.submit(rec)
+    async def record(self, rec: dict) -> bool:
+        """Write the line and wait for it: True once it is written, False if it cannot be (it stays
+        queued while there is room; the outage is logged once)."""
+        return await self.log.commit(rec)
 
     # -- commands --------------------------------------------------------------------------------
 

@@ -13,17 +13,21 @@ status (default 403) or drops the connection like NetScaler's responder DROP.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import json
 import logging
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
-from mitmproxy import command, http
+from mitmproxy import command, ctx, http
 from mitmproxy import flow as mflow
 
-from ..authz import identity
+from ..authz import identity, policyload
 from ..authz.cache import DecisionCache, cache_key
 from ..authz.policy import PolicyError, PolicyStore
 from ..authz.principal import Principal
@@ -69,6 +73,7 @@ class ActiveSyncGate:
         self.counters: Counter = Counter()
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
+        self._workdir: Path | None = None  # SQLite inventories of large policies
 
     # -- configuration --------------------------------------------------------------------
 
@@ -77,7 +82,7 @@ class ActiveSyncGate:
         policy = None
         if auth and auth.policy:
             try:
-                policy = PolicyStore(auth.policy)
+                policy = PolicyStore(auth.policy, prepare=self._compact, retire=policyload.release)
             except PolicyError as e:
                 raise ConfigError(cfg.path, "authorization.policy", str(e), "fix the policy file")
         if self.connector:
@@ -86,6 +91,10 @@ class ActiveSyncGate:
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
         self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
+
+    def load(self, loader) -> None:
+        loader.add_option("easgate_policy_poll_ms", int, int(RELOAD_INTERVAL_S * 1000),
+                          "Milliseconds between checks of the policy files for a replaced file (tests shorten it).")
 
     def running(self) -> None:
         if self.policy and self._reload_task is None:
@@ -104,17 +113,36 @@ class ActiveSyncGate:
     def done(self) -> None:
         if self._reload_task:
             self._reload_task.cancel()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def _compact(self, policy):
+        """A large inventory goes to an SQLite file (built off the loop on reloads: policyload)."""
+        if len(policy.inventory) <= policyload.COMPACT_ABOVE:
+            return policy
+        return policyload.compact(policy, self._scratch())
+
+    def _scratch(self) -> Path:
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="easgate-policy-"))
+            atexit.register(shutil.rmtree, self._workdir, True)  # also after `easgate check`
+        return self._workdir
 
     async def _watch_policy(self) -> None:
         while True:
-            await asyncio.sleep(RELOAD_INTERVAL_S)
-            # Loading a large inventory takes seconds (1,000,000 devices: ~4 s): off the event loop,
-            # so requests keep being answered meanwhile. PolicyStore locks itself.
+            await asyncio.sleep(max(ctx.options.easgate_policy_poll_ms, 1) / 1000)
+            # Loading a large inventory takes seconds (1,000,000 devices: ~4 s) of Python that
+            # holds the GIL, so not a thread: another process, which hands back an SQLite file.
             store = self.policy
             if store is not None:
-                result = await asyncio.to_thread(store.reload, False)
+                result = await store.reload_async(self._load_elsewhere)
                 if store is self.policy:
                     self._reloaded(*result)
+                logger.debug(f"easgate: policy check {store.checks} done")
+
+    async def _load_elsewhere(self, path: Path):
+        return await policyload.load_policy_elsewhere(path, self._scratch())
 
     def _reload(self, force: bool) -> str:
         if not self.policy:
@@ -143,7 +171,7 @@ class ActiveSyncGate:
             return
         start = time.perf_counter()
         ident, decision = await self.decide(flow)
-        self.enforce(flow, ident, decision, (time.perf_counter() - start) * 1000)
+        await self.enforce(flow, ident, decision, (time.perf_counter() - start) * 1000)
 
     async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
         auth = self.auth
@@ -230,7 +258,7 @@ class ActiveSyncGate:
             return Decision(False, f"{err}; no decision younger than {self.auth.stale_max_age_s:g}s to reuse", "fail-mode")
         return Decision(False, f"{err}; denied by on_connector_error=deny", "fail-mode")
 
-    def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
+    async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
         self.counters[f"{d.verdict}_{d.source}"] += 1
         flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
@@ -239,7 +267,7 @@ class ActiveSyncGate:
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
         flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
         req = flow.request
-        written = self.gw.audit.record({
+        record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "method": req.method,
@@ -254,13 +282,19 @@ class ActiveSyncGate:
             "source": d.source,
             "latency_ms": round(ms, 3),
             "flow": flow.id,
-        })
-        if d.allow and not written and self.gw.audit.log.on_error == "deny":
-            d = Decision(False, "audit line lost; denied by audit.on_error=deny", "audit")  # (cannot happen after admit)
+        }
+        # The request goes on (upstream, or its deny answer) once its line is written.
+        if not await self.gw.audit.record(record) and d.allow and self.gw.audit.log.on_error == "deny":
+            # not written in time: the allow becomes a deny; a second line for this flow says so
+            d = Decision(False, "audit line not written in time; denied by audit.on_error=deny", "audit")
+            self.gw.audit.log.refused()
+            self.counters["deny_audit"] += 1
             flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
+            flow.comment = f"{d.verdict}: {d.reason} [{d.source}]"
+            self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
         if d.allow:
             return
-        if d.source != "cache":  # one line per fresh deny; repeats come from the cache and the audit log
+        if d.source not in ("cache", "audit"):  # one line per fresh deny (an audit outage is logged once)
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
                         f"{d.reason} [{d.source}]")
         flow.marked = ":no_entry:"

@@ -205,6 +205,7 @@ class AuditConfig:
     on_error: str = "deny"  # deny | allow: what happens to an ActiveSync request whose line cannot be written
     queue_lines: int = 10_000  # lines waiting for the writer thread before the log counts as unwritable
     max_value_chars: int = 1024  # longer client values are clipped (marked) in the log
+    write_timeout_ms: int = 1000  # a line not written by then counts as unwritable (a hanging sink)
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ TOP_KEYS = {
     "default_route": "the name of a route",
     "authorization": "the ActiveSync authorization settings",
     "audit_log": "a file path for the JSON-lines decision log",
-    "audit": "{on_error: deny | allow, queue_lines: 10000, max_value_chars: 1024}",
+    "audit": "{on_error: deny | allow, queue_lines: 10000, max_value_chars: 1024, write_timeout_ms: 1000}",
     "client_idle_timeout_s": "seconds, at least 3600 for ActiveSync Ping",
     "proxy_protocol": "{trusted: [10.0.0.0/8], require: true} (PROXY v1/v2 from a layer-4 balancer)",
     "max_connections": "concurrent client connections per process; 0 = derived from the open-files limit",
@@ -346,11 +347,13 @@ def _parse_audit(n: Node) -> AuditConfig:
         return AuditConfig()
     n.mapping({"on_error": "deny (default) | allow",
                "queue_lines": "lines waiting to be written, e.g. 10000",
-               "max_value_chars": "longest client value kept whole, e.g. 1024"})
+               "max_value_chars": "longest client value kept whole, e.g. 1024",
+               "write_timeout_ms": "how long a request waits for its line, e.g. 1000"})
     d = AuditConfig()
     return AuditConfig(on_error=n.child("on_error").str(d.on_error, ("deny", "allow")),
                        queue_lines=n.child("queue_lines").int(d.queue_lines, 1, 10_000_000),
-                       max_value_chars=n.child("max_value_chars").int(d.max_value_chars, 64, 1_000_000))
+                       max_value_chars=n.child("max_value_chars").int(d.max_value_chars, 64, 1_000_000),
+                       write_timeout_ms=n.child("write_timeout_ms").int(d.write_timeout_ms, 1, 600_000))
 
 
 def _parse_proxy_protocol(n: Node) -> ProxyProtocol:
