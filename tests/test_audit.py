@@ -415,3 +415,31 @@ def test_reloading_a_large_inventory_does_not_stall_other_requests(start_gateway
     assert n >= 5, "too few requests during the reload to mean anything"
     assert max(worst.values()) < 0.5, f"a request waited {worst} while 1,000,000 devices were reloaded"
     assert request(g.port, "POST", big_device, pki, headers=big_user, conn=as_conn).status == 200
+
+
+DOC_COMMANDS = (
+    ".venv/bin/easgate policy check new-policy.yaml",
+    ".venv/bin/easgate policy install new-policy.yaml policies/activesync-policy.yaml",
+    ".venv/bin/easgate policy install --inventory export.csv policies/mdm-export.csv",
+)
+
+
+def test_the_documented_policy_commands_run_as_written(tmp_path):
+    """docs/operations.md, "Changing the policy": each command, as written, in a copy of the repo's
+    policies/ with the new versions the text talks about."""
+    from conftest import ROOT
+
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    shutil.copytree(ROOT / "policies", tmp_path / "policies")
+    current = tmp_path / "policies" / "activesync-policy.yaml"
+    (tmp_path / "new-policy.yaml").write_text(current.read_text().replace("mode: block", "mode: permit"))
+    (tmp_path / "export.csv").write_text("device_id,owner,compliant\nApplNEW0000001,alice,true\n")
+    ino = current.stat().st_ino
+    for cmd in DOC_COMMANDS:
+        assert cmd in doc, cmd
+        argv = cmd.split()
+        p = subprocess.run([str(BIN / "easgate"), *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, (cmd, p.stderr)
+    assert current.stat().st_ino != ino and "mode: permit" in current.read_text()
+    assert (tmp_path / "policies" / "mdm-export.csv").read_text() == (tmp_path / "export.csv").read_text()
