@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import GatewayProcess, authz_config, easgate_argv, https_connection, request, write_config
 

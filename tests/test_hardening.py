@@ -6,12 +6,11 @@
    - the connector hanging past its timeout while many clients wait at once,
    - the upstream resetting or closing mid-response, answering garbage, stalling in the headers or
      after them,
-   - the policy file replaced by broken ones while clients keep asking, caught half-written, and a
-     large inventory reloaded while clients keep asking,
-   - the audit log unwritable (at startup; a full disk) and an audit pipe whose reader goes away
-     and comes back,
+   - the policy file replaced by broken ones while clients keep asking,
+   - the audit log unwritable at startup,
    - a device's second request arriving just as its first callout answers.
-   For each: the documented behaviour, no client held past the configured timeouts, and no allow
+   (A policy caught half-written, a large inventory reloaded, and audit sinks that fail or hang at
+   run time are in tests/test_audit.py.) For each: the documented behaviour, no client held past the configured timeouts, and no allow
    that the fail mode does not permit.
 2. A seeded batch of hostile requests, built byte by byte over TLS (path encodings, both query
    forms, duplicated parameters and headers, oversized headers, request smuggling framings...),
@@ -320,59 +319,6 @@ def test_policy_file_replaced_by_broken_ones_under_load(start_gateway, pki, exch
     assert "policy reloaded" in g.output
 
 
-def test_policy_file_being_written_in_place_is_not_half_applied(start_gateway, pki, exchange, mdm, tmp_path):
-    """An editor saving in place, `cat > policy.yaml`, scp: for a while the file holds the first half
-    of the new text, which is valid YAML without the deny section. It must never be applied. Found
-    by this test: a stolen device was allowed 84 times during one check interval."""
-    text = ("mode: block\nallow:\n  device_types: [iPhone]\n"
-            "deny:\n  devices: [ApplSTOLEN001]   # reported stolen\n")
-    cfg = authz_config(pki, exchange, mdm, tmp_path, policy=None, cache={"allow_ttl_s": 0, "deny_ttl_s": 0})
-    (tmp_path / "policy.yaml").write_text(text)
-    cfg["authorization"]["policy"] = str(tmp_path / "policy.yaml")
-    g = start_gateway(cfg)
-    load = Hammer(g, pki, ["ApplSTOLEN001"])
-    try:
-        time.sleep(0.5)
-        with open(tmp_path / "policy.yaml", "w") as f:  # an editor saving in place, or `cat > policy.yaml`
-            cut = text.index("deny:")
-            f.write(text[:cut])
-            f.flush()
-            time.sleep(2.5)  # a slow writer (scp, NFS): the gateway checks every 2 s
-            f.write(text[cut:])
-        time.sleep(2.5)
-    finally:
-        load.finish()
-    statuses = [s for _, s in load.seen["ApplSTOLEN001"]]
-    assert len(statuses) > 20 and set(statuses) == {403}, f"the stolen device got {statuses.count(200)} x 200"
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "open: reloading a large inventory_file stalls requests on every route. The reload now runs in a "
-    "thread (authz._watch_policy, asyncio.to_thread), but parsing 300,000 CSV rows in Python holds the "
-    "GIL, so the event loop still starves (an MDM request waited ~1.85 s; 1,000,000 devices: ~4 s). "
-    "Fix to come: parse in a subprocess and hand over a compact index, or keep big inventories in "
-    "the connector's SQLite (lookups per request, no reload at all)"))
-def test_reloading_a_large_inventory_does_not_stall_other_requests(start_gateway, pki, exchange, mdm, tmp_path):
-    inv = tmp_path / "inventory.csv"
-    with open(inv, "w") as f:
-        f.write("device_id,owner,compliant\n")
-        f.writelines(f"ApplINV{i:09d},user{i % 5000},true\n" for i in range(300_000))
-    cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "inventory_file": str(inv)})
-    g = start_gateway(cfg)
-    conn = https_connection(g.port, pki)
-    request(g.port, "GET", "/enroll", pki, conn=conn)
-    with open(inv, "a") as f:  # the MDM exports a new device
-        f.write("ApplNEW0000001,alice,true\n")
-    worst, deadline = 0.0, time.monotonic() + 10
-    while time.monotonic() < deadline and "policy reloaded" not in g.output:
-        t0 = time.monotonic()
-        request(g.port, "GET", "/enroll", pki, conn=conn)
-        worst = max(worst, time.monotonic() - t0)
-        time.sleep(0.02)
-    assert "policy reloaded" in g.output, g.output[-2000:]
-    assert worst < 0.4, f"an MDM request waited {worst:.2f}s while the inventory was reloaded"
-
-
 @pytest.mark.parametrize("where", ["a directory", "under a file"])
 def test_audit_log_not_writable_at_startup_stops_it(pki, exchange, mdm, tmp_path, where):
     (tmp_path / "plain-file").write_text("x")
@@ -383,73 +329,6 @@ def test_audit_log_not_writable_at_startup_stops_it(pki, exchange, mdm, tmp_path
     rc = g.wait_exit(30)
     assert rc != 0 and g.port is None, g.output
     assert "audit_log" in g.output and "cannot write" in g.output, g.output
-
-
-def test_audit_log_on_a_full_disk(start_gateway, pki, exchange, mdm, tmp_path):
-    """The audit log's device is full (a symlink to /dev/full): decisions go on, deny still
-    denies, and the outage is logged once, not per request."""
-    link = tmp_path / "audit.jsonl"
-    link.symlink_to("/dev/full")
-    cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [IPHONE]}})
-    g = start_gateway(cfg)
-    statuses = [request(g.port, "POST", sync_path(d), pki, headers=BASIC_ALICE).status
-                for d in [IPHONE, "ApplUNKNOWN1"] * 10]
-    assert statuses == [200, 403] * 10
-    wait_for(lambda: any("not writable" in l for l in g.lines), 5, "the audit error", g)
-    time.sleep(0.3)
-    errs = [l for l in g.lines if "audit log" in l and "not writable" in l]
-    assert len(errs) == 1, errs
-    assert "No space left on device" in errs[0]
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
-def test_audit_pipe_reader_going_away_and_coming_back(start_gateway, pki, exchange, mdm, tmp_path):
-    """The audit log is a pipe to a log shipper. The shipper goes away (EPIPE) and comes back, twice:
-    decisions never stop, each outage is logged once, and lines flow again after each recovery."""
-    fifo = tmp_path / "audit.jsonl"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the gateway's open() does not block
-    got = bytearray()
-
-    def drain(fd) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [IPHONE]}})
-    g = start_gateway(cfg)
-
-    def burst(tag: str) -> list[int]:
-        out = []
-        for i in range(3):
-            out.append(request(g.port, "POST", sync_path(IPHONE), pki, headers=dict(BASIC_ALICE, **{"User-Agent": f"{tag}-{i}"})).status)
-            out.append(request(g.port, "POST", sync_path(f"ApplNO{tag}{i}"), pki, headers=BASIC_ALICE).status)
-        return out
-
-    def audit_errors() -> int:
-        return sum("audit log" in l and "not writable" in l for l in g.lines)
-
-    assert burst("up1") == [200, 403] * 3
-    drain(reader)
-    assert got.count(b"\n") == 6 and b'"agent":"up1-0"' in got
-    for outage in (1, 2):
-        os.close(reader)  # the shipper is gone
-        assert burst(f"down{outage}") == [200, 403] * 3  # decisions go on
-        wait_for(lambda: audit_errors() >= outage, 5, f"the error of outage {outage}", g)
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the shipper is back
-        before = got.count(b"\n")
-        assert burst(f"up{outage + 1}") == [200, 403] * 3
-        time.sleep(0.2)
-        drain(reader)
-        assert got.count(b"\n") >= before + 6 and f'"agent":"up{outage + 1}-2"'.encode() in got
-    os.close(reader)
-    assert audit_errors() == 2, [l for l in g.lines if "audit" in l]
-    assert all(json.loads(l) for l in bytes(got).splitlines() if l.strip())
 
 
 async def test_one_callout_per_device_even_right_after_a_callout_finishes(tmp_path, pki):

@@ -366,6 +366,25 @@ def test_store_never_applies_a_file_changed_in_place(tmp_path):
     assert store.reload_if_changed() == (True, None) and store.policy.mode == "permit"
 
 
+def test_a_file_changed_in_place_stays_unapplied_when_another_is_replaced(tmp_path):
+    """The policy is being written in place when the MDM's export (its inventory_file) is renamed
+    in: loading now would read the half-written policy, so nothing is applied until the policy
+    file itself is replaced."""
+    inv = write(tmp_path / "inv.csv", "ApplA1,alice,true\n")
+    path = write(tmp_path / "p.yaml", "inventory_file: inv.csv\ndeny: {devices: [ApplSTOLEN]}\n")
+    store = PolicyStore(path)
+    good = store.policy
+    with open(path, "w") as f:
+        f.write("inventory_file: inv.csv\n")  # half: without the deny list
+        f.flush()
+        assert "changed in place" in store.reload_if_changed()[1]
+        _bump(inv, "ApplA1,alice,true\nApplB2,bob,true\n")
+        assert store.reload_if_changed() == (False, None) and store.policy is good
+    _bump(path, "inventory_file: inv.csv\ndeny: {devices: [ApplSTOLEN]}\n")
+    assert store.reload_if_changed() == (True, None)
+    assert store.policy.evaluate(ident(device_id="ApplB2", user="bob")).allow
+
+
 def test_store_reload_keeps_last_good(tmp_path):
     path = write(tmp_path / "p.yaml", "mode: block\nallow: {users: [alice]}\n")
     store = PolicyStore(path)
