@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -100,14 +102,22 @@ def test_audit_log_on_a_full_disk(start_gateway, pki, exchange, mdm, tmp_path, o
     cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [IPHONE]}})
     if on_error == "allow":
         cfg["audit"] = {"on_error": "allow"}
-    g = start_gateway(cfg)
+    g = start_gateway(cfg, extra=["--set", "easgate_metrics=0"])
     statuses = [post(g, pki, d).status for d in [IPHONE, "ApplUNKNOWN1"] * 10]
     assert statuses == ([403, 403] if on_error == "deny" else [200, 403]) * 10
     wait_for(lambda: count(g, "cannot be written") >= 1, 5, "the audit error", g)
     errs = [l for l in g.lines if "audit log" in l and "cannot be written" in l]
     assert len(errs) == 1 and "No space left on device" in errs[0], errs
+    url = re.search(r"easgate: metrics at (http://\S+/metrics)", g.output)[1]
+    metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert "easgate_audit_writable 0" in metrics and "easgate_audit_outages_total 1" in metrics
     if on_error == "deny":
         assert "denied until it is" in errs[0]
+        # the first allow found the disk full when its line was written; the 9 after it before
+        assert "easgate_audit_denied_total 10" in metrics
+        assert 'easgate_decisions_total{verdict="deny",source="audit"} 10' in metrics
+    else:
+        assert "easgate_audit_denied_total 0" in metrics
     assert not [l for l in g.lines if "Traceback" in l]
 
 
@@ -442,3 +452,56 @@ def test_the_documented_policy_commands_run_as_written(tmp_path):
         assert p.returncode == 0, (cmd, p.stderr)
     assert current.stat().st_ino != ino and "mode: permit" in current.read_text()
     assert (tmp_path / "policies" / "mdm-export.csv").read_text() == (tmp_path / "export.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder, for any value (property-based)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from easgate.authz.audit import encode, safe_text  # noqa: E402
+
+_ANY_TEXT = st.text(st.characters(codec=None, categories=None), max_size=200) | st.binary(max_size=200).map(
+    lambda b: b.decode("utf-8", "surrogateescape"))
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+        elif text[i + 1] == "\\":
+            out.append("\\")
+            i += 2
+        elif text[i + 1] == "x":
+            n = int(text[i + 2:i + 4], 16)
+            out.append(chr(0xDC00 + n) if n >= 0x80 else chr(n))
+            i += 4
+        elif text[i + 1] == "u":
+            out.append(chr(int(text[i + 2:i + 6], 16)))
+            i += 6
+        else:
+            raise AssertionError(f"unexpected escape in {text!r}")
+    return "".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ANY_TEXT)
+def test_any_value_gives_one_valid_line_that_says_what_was_sent(value):
+    line = encode({"agent": value, "decision": "allow"}, limit=64)
+    raw = line.encode("utf-8")  # strictly valid UTF-8: no lone surrogate survives
+    assert b"\n" not in raw and b"\r" not in raw
+    rec = json.loads(raw)
+    text, changed = safe_text(value, 64)
+    assert rec["agent"] == text and rec["decision"] == "allow"
+    if not changed:
+        assert rec["agent"] == value and "escaped" not in rec  # a clean value is the value
+    else:
+        assert rec["escaped"] == ["agent"]
+        assert not any(0xD800 <= ord(c) <= 0xDFFF or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F
+                       or c in "\u2028\u2029\u202e" for c in rec["agent"])
+        if len(value) <= 64:  # not clipped: the escapes give back exactly what was sent
+            assert _unescape(rec["agent"]) == value

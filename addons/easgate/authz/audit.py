@@ -57,17 +57,17 @@ def _escape_char(m: re.Match) -> str:
     o = ord(c)
     if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
         return f"\\x{o - 0xDC00:02x}"
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+    return f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}"  # \xHH from 0x80 on is always a raw byte
 
 
 def safe_text(value: str, limit: int = MAX_VALUE_CHARS) -> tuple[str, bool]:
     """(text fit for a log line, whether it was changed).
 
     An unchanged value is the value. A changed one is escaped text: ``\\\\`` is a backslash,
-    ``\\xHH`` a byte that was not UTF-8 or a control character, ``\\uHHHH`` a separator or bidi
-    control; a value longer than `limit` characters is cut there and ends with
-    ``\\[clipped N chars]`` (N: how many were left out). A client cannot forge either form: in
-    escaped text every backslash it sent is doubled.
+    ``\\xHH`` a control character below 0x80 or (from ``\\x80`` on) a byte that was not UTF-8,
+    ``\\uHHHH`` a C1 control, separator or bidi control; a value longer than `limit` characters is
+    cut there and ends with ``\\[clipped N chars]`` (N: how many were left out). A client cannot
+    forge either form: in escaped text every backslash it sent is doubled.
     """
     if len(value) <= limit and not _UNSAFE.search(value):
         return value, False

@@ -147,7 +147,16 @@ class ActiveSyncGate:
     def _reload(self, force: bool) -> str:
         if not self.policy:
             return "no policy file configured"
+        if isinstance(self.policy.policy.inventory, policyload.SqliteInventory):
+            # a large inventory: read it in another process, as the automatic check does
+            asyncio.get_running_loop().create_task(self._reload_elsewhere(self.policy))
+            return f"reloading {self.policy.path} in the background (large inventory); the result is logged"
         return self._reloaded(*self.policy.reload(force=force))
+
+    async def _reload_elsewhere(self, store) -> None:
+        result = await store.reload_async(self._load_elsewhere, force=True)
+        if store is self.policy:
+            self._reloaded(*result)
 
     def _reloaded(self, changed: bool, err: str | None) -> str:
         if err:
@@ -260,7 +269,6 @@ class ActiveSyncGate:
 
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
-        self.counters[f"{d.verdict}_{d.source}"] += 1
         flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
         if ident is not None:
             flow.metadata[IDENTITY_KEY] = identity_dict(ident)
@@ -288,10 +296,10 @@ class ActiveSyncGate:
             # not written in time: the allow becomes a deny; a second line for this flow says so
             d = Decision(False, "audit line not written in time; denied by audit.on_error=deny", "audit")
             self.gw.audit.log.refused()
-            self.counters["deny_audit"] += 1
             flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
             flow.comment = f"{d.verdict}: {d.reason} [{d.source}]"
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
+        self.counters[f"{d.verdict}_{d.source}"] += 1
         if d.allow:
             return
         if d.source not in ("cache", "audit"):  # one line per fresh deny (an audit outage is logged once)
