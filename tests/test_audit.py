@@ -26,8 +26,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import GatewayProcess, authz_config, easgate_argv, https_connection, request, write_config
+from easgate.authz.audit import encode, safe_text
+
+from conftest import ROOT, GatewayProcess, authz_config, easgate_argv, https_connection, request, write_config
 
 AS = "/Microsoft-Server-ActiveSync"
 IPHONE = "ApplF17ABCDEF01"
@@ -436,8 +440,6 @@ DOC_COMMANDS = (
 def test_the_documented_policy_commands_run_as_written(tmp_path):
     """docs/operations.md, "Changing the policy": each command, as written, in a copy of the repo's
     policies/ with the new versions the text talks about."""
-    from conftest import ROOT
-
     doc = (ROOT / "docs" / "operations.md").read_text()
     shutil.copytree(ROOT / "policies", tmp_path / "policies")
     current = tmp_path / "policies" / "activesync-policy.yaml"
@@ -456,11 +458,6 @@ def test_the_documented_policy_commands_run_as_written(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # The encoder, for any value (property-based)
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from easgate.authz.audit import encode, safe_text  # noqa: E402
 
 _ANY_TEXT = st.text(st.characters(codec=None, categories=None), max_size=200) | st.binary(max_size=200).map(
     lambda b: b.decode("utf-8", "surrogateescape"))
