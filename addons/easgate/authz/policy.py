@@ -686,6 +686,7 @@ class PolicyStore:
 
     @property
     def policy(self) -> Policy:
+        assert self._policy is not None  # loaded by the constructor, or it raised
         return self._policy
 
     def _watched(self, policy: Policy | None = None) -> tuple[Path, ...]:

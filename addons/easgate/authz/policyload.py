@@ -44,7 +44,9 @@ class SqliteInventory(Mapping[str, InventoryEntry]):
         return {"path": str(self.path), "count": self.count}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(Path(state["path"]), state["count"])
+        self.path, self.count = Path(state["path"]), state["count"]
+        self._conn = None
+        self._lock = threading.Lock()
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -140,6 +142,7 @@ def main(argv: list[str]) -> int:
         os.nice(10)  # seconds of parsing: the gateway's own processes come first for the CPU
     except OSError:  # pragma: no cover
         pass
+    result: tuple
     try:
         result = ("ok", compact(load_policy(path), workdir, threshold))
     except PolicyError as e:
