@@ -194,8 +194,10 @@ def test_flows_carry_route_decision_mark_and_comment(web):
 def test_gateway_commands_from_mitmwebs_command_bar(web):
     proc, w = web
     listed = w.call("GET", "/commands")
-    for c in ("easgate.explain", "easgate.status", "easgate.reload", "easgate.cache.clear"):
+    for c in ("easgate.explain", "easgate.status", "easgate.reload", "easgate.cache.clear", "easgate.audit.reopen",
+              "easgate.audit.status"):
         assert c in listed and listed[c]["help"]
+    assert w.command("easgate.audit.reopen") == "no audit_log configured"
     explain = w.command("easgate.explain", "@all")
     assert f"deny (mode): device {IPAD} not managed" in explain
     assert f"user=bob@contoso.com device={ANDROID_ID.hex()} cmd=Ping: deny (mode)" in explain
@@ -207,6 +209,7 @@ def test_gateway_commands_from_mitmwebs_command_bar(web):
     assert status["decisions"] == {"allow_filter": 1, "allow_inventory": 1, "deny_mode": 2}
     assert status["cache"]["misses"] == 3 and status["cache"]["hit_rate"] == 0
     assert status["connector"]["errors"] == 0
+    assert status["audit"]["path"] is None and status["audit"]["writable"] is True
     assert w.command("easgate.cache.clear") == "3 cached decisions dropped"
     assert w.command("easgate.reload").startswith("policy reloaded from ")
     assert json.loads(w.command("easgate.status"))["policy"]["reloads"] == 1

@@ -350,7 +350,7 @@ class ActiveSyncGate:
 
     @command.command("easgate.status")
     def status(self) -> str:
-        """Counters: requests per route, decisions by source, cache hit rate, connector errors."""
+        """Counters: requests per route, decisions by source, cache hit rate, connector errors, audit log."""
         cs = self.cache.stats if self.cache else {}
         lookups = cs.get("hits", 0) + cs.get("misses", 0)
         return json.dumps({
@@ -360,6 +360,7 @@ class ActiveSyncGate:
             "connector": {"calls": self.connector.calls if self.connector else 0,
                           "errors": self.counters.get("connector_errors", 0),
                           "connections_opened": self.connector.connections_opened if self.connector else 0},
+            "audit": self.gw.audit.log.state,
             "policy": {"reloads": self.counters.get("policy_reloads", 0),
                        "reload_errors": self.counters.get("policy_reload_errors", 0),
                        "last_error": self.policy.last_error if self.policy else None},
