@@ -9,8 +9,9 @@ upstreams of bench_gateway.py. Two clients ask one after the other on keep-alive
 on the MDM route, one on the ActiveSync route (a decision per request: cache off, audit line
 written). The inventory file (a few devices) is then replaced by an MDM export of N devices
 (renamed in, as it should be), and the clients keep asking until the gateway logs the reload
-and one second more. Reported: per route, the latency before the reload and during it (p50, p99,
-max), and how long the reload took. The target (issue 12): no request delayed by more than 50 ms.
+and one second more. Reported: per route, the latency before the reload (for as long as a reload
+takes, so that the maxima compare: on a shared machine they are scheduling noise) and during it
+(p50, p99, max), and how long the reload took. The target (issue 12): no request delayed by more than 50 ms.
 
 Before the fix (parsing in a thread, holding the GIL) one request waited ~1.85 s for 300,000 devices
 and ~4 s for 1,000,000 (tests/test_hardening.py's old xfail). Not a test: nothing here asserts.
@@ -76,7 +77,7 @@ def stats(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:.2f} | {p99 * 1000:.2f} | {xs[-1] * 1000:.1f} | {len(xs)}"
 
 
-def run(n: int) -> str:
+def run(n: int, baseline_s: float) -> str:
     from easgate.tools.pki import generate_pki
 
     with tempfile.TemporaryDirectory(prefix="easgate-bench-reload-") as tmp:
@@ -101,7 +102,7 @@ def run(n: int) -> str:
             clients = [Client(gw.port, pki, "mdm"), Client(gw.port, pki, "activesync")]
             for c in clients:
                 c.start()
-            time.sleep(3)  # the "before" sample
+            time.sleep(baseline_s)  # the "before" sample: as long as a reload, so the maxima compare
             shutil.copy(big, d / "inventory.csv.new")
             replaced = time.monotonic()
             os.replace(d / "inventory.csv.new", inv)
@@ -117,6 +118,10 @@ def run(n: int) -> str:
         finally:
             for p in reversed(procs):
                 p.stop()
+            # with PYTHONASYNCIODEBUG=1: the event loop's own report of callbacks that held it
+            for ln in (gw.lines if "gw" in locals() else []):
+                if "Executing" in ln and "took" in ln:
+                    print(f"gateway: {ln}", file=sys.stderr)
     rows = []
     for c in clients:
         before = [s for t0, s, _ in c.samples if t0 < replaced]
@@ -135,9 +140,10 @@ def run(n: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1_000_000)
+    ap.add_argument("--baseline", type=float, default=30, help="seconds of requests before the reload (default 30)")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
-    out = run(args.devices)
+    out = run(args.devices, args.baseline)
     print(out)
     if args.write:
         with open(bg.ROOT / "bench" / "RESULTS.md", "a") as f:
