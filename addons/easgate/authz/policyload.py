@@ -139,7 +139,7 @@ async def load_policy_elsewhere(path: Path, workdir: Path, threshold: int = COMP
 def main(argv: list[str]) -> int:
     path, workdir, threshold = Path(argv[0]), Path(argv[1]), int(argv[2])
     try:
-        os.nice(10)  # seconds of parsing: the gateway's own processes come first for the CPU
+        os.nice(19)  # seconds of parsing: the gateway, its workers and its upstreams come first
     except OSError:  # pragma: no cover
         pass
     result: tuple
