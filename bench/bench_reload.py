@@ -20,6 +20,7 @@ and ~4 s for 1,000,000 (tests/test_hardening.py's old xfail). Not a test: nothin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import os
 import shutil
@@ -137,6 +138,59 @@ def run(n: int, baseline_s: float) -> str:
             + "\n".join(rows) + "\n")
 
 
+async def _max_gap_while(work, tick_s: float = 0.001) -> tuple[float, float]:
+    """(seconds the work took, longest gap between ticks of a 1 ms ticker meanwhile)."""
+    done = asyncio.Event()
+    gaps = [0.0]
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            gaps[0] = max(gaps[0], now - last - tick_s)
+            last = now
+
+    t = asyncio.get_running_loop().create_task(ticker())
+    t0 = time.monotonic()
+    await work()
+    took = time.monotonic() - t0
+    done.set()
+    await t
+    return took, gaps[0]
+
+
+def loop_lag(n: int) -> str:
+    """In one process: the event loop's longest stall while the same policy is reloaded the old way
+    (a thread: `asyncio.to_thread(store.reload)`) and the new way (`reload_async` with the child
+    process), and while idle for as long."""
+    from easgate.authz import policyload
+    from easgate.authz.policy import PolicyStore
+
+    with tempfile.TemporaryDirectory(prefix="easgate-bench-lag-") as tmp:
+        d = Path(tmp)
+        write_inventory(d / "inv.csv", n)
+        (d / "policy.yaml").write_text("mode: block\ninventory_file: inv.csv\n")
+        work = d / "work"
+        work.mkdir()
+        store = PolicyStore(d / "policy.yaml", prepare=lambda p: policyload.compact(p, work))
+
+        async def run_all() -> list[tuple[str, float, float]]:
+            out = []
+            took, gap = await _max_gap_while(lambda: asyncio.to_thread(store.reload, True))
+            out.append(("old: parse in a thread", took, gap))
+            took, gap = await _max_gap_while(
+                lambda: store.reload_async(lambda path: policyload.load_policy_elsewhere(path, work), force=True))
+            out.append(("new: parse in a child process, SQLite handed over", took, gap))
+            took, gap = await _max_gap_while(lambda: asyncio.sleep(took))
+            out.append(("idle, as long", took, gap))
+            return out
+
+        rows = asyncio.run(run_all())
+    return ("| reload of the policy | took s | longest event-loop stall ms |\n|---|---|---|\n"
+            + "\n".join(f"| {name} | {took:.1f} | {gap * 1000:.1f} |" for name, took, gap in rows) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1_000_000)
@@ -144,6 +198,8 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
     out = run(args.devices, args.baseline)
+    out += ("\nThe same reload in one process, nothing else running in it: the event loop's longest stall "
+            "(a 1 ms ticker), old way against new.\n\n" + loop_lag(args.devices))
     print(out)
     if args.write:
         with open(bg.ROOT / "bench" / "RESULTS.md", "a") as f:
