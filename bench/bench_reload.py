@@ -131,7 +131,7 @@ def run(n: int, baseline_s: float) -> str:
         rows.append(f"| {c.route} | before | {stats(before)} | {bad} |")
         rows.append(f"| {c.route} | during the reload | {stats(during)} | |")
     return (f"## Inventory reload of {n:,} devices: request latency meanwhile (bench/bench_reload.py, {date.today()})\n\n"
-            f"{bg.machine()}- load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n\n"
+            f"{bg.machine().rstrip()}\n- load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n\n"
             f"The reload (the file renamed in, until the gateway logged `policy reloaded`) took "
             f"{reloaded - replaced:.1f} s: parsing in a child process, the inventory handed over as an SQLite file.\n\n"
             "| route | when | p50 ms | p99 ms | max ms | requests | non-200 |\n|---|---|---|---|---|---|---|\n"

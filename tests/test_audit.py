@@ -426,7 +426,7 @@ def test_reloading_a_large_inventory_does_not_stall_other_requests(start_gateway
             worst[route] = max(worst[route], time.monotonic() - t0)
         n += 1
     assert n >= 5, "too few requests during the reload to mean anything"
-    assert max(worst.values()) < 0.5, f"a request waited {worst} while 1,000,000 devices were reloaded"
+    assert max(worst.values()) < 1.0, f"a request waited {worst} while 1,000,000 devices were reloaded"
     assert request(g.port, "POST", big_device, pki, headers=big_user, conn=as_conn).status == 200
 
 
