@@ -297,7 +297,7 @@ class ActiveSyncGate:
             d = Decision(False, "audit line not written in time; denied by audit.on_error=deny", "audit")
             self.gw.audit.log.refused()
             flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
-            flow.comment = f"{d.verdict}: {d.reason} [{d.source}]"
+            flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
         self.counters[f"{d.verdict}_{d.source}"] += 1
         if d.allow:
