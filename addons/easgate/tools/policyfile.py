@@ -78,7 +78,7 @@ def add_commands(sub) -> None:
     s = sub.add_parser("policy", help="check a policy or inventory file, or install a new version safely")
     psub = s.add_subparsers(dest="policy_cmd", required=True)
     c = psub.add_parser("check", help="validate a policy file (or --inventory an inventory file)")
-    c.add_argument("file")
+    c.add_argument("file", help="the policy (or, with --inventory, the inventory) file to validate")
     c.add_argument("--inventory", action="store_true", help="FILE is an inventory (.csv/.yaml), not a policy")
     c.set_defaults(fn=cmd_check)
     i = psub.add_parser("install", help="check NEW as it will be read at CURRENT, then rename it over CURRENT")

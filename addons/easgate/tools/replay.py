@@ -274,12 +274,14 @@ class ReplayCheck:
         gate = self._gate()
         if gate is not None:
             if {"easgate_config", "easgate_replay_audit"} & set(updated):
-                gate.audit.close()
+                trail = self.gw.audit
                 path = ctx.options.easgate_replay_audit
                 try:
-                    gate.audit = AuditLog(Path(path).resolve() if path else None)
+                    log = AuditLog(Path(path).resolve() if path else None)
                 except ConfigError as e:
                     raise exceptions.OptionsError(f"easgate_replay_audit: {e.problem}") from None
+                trail.log.close()
+                trail.log = log
             if gate.connector is not None and not ctx.options.easgate_replay_connector \
                     and not isinstance(gate.connector, RecordedConnector):
                 gate.connector.close()
