@@ -8,13 +8,16 @@ a proxy silently running without its gateway.
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 from pathlib import Path
 
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitm_main
 from mitmproxy.tools.web.master import WebMaster
 
+from . import __version__
 from .connector import commands as connector_commands
 from .core.errors import ConfigError
 from .gateway.addon import with_listen
@@ -245,10 +248,18 @@ def cmd_pki(args) -> int:
     return 0
 
 
+def version_line() -> str:
+    """What `easgate --version` prints: the versions that decide how the gateway behaves."""
+    return (f"easgate {__version__} (mitmproxy {mitmproxy_version.VERSION}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="easgate", description="easgate: a secure mail gateway for Exchange ActiveSync, on mitmproxy. "
         "Start with `easgate pki certs`, `easgate check CONFIG` and `easgate run CONFIG` (README.md, docs/).")
+    p.add_argument("--version", action="version", version=version_line(),
+                   help="print easgate's version (and mitmproxy's and Python's) and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     for name, fn, helptext in (("run", cmd_run, "run the gateway (lean mitmproxy master, N worker processes)"),
