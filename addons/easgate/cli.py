@@ -181,7 +181,8 @@ def cmd_run(args) -> int:
     workers.configure_listener(reuse_port=args.worker_index is not None)
     factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
     return run_master(factory, _mitm_args(args), lean=not args.full, grace_s=args.grace,
-                      log_prefix=prefix, ready=ready, extra=mitmdump_filter_extra)
+                      reload_grace_s=args.reload_grace, log_prefix=prefix, ready=ready,
+                      extra=mitmdump_filter_extra)
 
 
 # listing options, reading or replaying flows, or writing them (N workers would each truncate and
@@ -209,13 +210,26 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
 
     def worker_argv(i: int) -> list[str]:
         argv = [sys.executable, "-m", "easgate.cli", "run", str(Path(args.config).resolve()), "--listen", listen,
-                "--workers", str(n), "--worker-index", str(i), "--grace", str(args.grace)]
+                "--workers", str(n), "--worker-index", str(i), "--grace", str(args.grace),
+                "--reload-grace", str(args.reload_grace)]
         if args.full:
             argv.append("--full")
         return argv + ["--", *(args.mitmproxy_args or [])]
 
+    def check() -> str | None:
+        """SIGHUP: can the new workers load the config? (None: yes; else the one-line reason)"""
+        try:
+            new = validate_config(args.config)
+        except ConfigError as e:
+            return str(e)
+        if not args.listen and (new.listen_host, new.listen_port) != (cfg.listen_host, cfg.listen_port):
+            workers.say(f"warning: listen changed to {new.listen_host}:{new.listen_port} in {new.path}; a reload "
+                        f"keeps {listen} (restart to move the listener)")
+        return None
+
     try:
-        return workers.Supervisor(n, worker_argv, args.grace, listen).run()
+        return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
+                                  check=check).run()
     finally:
         reserved.close()
 
@@ -278,7 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--full", action="store_true",
                            help="run mitmproxy's full DumpMaster (all ~36 mitmdump addons) instead of the lean master")
             s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                           help="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (default 10)")
+                           help="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (default 10); "
+                                "SIGHUP reloads the config without stopping (docs/operations.md)")
+            s.add_argument("--reload-grace", type=float, default=3600.0, metavar="SECONDS",
+                           help="on SIGHUP (reload), how long the replaced workers may take to finish their "
+                                "requests in flight, held Pings included (default 3600: the longest Ping)")
             s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
 
