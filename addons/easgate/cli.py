@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from mitmproxy import version as mitmproxy_version
@@ -23,7 +25,10 @@ from .core.errors import ConfigError
 from .gateway.addon import with_listen
 from .gateway.chain import make_addons, validate_config
 from .gateway.config import GatewayConfig
+from .gateway.metrics import WORKER_DIR_ENV
+from .gateway.metrics import parse_listen as parse_metrics_listen
 from .runtime import workers
+from .runtime.aggregate import Aggregator, MetricsServer
 from .runtime.lean import (
     Ready,
     full_factory,
@@ -227,11 +232,46 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
                         f"keeps {listen} (restart to move the listener)")
         return None
 
+    metrics = None
+    env: dict[str, str] = {}
+    if value := metrics_option(args.mitmproxy_args or []):
+        try:
+            mhost, mport = parse_metrics_listen(value)
+        except ValueError as e:
+            print(f"easgate: --set easgate_metrics: {e}", file=sys.stderr)
+            reserved.close()
+            return 2
+        mdir = Path(tempfile.mkdtemp(prefix="easgate-metrics-"))
+        try:
+            metrics = MetricsServer(mhost, mport, Aggregator(mdir)).start()
+        except OSError as e:
+            print(f"easgate: cannot listen for metrics on {value}: {e.strerror or e}", file=sys.stderr)
+            shutil.rmtree(mdir, ignore_errors=True)
+            reserved.close()
+            return 1
+        env[WORKER_DIR_ENV] = str(mdir)
+        shown = f"[{metrics.address[0]}]" if ":" in metrics.address[0] else metrics.address[0]
+        workers.say(f"metrics at http://{shown}:{metrics.address[1]}/metrics (all workers)")
+
     try:
         return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
-                                  check=check).run()
+                                  check=check, env=env).run()
     finally:
         reserved.close()
+        if metrics is not None:
+            metrics.stop()
+            shutil.rmtree(env[WORKER_DIR_ENV], ignore_errors=True)
+
+
+def metrics_option(mitmproxy_args: list[str]) -> str | None:
+    """The value of `--set easgate_metrics=...` among mitmproxy's arguments (the last one wins)."""
+    value = None
+    for i, a in enumerate(mitmproxy_args):
+        item = a.removeprefix("--set=") if a.startswith("--set=") else (
+            mitmproxy_args[i + 1] if a == "--set" and i + 1 < len(mitmproxy_args) else None)
+        if item is not None and item.startswith("easgate_metrics="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 def cmd_web(args) -> int:

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mitmproxy import command, http
 from mitmproxy import flow as mflow
@@ -69,6 +69,8 @@ class ActiveSyncGate:
         self.principal: Principal | None = None
         self.audit = AuditLog(None)
         self.counters: Counter = Counter()
+        # called with (flow, decision, seconds) after every decision: the metrics' latency histogram
+        self.observers: list[Callable[[http.HTTPFlow, Decision, float], None]] = []
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
 
@@ -148,7 +150,10 @@ class ActiveSyncGate:
             return
         start = time.perf_counter()
         ident, decision = await self.decide(flow)
-        self.enforce(flow, ident, decision, (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        self.enforce(flow, ident, decision, seconds * 1000)
+        for observe in self.observers:
+            observe(flow, decision, seconds)
 
     async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
         auth = self.auth

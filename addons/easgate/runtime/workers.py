@@ -174,13 +174,15 @@ class Supervisor:
     READY_TIMEOUT_S = 60.0
 
     def __init__(self, n: int, worker_argv: Callable[[int], list[str]], grace_s: float, listen: str, *,
-                 reload_grace_s: float = 3600.0, check: Callable[[], str | None] | None = None) -> None:
+                 reload_grace_s: float = 3600.0, check: Callable[[], str | None] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.n = n
         self.worker_argv = worker_argv
         self.grace_s = grace_s
         self.reload_grace_s = reload_grace_s
         self.check = check  # SIGHUP: None when the config may be loaded, else why not (one line)
         self.listen = listen
+        self.env = env or {}
         self.workers = [_Worker(i) for i in range(1, n + 1)]
         self.starting: list[_Worker] = []  # a reload's new workers, until they all serve
         self.retiring: list[_Worker] = []  # the workers a reload replaced, finishing their requests
@@ -194,7 +196,7 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         env = dict(os.environ, EASGATE_READY_FD=str(self.ready_w), EASGATE_SUPERVISOR_PID=str(os.getpid()),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **self.env)
         w.proc = subprocess.Popen(self.worker_argv(w.index), env=env, pass_fds=(self.ready_w,),
                                   stdin=subprocess.DEVNULL, process_group=0)
         w.started = time.monotonic()
