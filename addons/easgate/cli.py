@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from .connector import commands as connector_commands
 from .core.errors import ConfigError
 from .gateway.addon import with_listen
 from .gateway.chain import make_addons, validate_config
-from .gateway.config import GatewayConfig
+from .gateway.config import GatewayConfig, load_config
 from .gateway.metrics import WORKER_DIR_ENV
 from .gateway.metrics import parse_listen as parse_metrics_listen
 from .runtime import workers
@@ -222,11 +223,23 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
         return argv + ["--", *(args.mitmproxy_args or [])]
 
     def check() -> str | None:
-        """SIGHUP: can the new workers load the config? (None: yes; else the one-line reason)"""
+        """SIGHUP: can the new workers load the config? (None: yes; else the one-line reason)
+
+        `easgate check` runs as a process of its own: after an upgrade it is the new code that
+        judges the config, as it is the new code the new workers run."""
         try:
-            new = validate_config(args.config)
-        except ConfigError as e:
-            return str(e)
+            p = subprocess.run([sys.executable, "-m", "easgate.cli", "check", str(Path(args.config).resolve())],
+                               capture_output=True, text=True, timeout=workers.Supervisor.READY_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"easgate check {args.config} did not finish in {workers.Supervisor.READY_TIMEOUT_S:g}s"
+        if p.returncode != 0:
+            lines = [l for l in p.stderr.splitlines() if l.strip()] or [f"easgate check exited with {p.returncode}"]
+            return lines[-1].removeprefix("easgate: config error: ")
+        try:
+            new = load_config(args.config)
+        except ConfigError:
+            return None
         if not args.listen and (new.listen_host, new.listen_port) != (cfg.listen_host, cfg.listen_port):
             workers.say(f"warning: listen changed to {new.listen_host}:{new.listen_port} in {new.path}; a reload "
                         f"keeps {listen} (restart to move the listener)")
