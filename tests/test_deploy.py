@@ -274,3 +274,61 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
     assert "/var/log/easgate/audit.jsonl" in err[rotate_cmd]
     # nothing leaked out of the namespace
     assert not Path("/opt/easgate").exists() and not Path("/etc/easgate").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/operations.md: metrics with the default workers, and a reload, as written
+
+
+OPS_RUN = ".venv/bin/easgate run policies/gateway.yaml -- --set easgate_metrics=127.0.0.1:9090"
+OPS_SCRAPE = "curl -s http://127.0.0.1:9090/metrics"
+OPS_RELOAD = "pkill -HUP -o -f 'easgate run policies/gateway.yaml'"
+
+
+def test_operations_md_metrics_and_reload_run_as_written(tmp_path):
+    """In a network and PID namespace of its own, the fixed ports (8443, 9090) and pkill's name
+    match touch nothing else on the machine. Default workers: one per core (at least two here)."""
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    for cmd in (OPS_RUN, OPS_SCRAPE, OPS_RELOAD):
+        assert f"\n{cmd}\n" in ops, cmd
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs root, unshare and ip (namespaces)")
+    poc = tmp_path / "poc"
+    shutil.copytree(ROOT / "policies", poc / "policies")
+    (poc / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    run([str(poc / ".venv" / "bin" / "easgate"), "pki", "certs"], cwd=poc)
+    script = f"""set -euo pipefail
+ip link set lo up
+cd {poc}
+until_seen() {{  # wait (up to 60 s) for a line in the log
+    for _ in $(seq 600); do grep -q "$1" run.log && return 0; sleep 0.1; done
+    echo "timed out waiting for: $1" >&2; cat run.log >&2; return 1
+}}
+{OPS_RUN} > run.log 2>&1 &
+until_seen 'workers serving'
+for i in $(seq 12); do
+    curl -s -o /dev/null --cacert certs/public-ca.pem --resolve mail.example.test:8443:127.0.0.1 \\
+        https://mail.example.test:8443/enroll
+done
+{OPS_SCRAPE} > before.txt
+{OPS_RELOAD}
+until_seen 'old worker 2 .* handed over'
+{OPS_SCRAPE} > after.txt
+kill -TERM %1
+wait %1
+"""
+    (tmp_path / "ops.sh").write_text(script)  # a file: `bash -c SCRIPT` would match pkill's pattern itself
+    p = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "bash", str(tmp_path / "ops.sh")],
+                       capture_output=True, text=True, timeout=180)
+    log = (poc / "run.log").read_text() if (poc / "run.log").exists() else ""
+    assert p.returncode == 0, p.stdout + p.stderr + log
+    from easgate.runtime.aggregate import Document
+
+    before = Document.parse((poc / "before.txt").read_text()).samples
+    after = Document.parse((poc / "after.txt").read_text()).samples
+    workers = int(re.search(r"starting (\d+) workers", log)[1])
+    assert workers >= 2 and before[("easgate_workers", "")] == workers == after[("easgate_workers", "")]
+    # the 12 requests (the MDM is not running: 502s) are all counted, before and after the reload
+    assert before[("easgate_requests_total", '{route="mdm"}')] == 12 == after[("easgate_requests_total",
+                                                                              '{route="mdm"}')]
+    assert "reload complete" in log and "restarting in" not in log, log
