@@ -14,63 +14,16 @@ import signal
 import socket
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from easgate.tools.pki import generate_pki
 
-from conftest import GatewayProcess, base_config, easgate_argv, request, write_config
+from conftest import GatewayProcess, HeldPingExchange, base_config, easgate_argv, request, wait_for, write_config
 
 PING = "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 WORKER_LISTEN = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
-
-
-class HeldPingExchange(ThreadingHTTPServer):
-    """A plain-HTTP Exchange whose Pings wait until the test releases them (no fixed sleeps)."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _HeldPingHandler)
-        self.release = threading.Event()
-        self.pings_waiting = threading.Semaphore(0)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.release.set()
-        self.shutdown()
-        self.server_close()
-
-
-class _HeldPingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if "Cmd=Ping" in self.path:
-            self.server.pings_waiting.release()
-            self.server.release.wait(60)
-        body = b"pong"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def held_exchange():
-    s = HeldPingExchange()
-    yield s
-    s.stop()
 
 
 @pytest.fixture
@@ -102,17 +55,6 @@ def reload_config(pki: Path, exchange, mdm, tmp_path: Path, cert_pki: Path) -> P
     cfg["tls"]["certificate"] = str(cert_pki / "gateway-full.pem")
     cfg["pools"]["exchange"] = {"servers": [exchange.url]}  # the held-Ping Exchange speaks plain HTTP
     return write_config(tmp_path, cfg)
-
-
-def wait_for(pred, timeout: float, what: str, g: GatewayProcess):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (v := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{g.output}")
-        time.sleep(0.05)
-    return v
 
 
 def start(cfg: Path, workers: int) -> GatewayProcess:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import urllib.request
 
 from easgate.runtime.aggregate import Document
 
-from conftest import GatewayProcess, authz_config, easgate_argv, https_connection, request, write_config
-from test_reload import PING, HeldPingExchange, wait_for  # noqa: F401 (fixture)
-from test_reload import held_exchange  # noqa: F401
+from conftest import GatewayProcess, authz_config, easgate_argv, https_connection, request, wait_for, write_config
 
 CONNECT = re.compile(r"^\[w(\d+)\]\[[\d:.]+\]\[127\.0\.0\.1:(\d+)\] client connect")
 WORKER_LISTEN = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
 METRICS_AT = re.compile(r"easgate: metrics at http://127\.0\.0\.1:(\d+)/metrics \(all workers\)")
+PING = "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 SYNC = "/Microsoft-Server-ActiveSync?Cmd=FolderSync&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 POLICY = {"mode": "block", "inventory": [{"device_id": "ApplF17ABCDEF01", "owner": "alice", "compliant": True}]}
 
@@ -26,7 +26,7 @@ def scrape(port: int) -> dict[tuple[str, str], float]:
         return Document.parse(r.read().decode()).samples
 
 
-def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):  # noqa: F811
+def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):
     cfg = authz_config(pki, held_exchange, mdm, tmp_path, policy=POLICY)
     cfg["pools"]["exchange"] = {"servers": [held_exchange.url]}
     path = write_config(tmp_path, cfg)
@@ -53,8 +53,6 @@ def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):  
         assert {served[p] for p in locals_} == {1, 2}, "both workers must have served requests"
 
         # a Ping held upstream shows in the gauge
-        import threading
-
         t = threading.Thread(target=lambda: request(g.port, "POST", PING, pki, body=b"\x03\x01\x6a\x00", timeout=60),
                              daemon=True)
         t.start()
