@@ -3,6 +3,7 @@ and the supervisor's /metrics scraped over HTTP."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -86,8 +87,18 @@ def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):
         assert request(g.port, "GET", "/enroll", pki).status == 200
         assert scrape(mport)[("easgate_requests_total", '{route="mdm"}')] == n_mdm + 1
 
+        # a worker killed outright leaves nothing behind: its last scraped numbers still count
+        before = scrape(mport)
+        pid = int(re.findall(r"new worker 1 started \(pid (\d+)\)", g.output)[-1])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: re.search(r"worker 1 \(pid \d+\) is serving again", g.output), 40, "the restart", g)
+        after = scrape(mport)
+        assert after[("easgate_workers", "")] == 2
+        for key in (("easgate_requests_total", '{route="mdm"}'), ("easgate_requests_total", '{route="activesync"}')):
+            assert after[key] == before[key]
+
         # no worker ever fought over the metrics port
-        assert "restarting in" not in g.output and "not started" not in g.output, g.output
+        assert "metrics listener" not in g.output and "not started" not in g.output, g.output
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=5) as r:
             assert r.read() == b"ok\n"
     finally:
