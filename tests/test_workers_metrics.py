@@ -6,12 +6,23 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
 import threading
 import urllib.request
 
 from easgate.runtime.aggregate import Document
 
-from conftest import GatewayProcess, authz_config, easgate_argv, https_connection, request, wait_for, write_config
+from conftest import (
+    GatewayProcess,
+    authz_config,
+    base_config,
+    easgate_argv,
+    https_connection,
+    request,
+    wait_for,
+    write_config,
+)
 
 CONNECT = re.compile(r"^\[w(\d+)\]\[[\d:.]+\]\[127\.0\.0\.1:(\d+)\] client connect")
 WORKER_LISTEN = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
@@ -104,3 +115,19 @@ def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):
     finally:
         held_exchange.release.set()
         assert g.stop() == 0
+
+
+def test_a_busy_or_bad_metrics_address_stops_the_start_with_one_line(pki, exchange, mdm, tmp_path):
+    path = write_config(tmp_path, base_config(pki, exchange, mdm))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for value, rc, says in ((f"127.0.0.1:{port}", 1, f"cannot listen for metrics on 127.0.0.1:{port}: "
+                                                         "Address already in use"),
+                                ("notaport", 2, "--set easgate_metrics: 'notaport' is not HOST:PORT")):
+            p = subprocess.run(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "2", "--",
+                                            "--set", f"easgate_metrics={value}"),
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == rc and p.stderr == f"easgate: {says}\n", p.stdout + p.stderr
+            assert "worker" not in p.stdout  # found before any worker starts

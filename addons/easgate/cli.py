@@ -26,7 +26,7 @@ from .core.errors import ConfigError
 from .gateway.addon import with_listen
 from .gateway.chain import make_addons, validate_config
 from .gateway.config import GatewayConfig, load_config
-from .gateway.metrics import WORKER_DIR_ENV
+from .gateway.metrics import WORKER_DIR_ENV, is_loopback
 from .gateway.metrics import parse_listen as parse_metrics_listen
 from .runtime import workers
 from .runtime.aggregate import Aggregator, MetricsServer
@@ -249,23 +249,11 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
     env: dict[str, str] = {}
     if value := metrics_option(args.mitmproxy_args or []):
         try:
-            mhost, mport = parse_metrics_listen(value)
-        except ValueError as e:
-            print(f"easgate: --set easgate_metrics: {e}", file=sys.stderr)
+            metrics = _aggregated_metrics(value)
+        except SystemExit:
             reserved.close()
-            return 2
-        mdir = Path(tempfile.mkdtemp(prefix="easgate-metrics-"))
-        try:
-            metrics = MetricsServer(mhost, mport, Aggregator(mdir)).start()
-        except OSError as e:
-            print(f"easgate: cannot listen for metrics on {value}: {e.strerror or e}", file=sys.stderr)
-            shutil.rmtree(mdir, ignore_errors=True)
-            reserved.close()
-            return 1
-        env[WORKER_DIR_ENV] = str(mdir)
-        shown = f"[{metrics.address[0]}]" if ":" in metrics.address[0] else metrics.address[0]
-        workers.say(f"metrics at http://{shown}:{metrics.address[1]}/metrics (all workers)")
-
+            raise
+        env[WORKER_DIR_ENV] = str(metrics.aggregator.dir)
     try:
         return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
                                   check=check, env=env).run()
@@ -273,7 +261,29 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
         reserved.close()
         if metrics is not None:
             metrics.stop()
-            shutil.rmtree(env[WORKER_DIR_ENV], ignore_errors=True)
+            shutil.rmtree(metrics.aggregator.dir, ignore_errors=True)
+
+
+def _aggregated_metrics(value: str) -> MetricsServer:
+    """The supervisor's easgate_metrics listener, adding up the workers' numbers (runtime/aggregate.py)."""
+    try:
+        host, port = parse_metrics_listen(value)
+    except ValueError as e:
+        print(f"easgate: --set easgate_metrics: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    directory = Path(tempfile.mkdtemp(prefix="easgate-metrics-"))  # 0700: the workers' sockets
+    try:
+        metrics = MetricsServer(host, port, Aggregator(directory)).start()
+    except OSError as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        print(f"easgate: cannot listen for metrics on {value}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(1)
+    shown = f"[{metrics.address[0]}]" if ":" in metrics.address[0] else metrics.address[0]
+    workers.say(f"metrics at http://{shown}:{metrics.address[1]}/metrics (all workers)")
+    if not is_loopback(host):
+        workers.say(f"warning: the metrics listener on {host}:{metrics.address[1]} is not on loopback and has "
+                    "no authentication")
+    return metrics
 
 
 def metrics_option(mitmproxy_args: list[str]) -> str | None:

@@ -59,7 +59,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return net.parse_listen(value)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -248,7 +248,7 @@ class Metrics:
         self.address = (sock[0], sock[1])
         shown = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
         logger.info(f"easgate: metrics at http://{shown}:{sock[1]}/metrics")
-        if not _is_loopback(host):
+        if not is_loopback(host):
             logger.warning(f"easgate: the metrics listener on {host}:{sock[1]} is not on loopback and has no "
                            "authentication")
 

@@ -237,7 +237,7 @@ class MetricsServer:
     """The supervisor's `easgate_metrics` listener: /metrics (all workers) and /healthz."""
 
     def __init__(self, host: str, port: int, aggregator: Aggregator) -> None:
-        agg = aggregator
+        self.aggregator = agg = aggregator
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
