@@ -272,6 +272,10 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
     rotate_cmd = next(c for c in commands if c.startswith("logrotate"))
     assert "error" not in err[rotate_cmd].lower(), err[rotate_cmd]
     assert "/var/log/easgate/audit.jsonl" in err[rotate_cmd]
+    # the wheels to carry to a machine without PyPI: easgate and every pinned runtime dependency
+    carried = {re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() for w in (source / "dist").glob("*.whl")}
+    assert {"easgate", "mitmproxy", "pyyaml", "cryptography", "pyopenssl"} <= carried, carried
+    assert not carried & TEST_ONLY
     # nothing leaked out of the namespace
     assert not Path("/opt/easgate").exists() and not Path("/etc/easgate").exists()
 
