@@ -329,8 +329,15 @@ class Ready:
         self.fd, self.index = fd, index
 
     def running(self) -> None:
+        self._say("ready")
+
+    def not_accepting(self) -> None:
+        """The listener is closed: a reload's hand-over may say it is complete."""
+        self._say("closed")
+
+    def _say(self, what: str) -> None:
         try:
-            os.write(self.fd, f"ready {self.index} {os.getpid()}\n".encode())
+            os.write(self.fd, f"{what} {self.index} {os.getpid()}\n".encode())
         except OSError:
             pass
 
@@ -410,7 +417,8 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
             deadline = loop.time() + grace
             if state["task"] is None:
                 state["deadline"] = deadline
-                state["task"] = loop.create_task(workers.drain(m, grace, why, lambda: state["deadline"]))
+                state["task"] = loop.create_task(workers.drain(m, grace, why, lambda: state["deadline"],
+                                                               ready.not_accepting if ready else None))
             elif deadline < state["deadline"]:
                 state["deadline"] = deadline
                 logger.info(f"easgate: stopping: requests in flight get {grace:g}s more")

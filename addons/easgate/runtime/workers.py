@@ -74,11 +74,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return s
 
 
-async def drain(master, grace_s: float, why: str = "stopping", deadline: Callable[[], float] | None = None) -> None:
+async def drain(master, grace_s: float, why: str = "stopping", deadline: Callable[[], float] | None = None,
+                closed: Callable[[], None] | None = None) -> None:
     """Graceful stop: no new connections, idle ones closed, requests in flight get grace_s.
 
     `deadline` (loop time), when given, is asked again on every round: a stop signal during a
-    reload's long drain shortens it to the stop grace period."""
+    reload's long drain shortens it to the stop grace period. `closed` is called once the
+    listener is closed (the supervisor waits for it before a reload is complete)."""
     ps = master.addons.get("proxyserver")
     conns = master.addons.get("easgate-connections")
     loop = asyncio.get_running_loop()
@@ -90,6 +92,8 @@ async def drain(master, grace_s: float, why: str = "stopping", deadline: Callabl
     try:
         if ps is not None:
             await ps.servers.update([])
+        if closed is not None:
+            closed()
         while ps is not None and ps.connections:
             now = time.time()
             busy = 0
@@ -186,6 +190,7 @@ class Supervisor:
         self.workers = [_Worker(i) for i in range(1, n + 1)]
         self.starting: list[_Worker] = []  # a reload's new workers, until they all serve
         self.retiring: list[_Worker] = []  # the workers a reload replaced, finishing their requests
+        self.closed: set[int] = set()  # pids of workers that said their listener is closed
         self.stop_requested = 0
         self.reload_requested = False
         self.ready_r, self.ready_w = os.pipe()
@@ -224,6 +229,8 @@ class Supervisor:
                         w.ready = True
                         if w.restarts:
                             say(f"worker {w.index} (pid {pid}) is serving again")
+            elif len(parts) == 3 and parts[0] == "closed":
+                self.closed.add(int(parts[2]))
 
     def _all(self) -> list[_Worker]:
         return self.workers + self.starting + self.retiring
@@ -343,6 +350,13 @@ class Supervisor:
                 w.retire_by = retire_by
                 self.retiring.append(w)
                 handed.append(str(w.proc.pid))
+        # Complete once the old listeners are closed: from then on every new connection meets a new
+        # worker (and the new certificate).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.stop_requested and any(
+                w.proc.pid not in self.closed and w.proc.poll() is None for w in self.retiring):
+            self._read_ready(0.05)
+        self.closed.clear()
         say(f"reload complete: {self.n} workers serving {self.listen} with the new config "
             f"(pids {', '.join(str(w.proc.pid) for w in self.workers)}); old workers "
             f"{', '.join(handed) or '-'} finish their requests in flight (up to {self.reload_grace_s:g}s)")
