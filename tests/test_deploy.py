@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,9 @@ def wheelhouse(tmp_path_factory, source) -> Path:
     wh = tmp_path_factory.mktemp("wheelhouse")
     run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "-q", "-w", str(wh),
          "-c", str(source / "constraints.txt"), str(source), "setuptools>=68"], timeout=600)
+    # what pipx installs into its shared venv (pip, setuptools, wheel), for the docs' pipx command
+    run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "-q", "-w", str(wh),
+         "pip", "setuptools", "wheel"], timeout=600)
     return wh
 
 
@@ -219,7 +223,7 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-    for tool in ("systemd-analyze", "logrotate"):
+    for tool in ("systemd-analyze", "logrotate", "pipx", "python3.12"):
         if not shutil.which(tool):
             (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{tool} missing (scripts/ensure_test_tools.sh)")
     blocks = doc_blocks(ROOT / "docs" / "deployment.md")
@@ -249,11 +253,14 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
             for src, dst in (("gateway-full.pem", "gateway-full.pem"), ("device-ca.pem", "device-ca.pem"),
                              ("root-ca.pem", "device-root-ca.pem"), ("internal-ca.pem", "exchange-ca.pem")):
                 lines.append(f"install -m 0640 -g easgate {pki / src} /etc/easgate/tls/{dst}")
-        lines += [f"echo '### {cmd}' >&2", f"echo '### {cmd}'", cmd]
+        marker = shlex.quote(f"### {cmd}")
+        lines += [f"echo {marker} >&2", f"echo {marker}", cmd]
     assert staged, "the doc no longer checks /etc/easgate/gateway.yaml"
     script = tmp_path / "deploy.sh"
     script.write_text("\n".join(lines) + "\n")
+    pipx_bin = tmp_path / "pipx-bin"
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse), PIP_DISABLE_PIP_VERSION_CHECK="1",
+               PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(pipx_bin),  # not the real ~/.local
                PATH=os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin")
     env.pop("VIRTUAL_ENV", None)
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", str(script)], env=env,
@@ -272,6 +279,8 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
     rotate_cmd = next(c for c in commands if c.startswith("logrotate"))
     assert "error" not in err[rotate_cmd].lower(), err[rotate_cmd]
     assert "/var/log/easgate/audit.jsonl" in err[rotate_cmd]
+    pipx_version = run([str(pipx_bin / "easgate"), "--version"]).stdout
+    assert pipx_version.startswith(f"easgate {__version__} (mitmproxy") and "Python 3.12" in pipx_version
     # the wheels to carry to a machine without PyPI: easgate and every pinned runtime dependency
     carried = {re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() for w in (source / "dist").glob("*.whl")}
     assert {"easgate", "mitmproxy", "pyyaml", "cryptography", "pyopenssl"} <= carried, carried
