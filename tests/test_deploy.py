@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from doccommands import covers
 
 from easgate import __version__
 
@@ -203,6 +204,28 @@ def test_the_gateway_unit_runs_unprivileged_on_443_with_reload_and_a_graceful_st
 # docs/deployment.md, as written
 
 
+DEPLOY = "docs/deployment.md"
+DEPLOY_COMMANDS = (  # every command of docs/deployment.md, in order; the test runs them all
+    "python3 -m venv /opt/easgate",
+    "/opt/easgate/bin/pip install -c constraints.txt .",
+    "/opt/easgate/bin/easgate --version",
+    "python3 -m pip wheel -c constraints.txt -w dist .",
+    "/opt/easgate/bin/pip install --no-index --find-links dist -c constraints.txt easgate",
+    "pipx install --python python3.12 --pip-args='-c constraints.txt' .",
+    "useradd --system --home-dir /var/lib/easgate --shell /usr/sbin/nologin easgate",
+    "install -d -m 0750 -o root -g easgate /etc/easgate /etc/easgate/tls",
+    "install -d -m 0750 -o easgate -g easgate /var/lib/easgate /var/log/easgate",
+    "/opt/easgate/bin/easgate check /etc/easgate/gateway.yaml",
+    "install -m 0644 packaging/systemd/easgate.service packaging/systemd/easgate-connector.service "
+    "/etc/systemd/system/",
+    "systemd-analyze verify /etc/systemd/system/easgate.service /etc/systemd/system/easgate-connector.service",
+    "install -D -m 0644 packaging/logrotate/easgate /etc/logrotate.d/easgate",
+    "logrotate --debug /etc/logrotate.d/easgate",
+    "/opt/easgate/bin/pip install -c constraints.txt --upgrade .",
+    "/opt/easgate/bin/easgate check /etc/easgate/gateway.yaml",
+)
+
+
 def doc_blocks(path: Path) -> list[tuple[str, str]]:
     return [(m[1], m[2]) for m in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.S | re.M)]
 
@@ -217,6 +240,7 @@ def can_overlay() -> str | None:
     return None if p.returncode == 0 else f"cannot make a private mount namespace: {p.stderr!r}"
 
 
+@covers(DEPLOY, *DEPLOY_COMMANDS)
 def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
     why = can_overlay()
     if why:
@@ -232,6 +256,7 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
     connector_yaml = next(b for b in yamls if "inventory:" in b)
     commands = [line for lang, b in blocks if lang == "sh" for line in b.splitlines() if line.strip()]
     assert commands and all(lang in ("sh", "yaml") for lang, _ in blocks), [lang for lang, _ in blocks]
+    assert tuple(commands) == DEPLOY_COMMANDS  # what @covers says is what runs
 
     # The script: the doc's commands in order, each announced on stderr; the YAML files where the
     # doc says they go, and stand-in certificate files (a demo PKI) where the config names them,
@@ -298,6 +323,7 @@ OPS_SCRAPE = "curl -s http://127.0.0.1:9090/metrics"
 OPS_RELOAD = "pkill -HUP -o -f 'easgate run policies/gateway.yaml'"
 
 
+@covers("docs/operations.md", OPS_RUN, OPS_SCRAPE, OPS_RELOAD)
 def test_operations_md_metrics_and_reload_run_as_written(tmp_path):
     """In a network and PID namespace of its own, the fixed ports (8443, 9090) and pkill's name
     match touch nothing else on the machine. Default workers: one per core (at least two here)."""
