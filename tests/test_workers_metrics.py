@@ -125,7 +125,7 @@ def test_a_busy_or_bad_metrics_address_stops_the_start_with_one_line(pki, exchan
         port = busy.getsockname()[1]
         for value, rc, says in ((f"127.0.0.1:{port}", 1, f"cannot listen for metrics on 127.0.0.1:{port}: "
                                                          "Address already in use"),
-                                ("notaport", 2, "--set easgate_metrics: 'notaport' is not HOST:PORT")):
+                                ("notaport", 1, "easgate_metrics: 'notaport' is not HOST:PORT")):
             p = subprocess.run(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "2", "--",
                                             "--set", f"easgate_metrics={value}"),
                                capture_output=True, text=True, timeout=60)
