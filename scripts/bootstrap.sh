@@ -38,11 +38,11 @@ if [ ! -x "$venv/bin/python" ] || ! ok_python "$venv/bin/python"; then
     "$py" -m venv "$venv"
 fi
 
-if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/constraints.txt" -nt "$stamp" ]; then
     echo "installing easgate and its dependencies into .venv" >&2
     log="$venv/install.log"
     if ! { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
-           "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[test]"; } >"$log" 2>&1; then
+           "$venv/bin/python" -m pip install --disable-pip-version-check -c "$root/constraints.txt" -e "$root[test]"; } >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         echo "installing into .venv failed; the whole log is in $log" >&2
         exit 1

@@ -3,7 +3,11 @@
 # s_client) and chromium (mitmweb's page in a real browser), and the real ActiveSync server stack
 # behind the gateway (addons/easgate/realstack.py): SOGo + its ActiveSync module, Dovecot IMAP and
 # LMTP, PostgreSQL, memcached and nginx (the package scripts start nothing without systemd; the
-# tests start their own instances on free loopback ports). Installed with apt-get when missing
+# tests start their own instances on free loopback ports). For the deployment tests
+# (tests/test_deploy.py): systemd-analyze (package systemd: `systemd-analyze verify` checks the
+# shipped units offline; no running systemd is needed), logrotate (the shipped rotation config),
+# ip (iproute2: loopback in the network namespace where the docs' fixed-port commands run) and
+# pipx (docs/deployment.md's pipx install). Installed with apt-get when missing
 # and we may (root, Debian/Ubuntu); otherwise says what is missing: those tests then skip, except
 # in CI (CI=true), where a missing tool fails them.
 set -u
@@ -18,6 +22,10 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
 [ -x /usr/bin/memcached ] || need+=(memcached)
 [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v logrotate >/dev/null 2>&1 || need+=(logrotate)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v pipx >/dev/null 2>&1 || need+=(pipx)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need[*]} for the tests (apt-get)" >&2

@@ -380,3 +380,65 @@ def real_stack(pki):
     yield stack
     stack.stop()
     assert not stack.leftovers(), f"real stack processes still there after stop: {stack.leftovers()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# A held long poll, released by the test (reload and metrics tests)
+
+
+class HeldPingExchange(ThreadingHTTPServer):
+    """A plain-HTTP Exchange whose Pings wait until the test releases them (no fixed sleeps)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HeldPingHandler)
+        self.release = threading.Event()
+        self.pings_waiting = threading.Semaphore(0)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _HeldPingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if "Cmd=Ping" in self.path:
+            self.server.pings_waiting.release()
+            self.server.release.wait(60)
+        body = b"pong"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def held_exchange():
+    s = HeldPingExchange()
+    yield s
+    s.stop()
+
+
+
+
+def wait_for(pred, timeout: float, what: str, g: GatewayProcess | None = None):
+    """Poll pred() until it returns something true (returned), or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not (v := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{g.output if g else ''}")
+        time.sleep(0.05)
+    return v

@@ -8,19 +8,28 @@ a proxy silently running without its gateway.
 from __future__ import annotations
 
 import argparse
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.tools import cmdline
 from mitmproxy.tools import main as mitm_main
 from mitmproxy.tools.web.master import WebMaster
 
+from . import __version__
 from .connector import commands as connector_commands
 from .core.errors import ConfigError
 from .gateway.addon import with_listen
 from .gateway.chain import make_addons, validate_config
-from .gateway.config import GatewayConfig
+from .gateway.config import GatewayConfig, load_config
+from .gateway.metrics import WORKER_DIR_ENV, is_loopback
+from .gateway.metrics import parse_listen as parse_metrics_listen
 from .runtime import workers
+from .runtime.aggregate import Aggregator, MetricsServer
 from .runtime.lean import (
     Ready,
     full_factory,
@@ -178,7 +187,8 @@ def cmd_run(args) -> int:
     workers.configure_listener(reuse_port=args.worker_index is not None)
     factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
     return run_master(factory, _mitm_args(args), lean=not args.full, grace_s=args.grace,
-                      log_prefix=prefix, ready=ready, extra=mitmdump_filter_extra)
+                      reload_grace_s=args.reload_grace, log_prefix=prefix, ready=ready,
+                      extra=mitmdump_filter_extra)
 
 
 # listing options, reading or replaying flows, or writing them (N workers would each truncate and
@@ -206,15 +216,85 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
 
     def worker_argv(i: int) -> list[str]:
         argv = [sys.executable, "-m", "easgate.cli", "run", str(Path(args.config).resolve()), "--listen", listen,
-                "--workers", str(n), "--worker-index", str(i), "--grace", str(args.grace)]
+                "--workers", str(n), "--worker-index", str(i), "--grace", str(args.grace),
+                "--reload-grace", str(args.reload_grace)]
         if args.full:
             argv.append("--full")
         return argv + ["--", *(args.mitmproxy_args or [])]
 
+    def check() -> str | None:
+        """SIGHUP: can the new workers load the config? (None: yes; else the one-line reason)
+
+        `easgate check` runs as a process of its own: after an upgrade it is the new code that
+        judges the config, as it is the new code the new workers run."""
+        try:
+            p = subprocess.run([sys.executable, "-m", "easgate.cli", "check", str(Path(args.config).resolve())],
+                               capture_output=True, text=True, timeout=workers.Supervisor.READY_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return f"easgate check {args.config} did not finish in {workers.Supervisor.READY_TIMEOUT_S:g}s"
+        if p.returncode != 0:
+            lines = [l for l in p.stderr.splitlines() if l.strip()] or [f"easgate check exited with {p.returncode}"]
+            return lines[-1].removeprefix("easgate: config error: ")
+        try:
+            new = load_config(args.config)
+        except ConfigError:
+            return None
+        if not args.listen and (new.listen_host, new.listen_port) != (cfg.listen_host, cfg.listen_port):
+            workers.say(f"warning: listen changed to {new.listen_host}:{new.listen_port} in {new.path}; a reload "
+                        f"keeps {listen} (restart to move the listener)")
+        return None
+
+    metrics = None
+    env: dict[str, str] = {}
+    if value := metrics_option(args.mitmproxy_args or []):
+        try:
+            metrics = _aggregated_metrics(value)
+        except SystemExit:
+            reserved.close()
+            raise
+        env[WORKER_DIR_ENV] = str(metrics.aggregator.dir)
     try:
-        return workers.Supervisor(n, worker_argv, args.grace, listen).run()
+        return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
+                                  check=check, env=env).run()
     finally:
         reserved.close()
+        if metrics is not None:
+            metrics.stop()
+            shutil.rmtree(metrics.aggregator.dir, ignore_errors=True)
+
+
+def _aggregated_metrics(value: str) -> MetricsServer:
+    """The supervisor's easgate_metrics listener, adding up the workers' numbers (runtime/aggregate.py)."""
+    try:
+        host, port = parse_metrics_listen(value)
+    except ValueError as e:
+        print(f"easgate: --set easgate_metrics: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    directory = Path(tempfile.mkdtemp(prefix="easgate-metrics-"))  # 0700: the workers' sockets
+    try:
+        metrics = MetricsServer(host, port, Aggregator(directory)).start()
+    except OSError as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        print(f"easgate: cannot listen for metrics on {value}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(1)
+    shown = f"[{metrics.address[0]}]" if ":" in metrics.address[0] else metrics.address[0]
+    workers.say(f"metrics at http://{shown}:{metrics.address[1]}/metrics (all workers)")
+    if not is_loopback(host):
+        workers.say(f"warning: the metrics listener on {host}:{metrics.address[1]} is not on loopback and has "
+                    "no authentication")
+    return metrics
+
+
+def metrics_option(mitmproxy_args: list[str]) -> str | None:
+    """The value of `--set easgate_metrics=...` among mitmproxy's arguments (the last one wins)."""
+    value = None
+    for i, a in enumerate(mitmproxy_args):
+        item = a.removeprefix("--set=") if a.startswith("--set=") else (
+            mitmproxy_args[i + 1] if a == "--set" and i + 1 < len(mitmproxy_args) else None)
+        if item is not None and item.startswith("easgate_metrics="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 def cmd_web(args) -> int:
@@ -245,10 +325,18 @@ def cmd_pki(args) -> int:
     return 0
 
 
+def version_line() -> str:
+    """What `easgate --version` prints: the versions that decide how the gateway behaves."""
+    return (f"easgate {__version__} (mitmproxy {mitmproxy_version.VERSION}, "
+            f"Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="easgate", description="easgate: a secure mail gateway for Exchange ActiveSync, on mitmproxy. "
         "Start with `easgate pki certs`, `easgate check CONFIG` and `easgate run CONFIG` (README.md, docs/).")
+    p.add_argument("--version", action="version", version=version_line(),
+                   help="print easgate's version (and mitmproxy's and Python's) and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     for name, fn, helptext in (("run", cmd_run, "run the gateway (lean mitmproxy master, N worker processes)"),
@@ -267,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--full", action="store_true",
                            help="run mitmproxy's full DumpMaster (all ~36 mitmdump addons) instead of the lean master")
             s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                           help="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (default 10)")
+                           help="on SIGTERM/Ctrl-C, how long requests in flight may take to finish (default 10); "
+                                "SIGHUP reloads the config without stopping (docs/operations.md)")
+            s.add_argument("--reload-grace", type=float, default=3600.0, metavar="SECONDS",
+                           help="on SIGHUP (reload), how long the replaced workers may take to finish their "
+                                "requests in flight, held Pings included (default 3600: the longest Ping)")
             s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
         s.set_defaults(fn=fn)
 

@@ -3,8 +3,12 @@ before an ActiveSync request is allowed.
 
 `admit` turns an allow into a deny when its line cannot be written (``audit.on_error: deny``,
 the default), and `record` waits until the line is written before the request goes on: an allowed
-request with no audit line is exactly what the audit log is there to rule out. SIGHUP and the ``easgate.audit.reopen`` command reopen the file (logrotate's
-``postrotate`` sends the signal; ``copytruncate`` needs nothing).
+request with no audit line is exactly what the audit log is there to rule out.
+
+Reopening after logrotate: under `easgate run`, SIGHUP reloads the config (new workers, or the
+config applied in place), which opens the audit log afresh; under plain `mitmdump -s`, where
+nothing else handles SIGHUP, this addon reopens the file on it. The ``easgate.audit.reopen``
+command works in both.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import logging
 import signal
 
-from mitmproxy import command
+from mitmproxy import command, ctx
 
 from ..authz.audit import AuditLog
 from ..core.decision import Decision
@@ -36,6 +40,8 @@ class AuditTrail:
         old.close()
 
     def running(self) -> None:
+        if getattr(ctx.master, "easgate_sighup_reloads", False):
+            return  # easgate's runner owns SIGHUP: a reload reopens the log (apply, above)
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import command, ctx, http
@@ -71,6 +71,8 @@ class ActiveSyncGate:
         self.cache: DecisionCache | None = None
         self.principal: Principal | None = None
         self.counters: Counter = Counter()
+        # called with (flow, decision, seconds) after every decision: the metrics' latency histogram
+        self.observers: list[Callable[[http.HTTPFlow, Decision, float], None]] = []
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
@@ -180,7 +182,10 @@ class ActiveSyncGate:
             return
         start = time.perf_counter()
         ident, decision = await self.decide(flow)
-        await self.enforce(flow, ident, decision, (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        await self.enforce(flow, ident, decision, seconds * 1000)
+        for observe in self.observers:
+            observe(flow, decision, seconds)
 
     async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
         auth = self.auth

@@ -15,9 +15,12 @@ source, the decision cache, connector calls and errors, policy reloads) plus wha
 sees: responses by route and status code, upstream errors, refused connections' requests, and,
 in mitmweb, the flows kept in memory and those evicted by ``easgate_max_flows``. Counters start at
 zero when the process starts (a config reload restarts the per-route request counters: Prometheus'
-``rate()`` treats that as a counter reset). With ``easgate run --workers N`` every worker is its own
-process with its own counters: give each worker's metrics a port of its own, or run one worker per
-metrics port.
+``rate()`` treats that as a counter reset). Histograms: decision latency (by source) and upstream
+latency (by route, long polls apart); a gauge: long polls (Ping, Sync) held upstream, by route.
+
+Under ``easgate run`` with workers, the supervisor owns ``easgate_metrics``: each worker serves this
+document on a Unix socket in the directory named by ``EASGATE_METRICS_DIR`` instead, writes its
+last document there when it exits, and the supervisor adds them all up (runtime/aggregate.py).
 """
 
 from __future__ import annotations
@@ -25,20 +28,30 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 import weakref
 from collections import Counter
+from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
 from .. import __version__
 from ..core import net
+from ..core.decision import Decision
+from .addon import UpstreamPools
 from .authorize import ActiveSyncGate
 
 logger = logging.getLogger("easgate")
 
 MAX_REQUEST_HEAD = 8192
 READ_TIMEOUT_S = 5.0
+#: set by the supervisor: serve on DIR/w<pid>.sock and leave DIR/w<pid>.final on exit
+WORKER_DIR_ENV = "EASGATE_METRICS_DIR"
+DECISION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# long polls wait up to an hour by design: the upper buckets are for them
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    1800.0, 3600.0)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -46,7 +59,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return net.parse_listen(value)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -76,8 +89,41 @@ class _Doc:
             lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
             self.lines.append(f"{name}{{{lab}}} {_num(value)}" if lab else f"{name} {_num(value)}")
 
+    def histogram(self, name: str, help: str, h: Histogram) -> None:
+        self.lines.append(f"# HELP {name} {help}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, (counts, total, n) in sorted(h.series.items()):
+            lab = "".join(f'{k}="{_esc(v)}",' for k, v in labels)
+            cum = 0
+            for bound, c in zip(h.buckets, counts):
+                cum += c
+                self.lines.append(f'{name}_bucket{{{lab}le="{_num(float(bound))}"}} {cum}')
+            self.lines.append(f'{name}_bucket{{{lab}le="+Inf"}} {n}')
+            lab = lab.rstrip(",")
+            self.lines.append(f"{name}_sum{{{lab}}} {_num(total)}" if lab else f"{name}_sum {_num(total)}")
+            self.lines.append(f"{name}_count{{{lab}}} {n}" if lab else f"{name}_count {n}")
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+class Histogram:
+    """A Prometheus histogram per label set: bucket counts (not cumulative here), sum, count."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.series: dict[tuple[tuple[str, str], ...], list] = {}
+
+    def observe(self, labels: tuple[tuple[str, str], ...], value: float) -> None:
+        s = self.series.get(labels)
+        if s is None:
+            s = self.series[labels] = [[0] * len(self.buckets), 0.0, 0]
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                s[0][i] += 1
+                break
+        s[1] += value
+        s[2] += 1
 
 
 def _num(v: float) -> str:
@@ -116,6 +162,11 @@ class Metrics:
         self.started = time.time()
         self._want: tuple[str, int] | None = None
         self._running = False
+        self.decision_seconds = Histogram(DECISION_BUCKETS)  # by source
+        self.upstream_seconds = Histogram(UPSTREAM_BUCKETS)  # by route, long poll or not
+        self.upstream: dict[str, tuple[str, str | None]] = {}  # flow id -> (route, long-poll command)
+        self.worker_dir = os.environ.get(WORKER_DIR_ENV) or None
+        self._observing = False
         # Flows that arrived live: the gateway kills refused ones (flow.live turns False) before this
         # addon sees them, so a first stage notes them on the way in.
         self._arrived_live: weakref.WeakSet = weakref.WeakSet()
@@ -146,11 +197,25 @@ class Metrics:
 
     async def running(self) -> None:
         self._running = True
+        gate = self._gate()
+        if gate is not None and not self._observing:
+            gate.observers.append(self.observe_decision)
+            self._observing = True
         await self._restart()
 
     async def done(self) -> None:
         self._running = False
         await self._stop()
+        if self.worker_dir and self._want is not None:
+            # the supervisor keeps counting what this worker did after it is gone
+            base = Path(self.worker_dir) / f"w{os.getpid()}"
+            try:
+                tmp = base.with_suffix(".tmp")
+                tmp.write_text(self.render())
+                tmp.replace(base.with_suffix(".final"))
+                base.with_suffix(".sock").unlink(missing_ok=True)
+            except OSError as e:
+                logger.warning(f"easgate: could not leave this worker's last metrics for the supervisor: {e}")
 
     async def _stop(self) -> None:
         if self.server is not None:
@@ -167,6 +232,13 @@ class Metrics:
         if self._want is None:
             return
         host, port = self._want
+        if self.worker_dir:  # a worker: the supervisor serves easgate_metrics and asks us here
+            path = Path(self.worker_dir) / f"w{os.getpid()}.sock"
+            try:
+                self.server = await asyncio.start_unix_server(self._client, str(path))
+            except OSError as e:
+                logger.error(f"easgate: metrics socket {path} not started: {e.strerror or e}")
+            return
         try:
             self.server = await asyncio.start_server(self._client, host, port)
         except OSError as e:
@@ -176,7 +248,7 @@ class Metrics:
         self.address = (sock[0], sock[1])
         shown = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
         logger.info(f"easgate: metrics at http://{shown}:{sock[1]}/metrics")
-        if not _is_loopback(host):
+        if not is_loopback(host):
             logger.warning(f"easgate: the metrics listener on {host}:{sock[1]} is not on loopback and has no "
                            "authentication")
 
@@ -186,12 +258,32 @@ class Metrics:
         if "easgate.refused" in flow.metadata and flow in self._arrived_live:
             self.refused += 1
 
+    def observe_decision(self, flow: http.HTTPFlow, decision: Decision, seconds: float) -> None:
+        self.decision_seconds.observe((("source", decision.source),), seconds)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The request goes upstream now (routed, allowed): time it, count it if it is a long poll."""
+        if flow.response or flow.error or not flow.live:
+            return
+        route = flow.metadata.get("easgate.route")
+        if not route:
+            return
+        cmd = (flow.metadata.get("easgate.identity") or {}).get("command") or flow.request.query.get("Cmd")
+        self.upstream[flow.id] = (route, cmd if cmd in UpstreamPools.LONG_POLL_COMMANDS else None)
+
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live or flow.is_replay:
             route = flow.metadata.get("easgate.route") or "none"
             self.responses[(route, flow.response.status_code)] += 1
+        up = self.upstream.pop(flow.id, None)
+        if up is not None:
+            sent = flow.request.timestamp_end or flow.request.timestamp_start
+            got = flow.response.timestamp_start or time.time()
+            self.upstream_seconds.observe((("route", up[0]), ("long_poll", "yes" if up[1] else "no")),
+                                          max(0.0, got - sent))
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.upstream.pop(flow.id, None)
         decision = flow.metadata.get("easgate.decision")
         if "easgate.refused" in flow.metadata or (decision is not None and not decision.get("allow")):
             return  # killed on purpose (refused, or denied with deny.action: drop)
@@ -221,6 +313,18 @@ class Metrics:
                  [({"code": c}, v) for c, v in sorted(getattr(strict, "refused", {}).items())])
         d.metric("easgate_responses_total", "counter", "Responses sent to clients, by route and status code.",
                  [({"route": r, "code": c}, v) for (r, c), v in sorted(self.responses.items(), key=str)])
+        held = Counter((route, cmd) for route, cmd in self.upstream.values() if cmd)
+        cfg = getattr(self.gw, "config", None)
+        for r in getattr(cfg, "routes", ()) or ():
+            if r.authorize:
+                for cmd in UpstreamPools.LONG_POLL_COMMANDS:
+                    held.setdefault((r.name, cmd), 0)
+        d.metric("easgate_long_polls_held", "gauge",
+                 "ActiveSync long polls (Ping, Sync) waiting for Exchange's answer now, by route and command.",
+                 [({"route": r, "command": c}, v) for (r, c), v in sorted(held.items())])
+        d.histogram("easgate_upstream_response_seconds",
+                    "Time from the request sent upstream to the response's first byte, by route; long_poll=yes "
+                    "for Ping and Sync, which wait for mail by design.", self.upstream_seconds)
         d.metric("easgate_upstream_errors_total", "counter",
                  "Requests that ended in an error instead of a response (upstream down, timeout, reset), by route.",
                  [({"route": r}, v) for r, v in sorted(self.upstream_errors.items())])
@@ -233,6 +337,8 @@ class Metrics:
                 decisions.append(({"verdict": verdict, "source": source}, v))
         d.metric("easgate_decisions_total", "counter", "ActiveSync authorization decisions by verdict and source.",
                  decisions)
+        d.histogram("easgate_decision_seconds", "Time to decide on an ActiveSync request (policy, cache, connector), "
+                    "by the source that decided.", self.decision_seconds)
         cache = gate.cache.stats if gate is not None and gate.cache is not None else {}
         hits, misses = cache.get("hits", 0), cache.get("misses", 0)
         d.metric("easgate_cache_hits_total", "counter", "Decision cache lookups answered from the cache.", hits)

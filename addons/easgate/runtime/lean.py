@@ -48,7 +48,9 @@ from mitmproxy.addons import (
 )
 from mitmproxy.tools import cmdline
 
+from ..core.errors import ConfigError
 from ..gateway.addon import Gateway, forced_options, unknown_options
+from ..gateway.chain import validate_config
 from . import workers
 
 logger = logging.getLogger("easgate")
@@ -327,15 +329,22 @@ class Ready:
         self.fd, self.index = fd, index
 
     def running(self) -> None:
+        self._say("ready")
+
+    def not_accepting(self) -> None:
+        """The listener is closed: a reload's hand-over may say it is complete."""
+        self._say("closed")
+
+    def _say(self, what: str) -> None:
         try:
-            os.write(self.fd, f"ready {self.index} {os.getpid()}\n".encode())
+            os.write(self.fd, f"{what} {self.index} {os.getpid()}\n".encode())
         except OSError:
             pass
 
 
 def run_master(master_factory: Callable[[options.Options], master.Master], arguments: Sequence[str], *,
-               lean: bool, grace_s: float = 10.0, log_prefix: str = "", ready: Ready | None = None,
-               extra: Callable | None = None, check_only: bool = False) -> int:
+               lean: bool, grace_s: float = 10.0, reload_grace_s: float = 3600.0, log_prefix: str = "",
+               ready: Ready | None = None, extra: Callable | None = None, check_only: bool = False) -> int:
     """mitmproxy.tools.main.run for `easgate run`; returns the exit status.
 
     check_only: parse the arguments and configure every addon as a start would, then return
@@ -402,20 +411,42 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
             m.addons.add(ready)
 
         loop = asyncio.get_running_loop()
-        stopping = {"n": 0}
+        state: dict = {"stops": 0, "task": None, "deadline": 0.0}
+
+        def _drain(grace: float, why: str) -> None:
+            deadline = loop.time() + grace
+            if state["task"] is None:
+                state["deadline"] = deadline
+                state["task"] = loop.create_task(workers.drain(m, grace, why, lambda: state["deadline"],
+                                                               ready.not_accepting if ready else None))
+            elif deadline < state["deadline"]:
+                state["deadline"] = deadline
+                logger.info(f"easgate: stopping: requests in flight get {grace:g}s more")
 
         def _stop(*_):
-            stopping["n"] += 1
-            if stopping["n"] == 1 and grace_s > 0:
-                loop.create_task(workers.drain(m, grace_s))
+            state["stops"] += 1
+            if state["stops"] == 1 and grace_s > 0:
+                _drain(grace_s, "stopping")
             else:
                 m.shutdown()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        def _hand_over(*_):  # SIGQUIT from the supervisor: a reload's new workers serve now
+            _drain(reload_grace_s, "handing over to the new workers")
+
+        def _hup(*_):
+            if ready is not None:  # a worker: the supervisor reloads by replacing its workers
+                logger.warning(f"easgate: SIGHUP ignored by a worker: send it to the supervisor "
+                               f"(pid {os.getppid()}) to reload")
+            else:
+                loop.create_task(reload_in_place(m))
+
+        m.easgate_sighup_reloads = True  # the audit trail leaves SIGHUP to us (a reload reopens its log)
+        for sig, fn in ((signal.SIGINT, _stop), (signal.SIGTERM, _stop), (signal.SIGQUIT, _hand_over),
+                        (signal.SIGHUP, _hup)):
             try:
-                loop.add_signal_handler(sig, _stop)
+                loop.add_signal_handler(sig, fn)
             except NotImplementedError:  # pragma: no cover
-                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(_stop))
+                signal.signal(sig, lambda *_, fn=fn: loop.call_soon_threadsafe(fn))
         if hasattr(signal, "SIGPIPE"):
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         await m.run()
@@ -425,6 +456,30 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
         return asyncio.run(main())
     except SystemExit as e:  # ErrorCheck exits on startup errors
         return e.code if isinstance(e.code, int) else 1
+
+
+async def reload_in_place(m: master.Master) -> None:
+    """SIGHUP without a supervisor (`--workers 1`): check the config, then apply it in this process.
+
+    Open connections (held Pings) are not touched; new ones get the new certificate, routes and
+    authorization. A config that does not load is refused in one line and the old one stays."""
+    gw = next((a for a in m.addons.chain if isinstance(a, Gateway)), None)
+    if gw is None:
+        logger.warning("easgate: SIGHUP: no gateway in this process; nothing to reload")
+        return
+    path = m.options.easgate_config
+    logger.info(f"easgate: SIGHUP: reloading {path}")
+    try:
+        await asyncio.to_thread(validate_config, path)  # the whole chain built aside, as at start
+    except ConfigError as e:
+        logger.error(f"easgate: reload refused, still serving the old config: {e}")
+        return
+    try:
+        gw.configure({"easgate_config"})
+    except exceptions.OptionsError as e:  # changed again between the check and now
+        logger.error(f"easgate: reload refused, still serving the old config: {e}")
+        return
+    logger.info("easgate: reload complete: new connections use the new config; open ones keep theirs")
 
 
 def lean_factory(make_addons: Callable[[], list]) -> Callable[[options.Options], master.Master]:

@@ -10,6 +10,10 @@
   the grace period, then exit.
 - `Supervisor`: `easgate run --workers N` starts N `easgate run` worker processes on one port,
   restarts a worker that dies (with backoff, logged), and stops them all on SIGTERM/SIGINT.
+  SIGHUP is a graceful reload, as nginx does it: the config is checked first (a bad one is refused
+  in one line and the running workers keep serving), N new workers start with it on the same port
+  (SO_REUSEPORT), and once they all serve, the old ones get SIGQUIT: they stop accepting and let
+  their requests in flight (held Pings) finish for up to the reload grace period, then exit.
 
 Every worker is a complete gateway with its own caches (decision cache, balancer state): see
 docs/scaling.md.
@@ -70,18 +74,26 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return s
 
 
-async def drain(master, grace_s: float) -> None:
-    """Graceful stop: no new connections, idle ones closed, requests in flight get grace_s."""
+async def drain(master, grace_s: float, why: str = "stopping", deadline: Callable[[], float] | None = None,
+                closed: Callable[[], None] | None = None) -> None:
+    """Graceful stop: no new connections, idle ones closed, requests in flight get grace_s.
+
+    `deadline` (loop time), when given, is asked again on every round: a stop signal during a
+    reload's long drain shortens it to the stop grace period. `closed` is called once the
+    listener is closed (the supervisor waits for it before a reload is complete)."""
     ps = master.addons.get("proxyserver")
     conns = master.addons.get("easgate-connections")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace_s
+    fixed = loop.time() + grace_s
+    deadline = deadline or (lambda: fixed)
     n = len(ps.connections) if ps else 0
-    logger.info(f"easgate: stopping: not accepting new connections; {n} open, waiting up to {grace_s:g}s "
+    logger.info(f"easgate: {why}: not accepting new connections; {n} open, waiting up to {grace_s:g}s "
                 f"for requests in flight (signal again to stop now)")
     try:
         if ps is not None:
             await ps.servers.update([])
+        if closed is not None:
+            closed()
         while ps is not None and ps.connections:
             now = time.time()
             busy = 0
@@ -95,9 +107,10 @@ async def drain(master, grace_s: float) -> None:
                 transport = getattr(getattr(io, "writer", None), "transport", None)
                 if transport is not None and not transport.is_closing():
                     transport.close()
-            if loop.time() >= deadline:
+            if loop.time() >= deadline():
                 if busy:
-                    logger.warning(f"easgate: {busy} requests still in flight after {grace_s:g}s; closing them")
+                    logger.warning(f"easgate: {busy} requests still in flight at the end of the grace period; "
+                                   "closing them")
                 break
             await asyncio.sleep(0.05)
     finally:
@@ -154,6 +167,7 @@ class _Worker:
         self.backoff = 0.5
         self.restart_at: float | None = None
         self.restarts = 0
+        self.retire_by: float | None = None  # handed over by a reload: killed if still running then
 
 
 class Supervisor:
@@ -163,13 +177,22 @@ class Supervisor:
     STABLE_AFTER_S = 30.0
     READY_TIMEOUT_S = 60.0
 
-    def __init__(self, n: int, worker_argv: Callable[[int], list[str]], grace_s: float, listen: str) -> None:
+    def __init__(self, n: int, worker_argv: Callable[[int], list[str]], grace_s: float, listen: str, *,
+                 reload_grace_s: float = 3600.0, check: Callable[[], str | None] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.n = n
         self.worker_argv = worker_argv
         self.grace_s = grace_s
+        self.reload_grace_s = reload_grace_s
+        self.check = check  # SIGHUP: None when the config may be loaded, else why not (one line)
         self.listen = listen
+        self.env = env or {}
         self.workers = [_Worker(i) for i in range(1, n + 1)]
+        self.starting: list[_Worker] = []  # a reload's new workers, until they all serve
+        self.retiring: list[_Worker] = []  # the workers a reload replaced, finishing their requests
+        self.closed: set[int] = set()  # pids of workers that said their listener is closed
         self.stop_requested = 0
+        self.reload_requested = False
         self.ready_r, self.ready_w = os.pipe()
         os.set_blocking(self.ready_r, False)
         self._buf = b""
@@ -178,7 +201,7 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         env = dict(os.environ, EASGATE_READY_FD=str(self.ready_w), EASGATE_SUPERVISOR_PID=str(os.getpid()),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **self.env)
         w.proc = subprocess.Popen(self.worker_argv(w.index), env=env, pass_fds=(self.ready_w,),
                                   stdin=subprocess.DEVNULL, process_group=0)
         w.started = time.monotonic()
@@ -200,22 +223,25 @@ class Supervisor:
         for line in lines:
             parts = line.decode(errors="replace").split()
             if len(parts) == 3 and parts[0] == "ready":
-                idx, pid = int(parts[1]), int(parts[2])
-                w = self.workers[idx - 1]
-                if w.proc is not None and w.proc.pid == pid:
-                    w.ready = True
-                    if w.restarts:
-                        say(f"worker {idx} (pid {pid}) is serving again")
+                pid = int(parts[2])
+                for w in self.workers + self.starting:
+                    if w.proc is not None and w.proc.pid == pid:
+                        w.ready = True
+                        if w.restarts:
+                            say(f"worker {w.index} (pid {pid}) is serving again")
+            elif len(parts) == 3 and parts[0] == "closed":
+                self.closed.add(int(parts[2]))
+
+    def _all(self) -> list[_Worker]:
+        return self.workers + self.starting + self.retiring
 
     def _on_signal(self, signum, _frame) -> None:
-        if signum == signal.SIGHUP:  # logrotate: every worker reopens its audit log; nothing stops
-            for w in self.workers:
-                if w.proc and w.proc.poll() is None:
-                    w.proc.send_signal(signal.SIGHUP)
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
             return
         self.stop_requested += 1
         if self.stop_requested > 1:
-            for w in self.workers:
+            for w in self._all():
                 if w.proc and w.proc.poll() is None:
                     w.proc.kill()
 
@@ -247,7 +273,11 @@ class Supervisor:
         say(f"{self.n} workers serving {self.listen} (pids {', '.join(str(w.proc.pid) for w in self.workers)})")
 
         while not self.stop_requested:
+            if self.reload_requested:
+                self._reload()
+                continue
             self._read_ready(0.2)
+            self._reap_retiring()
             now = time.monotonic()
             for w in self.workers:
                 if w.restart_at is not None:
@@ -269,8 +299,82 @@ class Supervisor:
                     f"restarting in {delay:g}s")
         return self._stop()
 
+    # -- reload (SIGHUP) -----------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Check the config, start a new set of workers, hand the port over to them."""
+        self.reload_requested = False
+        say("SIGHUP: reloading: checking the config")
+        try:
+            problem = self.check() if self.check else None
+        except Exception as e:  # noqa: BLE001 - a reload must never take the supervisor down
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            say(f"reload refused, the running workers keep serving the old config: {problem}")
+            return
+        self.starting = [_Worker(i) for i in range(1, self.n + 1)]
+        for w in self.starting:
+            self._spawn(w)
+            say(f"reload: new worker {w.index} started (pid {w.proc.pid})")
+        deadline = time.monotonic() + self.READY_TIMEOUT_S
+        failed = None
+        while not all(w.ready for w in self.starting):
+            if self.stop_requested:
+                return  # run() stops everything, the new workers included
+            for w in self.starting:
+                rc = w.proc.poll()
+                if rc is not None:
+                    failed = f"new worker {w.index} (pid {w.proc.pid}) {describe_exit(rc)} during start-up"
+                    break
+            if failed is None and time.monotonic() > deadline:
+                failed = f"new workers not serving after {self.READY_TIMEOUT_S:g}s"
+            if failed:
+                for w in self.starting:
+                    if w.proc.poll() is None:
+                        w.proc.kill()
+                        w.proc.wait()
+                self.starting = []
+                say(f"reload failed, the running workers keep serving the old config: {failed}")
+                return
+            self._read_ready(0.1)
+            self._reap_retiring()
+        old, self.workers, self.starting = self.workers, self.starting, []
+        retire_by = time.monotonic() + self.reload_grace_s + 5
+        handed = []
+        for w in old:
+            if w.proc is not None and w.proc.poll() is None:
+                try:
+                    w.proc.send_signal(signal.SIGQUIT)  # a worker's "stop accepting, finish, exit"
+                except ProcessLookupError:  # pragma: no cover
+                    continue
+                w.retire_by = retire_by
+                self.retiring.append(w)
+                handed.append(str(w.proc.pid))
+        # Complete once the old listeners are closed: from then on every new connection meets a new
+        # worker (and the new certificate).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.stop_requested and any(
+                w.proc.pid not in self.closed and w.proc.poll() is None for w in self.retiring):
+            self._read_ready(0.05)
+        self.closed.clear()
+        say(f"reload complete: {self.n} workers serving {self.listen} with the new config "
+            f"(pids {', '.join(str(w.proc.pid) for w in self.workers)}); old workers "
+            f"{', '.join(handed) or '-'} finish their requests in flight (up to {self.reload_grace_s:g}s)")
+
+    def _reap_retiring(self) -> None:
+        now = time.monotonic()
+        for w in list(self.retiring):
+            rc = w.proc.poll()
+            if rc is None and w.retire_by is not None and now > w.retire_by:
+                say(f"old worker {w.index} (pid {w.proc.pid}) still running after the reload grace period; killing it")
+                w.proc.kill()
+                rc = w.proc.wait()
+            if rc is not None:
+                say(f"old worker {w.index} (pid {w.proc.pid}) {describe_exit(rc)}: handed over")
+                self.retiring.remove(w)
+
     def _stop(self, quiet: bool = False) -> int:
-        alive = [w for w in self.workers if w.proc and w.proc.poll() is None]
+        alive = [w for w in self._all() if w.proc and w.proc.poll() is None]
         if not quiet:
             say(f"stopping {len(alive)} workers (grace period {self.grace_s:g}s)")
         for w in alive:
