@@ -105,7 +105,7 @@ def authorize(c, user: str | None, device: str | None, agent: str = "Apple-iPhon
     ("CONTOSO\\carol", "ApplDEADBEEF0001", "Apple-iPhone", False, "device ApplDEADBEEF0001 not compliant",
      "inventory"),
     ("dave", "ApplLOST00000001", "Apple-iPhone", False, "device ApplLOST00000001 blocked in the inventory",
-     "inventory"),
+     "block"),
     ("alice", "UnknownDevice001", "Apple-iPhone", False, "device UnknownDevice001 not managed", "mode"),
     # the policy file's own inventory is not the connector's
     ("alice", "PolicyOnly0001", "Apple-iPhone", False, "device PolicyOnly0001 not managed", "mode"),
@@ -115,7 +115,7 @@ def authorize(c, user: str | None, device: str | None, agent: str = "Apple-iPhon
     ("alice", "ApplDENIED000001", "Apple-iPhone", False, "device ApplDENIED000001 on deny list", "policy"),
     ("CONTOSO\\svc-sync", "UnknownDevice001", "Outlook", True, "user CONTOSO\\svc-sync on allow list", "policy"),
     ("CONTOSO\\svc-sync", "ApplLOST00000001", "Outlook", False, "device ApplLOST00000001 blocked in the inventory",
-     "inventory"),
+     "block"),
 ])
 def test_authorize_answers_as_the_gateway_reads_them(client, user, device, agent, allow, reason, source):
     status, headers, body = authorize(client, user, device, agent)

@@ -1,13 +1,16 @@
 """ActiveSync authorization: who is asking, may they, and what the gateway does about it.
 
 On a route with `authorize: activesync`, every request gets exactly one recorded decision before
-it may reach the upstream, in `requestheaders` (so a streamed body never goes out first):
+it may reach the upstream, in `requestheaders` (so a streamed body never goes out first): the
+applies-to filter, then the one authorization engine (`authz.engine`: identity -> deny lists ->
+operator block -> allow lists -> connector | inventory -> mode, cached per exact (user, DeviceId)
+with single flight).
 
-    applies-to filter -> identity -> cache -> policy lists -> connector | inventory -> mode
-
-The decision is cached per (user, DeviceId) with single flight, written to the audit log, put on
-the flow (comment, mark, metadata) for mitmweb, and enforced: deny answers with the configured
-status (default 403) or drops the connection like NetScaler's responder DROP.
+The decision is written to the audit log, put on the flow (comment, mark, metadata) for mitmweb,
+and enforced: deny answers with the configured status (default 403) or drops the connection like
+NetScaler's responder DROP; an allow is granted to this very request in the gateway's ledger,
+which `FinalCheck` requires before anything goes upstream. Any exception while deciding is the
+decision `internal error` (deny, audited, counted).
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ from mitmproxy import flow as mflow
 
 from ..authz import identity, policyload
 from ..authz.cache import DecisionCache, cache_key
-from ..authz.policy import PolicyError, PolicyStore
+from ..authz.engine import Engine
+from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
-from ..core.decision import Decision
+from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
 from .respond import answer, drop
+from .routing import ROUTE_KEY
 from .xnc import ConnectorClient, ConnectorError, to_decision
 
 logger = logging.getLogger("easgate.authz")
@@ -44,6 +49,8 @@ logger = logging.getLogger("easgate.authz")
 DECISION_KEY = "easgate.decision"
 IDENTITY_KEY = "easgate.identity"
 RELOAD_INTERVAL_S = 2.0
+INTERNAL_LOG_EVERY_S = 10.0
+EMPTY_POLICY = Policy()  # no policy file: no lists, block mode (the connector decides)
 
 
 def identity_dict(ident: identity.Identity) -> dict:
@@ -73,9 +80,12 @@ class ActiveSyncGate:
         self.counters: Counter = Counter()
         # called with (flow, decision, seconds) after every decision: the metrics' latency histogram
         self.observers: list[Callable[[http.HTTPFlow, Decision, float], None]] = []
+        self.engine = Engine(self._policy)
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
+        self._internal_logged = float("-inf")
+        self._internal_suppressed = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -93,6 +103,7 @@ class ActiveSyncGate:
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
         self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
+        self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache)
 
     def load(self, loader) -> None:
         loader.add_option("easgate_policy_poll_ms", int, int(RELOAD_INTERVAL_S * 1000),
@@ -177,11 +188,15 @@ class ActiveSyncGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        name = flow.metadata.get("easgate.route")
+        name = flow.metadata.get(ROUTE_KEY)
         if not name or self.gw.config.route(name).authorize != "activesync":
             return
         start = time.perf_counter()
-        ident, decision = await self.decide(flow)
+        try:
+            ident, decision = await self.decide(flow)
+        except Exception as e:  # any fault while deciding is a deny, never a pass
+            self._internal_error(e)
+            ident, decision = None, INTERNAL_ERROR
         seconds = time.perf_counter() - start
         await self.enforce(flow, ident, decision, seconds * 1000)
         for observe in self.observers:
@@ -191,72 +206,46 @@ class ActiveSyncGate:
         auth = self.auth
         req = flow.request
         at = auth.applies_to
-        method = req.method.upper()
+        method = req.method  # exact: methods are case-sensitive (RFC 9110 9.1); `options` is not OPTIONS
         if method in at.pass_methods:
-            return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", "filter")
+            return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", Source.FILTER)
         host = host_of(req.host_header or "")
         if not normalize_path(req.path).lower().startswith(at.path_prefix.lower()):
-            return None, Decision(False, "path not covered by applies_to on an authorized route", "filter")
+            return None, Decision(False, "path not covered by applies_to on an authorized route", Source.FILTER)
         if at.hosts and host not in at.hosts:
-            return None, Decision(False, f"host {host} not covered by applies_to", "filter")
+            return None, Decision(False, f"host {host} not covered by applies_to", Source.FILTER)
         if method not in at.methods:
-            return None, Decision(False, f"method {method} not covered by applies_to", "filter")
+            return None, Decision(False, f"method {method} not covered by applies_to", Source.FILTER)
         ident = identity.parse_request(method, "https", req.host_header or "", req.path, req.headers,
-                                         flow.client_conn.peername[0] if flow.client_conn.peername else "")
+                                       flow.client_conn.peername[0] if flow.client_conn.peername else "")
         if ident.error:
-            return ident, Decision(False, ident.error, "identity")
+            return ident, Decision(False, ident.error, Source.IDENTITY)
         if at.commands and ident.command not in at.commands:
-            return ident, Decision(False, f"command {ident.command} not covered by applies_to", "filter")
+            return ident, Decision(False, f"command {ident.command} not covered by applies_to", Source.FILTER)
         # Who is asking, as far as the gateway can verify it (identity.user_from), and whether the
         # DeviceId is the certificate's (device_binding): authz/principal.py, authz/binding.py.
         cert = self.gw.tls.verdict(flow.client_conn)
         ident, why = await self.principal.establish(
             ident, req.headers.get_all("authorization"),
             base64.b64decode(cert.der_b64) if cert.verified and cert.der_b64 else None, cert.reason,
-            self.gw.config.route(flow.metadata["easgate.route"]).device_binding)
+            self.gw.config.route(flow.metadata[ROUTE_KEY]).device_binding)
         if why is not None:
-            return ident, Decision(False, why, "identity")
-        if not ident.user:
-            return ident, Decision(False, "request has no user", "identity")
-        if not ident.device_id:
-            return ident, Decision(False, "request has no DeviceId", "identity")
-        # The policy's explicit lists come before the cache: they also look at the User-Agent and
-        # DeviceType, which are not part of the cache key (and they cost a few set lookups).
-        policy = self.policy.policy if self.policy else None
-        if policy is not None:
-            d = policy.explicit(ident)
-            if d is not None:
-                return ident, d
-        key = cache_key(ident.user, ident.device_id)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return ident, cached.with_source("cache")
-        generation = self.cache.generation
+            return ident, Decision(False, why, Source.IDENTITY)
+        # identity checks, lists, operator block, cache, connector | inventory, mode: authz/engine.py
+        return ident, await self.engine.decide(ident)
 
-        async def compute_and_store() -> Decision:
-            # Stored inside the single flight, so the cache is filled before the in-flight entry
-            # goes: a request arriving in between finds one or the other, never neither.
-            d = await self._compute(ident)
-            if d.source != "fail-mode":  # a connector blip must not be remembered
-                self.cache.put(key, d, generation=generation)
-            return d
+    def _policy(self) -> Policy:
+        return self.policy.policy if self.policy else EMPTY_POLICY
 
-        decision, _shared = await self.cache.single_flight(key, compute_and_store)
-        return ident, decision
-
-    async def _compute(self, ident: identity.Identity) -> Decision:
-        """The backend decision once the explicit lists had nothing to say."""
-        policy = self.policy.policy if self.policy else None
-        if self.connector is not None:
-            try:
-                answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,
-                                                        ident.url, ident.device_id, certified(ident))
-                self.counters["connector_answers"] += 1
-                return to_decision(answer)
-            except ConnectorError as e:
-                return self._fail_mode(ident, str(e))
-        d = policy.inventory_decision(ident)
-        return d if d is not None else policy.mode_decision(ident)
+    async def _connector_lookup(self, ident: identity.Identity) -> Decision:
+        """The engine's backend when a connector is configured: its answer, or the fail mode."""
+        try:
+            answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,
+                                                    ident.url, ident.device_id, certified(ident))
+        except ConnectorError as e:
+            return self._fail_mode(ident, str(e))
+        self.counters["connector_answers"] += 1
+        return to_decision(answer)
 
     def _fail_mode(self, ident: identity.Identity, err: str) -> Decision:
         mode = self.auth.on_connector_error
@@ -264,17 +253,42 @@ class ActiveSyncGate:
         self.counters[f"fail_mode_{mode}"] += 1
         logger.warning(f"easgate: {err}; on_connector_error={mode}")
         if mode == "allow":
-            return Decision(True, f"{err}; allowed by on_connector_error=allow", "fail-mode")
+            return Decision(True, f"{err}; allowed by on_connector_error=allow", Source.FAIL_MODE)
         if mode == "stale":
             last = self.cache.get_stale(cache_key(ident.user, ident.device_id), self.auth.stale_max_age_s)
             if last is not None:
-                return Decision(last.allow, f"{err}; last known decision: {last.reason}", "fail-mode")
-            return Decision(False, f"{err}; no decision younger than {self.auth.stale_max_age_s:g}s to reuse", "fail-mode")
-        return Decision(False, f"{err}; denied by on_connector_error=deny", "fail-mode")
+                return Decision(last.allow, f"{err}; last known decision: {last.reason}", Source.FAIL_MODE)
+            return Decision(False, f"{err}; no decision younger than {self.auth.stale_max_age_s:g}s to reuse",
+                            Source.FAIL_MODE)
+        return Decision(False, f"{err}; denied by on_connector_error=deny", Source.FAIL_MODE)
+
+    def _internal_error(self, e: BaseException) -> None:
+        """Count every internal error; log the first of a burst with its traceback, then one line
+        per INTERNAL_LOG_EVERY_S saying how many followed (a client that can trigger one must not
+        be able to flood the log)."""
+        self.counters["internal_errors"] += 1
+        now = time.monotonic()
+        if now - self._internal_logged < INTERNAL_LOG_EVERY_S:
+            self._internal_suppressed += 1
+            return
+        more = f" ({self._internal_suppressed} more since the last report)" if self._internal_suppressed else ""
+        self._internal_logged, self._internal_suppressed = now, 0
+        logger.error(f"easgate: internal error while deciding, request denied{more}: {type(e).__name__}: {e}",
+                     exc_info=e)
+
+    async def fail_closed(self, flow: http.HTTPFlow, why: str, started: float) -> None:
+        """FinalCheck found no allow for this request: deny it as `internal error`, audited."""
+        self._internal_error(RuntimeError(why))
+        try:
+            await self.enforce(flow, None, INTERNAL_ERROR, (time.perf_counter() - started) * 1000)
+        except Exception as e:  # e.g. the audit log itself fails: still a deny
+            self.counters["audit_errors"] += 1
+            logger.error(f"easgate: could not record the internal-error deny: {type(e).__name__}: {e}")
+            drop(flow)
 
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
-        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
+        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": str(d.source)}
         if ident is not None:
             flow.metadata[IDENTITY_KEY] = identity_dict(ident)
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
@@ -284,7 +298,7 @@ class ActiveSyncGate:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "method": req.method,
-            "route": flow.metadata.get("easgate.route"),
+            "route": flow.metadata.get(ROUTE_KEY),
             "user": ident.user if ident else None,
             "device_id": ident.device_id if ident else None,
             "device_type": ident.device_type if ident else None,
@@ -292,7 +306,7 @@ class ActiveSyncGate:
             "agent": req.headers.get("user-agent"),
             "decision": d.verdict,
             "reason": d.reason,
-            "source": d.source,
+            "source": str(d.source),
             "latency_ms": round(ms, 3),
             "flow": flow.id,
         }
@@ -306,13 +320,15 @@ class ActiveSyncGate:
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
         self.counters[f"{d.verdict}_{d.source}"] += 1
         if d.allow:
+            # Last, after the audit line: FinalCheck forwards nothing on an authorized route without it.
+            self.gw.ledger.grant(flow)
             return
-        if d.source not in ("cache", "audit"):  # one line per fresh deny (an audit outage is logged once)
+        if d.source not in (Source.CACHE, Source.AUDIT):  # one line per fresh deny (an audit outage is logged once)
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
                         f"{d.reason} [{d.source}]")
         flow.marked = ":no_entry:"
-        deny = self.auth.deny
-        if deny.action == "drop":
+        deny = self.auth.deny if self.auth else None
+        if deny is None or deny.action == "drop":
             drop(flow)
             return
         headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
