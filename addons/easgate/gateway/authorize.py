@@ -53,6 +53,11 @@ INTERNAL_LOG_EVERY_S = 10.0
 EMPTY_POLICY = Policy()  # no policy file: no lists, block mode (the connector decides)
 
 
+def wire_method(req: http.Request) -> str:
+    """The request method exactly as the client sent it (and as the upstream will read it)."""
+    return req.data.method.decode("ascii", "backslashreplace")
+
+
 def identity_dict(ident: identity.Identity) -> dict:
     return {k: getattr(ident, k) for k in ident.__slots__}
 
@@ -206,7 +211,9 @@ class ActiveSyncGate:
         auth = self.auth
         req = flow.request
         at = auth.applies_to
-        method = req.method  # exact: methods are case-sensitive (RFC 9110 9.1); `options` is not OPTIONS
+        # Exact, as the upstream will read it: methods are case-sensitive (RFC 9110 9.1), `options`
+        # is not OPTIONS (mitmproxy's `Request.method` upper-cases; the wire bytes are in `data`).
+        method = wire_method(req)
         if method in at.pass_methods:
             return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", Source.FILTER)
         host = host_of(req.host_header or "")
@@ -297,7 +304,7 @@ class ActiveSyncGate:
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
-            "method": req.method,
+            "method": wire_method(req),
             "route": flow.metadata.get(ROUTE_KEY),
             "user": ident.user if ident else None,
             "device_id": ident.device_id if ident else None,
