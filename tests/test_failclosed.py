@@ -81,7 +81,7 @@ def connector_gw(pki, exchange, mdm, tmp_path_factory):
     conn.allowed = {device(""), device("Connector")}
     cfg = authz_config(pki, exchange, mdm, d, connector=conn)
     exe = Path(__import__("sys").executable).parent / "mitmdump"
-    g = GatewayProcess([str(exe), "-s", str(ROOT / "addons" / "gateway.py"), "-s", FAULTS,
+    g = GatewayProcess([str(exe), "-s", str(ROOT / "addons" / "gateway.py"), "-s", FAULTS, "--set", "server=false",
                         "--set", f"easgate_config={write_config(d, cfg)}", "--set", "easgate_listen=127.0.0.1:0"]
                        ).wait_ready()
     yield Gw(g, pki, d / "audit.jsonl")
