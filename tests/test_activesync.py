@@ -18,12 +18,10 @@ from easgate.authz.identity import (
     PARAMETER_TAGS,
     BinaryQuery,
     Identity,
-    canonical_user,
     decode_binary_query,
     encode_binary_query,
     parse_basic_auth,
     parse_request,
-    user_account,
 )
 
 HOST = "mail.example.test"
@@ -769,26 +767,3 @@ def test_encoder_rejects_what_the_layout_cannot_carry():
         encode_binary_query(command="Sync", device_id=b"x", params={"ParentId": "1"})
     with pytest.raises(ValueError):
         encode_binary_query(command="Sync", device_id=b"x", policy_key=2**32)
-
-
-# --------------------------------------------------------------------------------------------
-# User name forms
-# --------------------------------------------------------------------------------------------
-
-
-def test_canonical_user():
-    assert canonical_user("CONTOSO\\Alice") == "contoso\\alice"
-    assert canonical_user("Alice@Contoso.COM") == "alice@contoso.com"
-
-
-@pytest.mark.parametrize(
-    "user,account",
-    [
-        ("CONTOSO\\Alice", "alice"),
-        ("Alice@Contoso.com", "alice"),
-        ("ALICE", "alice"),
-        ("contoso.local\\Bob.Smith", "bob.smith"),
-    ],
-)
-def test_user_account(user, account):
-    assert user_account(user) == account

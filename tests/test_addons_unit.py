@@ -189,8 +189,7 @@ async def test_a_fault_at_any_stage_is_an_audited_internal_error_deny(chain, mon
     assert f.metadata["easgate.decision"] == {"allow": False, "reason": "internal error", "source": "internal"}
     assert [(a["decision"], a["reason"]) for a in _audit(audit)] == [("deny", "internal error")]
     status = json.loads(tctx.master.commands.execute("easgate.status"))
-    assert status["decisions"] == {"deny_internal": 1}
-    assert gw.gate.counters["internal_errors"] == 1
+    assert status["decisions"] == {"deny_internal": 1} and status["internal_errors"] == 1
 
 
 @pytest.mark.parametrize("chain", [[]], indirect=True)

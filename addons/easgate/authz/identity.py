@@ -54,7 +54,6 @@ __all__ = [
     "PARAMETER_TAGS",
     "BinaryQuery",
     "Identity",
-    "canonical_user",
     "decode_binary_query",
     "device_id_error",
     "device_id_text",
@@ -64,7 +63,6 @@ __all__ = [
     "encode_binary_query",
     "parse_basic_auth",
     "parse_request",
-    "user_account",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -756,23 +754,3 @@ def _parse_request(method: str, scheme: str, host: str, path: str, headers, clie
         locale=locale,
         error="; ".join(errors) if errors else None,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# User name forms
-# ---------------------------------------------------------------------------------------------
-
-
-def canonical_user(user: str) -> str:
-    """The cache/policy key form of a user: as sent, stripped and lowercased."""
-    return user.strip().lower()
-
-
-def user_account(user: str) -> str:
-    """The bare account, lowercased: "alice" from "CONTOSO\\\\alice" or "alice@contoso.com"."""
-    u = user.strip()
-    if "\\" in u:
-        u = u.rpartition("\\")[2]
-    if "@" in u:
-        u = u.rpartition("@")[0]
-    return u.lower()

@@ -154,7 +154,7 @@ def split_user(user: str) -> tuple[str, str, bool]:
     bare = full
     has_domain = False
     if "\\" in bare:
-        bare = bare.rpartition("\\")[2]  # as activesync.user_account: the account follows the last backslash
+        bare = bare.rpartition("\\")[2]  # the account follows the last backslash
         has_domain = True
     if "@" in bare:
         bare = bare.rpartition("@")[0]

@@ -389,6 +389,9 @@ class ActiveSyncGate:
                           "errors": self.counters.get("connector_errors", 0),
                           "connections_opened": self.connector.connections_opened if self.connector else 0},
             "audit": self.gw.audit.log.state,
+            # errors while deciding (each one a deny, `internal error`) and audit lines that could not be written
+            "internal_errors": self.counters.get("internal_errors", 0),
+            "audit_errors": self.counters.get("audit_errors", 0),
             "policy": {"reloads": self.counters.get("policy_reloads", 0),
                        "reload_errors": self.counters.get("policy_reload_errors", 0),
                        "last_error": self.policy.last_error if self.policy else None},
