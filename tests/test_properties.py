@@ -291,7 +291,7 @@ def ref_managed(inventory: list[dict], ident) -> bool | None:
 
 def ref_identity_ok(ident) -> bool:
     """MS-ASHTTP 2.2.1.1.1.2: device-id = 1*32(ALPHA / DIGIT); user-name and device-type = 1*VCHAR
-    (docs/security.md, "One identity"; 1024 characters at most)."""
+    (docs/configuration.md, "The decision, step by step"; 1024 characters at most)."""
     def vchar(v: str) -> bool:
         return 0 < len(v) <= 1024 and all(0x21 <= ord(c) <= 0x7E for c in v)
 
