@@ -176,6 +176,9 @@ async def test_the_chain_allows_and_forwards_without_faults(chain):
     assert f.response is None and f.error is None and f.metadata["easgate.decision"]["allow"] is True
     assert [(a["decision"], a["source"]) for a in _audit(audit)] == [("allow", "inventory")]
     assert len(gw.ledger) == 0  # nothing kept once the request went
+    mdm = _flow("/enroll", method="GET")
+    await through_chain(tctx, mdm)
+    assert mdm.response is None and mdm.error is None and mdm.request.port == 9081
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s != "connector client"])
@@ -237,6 +240,23 @@ async def test_a_request_that_was_never_routed_goes_nowhere(chain, monkeypatch):
     f = _flow("/enroll", method="GET")
     f.metadata["easgate.route"] = "mdm"  # left behind: not what FinalCheck trusts
     await through_chain(tctx, f)
+    assert f.response is not None and f.response.status_code == 403
+    assert [a["reason"] for a in _audit(audit)] == ["internal error"]
+
+
+class _RepointToExchange:
+    """A buggy addon that sends an MDM request to the Exchange server after routing."""
+
+    def request(self, flow):
+        flow.request.data.host, flow.request.data.port = "127.0.0.1", 9443
+
+
+@pytest.mark.parametrize("chain", [[_RepointToExchange()]], indirect=True)
+async def test_a_request_re_pointed_after_routing_goes_nowhere(chain):
+    tctx, gw, final, audit = chain
+    f = _flow("/enroll", method="GET")
+    await through_chain(tctx, f)
+    assert (f.request.host, f.request.port) == ("127.0.0.1", 9443)
     assert f.response is not None and f.response.status_code == 403
     assert [a["reason"] for a in _audit(audit)] == ["internal error"]
 

@@ -13,7 +13,8 @@ therefore registered as its own top-level addon at the end of the chain, and it 
 What it checks is kept in the `Ledger`, in memory, per flow id, never in `flow.metadata` (which a
 flow read from a file, a replay or any addon can carry or write):
 
-* the content switch recorded a route for this flow in this pass, and
+* the content switch recorded a route for this flow in this pass, and the request still goes to
+  the server it was pointed at then (no later hook re-pointed it, e.g. from the MDM to Exchange), and
 * on a route with `authorize`, the gate granted an allow *for this request*: the grant holds the
   request line and headers as decided on, so a request changed after the decision (path, Host,
   Authorization, ...) no longer matches it.
@@ -37,6 +38,11 @@ logger = logging.getLogger("easgate.authz")
 _EXPECT = b"expect"  # mitmproxy removes Expect: 100-continue after requestheaders
 
 
+def _target(req: http.Request) -> tuple:
+    d = req.data
+    return (d.scheme, d.host, d.port)
+
+
 def fingerprint(req: http.Request) -> tuple:
     """Everything of a request head that the upstream reads, as one comparable value."""
     d = req.data
@@ -48,18 +54,21 @@ class Ledger:
     """Per-flow records of this pass: the route chosen, and the allow granted (bound to the request)."""
 
     def __init__(self) -> None:
-        self.routes: dict[str, str] = {}
+        self.routes: dict[str, tuple[str, tuple]] = {}
         self.grants: dict[str, tuple] = {}
 
     def routed(self, flow: http.HTTPFlow, route: str) -> None:
-        self.routes[flow.id] = route
+        """The route chosen, and the server the flow was pointed at for it."""
+        self.routes[flow.id] = (route, _target(flow.request))
         self.grants.pop(flow.id, None)  # a new pass (replay) decides anew
 
     def grant(self, flow: http.HTTPFlow) -> None:
         self.grants[flow.id] = fingerprint(flow.request)
 
     def route_of(self, flow: http.HTTPFlow) -> str | None:
-        return self.routes.get(flow.id)
+        """The route recorded in this pass, if the flow still goes where that route sent it."""
+        r = self.routes.get(flow.id)
+        return r[0] if r is not None and r[1] == _target(flow.request) else None
 
     def allowed(self, flow: http.HTTPFlow) -> bool:
         g = self.grants.get(flow.id)
@@ -100,7 +109,7 @@ class FinalCheck:
         ledger = self.gw.ledger
         name = ledger.route_of(flow)
         if name is None:
-            return "the request was not routed"
+            return "the request was not routed, or was re-pointed after routing"
         cfg = self.gw.config
         route = cfg.route(name) if cfg is not None else None
         if route is None:
