@@ -494,3 +494,19 @@ def test_certificate_identity_from_the_gateway_is_checked_and_logged(client, con
     lines = [json.loads(line) for line in conn_env.log.read_text().splitlines()]
     assert (lines[0]["cert_device_id"], lines[0]["cert_user"], lines[0]["user_source"]) == (
         "ApplF17ABCDEF01", "alice@example.test", "certificate")
+
+
+# ------------------------------------------------------------------------------------------------
+# One identity: the connector runs the gateway's engine on exactly what it was sent
+
+
+@pytest.mark.parametrize("user,device,param,fragment", [
+    ("alice", "A%20BCD", "A BCD", "is not 1-32 ASCII letters and digits"),
+    ("alice", "ApplF17ABCDEF01", "applf17abcdef01", "does not match the url's DeviceId"),  # exact, no case folded
+    (" alice", "ApplF17ABCDEF01", "same", "is not printable ASCII without spaces"),  # never stripped
+])
+def test_callout_values_outside_ms_ashttp_or_disagreeing_are_denied(client, user, device, param, fragment):
+    status, _, body = authorize(client, user, device, param_device=param)
+    doc = json.loads(body)
+    assert (status, doc["result"], doc["source"]) == (200, "Deny", "identity"), doc
+    assert fragment in doc["reason"]
