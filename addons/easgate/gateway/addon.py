@@ -27,8 +27,8 @@ from . import certheader, mitmcompat
 from .audittrail import AuditTrail
 from .config import GatewayConfig, Pool, Upstream, load_config
 from .connections import Connections
-from .http1 import StrictRequests
 from .finalcheck import Ledger
+from .http1 import StrictRequests
 from .proxyproto import ProxyProtocol
 from .respond import answer, drop
 from .routing import ROUTE_KEY, Balancer, Router, request_view
