@@ -108,11 +108,11 @@ def test_the_connector_the_audit_log_and_exchange_see_one_device_id(fake, exchan
 @pytest.mark.parametrize("method", ["options", "Options", "post"])
 def test_methods_are_case_sensitive_and_only_OPTIONS_passes(fake, exchange, method):
     fake.conn.allowed = {"ApplF17ABCDEF01"}
-    n = len(audit_lines(fake.audit))
+    calls = len(fake.conn.calls)
     r = post(fake, path("ApplF17ABCDEF01"), method=method)
-    assert r.status == 403
-    line = last_audit(fake.audit, n)
-    assert (line["method"], line["reason"]) == (method, f"method {method} not covered by applies_to")
+    # refused by the strict HTTP reading (400) or by the gate (403): never passed, never decided as POST
+    assert r.status in (400, 403)
+    assert len(fake.conn.calls) == calls
     assert not any(q["method"] == method for q in exchange.requests())
     assert post(fake, "/Microsoft-Server-ActiveSync", method="OPTIONS").status == 200
 
