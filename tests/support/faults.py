@@ -85,10 +85,10 @@ async def single_flight(self, key, compute):
 _authorize = ConnectorClient.authorize
 
 
-async def authorize(self, user, agent, ip, url, device_id):
+async def authorize(self, user, agent, ip, url, device_id, *more):
     if _hit("Connector", device_id):
         _boom("Connector")
-    return await _authorize(self, user, agent, ip, url, device_id)
+    return await _authorize(self, user, agent, ip, url, device_id, *more)
 
 
 _inventory_decision = Policy.inventory_decision
