@@ -129,7 +129,7 @@ async def blocking_backend(i):
 
 @pytest.mark.parametrize("overrides,allow,source,fragment", [
     # an operator's block beats every allow list (issue 12 item 8: today a gateway allow list beat it)
-    (dict(device_id="ApplLOST00000001", user="CONTOSO\svc-sync"), False, "block", "blocked in the inventory"),
+    (dict(device_id="ApplLOST00000001", user="CONTOSO\\svc-sync"), False, "block", "blocked in the inventory"),
     (dict(device_id="ApplLOST00000001", device_type="WindowsMail"), False, "block", "blocked"),
     (dict(device_id="ApplLOST00000001", user_agent="Apple-iPad8C1/1"), False, "block", "blocked"),
     # a deny list still comes first (it names the reason the operator wrote)
@@ -157,7 +157,7 @@ def test_backend_errors_propagate_to_the_caller():
 @pytest.mark.parametrize("overrides,fragment", [
     (dict(device_id="A BCD"), "is not 1-32 ASCII letters and digits"),
     (dict(device_id="A" * 33), "is not 1-32 ASCII letters and digits"),
-    (dict(device_id="ApplALLOWED0001", user="CONTOSO\svc sync"), "is not printable ASCII without spaces"),
+    (dict(device_id="ApplALLOWED0001", user="CONTOSO\\svc sync"), "is not printable ASCII without spaces"),
     (dict(device_id="ApplALLOWED0001", device_type="Windows Mail"), "is not printable ASCII without spaces"),
 ])
 def test_identities_outside_ms_ashttp_are_denied_before_any_list(overrides, fragment):
