@@ -13,11 +13,11 @@ from mitmproxy.addons import block, proxyserver
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow
 
-from easgate.authz import audit as audit_mod
 from easgate.authz import cache as cache_mod
 from easgate.authz import engine as engine_mod
 from easgate.authz import identity as identity_mod
 from easgate.authz import policy as policy_mod
+from easgate.gateway import audittrail as audittrail_mod
 from easgate.gateway import xnc
 from easgate.gateway.chain import make_addons
 
@@ -209,11 +209,11 @@ async def test_a_failing_audit_write_still_denies(chain, monkeypatch):
     tctx, gw, final, audit = chain
     writes = []
 
-    def write(self, record):
-        writes.append(record["reason"])
+    async def record(self, rec):
+        writes.append(rec["reason"])
         raise OSError("disk full")
 
-    monkeypatch.setattr(audit_mod.AuditLog, "write", write)
+    monkeypatch.setattr(audittrail_mod.AuditTrail, "record", record)
     f = _allowed_flow()
     await through_chain(tctx, f)
     # the allow could not be recorded, so it was never granted: FinalCheck denied, and when that

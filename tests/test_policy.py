@@ -412,9 +412,9 @@ def test_store_never_applies_a_file_changed_in_place(tmp_path):
                 assert "changed in place" in err and str(path) in err and "rename" in err
             else:
                 assert err is None  # said once
-    assert store.policy.evaluate(ident(user="bob")).allow
+    assert decide(store.policy, ident(user="bob")).allow
     assert store.reload() == (True, None)  # easgate.reload: the operator says it is complete
-    assert not store.policy.evaluate(ident(user="bob")).allow
+    assert not decide(store.policy, ident(user="bob")).allow
     _bump(path, "mode: permit\n")
     assert store.reload_if_changed() == (True, None) and store.policy.mode == "permit"
 
@@ -435,7 +435,7 @@ def test_a_file_changed_in_place_stays_unapplied_when_another_is_replaced(tmp_pa
         assert store.reload_if_changed() == (False, None) and store.policy is good
     _bump(path, "inventory_file: inv.csv\ndeny: {devices: [ApplSTOLEN]}\n")
     assert store.reload_if_changed() == (True, None)
-    assert store.policy.evaluate(ident(device_id="ApplB2", user="bob")).allow
+    assert decide(store.policy, ident(device_id="ApplB2", user="bob")).allow
 
 
 def test_store_reload_keeps_last_good(tmp_path):

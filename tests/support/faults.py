@@ -15,7 +15,8 @@ Flight         ``authz.cache.DecisionCache.single_flight``: the shared computati
                after 200 ms, so every request waiting on it gets the exception
 Connector      ``gateway.xnc.ConnectorClient.authorize`` (an error that is not a ConnectorError)
 Inventory      ``authz.policy.Policy.inventory_decision``
-Audit          ``authz.audit.AuditLog.write`` for any record but an ``internal error`` deny
+Audit          ``gateway.audittrail.AuditTrail.record`` (writing the audit line) for any record
+               but an ``internal error`` deny
 =============  ============================================================================
 """
 
@@ -24,9 +25,9 @@ from __future__ import annotations
 import asyncio
 
 from easgate.authz import identity
-from easgate.authz.audit import AuditLog
 from easgate.authz.cache import DecisionCache
 from easgate.authz.policy import Policy, Rules
+from easgate.gateway.audittrail import AuditTrail
 from easgate.gateway.xnc import ConnectorClient
 
 
@@ -100,13 +101,13 @@ def inventory_decision(self, ident):
     return _inventory_decision(self, ident)
 
 
-_write = AuditLog.write
+_record = AuditTrail.record
 
 
-def write(self, record):
-    if _hit("Audit", record.get("device_id")) and record.get("reason") != "internal error":
+async def record(self, rec):
+    if _hit("Audit", rec.get("device_id")) and rec.get("reason") != "internal error":
         _boom("Audit")
-    return _write(self, record)
+    return await _record(self, rec)
 
 
 identity.parse_request = parse_request
@@ -115,4 +116,4 @@ DecisionCache.get = get
 DecisionCache.single_flight = single_flight
 ConnectorClient.authorize = authorize
 Policy.inventory_decision = inventory_decision
-AuditLog.write = write
+AuditTrail.record = record
