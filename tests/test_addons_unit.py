@@ -297,3 +297,24 @@ async def test_options_passes(chain):
     f = _flow("/Microsoft-Server-ActiveSync", method="OPTIONS")
     await through_chain(tctx, f)
     assert f.response is None and f.metadata["easgate.decision"]["source"] == "filter"
+
+
+def test_balancer_with_every_server_down_picks_the_first_back_and_a_connect_brings_one_back():
+    from easgate.gateway.config import Pool, Upstream
+    from easgate.gateway.routing import Balancer
+
+    now = [1000.0]
+    a, b = Upstream("http", "10.0.0.1", 80), Upstream("http", "10.0.0.2", 80)
+    pool = Pool("mdm", (a, b), down_time_s=10)
+    bal = Balancer({"mdm": pool}, clock=lambda: now[0])
+    assert [bal.pick(pool) for _ in range(4)] == [a, b, a, b]
+    bal.mark_down(a, pool, "refused")
+    assert [bal.pick(pool) for _ in range(3)] == [b, b, b]
+    now[0] += 1
+    bal.mark_down(b, pool, "refused")
+    assert bal.is_down(a) and bal.is_down(b)
+    assert [bal.pick(pool) for _ in range(2)] == [a, a]  # all down: the one back first, never nothing
+    bal.mark_up(b, pool)  # b accepted a connection
+    assert not bal.is_down(b) and [bal.pick(pool) for _ in range(2)] == [b, b]
+    now[0] += 10
+    assert not bal.is_down(a) and {bal.pick(pool) for _ in range(2)} == {a, b}

@@ -302,6 +302,101 @@ def test_upstream_down_or_not_answering_connect_gives_502_quickly(start_gateway,
         hang.close()
 
 
+def _backlog_full_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: the kernel drops further SYNs, so a connect() hangs."""
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(hang.getsockname())
+        fillers.append(f)
+    return hang, fillers
+
+
+def _connecting_to(port: int, besides: list[socket.socket]) -> bool:
+    """Whether a socket other than `besides` is in SYN_SENT towards 127.0.0.1:port (/proc/net/tcp)."""
+    ours = {f.getsockname()[1] for f in besides}
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if (fields[3] == "02" and int(fields[2].split(":")[1], 16) == port
+                and int(fields[1].split(":")[1], 16) not in ours):
+            return True
+    return False
+
+
+def _wait(pred, timeout: float, what: str, g=None):
+    deadline = time.monotonic() + timeout
+    while not (v := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n" + (g.output if g else ""))
+        time.sleep(0.02)
+    return v
+
+
+def test_a_client_hanging_up_mid_connect_never_marks_the_server_down(start_gateway, pki, exchange, mdm):
+    """mitmproxy cancels the upstream connect of a client that went away ("client disconnected"):
+    the server did nothing wrong and stays in its pool. A connect that really times out still counts."""
+    hang, fillers = _backlog_full_listener()
+    port = hang.getsockname()[1]
+    try:
+        cfg = base_config(pki, exchange, mdm)
+        cfg["pools"]["mdm"] = {"servers": [f"http://127.0.0.1:{port}"], "connect_timeout_s": 3, "down_time_s": 60}
+        g = start_gateway(cfg)
+        for i in range(3):  # three phones giving up while the gateway connects for them
+            s = client_context(pki).wrap_socket(socket.create_connection(("127.0.0.1", g.port), timeout=10),
+                                                server_hostname=HOSTNAME)
+            s.sendall(f"GET /enroll HTTP/1.1\r\nHost: {HOSTNAME}\r\n\r\n".encode())
+            _wait(lambda: _connecting_to(port, fillers), 10, "the gateway's connect to the hanging server", g)
+            s.close()
+            _wait(lambda: g.output.count("error establishing server connection: client disconnected") == i + 1,
+                  10, "the connect to be cancelled", g)
+        assert "marked down" not in g.output
+        # the same server not answering the connect (a client that waits) is marked down
+        t0 = time.monotonic()
+        assert request(g.port, "GET", "/enroll", pki, timeout=20).status == 502
+        assert time.monotonic() - t0 < 10
+        out = g.wait_output("marked down for 60s")
+        assert f"upstream http://127.0.0.1:{port} (pool mdm) marked down for 60s: easgate: no connection within 3s" in out
+    finally:
+        for f in fillers:
+            f.close()
+        hang.close()
+    assert g.output.count("marked down") == 1
+
+
+def test_a_pool_with_every_server_marked_down_stays_in_service(start_gateway, pki, exchange, mdm):
+    """Marks only steer: with every server of a pool down, each request tries the server that comes
+    back first, and a server that accepts a connection is up again at once."""
+    ports = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        ports.append(s.getsockname()[1])
+        s.close()  # nothing listens: connections are refused
+    cfg = base_config(pki, exchange, mdm)
+    cfg["pools"]["mdm"] = {"servers": [f"http://127.0.0.1:{p}" for p in ports], "down_time_s": 300}
+    g = start_gateway(cfg)
+    assert [request(g.port, "GET", f"/r{i}", pki).status for i in range(2)] == [502, 502]
+    g.wait_output(f"127.0.0.1:{ports[1]} (pool mdm) marked down for 300s")
+    assert f"127.0.0.1:{ports[0]} (pool mdm) marked down for 300s" in g.output  # both are down now
+    assert request(g.port, "GET", "/r2", pki).status == 502  # tried anyway (the first one back), refused again
+    # the server that went down longest ago comes back: the next request finds it, though marked down
+    first_back = ports[1]
+    revived = MdmStandIn("mdm-revived", port=first_back).start()
+    try:
+        assert request(g.port, "GET", "/r3", pki).status == 200
+        assert revived.requests()[-1]["path"] == "/r3"
+        g.wait_output(f"upstream http://127.0.0.1:{first_back} (pool mdm) is up again")
+        # and it is in the rotation again: the other one is still marked down, so every request goes here
+        assert [request(g.port, "GET", f"/s{i}", pki).status for i in range(3)] == [200, 200, 200]
+        assert len(revived.requests()) == 4
+    finally:
+        revived.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # The client-certificate header can't be forged
 

@@ -103,3 +103,17 @@ def test_client_tls_layer_logs_handshake_errors_in_on_handshake_error():
 
 def test_openssl_names_verify_errors():
     assert mitmcompat.verify_error_string(10) == "certificate has expired"
+
+
+def test_a_cancelled_connect_reads_client_disconnected_or_connection_cancelled():
+    """UpstreamPools tells a connect the client abandoned from one the server failed by these strings."""
+    handle_client = inspect.getsource(server.ConnectionHandler.handle_client)
+    assert 'io.handler.cancel("client disconnected")' in handle_client
+    assert "self.client.timestamp_end = time.time()" in handle_client
+    assert handle_client.index("timestamp_end") < handle_client.index('cancel("client disconnected")')
+    open_connection = inspect.getsource(server.ConnectionHandler.open_connection)
+    assert "except (OSError, asyncio.CancelledError) as e:" in open_connection
+    assert 'err = "connection cancelled"' in open_connection and "err = str(e)" in open_connection
+    assert mitmcompat.CANCELLED_CONNECT_ERRORS == {"client disconnected", "connection cancelled"}
+    assert mitmcompat.connect_was_cancelled("client disconnected")
+    assert not mitmcompat.connect_was_cancelled("[Errno 111] Connect call failed ('127.0.0.1', 9)")

@@ -38,6 +38,8 @@ logger = logging.getLogger("easgate")
 
 # What the proxy core must do for a gateway; set by Gateway.configure whatever the command line says.
 PLACEHOLDER_TARGET = "http://127.0.0.1:9"  # never contacted: every request is routed or answered
+# how a connect cancelled by connect_timeout_s reads in server.error ("easgate: no connection within 5s")
+CONNECT_TIMEOUT = "easgate: no connection within"
 
 
 def forced_options(cfg: GatewayConfig) -> dict:
@@ -339,7 +341,7 @@ class UpstreamPools:
     def _connect_timeout(self, server: connection.Server, client: connection.Client, pool: Pool) -> None:
         if server.timestamp_tcp_setup is not None or server.error:
             return
-        if mitmcompat.cancel_connect(client, server):
+        if mitmcompat.cancel_connect(client, server, f"{CONNECT_TIMEOUT} {pool.connect_timeout_s:g}s"):
             logger.warning(f"upstream {server.address[0]}:{server.address[1]} (pool {pool.name}): "
                            f"no connection within {pool.connect_timeout_s:g}s")
 
@@ -385,10 +387,28 @@ class UpstreamPools:
         mitmcompat.abort(flow.client_conn, flow.server_conn)  # mitmproxy answers the client with a 502
 
     def server_connect_error(self, data) -> None:
+        """A connect that failed counts against the server only when the server is to blame: refused,
+        unreachable, reset, or no answer within connect_timeout_s. A connect cancelled because the
+        client went away (or the gateway is stopping) says nothing about the server: if it counted,
+        any client could take a pool's servers out of service by hanging up mid-connect."""
         addr = data.server.address
         entry = self.by_address.get((addr[0], addr[1])) if addr else None
-        if entry:
-            self.gw.switch.balancer.mark_down(entry[1], entry[0], data.server.error or "connect failed")
+        if entry is None:
+            return
+        err = data.server.error or "connect failed"
+        if not err.startswith(CONNECT_TIMEOUT) and (
+                data.client.timestamp_end is not None or mitmcompat.connect_was_cancelled(err)):
+            logger.debug(f"upstream {entry[1].url} (pool {entry[0].name}): connect abandoned ({err}); "
+                         "not counted against the server")
+            return
+        self.gw.switch.balancer.mark_down(entry[1], entry[0], err)
+
+    def server_connected(self, data) -> None:
+        """A server that accepted a connection is up again, whatever its mark said."""
+        addr = data.server.address
+        entry = self.by_address.get((addr[0], addr[1])) if addr else None
+        if entry is not None:
+            self.gw.switch.balancer.mark_up(entry[1], entry[0])
 
     def tls_start_server(self, tls_start) -> None:
         server = tls_start.conn

@@ -238,15 +238,28 @@ def abort(client: connection.Client, conn: connection.Connection | None = None) 
     return True
 
 
-def cancel_connect(client: connection.Client, server: connection.Server) -> bool:
+def cancel_connect(client: connection.Client, server: connection.Server, why: str = "") -> bool:
     """Cancel mitmproxy's task that is still connecting to `server` (mitmproxy then answers the
-    client with a 502). False if there is no such task or it has finished."""
+    client with a 502, and `server.error` reads `why`). False if there is no such task or it has
+    finished."""
     io = _io(client, server)
     task: asyncio.Task | None = getattr(io, "handler", None)
     if task is None or task.done():
         return False
-    task.cancel()
+    task.cancel(why or None)
     return True
+
+
+# Relies on: ConnectionHandler.open_connection setting `server.error = str(e)` for a CancelledError
+# of the connect (its message, or "connection cancelled" without one), and ConnectionHandler.
+# handle_client cancelling the connects of a client that went away with "client disconnected".
+CANCELLED_CONNECT_ERRORS = frozenset({"client disconnected", "connection cancelled"})
+
+
+def connect_was_cancelled(error: str) -> bool:
+    """Whether a server connection's error says its connect was cancelled (the client went away, the
+    gateway is stopping) rather than failed (refused, unreachable, reset)."""
+    return error in CANCELLED_CONNECT_ERRORS
 
 
 # -- upstream TLS -----------------------------------------------------------------------------

@@ -106,13 +106,21 @@ class Balancer:
             server = pool.servers[next(rr)]
             if self.down_until.get(server, 0.0) <= now:
                 return server
-        # every server is marked down: try the one that comes back first rather than fail outright
+        # Every server is marked down: try the one that comes back first rather than fail outright.
+        # A pool is never out of service by mark alone; a server that accepts is up again (mark_up).
         return min(pool.servers, key=lambda s: self.down_until.get(s, 0.0))
 
     def mark_down(self, server: Upstream, pool: Pool, reason: str) -> None:
         if pool.down_time_s > 0:
             self.down_until[server] = self.clock() + pool.down_time_s
             logger.warning(f"upstream {server.url} (pool {pool.name}) marked down for {pool.down_time_s:g}s: {reason}")
+
+    def mark_up(self, server: Upstream, pool: Pool) -> None:
+        if self.down_until.pop(server, 0.0) > self.clock():
+            logger.info(f"upstream {server.url} (pool {pool.name}) is up again (it accepted a connection)")
+
+    def is_down(self, server: Upstream) -> bool:
+        return self.down_until.get(server, 0.0) > self.clock()
 
 
 def request_view(flow: http.HTTPFlow, cert_status: str, path: str | None = None) -> RequestView:
