@@ -318,3 +318,56 @@ def test_balancer_with_every_server_down_picks_the_first_back_and_a_connect_brin
     assert not bal.is_down(b) and [bal.pick(pool) for _ in range(2)] == [b, b]
     now[0] += 10
     assert not bal.is_down(a) and {bal.pick(pool) for _ in range(2)} == {a, b}
+
+
+def test_ticket_key_file_is_rotated_when_it_changes_and_a_broken_one_keeps_the_last(tmp_path, caplog):
+    import os
+
+    from OpenSSL import SSL
+
+    from easgate.gateway import mitmcompat, tls
+
+    caplog.set_level("INFO")
+    now = [0.0]
+    keys = tls.TicketKeys(clock=lambda: now[0])
+    path = tmp_path / "ticket.key"
+    first, second = os.urandom(80), os.urandom(80)
+    path.write_bytes(first)
+    keys.configure(path)
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    assert keys.install(ctx) and mitmcompat.get_ticket_key(ctx) == first
+    path.write_bytes(second)
+    keys.maybe_rotate(ctx)  # not looked at before TICKET_KEY_CHECK_S
+    assert mitmcompat.get_ticket_key(ctx) == first
+    now[0] += tls.TICKET_KEY_CHECK_S
+    keys.maybe_rotate(ctx)
+    assert mitmcompat.get_ticket_key(ctx) == second and "ticket key rotated" in caplog.text
+    path.write_bytes(b"too short")
+    now[0] += tls.TICKET_KEY_CHECK_S
+    keys.maybe_rotate(ctx)
+    assert mitmcompat.get_ticket_key(ctx) == second and "not 80; keeping the current key" in caplog.text
+    # without a file: one key for the life of the process (a config reload keeps sessions resumable)
+    keys.configure(None)
+    k1 = keys.key
+    keys.configure(None)
+    assert keys.key == k1 and len(k1) == 80
+    with pytest.raises(Exception, match="tls.session_ticket_key"):
+        keys.configure(path)
+
+
+def test_a_ticket_key_file_of_the_wrong_size_is_a_one_line_config_error(tmp_path):
+    from easgate.core.errors import ConfigError
+    from easgate.gateway.config import load_config
+    from easgate.tools.pki import generate_pki
+
+    pki = tmp_path / "pki"
+    generate_pki(pki)
+    (tmp_path / "ticket.key").write_bytes(b"x" * 48)
+    cfg = {"tls": {"certificate": str(pki / "gateway-full.pem"), "session_ticket_key": "ticket.key"},
+           "pools": {"mdm": {"servers": ["http://127.0.0.1:9"]}},
+           "routes": [{"name": "mdm", "match": "any", "pool": "mdm"}]}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "g.yaml")
+    assert "tls.session_ticket_key" in str(e.value) and "48 bytes, not 80" in str(e.value)
+    assert "openssl rand 80 >" in str(e.value) and "\n" not in str(e.value)

@@ -117,3 +117,64 @@ def test_a_cancelled_connect_reads_client_disconnected_or_connection_cancelled()
     assert mitmcompat.CANCELLED_CONNECT_ERRORS == {"client disconnected", "connection cancelled"}
     assert mitmcompat.connect_was_cancelled("client disconnected")
     assert not mitmcompat.connect_was_cancelled("[Errno 111] Connect call failed ('127.0.0.1', 9)")
+
+
+def _handshake(server: SSL.Connection, client: SSL.Connection) -> None:
+    """A TLS handshake between two in-memory connections (and the TLS 1.3 tickets after it)."""
+    for _ in range(20):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for a, b in ((client, server), (server, client)):
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        try:
+            client.recv(1)  # reads the session tickets a TLS 1.3 server sends after the handshake
+        except (SSL.WantReadError, SSL.ZeroReturnError):
+            pass
+    assert server.get_peer_finished() is not None and client.get_peer_finished() is not None
+
+
+def test_session_ticket_keys_are_set_through_ssl_ctx_ctrl_and_resume_across_contexts(pki):
+    """tls.py shares one ticket key between workers and nodes through SSL_CTX_ctrl, which the cffi
+    binding does not expose: found in cryptography's _rust extension's symbol table."""
+    import os
+
+    assert mitmcompat.ticket_keys_settable(), "SSL_CTX_ctrl not found: TLS sessions would not resume across workers"
+    key = os.urandom(80)
+    for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+        servers = []
+        for k in (key, key, os.urandom(80)):
+            ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+            ctx.use_certificate_chain_file(str(pki / "gateway-full.pem"))
+            ctx.use_privatekey_file(str(pki / "gateway-full.pem"))
+            ctx.set_session_id(b"easgate")
+            assert mitmcompat.set_ticket_key(ctx, k) and mitmcompat.get_ticket_key(ctx) == k
+            servers.append(ctx)
+        cctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        cctx.set_min_proto_version(version)
+        cctx.set_max_proto_version(version)
+        first = SSL.Connection(cctx)
+        first.set_connect_state()
+        server = SSL.Connection(servers[0])
+        server.set_accept_state()
+        _handshake(server, first)
+        session = first.get_session()
+        for ctx, want in ((servers[1], True), (servers[2], False)):
+            client = SSL.Connection(cctx)
+            client.set_connect_state()
+            client.set_session(session)
+            server = SSL.Connection(ctx)
+            server.set_accept_state()
+            _handshake(server, client)
+            assert bool(SSL._lib.SSL_session_reused(server._ssl)) is want, (version, want)
+    try:
+        mitmcompat.set_ticket_key(SSL.Context(SSL.TLS_SERVER_METHOD), b"short")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a key of the wrong length must be refused")

@@ -159,6 +159,79 @@ def test_sigterm_lets_a_request_in_flight_finish(procs, pki, mdm, tmp_path):
         slow.stop()
 
 
+def resumptions(port: int, pki: Path, version: ssl.TLSVersion, cert: str | None, n: int = 20) -> list[tuple]:
+    """One full handshake, then n new connections offering its session: per connection (resumed,
+    status, NSClientCert seen by the MDM, local port). The first connection's port comes first."""
+    ctx = client_context(pki, cert)
+    ctx.minimum_version = ctx.maximum_version = version
+    out: list[tuple] = []
+    session = None
+    for _ in range(n + 1):
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=HOSTNAME,
+                            session=session)
+        c = http.client.HTTPSConnection(HOSTNAME, port, context=ctx, timeout=10)
+        c.sock = s
+        r = request(port, "GET", "/enroll", pki, conn=c)  # TLS 1.3: the tickets arrive with the answer
+        out.append((s.session_reused, r.status, r.json()["NSClientCert"], s.getsockname()[1]))
+        session = session or s.session
+        c.close()
+    return out
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLS1.2", "TLS1.3"])
+def test_tls_sessions_resume_on_every_worker_and_certificates_are_verified_again(procs, pki, exchange, mdm, tmp_path,
+                                                                                 version):
+    cfg = base_config(pki, exchange, mdm)
+    cfg["tls"]["client_certs"]["on_invalid"] = "untrusted"  # a rogue certificate gets through, unverified
+    g = start_workers(procs, write_config(tmp_path, cfg))
+    good = resumptions(g.port, pki, version, "device-iphone")
+    assert good[0][0] is False and good[0][1] == 200 and good[0][2]  # the full handshake
+    assert [(reused, status) for reused, status, _, _ in good[1:]] == [(True, 200)] * 20
+    assert {header for _, _, header, _ in good} == {good[0][2]}  # the verified certificate, every time
+    workers = served_by(g, [port for *_, port in good])
+    assert set(workers.values()) == {1, 2}, workers  # resumed on the worker that did not issue the ticket too
+    # a rogue certificate's session resumes on either worker and is never taken for a verified one
+    rogue = resumptions(g.port, pki, version, "device-rogue", n=10)
+    assert all(reused for reused, *_ in rogue[1:]) and all(status == 200 for _, status, _, _ in rogue)
+    assert {header for _, _, header, _ in rogue} == {None}
+    assert len(set(served_by(g, [port for *_, port in rogue]).values())) == 2
+    assert "does not let easgate set TLS session ticket keys" not in g.output
+
+
+def test_nodes_sharing_a_ticket_key_file_resume_each_others_sessions(procs, pki, exchange, mdm, tmp_path):
+    """Two gateways (two "nodes") with one tls.session_ticket_key; a third with its own key does not."""
+    key = tmp_path / "ticket.key"
+    key.write_bytes(os.urandom(80))
+    gws = []
+    for name, ticket_key in (("a", key), ("b", key), ("c", None)):
+        cfg = base_config(pki, exchange, mdm)
+        if ticket_key:
+            cfg["tls"]["session_ticket_key"] = str(ticket_key)
+        (tmp_path / name).mkdir()
+        gws.append(procs(write_config(tmp_path / name, cfg)))
+    a, b, c = (g.wait_ready() for g in gws)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = client_context(pki, "device-iphone")
+        ctx.minimum_version = ctx.maximum_version = version
+        sessions = {}
+        for g in (a, c):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port), timeout=10), server_hostname=HOSTNAME)
+            conn = http.client.HTTPSConnection(HOSTNAME, g.port, context=ctx, timeout=10)
+            conn.sock = s
+            assert request(g.port, "GET", "/enroll", pki, conn=conn).status == 200
+            sessions[g] = s.session
+            conn.close()
+        for issued_by, to, want in ((a, b, True), (c, b, False), (a, c, False)):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", to.port), timeout=10), server_hostname=HOSTNAME,
+                                session=sessions[issued_by])
+            conn = http.client.HTTPSConnection(HOSTNAME, to.port, context=ctx, timeout=10)
+            conn.sock = s
+            r = request(to.port, "GET", "/enroll", pki, conn=conn)
+            assert (s.session_reused, r.status) == (want, 200), (version, issued_by.port, to.port)
+            assert r.json()["NSClientCert"]  # verified on the resumed connection as on a full one
+            conn.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # PROXY protocol
 

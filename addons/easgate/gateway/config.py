@@ -133,6 +133,8 @@ class TlsConfig:
     key: Path | None
     min_version: str = "TLS1_2"
     client_certs: ClientCerts = field(default_factory=ClientCerts)
+    # 80 bytes (`openssl rand 80`): TLS session tickets every node holding it can resume
+    session_ticket_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,7 @@ def _parse_tls(n: Node, base: Path) -> TlsConfig:
             "key": "a PEM private key file, when it is not inside 'certificate'",
             "min_version": "TLS1_2 or TLS1_3",
             "client_certs": "{mode: optional, ca: [device-ca.pem, root-ca.pem]}",
+            "session_ticket_key": "a file of 80 random bytes (openssl rand 80 > ticket.key) shared by the gateway nodes",
         },
         required=("certificate",),
     )
@@ -404,7 +407,16 @@ def _parse_tls(n: Node, base: Path) -> TlsConfig:
             raise cas.err("missing", "list the CA files that issue device certificates (device CA and root CA)")
         cc = ClientCerts(mode=mode, ca=tuple(t.file for t in trusted),
                          on_invalid=c.child("on_invalid").str("reject", ON_INVALID_CERT), trusted=trusted)
-    return TlsConfig(certificate=cert, key=key, min_version=minv, client_certs=cc)
+    tk = n.child("session_ticket_key")
+    ticket_key = tk.path(base)
+    if ticket_key is not None:
+        try:
+            size = ticket_key.stat().st_size
+        except OSError as e:
+            raise tk.err(f"{ticket_key}: {e.strerror}", "make it readable by the gateway") from None
+        if size != 80:
+            raise tk.err(f"{ticket_key} holds {size} bytes, not 80", f"write a new one: openssl rand 80 > {ticket_key}")
+    return TlsConfig(certificate=cert, key=key, min_version=minv, client_certs=cc, session_ticket_key=ticket_key)
 
 
 def _off_or(n: Node, default: str, choices: tuple[str, ...]) -> str:

@@ -11,12 +11,16 @@ changes one fails loudly there instead of silently here.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import logging
+import mmap
 import re
+import struct
 import time
 from collections.abc import Callable
 
+from cryptography.hazmat.bindings import _rust
 from mitmproxy import connection, ctx, http
 from mitmproxy.addons.tlsconfig import DEFAULT_HOSTFLAGS
 from mitmproxy.net.http import http1, status_codes
@@ -304,3 +308,94 @@ def patch_reverse_listener(reuse_port: bool, backlog: int) -> None:
         return [server]
 
     cls.listen = listen  # type: ignore[method-assign]
+
+
+# -- TLS session ticket keys ------------------------------------------------------------------
+# Relies on: pyOpenSSL's OpenSSL being the one linked statically into cryptography's
+# `_rust` extension (cryptography >= 42), whose ELF symbol table is kept (the wheel is not
+# stripped): `SSL_CTX_ctrl` is there as a local function. The cffi binding exposes neither
+# SSL_CTX_ctrl nor SSL_CTX_set_tlsext_ticket_keys nor the ticket key callback, so easgate finds
+# SSL_CTX_ctrl's address from that symbol table (relative to the exported PyInit__rust) and calls
+# it with SSL_CTRL_SET_TLSEXT_TICKET_KEYS: OpenSSL's own documented way of setting the key
+# (16 bytes name, 32 bytes HMAC secret, 32 bytes AES key). Checked before every use: the length
+# query must answer 80 and a set key must read back the same.
+
+SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+TICKET_KEY_LEN = 80
+_ticket_ctrl: object = None  # None: not looked up yet; False: unavailable
+
+
+def _elf_functions(path: str, names: set[str]) -> dict[str, int]:
+    """Address (st_value) of each named function in an ELF64 little-endian file's symbol tables."""
+    out: dict[str, int] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:6] != b"\x7fELF\x02\x01":
+            return out
+        (shoff,) = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+        secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        wanted = {n.encode() for n in names}
+        for _name, sh_type, _f, _a, off, size, link, _i, _al, entsize in secs:
+            if sh_type not in (2, 11) or not entsize:  # SHT_SYMTAB, SHT_DYNSYM
+                continue
+            stroff = secs[link][4]
+            for i in range(size // entsize):
+                st_name, st_info, _o, _s, st_value, _z = struct.unpack_from("<IBBHQQ", data, off + i * entsize)
+                if st_info & 0xF != 2 or not st_value:  # STT_FUNC, defined
+                    continue
+                end = data.find(b"\0", stroff + st_name)
+                n = data[stroff + st_name:end]
+                if n in wanted:
+                    out[n.decode()] = st_value
+    return out
+
+
+def _ticket_key_ctrl():
+    """SSL_CTX_ctrl as a cffi function pointer, or None when it can't be found and checked."""
+    global _ticket_ctrl
+    if _ticket_ctrl is None:
+        _ticket_ctrl = False
+        try:
+            syms = _elf_functions(_rust.__file__, {"SSL_CTX_ctrl", "PyInit__rust"})
+            if {"SSL_CTX_ctrl", "PyInit__rust"} <= syms.keys():
+                base = ctypes.cast(ctypes.CDLL(_rust.__file__).PyInit__rust, ctypes.c_void_p).value - syms["PyInit__rust"]
+                fn = SSL._ffi.cast("long (*)(SSL_CTX *, int, long, void *)",  # type: ignore[attr-defined]
+                                   base + syms["SSL_CTX_ctrl"])
+                probe = SSL.Context(SSL.TLS_SERVER_METHOD)
+                if fn(probe._context, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, SSL._ffi.NULL) == TICKET_KEY_LEN:  # type: ignore[attr-defined]
+                    _ticket_ctrl = fn
+        except Exception as e:  # pragma: no cover - depends on the installed wheel
+            logger.debug(f"easgate: SSL_CTX_ctrl not found: {e}")
+    return _ticket_ctrl or None
+
+
+def ticket_keys_settable() -> bool:
+    return _ticket_key_ctrl() is not None
+
+
+def set_ticket_key(ctx: SSL.Context, key: bytes) -> bool:
+    """Make `ctx` encrypt and decrypt TLS session tickets (TLS 1.2 and 1.3) with `key` (80 bytes),
+    so that every process holding the same key resumes every other's sessions. False (nothing
+    changed) when this OpenSSL build does not let easgate set it."""
+    if len(key) != TICKET_KEY_LEN:
+        raise ValueError(f"a session ticket key is {TICKET_KEY_LEN} bytes, not {len(key)}")
+    fn = _ticket_key_ctrl()
+    if fn is None:
+        return False
+    ffi = SSL._ffi  # type: ignore[attr-defined]
+    buf = ffi.new("unsigned char[]", key)
+    if fn(ctx._context, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEY_LEN, buf) != 1:
+        return False
+    return get_ticket_key(ctx) == key
+
+
+def get_ticket_key(ctx: SSL.Context) -> bytes | None:
+    fn = _ticket_key_ctrl()
+    if fn is None:
+        return None
+    ffi = SSL._ffi  # type: ignore[attr-defined]
+    out = ffi.new(f"unsigned char[{TICKET_KEY_LEN}]")
+    if fn(ctx._context, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, TICKET_KEY_LEN, out) != 1:
+        return None
+    return bytes(out)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
+import os
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,110 @@ from . import mitmcompat, revocation
 from .config import TlsConfig, TrustedCa
 
 logger = logging.getLogger(__name__)
+
+# The supervisor of `easgate run --workers N` hands its workers one session ticket key through an
+# inherited memfd named by this variable (never the key itself in the environment).
+TICKET_KEY_FD_ENV = "EASGATE_TICKET_KEY_FD"
+TICKET_KEY_CHECK_S = 10.0  # how often a configured key file is looked at for a rotation
+
+
+def inherited_ticket_key() -> bytes | None:
+    fd = os.environ.get(TICKET_KEY_FD_ENV, "")
+    if not fd.isdigit():
+        return None
+    try:
+        key = os.pread(int(fd), mitmcompat.TICKET_KEY_LEN + 1, 0)
+    except OSError:
+        return None
+    return key if len(key) == mitmcompat.TICKET_KEY_LEN else None
+
+
+def read_ticket_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != mitmcompat.TICKET_KEY_LEN:
+        raise ValueError(f"{path} holds {len(key)} bytes, not {mitmcompat.TICKET_KEY_LEN}")
+    return key
+
+
+class TicketKeys:
+    """Which key this process encrypts and decrypts TLS session tickets with (TLS 1.2 and 1.3).
+
+    OpenSSL makes a random key per context: a reconnect that lands on another worker (SO_REUSEPORT
+    spreads connections by their addresses), on another node, or after a config reload, gets a
+    full handshake. So the key is, in this order: `tls.session_ticket_key` (a file the operator
+    shares between nodes and rotates, like nginx's ssl_session_ticket_key), the key the supervisor
+    gave all its workers, or one random key for the life of this process. A resumed session still
+    gets its client certificate verified again (TlsOffload), like a full handshake.
+    """
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.file: Path | None = None
+        self.key: bytes | None = None
+        self.source = ""
+        self._stamp: tuple | None = None
+        self._next_check = 0.0
+        self._process_key: bytes | None = None
+        self._warned = False
+
+    def configure(self, path: Path | None) -> None:
+        """Choose the key for the contexts built from now on (ConfigError if the file is bad)."""
+        if path is not None:
+            try:
+                self.key, self._stamp = read_ticket_key(path), self._stat(path)
+            except (OSError, ValueError) as e:
+                raise ConfigError(None, "tls.session_ticket_key", str(e),
+                                  f"write a new key: openssl rand 80 > {path}") from None
+            self.file, self.source = path, str(path)
+            self._next_check = self.clock() + TICKET_KEY_CHECK_S
+            return
+        self.file = None
+        inherited = inherited_ticket_key()
+        if inherited is not None:
+            self.key, self.source = inherited, "shared by this gateway's workers"
+        else:
+            if self._process_key is None:
+                self._process_key = os.urandom(mitmcompat.TICKET_KEY_LEN)
+            self.key, self.source = self._process_key, "this process"
+
+    def install(self, ctx: SSL.Context) -> bool:
+        if self.key is None:
+            return False
+        if mitmcompat.set_ticket_key(ctx, self.key):
+            return True
+        if not self._warned:
+            self._warned = True
+            logger.warning("easgate: this OpenSSL build does not let easgate set TLS session ticket keys: a client "
+                           "resumes its session only on the worker (and node) that issued it")
+        return False
+
+    def maybe_rotate(self, ctx: SSL.Context) -> None:
+        """Pick up a new key file (checked every TICKET_KEY_CHECK_S): tickets under the old key then
+        get a full handshake once, as with nginx when a key leaves ssl_session_ticket_key."""
+        if self.file is None or self.clock() < self._next_check:
+            return
+        self._next_check = self.clock() + TICKET_KEY_CHECK_S
+        stamp = self._stat(self.file)
+        if stamp == self._stamp:
+            return
+        try:
+            key = read_ticket_key(self.file)
+        except (OSError, ValueError) as e:
+            logger.error(f"easgate: tls.session_ticket_key: {e}; keeping the current key")
+            return
+        self._stamp = stamp
+        if key != self.key:
+            self.key = key
+            if self.install(ctx):
+                logger.info(f"easgate: TLS session ticket key rotated from {self.file}")
+
+    @staticmethod
+    def _stat(path: Path) -> tuple | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 NO_CERT = "none"
 VERIFIED = "verified"
@@ -251,9 +357,13 @@ class TlsOffload:
         self.verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.generation = 0
         self.revocation_stats: dict[str, int] = revocation.new_stats()
+        self.tickets = TicketKeys()
 
     def apply(self, cfg) -> None:
-        self.context, self.verifier = build_client_context(cfg.tls, self.revocation_stats)
+        self.tickets.configure(cfg.tls.session_ticket_key)
+        context, verifier = build_client_context(cfg.tls, self.revocation_stats)
+        self.tickets.install(context)
+        self.context, self.verifier = context, verifier
         self.mode = cfg.tls.client_certs.mode
         self.on_invalid = cfg.tls.client_certs.on_invalid
         # Open connections get their verdict recomputed against the new config when next asked;
@@ -264,6 +374,7 @@ class TlsOffload:
         # Always replace whatever mitmproxy's TlsConfig prepared: its CA must never face a client.
         if self.context is None:
             raise RuntimeError("easgate TLS is not configured")
+        self.tickets.maybe_rotate(self.context)
         conn = SSL.Connection(self.context)
         conn.set_accept_state()
         tls_start.ssl_conn = conn

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 from ..gateway import mitmcompat
+from ..gateway.tls import TICKET_KEY_FD_ENV
 
 logger = logging.getLogger("easgate")
 
@@ -196,13 +197,19 @@ class Supervisor:
         self.ready_r, self.ready_w = os.pipe()
         os.set_blocking(self.ready_r, False)
         self._buf = b""
+        # One TLS session ticket key for all workers (and their restarts), so that a client resumes
+        # its session whichever worker the kernel hands its reconnect to; in an anonymous memory
+        # file the workers inherit, never on disk or in the environment. A configured
+        # tls.session_ticket_key takes precedence in the workers.
+        self.ticket_key_fd = os.memfd_create("easgate-ticket-key")
+        os.write(self.ticket_key_fd, os.urandom(mitmcompat.TICKET_KEY_LEN))
 
     # -- processes ---------------------------------------------------------------------------
 
     def _spawn(self, w: _Worker) -> None:
         env = dict(os.environ, EASGATE_READY_FD=str(self.ready_w), EASGATE_SUPERVISOR_PID=str(os.getpid()),
-                   PYTHONUNBUFFERED="1", **self.env)
-        w.proc = subprocess.Popen(self.worker_argv(w.index), env=env, pass_fds=(self.ready_w,),
+                   PYTHONUNBUFFERED="1", **self.env, **{TICKET_KEY_FD_ENV: str(self.ticket_key_fd)})
+        w.proc = subprocess.Popen(self.worker_argv(w.index), env=env, pass_fds=(self.ready_w, self.ticket_key_fd),
                                   stdin=subprocess.DEVNULL, process_group=0)
         w.started = time.monotonic()
         w.ready = False
