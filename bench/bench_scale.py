@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "addons"))
 
 import yaml
 
-from easgate.runtime.workers import raise_fd_limit
+from easgate.gateway.connections import raise_fd_limit
 from easgate.tools.pki import generate_pki
 
 HOSTNAME = "mail.example.test"

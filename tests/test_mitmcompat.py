@@ -178,3 +178,9 @@ def test_session_ticket_keys_are_set_through_ssl_ctx_ctrl_and_resume_across_cont
         pass
     else:
         raise AssertionError("a key of the wrong length must be refused")
+
+
+def test_release_buffers_sets_the_mode_on_one_connection():
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    mitmcompat.release_buffers(conn)
+    assert SSL._lib.SSL_set_mode(conn._ssl, 0) & SSL.MODE_RELEASE_BUFFERS  # SSL_set_mode returns the mode

@@ -410,6 +410,13 @@ class UpstreamPools:
         if entry is not None:
             self.gw.switch.balancer.mark_up(entry[1], entry[0])
 
+    def tls_established_server(self, data) -> None:
+        """Free the read/write buffers of idle upstream connections too, as the client side does: a
+        held Ping's Exchange connection is idle for up to an hour. Only once the handshake is done:
+        set on the context, it broke handshakes with servers that send TLS 1.3 tickets."""
+        if data.ssl_conn is not None:
+            mitmcompat.release_buffers(data.ssl_conn)
+
     def tls_start_server(self, tls_start) -> None:
         server = tls_start.conn
         entry = self.by_address.get(server.address[:2]) if server.address else None

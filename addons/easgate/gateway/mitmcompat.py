@@ -288,6 +288,11 @@ def verify_upstream_name(conn: SSL.Connection, sni: str) -> None:
     SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
 
 
+def release_buffers(conn: SSL.Connection) -> None:
+    """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only)."""
+    SSL._lib.SSL_set_mode(conn._ssl, SSL.MODE_RELEASE_BUFFERS)  # type: ignore[attr-defined]
+
+
 # -- the listener -----------------------------------------------------------------------------
 # Relies on: mode_servers.ReverseInstance.listen(host, port) returning a list of asyncio servers,
 # and .handle_stream(reader, writer) as the connection callback.
