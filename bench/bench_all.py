@@ -1,0 +1,448 @@
+"""Everything issue 18 asks, side by side in one run: nginx doing the same job, bare mitmdump, the lean
+master without easgate's addons, easgate with 1 and 2 workers.
+
+    apt-get install -y wrk nginx-light openssl
+    .venv/bin/python bench/bench_all.py                    # ~13 min on 2 cores; prints markdown
+    .venv/bin/python bench/bench_all.py --write            # and appends it to bench/RESULTS.md (clean tree only)
+    .venv/bin/python bench/bench_all.py --smoke            # tiny durations: proves it runs (~2 min), numbers meaningless
+
+Contenders (all HTTPS on 127.0.0.1, the demo PKI's gateway certificate, nginx upstreams as in
+bench_scale.py: an HTTP MDM and an HTTPS Exchange):
+
+* `nginx`: one worker doing the gateway's job: TLS offload with an optional client certificate
+  (device CA), `/Microsoft-Server-ActiveSync` to Exchange over verified HTTPS, the rest to the MDM
+  with `NSClientCert: $ssl_client_escaped_cert`, kept-alive upstream connections, session tickets.
+* `mitmdump`: stock mitmdump as a bare reverse proxy (one instance per upstream: it can't route).
+* `lean-bare`: easgate's lean master without easgate's addons (bench/lean_bare.py), one per upstream.
+* `easgate-1`, `easgate-2`: `easgate run --workers 1|2` with the ActiveSync route authorized
+  (policy file, decision cache, audit line) and the MDM route with the client-certificate header.
+
+Modes (each contender idle while another is measured; rounds alternate; medians):
+
+1. `keepalive`: wrk -t1 -c32, MDM GET and cached ActiveSync POST: CPU seconds of the contender's
+   processes per 1,000 requests, req/s.
+2. `handshakes`: `openssl s_time` clients (blocking, one handshake at a time each: no client spins
+   on pending handshakes), new TLS connection per request (`-new`, full handshakes) and resumed
+   ones (`-reuse`), TLS 1.2 and 1.3: connections/s and the contender's CPU per 1,000 connections;
+   for nginx and easgate-1 also with an RSA-2048 gateway certificate instead of ECDSA P-256.
+3. `resumption`: one full handshake with `openssl s_client -sess_out`, then 20 reconnects with
+   `-sess_in`: how many resumed (TLS 1.2 and 1.3).
+4. `memory`: N held ActiveSync Pings (an HTTPS upstream that holds each Ping): RSS per held Ping.
+
+Not a test: nothing here asserts; it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_scale as bs  # noqa: E402  (the processes, nginx upstreams, wrk and held-Ping helpers)
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+
+from easgate.gateway.connections import raise_fd_limit  # noqa: E402
+from easgate.tools.pki import generate_pki  # noqa: E402
+
+ROOT = bs.ROOT
+HOSTNAME = bs.HOSTNAME
+MDM_PATH = "/enroll"
+
+NGINX_GW = """
+worker_processes 1;
+daemon off;
+pid {d}/nginx-gw.pid;
+error_log {d}/nginx-gw-error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 3660s;
+    client_body_temp_path {d}/gw-body;
+    proxy_temp_path {d}/gw-proxy;
+    fastcgi_temp_path {d}/gw-fastcgi;
+    uwsgi_temp_path {d}/gw-uwsgi;
+    scgi_temp_path {d}/gw-scgi;
+    upstream mdm {{ server 127.0.0.1:{mdm}; keepalive 64; }}
+    upstream exchange {{ server 127.0.0.1:{exchange}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port} ssl reuseport;
+        ssl_certificate {cert};
+        ssl_certificate_key {cert};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_verify_client optional;
+        ssl_client_certificate {pki}/device-cas.pem;
+        ssl_session_tickets on;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_read_timeout 3660s;
+        location /Microsoft-Server-ActiveSync {{
+            proxy_pass https://exchange;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {pki}/internal-ca.pem;
+            proxy_ssl_name exchange.internal;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+        }}
+        location / {{
+            proxy_set_header NSClientCert $ssl_client_escaped_cert;
+            proxy_pass http://mdm;
+        }}
+    }}
+}}
+"""
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def rsa_gateway(pki: Path) -> Path:
+    """The demo gateway certificate again, with an RSA-2048 key (same names, same CA)."""
+    full = (pki / "gateway-full.pem").read_bytes()
+    certs = x509.load_pem_x509_certificates(full)
+    ca_key = serialization.load_pem_private_key((pki / "public-ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((pki / "public-ca.pem").read_bytes())
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf = certs[0]
+    b = (x509.CertificateBuilder().subject_name(leaf.subject).issuer_name(ca.subject).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(leaf.not_valid_before_utc)
+         .not_valid_after(leaf.not_valid_after_utc))
+    for ext in leaf.extensions:
+        if isinstance(ext.value, x509.KeyUsage):
+            ku = ext.value
+            b = b.add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), ext.critical) \
+                if ku.digital_signature else b.add_extension(ku, ext.critical)
+        elif isinstance(ext.value, x509.SubjectKeyIdentifier):
+            b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), ext.critical)
+        else:
+            b = b.add_extension(ext.value, ext.critical)
+    cert = b.sign(ca_key, hashes.SHA256())
+    out = pki / "gateway-rsa-full.pem"
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                    + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[1:])
+                    + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    out.chmod(0o600)
+    return out
+
+
+class Contender:
+    """One thing under test: its processes and the ports of its MDM and ActiveSync routes."""
+
+    def __init__(self, name: str, procs: list[bs.Proc], mdm_port: int, as_port: int) -> None:
+        self.name, self.procs, self.mdm_port, self.as_port = name, procs, mdm_port, as_port
+
+    def pids(self) -> list[int]:
+        return [p for proc in self.procs for p in proc.pids()]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+def start_contenders(d: Path, pki: Path, mdm: int, exchange: int, cert: Path, names: list[str]) -> dict[str, Contender]:
+    out: dict[str, Contender] = {}
+    mdm_url, ex_url = f"http://127.0.0.1:{mdm}", f"https://127.0.0.1:{exchange}"
+    tag = cert.stem
+    for name in names:
+        if name == "nginx":
+            port = bs.free_port()
+            conf = d / f"nginx-gw-{tag}.conf"
+            conf.write_text(NGINX_GW.format(d=d, mdm=mdm, exchange=exchange, port=port, cert=cert, pki=pki))
+            p = bs.Proc("nginx-gw", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(d)])
+            wait_port(port)
+            out[name] = Contender(name, [p], port, port)
+        elif name in ("mitmdump", "lean-bare"):
+            procs = []
+            for up in (mdm_url, ex_url):
+                argv = ([str(bs.BIN / "mitmdump"), "--set", "flow_detail=0"] if name == "mitmdump"
+                        else [bs.PY, str(ROOT / "bench" / "lean_bare.py")])
+                argv += ["--mode", f"reverse:{up}@127.0.0.1:0", "--certs", f"*={cert}", "--set", "ssl_insecure=true",
+                         "--set", f"confdir={d / ('conf-' + name)}"]
+                procs.append(bs.Proc(name, argv))
+            ports = [p.wait_listening(1) for p in procs]
+            out[name] = Contender(name, procs, ports[0], ports[1])
+        else:  # easgate-N
+            workers = name.split("-")[1]
+            cfg = bs.gateway_config(d, pki, mdm_url, ex_url, f"{name}-{tag}")
+            text = cfg.read_text().replace(str(pki / "gateway-full.pem"), str(cert))
+            cfg.write_text(text)
+            p = bs.Proc(name, [str(bs.BIN / "easgate"), "run", str(cfg), "--workers", workers, "--grace", "1"])
+            port = p.wait_listening(int(workers))
+            out[name] = Contender(name, [p], port, port)
+    return out
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}")
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. keep-alive CPU per request
+
+
+def keepalive(cs: dict[str, Contender], d: Path, duration: float, rounds: int) -> dict:
+    cases = [(n, route) for n in cs for route in ("mdm", "activesync")]
+    runs: dict[tuple, list] = {c: [] for c in cases}
+    for name, route in cases:  # warm-up
+        c = cs[name]
+        bs.wrk(c.mdm_port if route == "mdm" else c.as_port, MDM_PATH if route == "mdm" else bs.AS_PATH, d,
+               min(2, duration), route == "activesync")
+    for _ in range(rounds):
+        for name, route in cases:
+            c = cs[name]
+            pids = c.pids()
+            c0 = bs.cpu_seconds(pids)
+            r = bs.wrk(c.mdm_port if route == "mdm" else c.as_port, MDM_PATH if route == "mdm" else bs.AS_PATH, d,
+                       duration, route == "activesync", ours=pids)
+            r["cpu_per_1k"] = (bs.cpu_seconds(pids) - c0) * 1000 / max(1, r["requests"])
+            runs[(name, route)].append(r)
+            print(f"  keepalive {name:10} {route:10} {r['rps']:8.0f} req/s {r['cpu_per_1k']:.3f} s CPU/1k "
+                  f"other load {r['foreign']:.2f}", file=sys.stderr, flush=True)
+    return {k: {"rps": statistics.median(x["rps"] for x in v), "cpu_per_1k": statistics.median(x["cpu_per_1k"] for x in v),
+                "errors": sum(x["non2xx"] for x in v), "foreign": max(x["foreign"] for x in v)} for k, v in runs.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. handshakes with openssl s_time
+
+
+def s_time(port: int, pki: Path, seconds: float, mode: str, version: str, clients: int) -> int:
+    """Connections completed by `clients` parallel `openssl s_time` processes in `seconds`."""
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-CAfile",
+            str(pki / "public-ca.pem"), f"-{version}", f"-{mode}", "-time", str(max(1, int(seconds))),
+            "-www", MDM_PATH]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(clients)]
+    total = 0
+    for p in procs:
+        out = p.communicate()[0]
+        m = re.search(r"(\d+) connections in [\d.]+s", out)
+        total += int(m[1]) if m else 0
+    return total
+
+
+def handshakes(sets: dict[str, dict[str, Contender]], pki: Path, seconds: float, rounds: int, clients: int) -> dict:
+    results: dict[tuple, list] = {}
+    for _ in range(rounds):
+        for cert, cs in sets.items():
+            for name, c in cs.items():
+                for version in ("tls1_2", "tls1_3"):
+                    for mode in ("new", "reuse"):
+                        if cert != "ecdsa" and (version, mode) != ("tls1_3", "new"):
+                            continue  # the certificate only matters for full handshakes
+                        pids = c.pids()
+                        c0, t0 = bs.cpu_seconds(pids), time.monotonic()
+                        n = s_time(c.mdm_port, pki, seconds, mode, version, clients)
+                        el = time.monotonic() - t0
+                        cpu = bs.cpu_seconds(pids) - c0
+                        results.setdefault((name, cert, version, mode), []).append(
+                            {"cps": n / el, "cpu_per_1k": cpu * 1000 / max(1, n)})
+                        print(f"  handshakes {name:10} {cert:5} {version} {mode:5} {n / el:7.0f}/s "
+                              f"{cpu * 1000 / max(1, n):.2f} s CPU/1k", file=sys.stderr, flush=True)
+    return {k: {"cps": statistics.median(x["cps"] for x in v), "cpu_per_1k": statistics.median(x["cpu_per_1k"] for x in v)}
+            for k, v in results.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. resumption with openssl s_client
+
+
+def resumptions(port: int, pki: Path, version: str, d: Path, n: int = 20) -> int:
+    sess = d / f"sess-{port}-{version}.pem"
+    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", HOSTNAME, "-CAfile",
+            str(pki / "public-ca.pem"), f"-{version}", "-ign_eof"]
+    req = f"GET {MDM_PATH} HTTP/1.1\r\nHost: {HOSTNAME}\r\nConnection: close\r\n\r\n"
+    subprocess.run(base + ["-sess_out", str(sess)], input=req, capture_output=True, text=True, timeout=30)
+    ok = 0
+    for _ in range(n):
+        p = subprocess.run(base + ["-sess_in", str(sess)], input=req, capture_output=True, text=True, timeout=30)
+        ok += "Reused," in p.stdout
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. memory per held Ping
+
+
+def held_memory(c: Contender, pki: Path, n: int, hold: bs.HoldServer) -> dict:
+    pids = c.pids()
+    asyncio.run(bs.probe(c.mdm_port, pki, 1))  # warm: every process has served something
+    rss0 = bs.rss_bytes(pids)
+    base_held = hold.held
+    conns: list = []
+
+    async def go() -> tuple[int, int]:
+        failures = await bs.open_pings(c.as_port, pki, n, conns)
+        deadline = time.monotonic() + 120
+        while hold.held - base_held < n - failures and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(1)
+        rss1 = bs.rss_bytes(pids)
+        held = hold.held - base_held
+        for _, w in conns:
+            w.close()
+        await asyncio.sleep(1)
+        return rss1, held
+
+    rss1, held = asyncio.run(go())
+    deadline = time.monotonic() + 30
+    while hold.held > base_held and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {"held": held, "per_ping_kb": (rss1 - rss0) / max(1, held) / 1024, "rss0_mb": rss0 / 2**20}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def report(args, commit: str, dirty: bool, ka, hs, res, mem, started: float) -> str:
+    o = [f"## All of issue 18 side by side (bench/bench_all.py, {time.strftime('%Y-%m-%d')}, commit {commit}"
+         f"{' + uncommitted changes' if dirty else ''})", "",
+         f"Machine: {bs.machine()}; load average at the start {os.getloadavg()[0]:.1f}; the run took "
+         f"{(time.monotonic() - started) / 60:.1f} min.", ""]
+    names = args.contenders
+    if ka:
+        o += [f"Keep-alive (wrk -t1 -c32 -d{args.duration:g}s, median of {args.rounds}): CPU seconds per 1,000 "
+              "requests of the contender's processes (req/s).", "",
+              "| route | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for route in ("mdm", "activesync"):
+            o.append(f"| {route} | " + " | ".join(
+                f"{ka[(n, route)]['cpu_per_1k']:.3f} s ({ka[(n, route)]['rps']:,.0f})" for n in names) + " |")
+        base = "lean-bare"
+        if base in names and "easgate-1" in names:
+            for route in ("mdm", "activesync"):
+                share = ka[("easgate-1", route)]["cpu_per_1k"] / max(1e-9, ka[(base, route)]["cpu_per_1k"]) - 1
+                o.append("")
+                o.append(f"- easgate's own share on the {route} route: {share:+.0%} CPU per request over the lean "
+                         f"master without its addons (target: <= +15%).")
+        o.append("")
+    if hs:
+        o += [f"New TLS connections (`openssl s_time`, {args.clients} clients, {args.hs_seconds:g} s each, one GET "
+              "per connection): connections/s (CPU seconds per 1,000 connections). ECDSA P-256 gateway "
+              "certificate unless it says RSA-2048.", "",
+              "| handshake | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for cert, version, mode in (("ecdsa", "tls1_3", "new"), ("ecdsa", "tls1_2", "new"), ("ecdsa", "tls1_3", "reuse"),
+                                    ("ecdsa", "tls1_2", "reuse"), ("rsa", "tls1_3", "new")):
+            label = f"{'full' if mode == 'new' else 'resumed'} {version.replace('_', '.').upper()} {'RSA-2048' if cert == 'rsa' else 'ECDSA'}"
+            o.append(f"| {label} | " + " | ".join(
+                f"{hs[(n, cert, version, mode)]['cps']:,.0f} ({hs[(n, cert, version, mode)]['cpu_per_1k']:.2f} s)"
+                if (n, cert, version, mode) in hs else "-" for n in names) + " |")
+        if ("easgate-2", "ecdsa", "tls1_3", "new") in hs and ("easgate-1", "ecdsa", "tls1_3", "new") in hs:
+            r = hs[("easgate-2", "ecdsa", "tls1_3", "new")]["cps"] / max(1e-9, hs[("easgate-1", "ecdsa", "tls1_3", "new")]["cps"])
+            o += ["", f"- 2 workers / 1 worker, full TLS 1.3 handshakes: {r:.2f}x (target: >= 1.4x)."]
+        if ("nginx", "ecdsa", "tls1_3", "new") in hs and ("easgate-1", "ecdsa", "tls1_3", "new") in hs:
+            per_core = hs[("nginx", "ecdsa", "tls1_3", "new")]["cpu_per_1k"] / max(1e-9, hs[("easgate-1", "ecdsa", "tls1_3", "new")]["cpu_per_1k"])
+            o += [f"- easgate / nginx on new connections per core (CPU per connection): {per_core:.2f}x (target: >= 0.25x)."]
+        o.append("")
+    if res:
+        o += ["TLS session resumption (`openssl s_client -sess_out`, then 20 x `-sess_in`): reconnects that resumed.", "",
+              "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for version in ("tls1_2", "tls1_3"):
+            o.append(f"| {version.replace('_', '.').upper()} | " + " | ".join(f"{res[(n, version)]}/20" for n in names) + " |")
+        o.append("")
+    if mem:
+        o += [f"Memory per held ActiveSync Ping ({args.pings:,} held through each, an HTTPS upstream holding them): "
+              "RSS growth of the contender's processes / held Pings.", "",
+              "| | " + " | ".join(mem) + " |", "|---|" + "---:|" * len(mem),
+              "| per held Ping | " + " | ".join(f"{m['per_ping_kb']:.1f} KB" for m in mem.values()) + " |",
+              "| held | " + " | ".join(f"{m['held']:,}" for m in mem.values()) + " |", ""]
+    return "\n".join(o)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10, help="seconds per wrk measurement")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hs-seconds", type=float, default=8, help="seconds per s_time measurement")
+    ap.add_argument("--hs-rounds", type=int, default=1)
+    ap.add_argument("--clients", type=int, default=4, help="parallel openssl s_time clients")
+    ap.add_argument("--pings", type=int, default=2000)
+    ap.add_argument("--contenders", nargs="+", default=["nginx", "mitmdump", "lean-bare", "easgate-1", "easgate-2"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["keepalive", "handshakes", "resumption", "memory"])
+    ap.add_argument("--smoke", action="store_true", help="tiny durations, to see that it runs")
+    ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md (clean tree only)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.duration, args.rounds, args.hs_seconds, args.hs_rounds, args.pings = 1, 1, 1, 1, 50
+    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain"))
+    if args.write and (dirty or args.smoke):
+        print("bench_all: --write needs a clean tree (commit first) and no --smoke: RESULTS.md names the commit "
+              "its numbers come from", file=sys.stderr)
+        return 2
+    for tool in ("wrk", "nginx", "openssl"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            print(f"bench_all: needs {tool} (apt-get install wrk nginx-light openssl)", file=sys.stderr)
+            return 2
+    raise_fd_limit()
+    started = time.monotonic()
+    ka = hs = res = mem = None
+    with tempfile.TemporaryDirectory(prefix="easgate-bench-all-") as tmp:
+        d = Path(tmp)
+        pki = d / "pki"
+        generate_pki(pki)
+        rsa_cert = rsa_gateway(pki)
+        upstreams, mdm, exchange = bs.start_nginx(d, pki)
+        hold = bs.HoldServer(d, pki)
+        sets: dict[str, dict[str, Contender]] = {}
+        try:
+            sets["ecdsa"] = start_contenders(d, pki, mdm, exchange, pki / "gateway-full.pem", args.contenders)
+            cs = sets["ecdsa"]
+            if "keepalive" not in args.skip:
+                ka = keepalive(cs, d, args.duration, args.rounds)
+            if "resumption" not in args.skip:
+                res = {(n, v): resumptions(c.mdm_port, pki, v, d) for n, c in cs.items() for v in ("tls1_2", "tls1_3")}
+            if "handshakes" not in args.skip:
+                sets["rsa"] = start_contenders(d, pki, mdm, exchange, rsa_cert,
+                                               [n for n in args.contenders if n in ("nginx", "easgate-1")])
+                hs = handshakes(sets, pki, args.hs_seconds, args.hs_rounds, args.clients)
+            if "memory" not in args.skip:
+                for s in sets.values():
+                    for c in s.values():
+                        c.stop()
+                mem = {}
+                for name in [n for n in args.contenders if n in ("nginx", "mitmdump", "easgate-1")]:
+                    one = start_contenders(d, pki, mdm, hold.port, pki / "gateway-full.pem", [name])[name]
+                    try:
+                        mem[name] = held_memory(one, pki, args.pings, hold)
+                    finally:
+                        one.stop()
+                    print(f"  memory {name:10} {mem[name]['per_ping_kb']:.1f} KB per held Ping", file=sys.stderr, flush=True)
+        finally:
+            for s in sets.values():
+                for c in s.values():
+                    c.stop()
+            hold.stop()
+            upstreams.stop()
+    text = report(args, commit, dirty, ka, hs, res, mem, started)
+    print(text)
+    if args.write:
+        results = ROOT / "bench" / "RESULTS.md"
+        with open(results, "a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
