@@ -12,8 +12,10 @@ bench_scale.py: an HTTP MDM and an HTTPS Exchange):
 * `nginx`: one worker doing the gateway's job: TLS offload with an optional client certificate
   (device CA), `/Microsoft-Server-ActiveSync` to Exchange over verified HTTPS, the rest to the MDM
   with `NSClientCert: $ssl_client_escaped_cert`, kept-alive upstream connections, session tickets.
-* `mitmdump`: stock mitmdump as a bare reverse proxy (one instance per upstream: it can't route).
-* `lean-bare`: easgate's lean master without easgate's addons (bench/lean_bare.py), one per upstream.
+* `mitmdump`: stock mitmdump as a bare reverse proxy (one instance per upstream: it can't route;
+  `ssl_insecure`, the Exchange certificate is not verified, which favours it).
+* `lean-bare`: easgate's lean master without easgate's addons (bench/lean_bare.py), one per upstream,
+  mitmproxy's TlsConfig serving the certificate, also `ssl_insecure`.
 * `easgate-1`, `easgate-2`: `easgate run --workers 1|2` with the ActiveSync route authorized
   (policy file, decision cache, audit line) and the MDM route with the client-certificate header.
 
@@ -330,17 +332,18 @@ def report(args, commit: str, dirty: bool, ka, hs, res, mem, started: float) -> 
         for route in ("mdm", "activesync"):
             o.append(f"| {route} | " + " | ".join(
                 f"{ka[(n, route)]['cpu_per_1k']:.3f} s ({ka[(n, route)]['rps']:,.0f})" for n in names) + " |")
+        o.append("")
         base = "lean-bare"
         if base in names and "easgate-1" in names:
             for route in ("mdm", "activesync"):
                 share = ka[("easgate-1", route)]["cpu_per_1k"] / max(1e-9, ka[(base, route)]["cpu_per_1k"]) - 1
-                o.append("")
                 o.append(f"- easgate's own share on the {route} route: {share:+.0%} CPU per request over the lean "
                          f"master without its addons (target: <= +15%).")
         o.append("")
     if hs:
         o += [f"New TLS connections (`openssl s_time`, {args.clients} clients, {args.hs_seconds:g} s each, one GET "
-              "per connection): connections/s (CPU seconds per 1,000 connections). ECDSA P-256 gateway "
+              "per connection, HTTP/1.0 without Host: s_time's own request): connections/s (CPU seconds per 1,000 "
+              "connections; each connection also costs the proxies an upstream connection). ECDSA P-256 gateway "
               "certificate unless it says RSA-2048.", "",
               "| handshake | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for cert, version, mode in (("ecdsa", "tls1_3", "new"), ("ecdsa", "tls1_2", "new"), ("ecdsa", "tls1_3", "reuse"),
