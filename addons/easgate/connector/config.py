@@ -13,17 +13,23 @@ class ConnectorConfig:
     path: Path
     host: str
     port: int
-    inventory: Path
+    inventory: Path | str  # a SQLite file, or a postgresql:// URL (str)
     policy: Path | None
     decision_log: Path | None
 
 
 CONFIG_KEYS = {
     "listen": "{host: 127.0.0.1, port: 9080}",
-    "inventory": "the SQLite device inventory, e.g. ../state/devices.db (created if missing)",
+    "inventory": "the SQLite device inventory, e.g. ../state/devices.db (created if missing), "
+                 "or postgresql://user:pw@host/db to share it between connectors (easgate[cluster])",
     "policy": "a policy file like policies/activesync-policy.yaml (mode and allow/deny lists)",
     "decision_log": "a JSON-lines file, one line per decision",
 }
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower().startswith(POSTGRES_SCHEMES)
 
 
 def load_connector_config(path: str | Path) -> ConnectorConfig:
@@ -33,11 +39,15 @@ def load_connector_config(path: str | Path) -> ConnectorConfig:
     root.mapping(CONFIG_KEYS, required=("inventory",))
     host, port = parse_listen(root, 9080)
     base = path.parent
-    inv = root.child("inventory").path(base, must_exist=False)
-    if inv.exists() and not inv.is_file():
-        raise root.child("inventory").err(f"{inv} is not a file", "name the SQLite file, e.g. ../state/devices.db")
+    node = root.child("inventory")
+    inv: Path | str
+    if is_postgres_url(node.value):
+        inv = node.value.strip()
+    else:
+        inv = node.path(base, must_exist=False)
+        if inv.exists() and not inv.is_file():
+            raise node.err(f"{inv} is not a file", "name the SQLite file, e.g. ../state/devices.db, "
+                           "or a postgresql://user:pw@host/db URL")
     return ConnectorConfig(path=path, host=host, port=port, inventory=inv,
                            policy=root.child("policy").path(base),
                            decision_log=root.child("decision_log").path(base, must_exist=False))
-
-

@@ -48,6 +48,8 @@ Config (YAML, relative paths are relative to the config file)::
 
     listen: {host: 127.0.0.1, port: 9080}
     inventory: ../state/devices.db        # SQLite, created if missing; `easgate devices --db ...`
+                                          # or postgresql://user:pw@host/db: one inventory for several
+                                          # connectors (easgate[cluster], connector/pgstore.py)
     policy: activesync-policy.yaml        # optional: mode and allow/deny lists (its inventory is not used)
     decision_log: ../logs/connector-decisions.jsonl   # optional
 """
@@ -79,7 +81,8 @@ from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..core.decision import Decision, one_line
 from ..core.errors import ConfigError
 from .config import ConnectorConfig
-from .store import Device, Inventory, InventoryError, device_decision
+from .inventories import AnyInventory, open_inventory
+from .store import Device, InventoryError, device_decision
 
 logger = logging.getLogger("easgate.connector")
 
@@ -228,15 +231,15 @@ def callout_identity(p: dict[str, str], *, url_required: bool = True) -> Callout
                            agent, ident.command, ip, error)
 
 
-def decide(policy: Policy, inventory: Inventory, ident: CalloutIdentity) -> tuple[Decision, Device | None]:
-    """The connector's decision: the one authorization engine (``authz.engine``) with the SQLite
-    inventory as its backend; also returns the inventory row it read."""
+def decide(policy: Policy, inventory: AnyInventory, ident: CalloutIdentity) -> tuple[Decision, Device | None]:
+    """The connector's decision: the one authorization engine (``authz.engine``) with the inventory
+    (SQLite or PostgreSQL) as its backend; also returns the inventory row it read."""
     rows: list[Device | None] = []
 
     async def lookup(i: CalloutIdentity) -> Decision | None:
         try:
             row = inventory.get(i.device_id)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, InventoryError) as e:
             raise Unavailable(f"inventory {inventory.path} unreadable: {e}")
         rows.append(row)
         return device_decision(row, i.device_id, i.user)
@@ -250,7 +253,7 @@ def decide(policy: Policy, inventory: Inventory, ident: CalloutIdentity) -> tupl
 
 
 class ConnectorService:
-    def __init__(self, inventory: Inventory, policy: PolicyStore | Policy | None = None,
+    def __init__(self, inventory: AnyInventory, policy: PolicyStore | Policy | None = None,
                  log: AuditLog | None = None) -> None:
         self.inventory = inventory
         self.policy_store = policy if isinstance(policy, PolicyStore) else None
@@ -273,7 +276,7 @@ class ConnectorService:
         except PolicyError as e:
             raise ConfigError(cfg.path, "policy", str(e), "fix the policy file")
         try:
-            inv = Inventory(cfg.inventory)
+            inv = open_inventory(cfg.inventory)
         except InventoryError as e:
             raise ConfigError(cfg.path, "inventory", str(e))
         try:
@@ -347,7 +350,7 @@ class ConnectorService:
     def _health(self) -> Reply:
         try:
             n = self.inventory.count()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, InventoryError) as e:
             return _json(503, {"status": "error", "reason": f"inventory {self.inventory.path} unreadable: {e}"})
         store = self.policy_store
         return _json(200, {"status": "ok", "version": __version__, "devices": n, "inventory": str(self.inventory.path),
@@ -592,7 +595,7 @@ async def serve(cfg: ConnectorConfig) -> int:
               f"choose another listen.port in {cfg.path}", file=sys.stderr)
         return 1
     print(f"easgate connector listening at http://{cfg.host}:{server.port} "
-          f"({service.inventory.count()} devices in {cfg.inventory}; "
+          f"({service.inventory.count()} devices in {service.inventory.path}; "
           f"policy {cfg.policy or '(none: block mode, no lists)'}; decision log {cfg.decision_log or '(none)'})",
           flush=True)
     stop = asyncio.Event()
