@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from ..core.errors import ConfigError
 from ..core.net import parse_listen
 from . import store
-from .config import ConnectorConfig, load_connector_config
+from .config import load_connector_config
 from .inventories import AnyInventory, open_inventory
 from .service import serve
 from .store import ImportFileError, InventoryError
@@ -35,7 +36,7 @@ def cmd_connector(args) -> int:
                 host, port = parse_listen(args.listen)
             except ValueError as e:
                 raise ConfigError("--listen", "", str(e), "e.g. 127.0.0.1:9080") from None
-            cfg = ConnectorConfig(cfg.path, host, port, cfg.inventory, cfg.policy, cfg.decision_log)
+            cfg = dataclasses.replace(cfg, host=host, port=port)
         return asyncio.run(serve(cfg))
     except ConfigError as e:
         print(f"easgate connector: config error: {e}", file=sys.stderr)

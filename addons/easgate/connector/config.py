@@ -16,6 +16,7 @@ class ConnectorConfig:
     inventory: Path | str  # a SQLite file, or a postgresql:// URL (str)
     policy: Path | None
     decision_log: Path | None
+    redis: str | None = None  # publish inventory changes as block events (connector/events.py)
 
 
 CONFIG_KEYS = {
@@ -24,6 +25,8 @@ CONFIG_KEYS = {
                  "or postgresql://user:pw@host/db to share it between connectors (easgate[cluster])",
     "policy": "a policy file like policies/activesync-policy.yaml (mode and allow/deny lists)",
     "decision_log": "a JSON-lines file, one line per decision",
+    "redis": "redis://host:6379/0: publish inventory changes to the gateways' shared cache "
+             "(needs a postgresql:// inventory; easgate[cluster])",
 }
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -48,6 +51,14 @@ def load_connector_config(path: str | Path) -> ConnectorConfig:
         if inv.exists() and not inv.is_file():
             raise node.err(f"{inv} is not a file", "name the SQLite file, e.g. ../state/devices.db, "
                            "or a postgresql://user:pw@host/db URL")
+    rn = root.child("redis")
+    redis_url = rn.str()
+    if redis_url is not None:
+        if not redis_url.lower().startswith(("redis://", "rediss://", "unix://")):
+            raise rn.err(f"'{redis_url[:80]}' is not a Redis URL", "e.g. redis://10.0.0.5:6379/0")
+        if not isinstance(inv, str):
+            raise rn.err("block events come from a PostgreSQL inventory's change feed",
+                         "use inventory: postgresql://... or remove redis")
     return ConnectorConfig(path=path, host=host, port=port, inventory=inv,
                            policy=root.child("policy").path(base),
-                           decision_log=root.child("decision_log").path(base, must_exist=False))
+                           decision_log=root.child("decision_log").path(base, must_exist=False), redis=redis_url)

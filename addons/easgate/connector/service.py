@@ -81,6 +81,7 @@ from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..core.decision import Decision, one_line
 from ..core.errors import ConfigError
 from .config import ConnectorConfig
+from .events import BlockEvents
 from .inventories import AnyInventory, open_inventory
 from .store import Device, InventoryError, device_decision
 
@@ -263,6 +264,7 @@ class ConnectorService:
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
         self._policy_checked = 0.0
+        self.events: BlockEvents | None = None  # inventory changes -> the gateways' shared cache
         if self.policy_store and self.policy_store.policy.inventory:
             logger.warning(
                 f"easgate connector: the policy file {self.policy_store.path} lists "
@@ -283,7 +285,19 @@ class ConnectorService:
             log = AuditLog(cfg.decision_log)
         except ConfigError as e:
             raise ConfigError(cfg.path, "decision_log", e.problem, e.fix)
-        return cls(inv, policy, log)
+        service = cls(inv, policy, log)
+        if cfg.redis:
+            try:
+                service.events = BlockEvents(cfg.redis)
+            except RuntimeError as e:
+                raise ConfigError(cfg.path, "redis", str(e))
+        return service
+
+    def start_events(self) -> None:
+        """Publish the inventory's changes (blocking until its change feed listens)."""
+        watch = getattr(self.inventory, "watch", None)
+        if self.events is not None and watch is not None:
+            watch(self.events.changed)
 
     @property
     def policy(self) -> Policy:
@@ -303,6 +317,8 @@ class ConnectorService:
         self.inventory.flush_seen(timeout_s=2.0)
         self.log.close()
         self.inventory.close()
+        if self.events is not None:
+            self.events.close()
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -424,6 +440,7 @@ class ConnectorServer:
         self.port = self.server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._every(FLUSH_SEEN_S, self._flush))]
+        await asyncio.to_thread(self.service.start_events)
         return self.port
 
     async def stop(self) -> None:
