@@ -627,7 +627,7 @@ def _parse_redis(n: Node) -> str | None:
         return None
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("redis", "rediss", "unix") or not (u.hostname or u.path):
-        raise n.err(f"'{one_line(url, 80)}' is not a Redis URL", "e.g. redis://10.0.0.5:6379/0 (or rediss:// for TLS)")
+        raise n.err(f"'{one_line(url, 80)}' is not a Redis URL", "e.g. redis://10.0.0.5:6379/0, or rediss:// for TLS")
     if importlib.util.find_spec("redis") is None:
         raise n.err("a shared cache on Redis needs the Redis client", "pip install 'easgate[cluster]'")
     return url
