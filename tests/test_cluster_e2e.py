@@ -43,12 +43,14 @@ def sync_path(device: str) -> str:
 
 
 def wait_for(cond, timeout: float, what: str):
+    """Poll `cond` until it holds (at least once, even with no time left)."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    while True:
         if v := cond():
             return v
+        if time.monotonic() >= end:
+            raise AssertionError(f"{what} not within {timeout:.1f}s")
         time.sleep(0.02)
-    raise AssertionError(f"{what} not within {timeout}s")
 
 
 class Connector:
@@ -203,15 +205,17 @@ def test_a_block_reaches_every_node_within_five_seconds_without_a_ttl(cluster, r
     dev = "Dev001"
     assert clients.status(0, dev) == 200 and clients.status(1, dev) == 200  # cached on two nodes (TTL 300 s)
     assert sum(x.callouts() for x in c.connectors) == 1
-    t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", inventory, "block", dev],
                        capture_output=True, text=True, env=ENV, timeout=30)  # an operator, on any machine
     assert r.returncode == 0, r.stderr
+    committed = time.monotonic()  # the block is in PostgreSQL: from here, 5 s for every node
+
+    def within_5s() -> float:
+        return max(0.0, committed + 5 - time.monotonic())
     # the third node never saw the device: its first request must not be Redis's old allow
-    wait_for(lambda: clients.status(2, dev) == 403, 5, "a deny on the third node")
+    wait_for(lambda: clients.status(2, dev) == 403, within_5s(), "a deny on the third node")
     for node in (0, 1):
-        wait_for(lambda: clients.status(node, dev) == 403, 5, f"a deny on node {node}")
-    assert time.monotonic() - t0 < 5
+        wait_for(lambda: clients.status(node, dev) == 403, within_5s(), f"a deny on node {node}")
     sources = [(e["decision"], e["source"]) for e in audit(c.dirs[0]) if e["device_id"] == dev]
     assert sources[0] == ("allow", "connector") and sources[-1][0] == "deny"
 
