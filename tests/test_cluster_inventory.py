@@ -25,6 +25,7 @@ from easgate.connector.config import load_connector_config
 from easgate.connector.inventories import open_inventory
 from easgate.connector.pgstore import PgInventory, redact
 from easgate.connector.store import ImportFileError, Inventory, InventoryError
+from easgate.core.errors import ConfigError
 from easgate.tools.clusterservers import TestPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +162,13 @@ def test_connector_config_takes_a_postgresql_url(tmp_path):
     assert load_connector_config(cfg).inventory == "postgresql://easgate:pw@db.internal:5432/easgate"
     cfg = write(tmp_path, "c2.yaml", "inventory: state/devices.db\n")
     assert load_connector_config(cfg).inventory == tmp_path / "state" / "devices.db"
+    cfg = write(tmp_path, "c3.yaml", "inventory: postgresql://h/db\nredis: redis://10.0.0.5:6379/0\n")
+    assert load_connector_config(cfg).redis == "redis://10.0.0.5:6379/0"
+    for text, problem in (("inventory: d.db\nredis: redis://h:6379/0\n",
+                           "redis: block events come from a PostgreSQL inventory's change feed"),
+                          ("inventory: postgresql://h/db\nredis: http://h\n", "redis: 'http://h' is not a Redis URL")):
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            load_connector_config(write(tmp_path, "bad.yaml", text))
 
 
 def test_easgate_devices_against_postgresql(pg_url, tmp_path, capsys):
