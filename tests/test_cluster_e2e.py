@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 import redis as redis_client
+import yaml
 
 import conftest
 from conftest import https_connection, request
@@ -116,7 +117,7 @@ def cluster(inventory, start_gateway, pki, exchange, mdm, tmp_path, request):
     """build(redis) -> 2 connectors and 3 gateway nodes (node i asks connector i % 2)."""
     made: list[Connector] = []
 
-    def build(redis, fail_mode: str = "deny"):
+    def build(redis, fail_mode: str = "deny", policy: dict | None = None):
         redis_client.Redis.from_url(redis.url).flushall()  # the session's Redis: nothing from earlier tests
         ccfg = tmp_path / "connector.yaml"
         ccfg.write_text(f"inventory: {inventory}\nredis: {redis.url}\n")
@@ -126,7 +127,7 @@ def cluster(inventory, start_gateway, pki, exchange, mdm, tmp_path, request):
         for i in range(3):
             d = tmp_path / f"node{i}"
             d.mkdir()
-            cfg = conftest.authz_config(pki, exchange, mdm, d, connector=SimpleNamespace(url=conns[i % 2].url),
+            cfg = conftest.authz_config(pki, exchange, mdm, d, connector=SimpleNamespace(url=conns[i % 2].url), policy=policy,
                                         cache={"allow_ttl_s": 300, "deny_ttl_s": 300, "redis": redis.url},
                                         on_connector_error=fail_mode)
             nodes.append(start_gateway(conftest.write_config(d, cfg), extra=["--set", "easgate_metrics=127.0.0.1:0"]))
@@ -218,6 +219,23 @@ def test_a_block_reaches_every_node_within_five_seconds_without_a_ttl(cluster, r
         wait_for(lambda: clients.status(node, dev) == 403, within_5s(), f"a deny on node {node}")
     sources = [(e["decision"], e["source"]) for e in audit(c.dirs[0]) if e["device_id"] == dev]
     assert sources[0] == ("allow", "connector") and sources[-1][0] == "deny"
+
+
+def test_a_policy_reload_on_one_node_drops_cached_decisions_on_every_node(cluster, redis_server, pki):
+    policy = {"mode": "block", "deny": {"user_agents": ["*BlackBerry*"]}}
+    c = cluster(redis_server, policy=policy)
+    clients = Clients(pki, c.nodes)
+    assert [clients.status(n, "Dev002") for n in (1, 2, 1, 2)] == [200] * 4
+    before = sum(x.callouts() for x in c.connectors)
+    assert before == 1
+    policy["deny"]["user_agents"].append("*Nokia*")  # an edit on node 0 only (a deploy in progress)
+    (c.dirs[0] / "policy.yaml").write_text(yaml.safe_dump(policy))
+    c.nodes[0].wait_output("policy reloaded", 10)  # node 0 checks its file every 2 s
+    reloaded = time.monotonic()
+
+    def asks_again() -> bool:  # node 1's local allow (TTL 300 s) is gone: it asks a connector again
+        return clients.status(1, "Dev002") == 200 and sum(x.callouts() for x in c.connectors) > before
+    wait_for(asks_again, max(0.0, reloaded + 5 - time.monotonic()), "node 1 dropping its cached decision")
 
 
 def test_redis_then_a_connector_down_no_forbidden_allow_no_hang_and_recovery(cluster, own_redis, pki):

@@ -131,10 +131,21 @@ class ActiveSyncGate:
             # the lock outlives one callout (a dead holder's lock expires, the others then ask)
             lock_ms = 2 * (auth.connector.timeout_ms if auth.connector else 1000) + 1000
             self.shared = SharedCache(auth.cache.redis, self.cache, lock_ms=lock_ms, digest=lambda: self._digest)
+            self.shared.on_revoke.append(self.device_revoked)
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
+
+    def device_revoked(self, device_id: str) -> None:
+        """A device was revoked cluster-wide (an operator's block seen by a connector,
+        easgate.cluster.revoke on any node); its cached decisions here are already gone.
+
+        The hook for held requests: this is where the ActiveSync-aware enforcement ends this
+        process's held long polls (Ping, Sync with Wait) of ``device_id``, so a blocked phone
+        does not keep a Ping open for up to an hour. Until that mechanism is merged, only counted.
+        """
+        self.counters["devices_revoked"] += 1
 
     def _spawn(self, coro) -> None:
         try:
