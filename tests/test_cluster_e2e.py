@@ -217,6 +217,9 @@ def test_a_block_reaches_every_node_within_five_seconds_without_a_ttl(cluster, r
     wait_for(lambda: clients.status(2, dev) == 403, within_5s(), "a deny on the third node")
     for node in (0, 1):
         wait_for(lambda: clients.status(node, dev) == 403, within_5s(), f"a deny on node {node}")
+    published = [json.loads(urllib.request.urlopen(f"http://127.0.0.1:{x.port}/health", timeout=10).read())["events"]
+                 for x in c.connectors]
+    assert all(p["published"] >= 1 and p["errors"] == 0 for p in published), published  # both connectors told Redis
     sources = [(e["decision"], e["source"]) for e in audit(c.dirs[0]) if e["device_id"] == dev]
     assert sources[0] == ("allow", "connector") and sources[-1][0] == "deny"
 

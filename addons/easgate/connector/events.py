@@ -18,6 +18,7 @@ import logging
 import threading
 
 from ..authz.sharedlayout import REVOKE_SCRIPT, SharedLayout, encode_event
+from .pgstore import redact
 
 try:
     import redis
@@ -39,7 +40,7 @@ class BlockEvents:
     def __init__(self, url: str, prefix: str = "easgate:") -> None:
         if redis is None:
             raise RuntimeError("block events on Redis need the Redis client; pip install 'easgate[cluster]'")
-        self.url = url
+        self.url = redact(url)  # for the log and /health: no password
         self.keys = SharedLayout(prefix)
         self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         self._revoke = self.client.register_script(REVOKE_SCRIPT)

@@ -373,7 +373,10 @@ class ConnectorService:
                            "policy": str(store.path) if store else None, "mode": self.policy.mode,
                            "policy_error": store.last_error if store else None,
                            "decision_log": str(self.log.path) if self.log.path else None,
-                           "uptime_s": round(time.time() - self.started, 1), "counters": dict(self.counters)})
+                           "uptime_s": round(time.time() - self.started, 1), "counters": dict(self.counters),
+                           "events": None if self.events is None else {
+                               "redis": self.events.url, "published": self.events.published,
+                               "errors": self.events.errors}})
 
     def _log(self, p: dict[str, str]) -> Reply:
         limit = p.get("limit", "100")

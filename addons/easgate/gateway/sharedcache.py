@@ -27,6 +27,7 @@ import asyncio
 import logging
 import secrets
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -83,6 +84,7 @@ class SharedCache:
         if aioredis is None:
             raise RuntimeError(f"a shared cache on Redis needs the Redis client; {EXTRA_HINT}")
         self.url = url
+        self.shown = _redact(url)  # for the log: no password
         self.local = local
         self.lock_ms = int(lock_ms)
         self.digest = digest
@@ -139,13 +141,13 @@ class SharedCache:
         self.counters["redis_errors"] += 1
         if self.down_since is None:
             self.down_since = self.clock()
-            logger.warning(f"easgate: Redis {self.url} unreachable ({what}: {type(e).__name__}: {e}); "
+            logger.warning(f"easgate: Redis {self.shown} unreachable ({what}: {type(e).__name__}: {e}); "
                            f"local cache and connector only, retrying every {self.retry_s:g}s")
         self._retry_at = self.clock() + self.retry_s
 
     def _ok(self) -> None:
         if self.down_since is not None:
-            logger.warning(f"easgate: Redis {self.url} reachable again after {self.clock() - self.down_since:.1f}s "
+            logger.warning(f"easgate: Redis {self.shown} reachable again after {self.clock() - self.down_since:.1f}s "
                            f"({self.counters['redis_errors']} errors so far)")
             self.down_since = None
 
@@ -343,6 +345,14 @@ class SharedCache:
     @property
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "up": self.down_since is None}
+
+
+def _redact(url: str) -> str:
+    p = urllib.parse.urlsplit(url)
+    if p.password is None:
+        return url
+    return urllib.parse.urlunsplit(p._replace(netloc=f"{p.username or ''}:***@{p.hostname}"
+                                                     + (f":{p.port}" if p.port else "")))
 
 
 class Unavailable(Exception):
