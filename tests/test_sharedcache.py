@@ -89,6 +89,19 @@ async def test_fail_mode_decisions_are_never_shared(nodes):
     assert fresh.calls == 1
 
 
+async def test_a_failed_callout_lets_waiting_nodes_ask_their_own_connector_at_once(nodes):
+    a, b = nodes(), nodes()
+    await subscribed(a, b)
+    down = Backend(Decision(False, "connector unreachable; denied by on_connector_error=deny", "fail-mode"),
+                   delay_s=0.3)
+    holder = asyncio.ensure_future(a.fetch(KEY, down, ttl))
+    await until(lambda: down.calls == 1, what="a's callout started")
+    healthy = Backend(ALLOW)
+    assert (await b.fetch(KEY, healthy, ttl)) == (ALLOW, None)  # waited for a, then asked its own
+    assert (await holder)[0].source == "fail-mode"
+    assert healthy.calls == 1 and b.counters["shared_waits"] >= 1 and b.counters["shared_after_failure"] == 1
+
+
 async def test_a_revocation_on_one_node_reaches_the_others_and_redis(nodes):
     a, b = nodes(), nodes()
     await subscribed(a, b)

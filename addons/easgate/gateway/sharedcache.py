@@ -96,7 +96,7 @@ class SharedCache:
         self.counters: Counter[str] = Counter()
         self.down_since: float | None = None
         self._retry_at = 0.0
-        self._fills: dict[str, asyncio.Future[None]] = {}
+        self._fills: dict[str, asyncio.Future[bool]] = {}  # lock -> woken with "its callout failed"
         self._listener: asyncio.Task | None = None
         no_retry = Retry(NoBackoff(), 0)
         self.client = aioredis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
@@ -204,7 +204,10 @@ class SharedCache:
                                                          token if ours else None), None
                 # another node is asking the connector: wait for its answer (pub/sub wakes us early)
                 self.counters["shared_waits"] += 1
-                await self._wait_fill(lkey, min(wait, max(0.0, deadline - self.clock())))
+                if await self._wait_fill(lkey, min(wait, max(0.0, deadline - self.clock()))):
+                    # its connector failed: ask ours now rather than queue behind each other's timeouts
+                    self.counters["shared_after_failure"] += 1
+                    return await self._compute_and_share(compute, ttl_s, epoch, ver, field, dkey, lkey, None), None
                 wait = min(wait * 2, POLL_MAX_S)
         except Unavailable:
             self.counters["shared_fallbacks"] += 1
@@ -221,7 +224,8 @@ class SharedCache:
                 await self._quiet("unlock", lambda: self._unlock(keys=[lkey], args=[token]))
             raise
         ttl = ttl_s(d)
-        if d.source != "fail-mode" and ttl > 0 and token:
+        failed = d.source == "fail-mode"
+        if not failed and ttl > 0 and token:
             stored = await self._quiet("store", lambda: self._store(
                 keys=[self.keys.epoch, dkey, lkey], args=[epoch, ver, field, int(ttl * 1000), encode_decision(d), token]))
             if stored == 0:
@@ -229,7 +233,8 @@ class SharedCache:
         elif token:
             await self._quiet("unlock", lambda: self._unlock(keys=[lkey], args=[token]))
         if token:
-            await self._quiet("publish", lambda: self.client.publish(self.keys.channel, encode_event("fill", k=lkey)))
+            event = encode_event("fill", k=lkey, failed="1") if failed else encode_event("fill", k=lkey)
+            await self._quiet("publish", lambda: self.client.publish(self.keys.channel, event))
         return d
 
     async def _quiet(self, what: str, op: Callable[[], Awaitable[Any]]) -> Any:
@@ -238,14 +243,15 @@ class SharedCache:
         except Unavailable:
             return None
 
-    async def _wait_fill(self, lkey: str, timeout: float) -> None:
+    async def _wait_fill(self, lkey: str, timeout: float) -> bool:
+        """Until the lock's holder says it is done (or ``timeout``); True if its callout failed."""
         fut = self._fills.get(lkey)
         if fut is None or fut.done():
             fut = self._fills[lkey] = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
-            pass
+            return False
         finally:
             if self._fills.get(lkey) is fut and fut.done():
                 del self._fills[lkey]
@@ -332,7 +338,7 @@ class SharedCache:
         if ev["t"] == "fill":
             fut = self._fills.pop(ev.get("k", ""), None)
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                fut.set_result(ev.get("failed") == "1")
         elif ev["t"] == "device" and ev.get("d"):
             if ev["d"] == "*":
                 self.local.clear()
