@@ -22,7 +22,7 @@ import conftest
 
 ALLOW = Decision(True, "device managed and compliant", "connector")
 DENY = Decision(False, "device blocked in the inventory", "connector")
-KEY = ("contoso\\alice", "applf17abcdef01")
+KEY = ("CONTOSO\\alice", "ApplF17ABCDEF01")  # as the request carried them (authz.cache.cache_key)
 
 
 async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
@@ -78,6 +78,13 @@ async def test_one_backend_call_for_concurrent_misses_on_several_nodes(nodes):
     assert {d for d, _ in got} == {ALLOW}
     left = [t for _, t in got if t is not None]  # the others' answers came from Redis, with the time left
     assert len(left) == 5 and all(290 < t <= 300 for t in left)
+
+
+async def test_another_spelling_of_the_device_id_is_not_answered_from_the_shared_tier(nodes):
+    a, b = nodes(), nodes()
+    await a.fetch(KEY, Backend(ALLOW), ttl)
+    other = Backend(DENY)
+    assert (await b.fetch((KEY[0], KEY[1].upper()), other, ttl)) == (DENY, None) and other.calls == 1
 
 
 async def test_fail_mode_decisions_are_never_shared(nodes):
@@ -145,7 +152,7 @@ async def test_policy_digest_and_cluster_clear_keep_old_decisions_out(nodes):
 async def test_garbage_in_redis_never_allows(nodes, redis_server):
     a = nodes()
     r = redis_client.Redis.from_url(redis_server.url)
-    r.hset("easgate:d:applf17abcdef01", f"0|p1|{KEY[0]}", f"{int(time.time() * 1000) + 10**9}|"
+    r.hset("easgate:d:applf17abcdef01", f"0|p1|{KEY[0]}|{KEY[1]}", f"{int(time.time() * 1000) + 10**9}|"
            '{"allow": true, "reason": "x", "source": "fail-mode"}')
     backend = Backend(DENY)
     assert (await a.fetch(KEY, backend, ttl))[0] == DENY and backend.calls == 1

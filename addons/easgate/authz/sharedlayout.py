@@ -8,7 +8,7 @@ Keys (``P`` is the prefix, ``easgate:`` by default):
 
 ==================  ==================================================================================
 ``P epoch``         a counter; ``INCR`` forgets every shared decision at once (policy reload, cache clear)
-``P d:<device>``    a hash per DeviceId (lower case): field ``<epoch>|<policy digest>|<user>`` ->
+``P d:<device>``    a hash per DeviceId (lower case): field ``<epoch>|<policy digest>|<user>|<DeviceId>`` ->
                     ``<expiry ms, Redis clock>|<decision JSON>``; field ``#v`` counts revocations
 ``P l:<device>|…``  the single-flight lock of one field: ``SET NX PX``, the holder's random token
 ``P events``        the pub/sub channel: ``{"t": "device", "d": ID}`` (drop that device),
@@ -33,7 +33,7 @@ __all__ = ["CLEAR_SCRIPT", "LOOKUP_SCRIPT", "REVOKE_SCRIPT", "STORE_SCRIPT", "Sh
 DEFAULT_PREFIX = "easgate:"
 REVOKED_KEEP_MS = 86_400_000  # how long a revoked device's #v outlives its decisions
 
-#: KEYS: epoch, device hash, lock. ARGV: field (digest|user), lock token, lock ms.
+#: KEYS: epoch, device hash, lock. ARGV: field (digest|user|DeviceId), lock token, lock ms.
 #: The lookup and the lock in one step, so no node can miss the answer another node stored
 #: between its lookup and its lock: -> {epoch, version, 1 = the lock is ours now | 0 = another
 #: node holds it} or, when found, {epoch, version, 0, decision JSON, ms left}.

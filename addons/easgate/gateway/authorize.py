@@ -417,7 +417,7 @@ class ActiveSyncGate:
     def cluster_revoke(self, device_id: str) -> str:
         """Forget a device's decisions on every node at once (and end its held requests there)."""
         if not self.shared:
-            n = self.cache.forget(lambda k: k[1] == device_id.strip().lower()) if self.cache else 0
+            n = self.cache.forget(lambda k: k[1].lower() == device_id.strip().lower()) if self.cache else 0
             return f"{n} cached decisions of {device_id} dropped (no shared cache configured)"
         self._spawn(self.shared.revoke(device_id))
         return f"{device_id} revoked on every node"

@@ -175,7 +175,9 @@ class SharedCache:
         Redis trouble at any step: ``compute()`` alone, exactly as without this tier.
         """
         user, device = key
-        field = f"{self.digest()}|{user}"
+        # the hash is the device folded to lower case (a revocation drops every spelling); the field
+        # keeps user and DeviceId exactly as asked (a connector may tell allowed1 from ALLOWED1)
+        field = f"{self.digest()}|{user}|{device}"
         dkey, lkey = self.keys.device(device), self.keys.lock(device, field)
         # Waiting lasts while another node's lock lasts (it expires by itself if that node died);
         # the hard deadline only guards against a Redis that keeps answering "locked" forever.
@@ -282,7 +284,7 @@ class SharedCache:
 
     def _drop_device(self, device_id: str) -> None:
         dev = device_id.strip().lower()
-        n = self.local.forget(lambda k: isinstance(k, tuple) and len(k) == 2 and k[1] == dev)
+        n = self.local.forget(lambda k: isinstance(k, tuple) and len(k) == 2 and str(k[1]).lower() == dev)
         self.counters["revocations"] += 1
         logger.info(f"easgate: device {device_id} revoked; {n} cached decisions dropped")
         for hook in list(self.on_revoke):
