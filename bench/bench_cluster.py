@@ -7,7 +7,7 @@
 Starts a throw-away PostgreSQL and Redis (easgate.tools.clusterservers), imports the devices into
 the PostgreSQL inventory, runs two real `easgate connector` processes on it (with block events to
 Redis) and N `easgate run --workers 1` nodes (node i asks connector i % 2, all share Redis),
-then sends every device's requests spread round-robin over the nodes (each node gets its share
+then sends every device's requests to every node in turn (each node gets its share
 over 16 kept-alive TLS connections, all nodes at once), twice: with `cache.redis` (shared) and
 without (each node on its own). Reports callouts (the connectors' own counters) and per-request
 latency (p50/p99 over all requests, measured by the client).
@@ -85,11 +85,9 @@ async def _node_run(port: int, pki: Path, requests: list[bytes], connections: in
 
 async def _cluster_run(ports: list[int], pki: Path, devices: list[str], per_device: int) -> tuple[list[float], float]:
     share: list[list[bytes]] = [[] for _ in ports]
-    i = 0
-    for _ in range(per_device):
-        for dev in devices:
-            share[i % len(ports)].append(bg.as_request(dev))
-            i += 1
+    for rnd in range(per_device):  # round r sends device d to node (d + r) % n: every device visits every node
+        for d, dev in enumerate(devices):
+            share[(d + rnd) % len(ports)].append(bg.as_request(dev))
     t0 = time.monotonic()
     parts = await asyncio.gather(*(_node_run(p, pki, reqs, 16) for p, reqs in zip(ports, share)))
     return [x for part in parts for x in part], time.monotonic() - t0
@@ -138,7 +136,7 @@ def run(d: Path, pki: Path, node_counts: list[int], n_devices: int, per_device: 
         pg.stop()
     out = [f"## Gateway nodes sharing Redis (bench/bench_cluster.py, {time.strftime('%Y-%m-%d')})", "",
            f"Machine: {bg.machine()}.", "",
-           f"{n_devices} devices (every fifth blocked) x {per_device} requests, round-robin over the nodes, "
+           f"{n_devices} devices (every fifth blocked) x {per_device} requests, each device to every node in turn, "
            "16 kept-alive TLS connections per node, all nodes at once; 2 `easgate connector` processes on one "
            "PostgreSQL inventory; TTLs 300 s, so the bound with Redis is one callout per device.", "",
            "| nodes | cache | requests | took | callouts | p50 | p99 |", "|---:|---|---:|---:|---:|---:|---:|"]
