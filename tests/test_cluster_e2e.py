@@ -131,10 +131,13 @@ def cluster(inventory, start_gateway, pki, exchange, mdm, tmp_path, request):
                                         cache={"allow_ttl_s": 300, "deny_ttl_s": 300, "redis": redis.url},
                                         on_connector_error=fail_mode)
             nodes.append(start_gateway(conftest.write_config(d, cfg), extra=["--set", "easgate_metrics=127.0.0.1:0"]))
-        return SimpleNamespace(connectors=conns, nodes=nodes, dirs=[tmp_path / f"node{i}" for i in range(3)])
+        ns = SimpleNamespace(connectors=conns, nodes=nodes, dirs=[tmp_path / f"node{i}" for i in range(3)])
+        built.append(ns)
+        return ns
 
+    built: list[SimpleNamespace] = []
     yield build
-    for c in made:
+    for c in made + [c for ns in built for c in ns.connectors]:  # also the ones a test restarted
         c.stop()
 
 
