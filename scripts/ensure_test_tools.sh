@@ -2,7 +2,7 @@
 # The system tools the end-to-end tests drive as real clients: curl, openssl (OCSP responder,
 # s_client) and chromium (mitmweb's page in a real browser), and the real ActiveSync server stack
 # behind the gateway (addons/easgate/realstack.py): SOGo + its ActiveSync module, Dovecot IMAP and
-# LMTP, PostgreSQL, memcached and nginx (the package scripts start nothing without systemd; the
+# LMTP, PostgreSQL, memcached and nginx, redis-server for the cluster tests (the package scripts start nothing without systemd; the
 # tests start their own instances on free loopback ports). For the deployment tests
 # (tests/test_deploy.py): systemd-analyze (package systemd: `systemd-analyze verify` checks the
 # shipped units offline; no running systemd is needed), logrotate (the shipped rotation config),
@@ -26,6 +26,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v logrotate >/dev/null 2>&1 || need+=(logrotate)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v pipx >/dev/null 2>&1 || need+=(pipx)
+# the cluster tests (tests/test_cluster_*.py): the shared decision cache and block events on Redis
+command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need[*]} for the tests (apt-get)" >&2

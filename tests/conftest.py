@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from easgate.tools import realstack
+from easgate.tools import clusterservers, realstack
 from easgate.tools.pki import generate_pki
 from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
@@ -442,3 +442,55 @@ def wait_for(pred, timeout: float, what: str, g: GatewayProcess | None = None):
             raise AssertionError(f"timed out waiting for {what}\n{g.output if g else ''}")
         time.sleep(0.05)
     return v
+
+
+# ------------------------------------------------------------------------------------------------
+# Real PostgreSQL and Redis for the cluster tests (easgate.tools.clusterservers), once per session
+
+
+def _cluster_servers_or_skip() -> None:
+    gaps = clusterservers.missing()
+    try:
+        import psycopg  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError:
+        gaps.append("the cluster extra (pip install -e '.[cluster]')")
+    if gaps:
+        msg = "cluster servers unavailable, needs: " + ", ".join(gaps) + " (scripts/ensure_test_tools.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL on a free loopback port; tests create their own databases in it."""
+    _cluster_servers_or_skip()
+    pg = clusterservers.TestPostgres().start()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server, request) -> str:
+    """A fresh, empty database for one test."""
+    name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:40] + f"_{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    return postgres_server.create_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A throw-away redis-server (no persistence) shared by the tests that do not stop it."""
+    _cluster_servers_or_skip()
+    r = clusterservers.TestRedis().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of the test's own, for tests that kill and restart it."""
+    _cluster_servers_or_skip()
+    r = clusterservers.TestRedis().start()
+    yield r
+    r.stop()

@@ -39,6 +39,8 @@ NOT_RUN: dict[tuple[str, str], str] = {
         "runs part of the suite with 3,000 examples per property (minutes)",
     ("docs/scaling.md", "apt-get install wrk nginx-light"): "installs system packages",
     ("docs/scaling.md", ".venv/bin/python bench/bench_scale.py --write"): "a ten-minute benchmark; not a test",
+    ("docs/scaling.md", "pip install 'easgate[cluster]'"): "installs packages (the test extra has them)",
+    ("docs/scaling.md", ".venv/bin/python bench/bench_cluster.py"): "a benchmark; not a test",
     ("docs/operations.md", ".venv/bin/python scripts/make_captures.py"):
         "rewrites tests/captures/ in the checkout; tests/test_captures.py checks what it made",
 }

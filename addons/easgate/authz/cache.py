@@ -104,12 +104,14 @@ class DecisionCache:
 
     # -- updates ------------------------------------------------------------------
 
-    def put(self, key: Hashable, decision: Decision, *, generation: int | None = None) -> bool:
+    def put(self, key: Hashable, decision: Decision, *, generation: int | None = None,
+            ttl_s: float | None = None) -> bool:
         """Store ``decision`` (TTL by verdict), evicting LRU entries past ``max_entries``.
 
         With ``generation``, the put is dropped (returns ``False``) if :meth:`clear`
         ran since the caller read :attr:`generation`, i.e. the decision was made
-        under a policy that has since been replaced.
+        under a policy that has since been replaced. ``ttl_s`` caps the TTL (an entry
+        taken from a shared tier lives no longer there than here).
         """
         if self.max_entries == 0:
             return False
@@ -117,6 +119,8 @@ class DecisionCache:
             return False
         now = self._clock()
         ttl = self.allow_ttl_s if decision.allow else self.deny_ttl_s
+        if ttl_s is not None:
+            ttl = min(ttl, max(0.0, ttl_s))
         entries = self._entries
         entries[key] = _Entry(decision, now, now + ttl)
         entries.move_to_end(key)
@@ -132,6 +136,16 @@ class DecisionCache:
         self._inflight = {}
         self.generation += 1
         return n
+
+    def forget(self, match: Callable[[Hashable], bool]) -> int:
+        """Drop the entries whose key ``match``es (a revoked device), detach their in-flight
+        computations and bump :attr:`generation`, so no answer started before this is stored."""
+        gone = [k for k in self._entries if match(k)]
+        for k in gone:
+            del self._entries[k]
+        self._inflight = {k: t for k, t in self._inflight.items() if not match(k)}
+        self.generation += 1
+        return len(gone)
 
     # -- single flight ------------------------------------------------------------
 

@@ -33,14 +33,14 @@ turns it into ``INTERNAL_ERROR`` (deny), never into an allow.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from ..core.decision import Decision, Source
 from . import identity
 from .cache import DecisionCache, cache_key
 from .policy import IdentityLike, Policy
 
-__all__ = ["Engine", "Lookup", "identity_decision", "run_sync"]
+__all__ = ["Engine", "Lookup", "SharedTier", "identity_decision", "run_sync"]
 
 Lookup = Callable[[IdentityLike], Awaitable[Decision | None]]
 
@@ -59,15 +59,25 @@ def identity_decision(ident: IdentityLike) -> Decision | None:
     return None
 
 
+class SharedTier(Protocol):
+    """A cache tier shared by several processes (``gateway/sharedcache.py``): the decision for
+    ``key`` and the seconds it has left there (None: ``compute()`` just made it), never storing a
+    fail-mode decision."""
+
+    async def fetch(self, key: tuple[str, str], compute: Callable[[], Awaitable[Decision]],
+                    ttl_s: Callable[[Decision], float]) -> tuple[Decision, float | None]: ...
+
+
 class Engine:
     """Decides for one identity. ``policy`` is called once per decision (a reloadable store's
     current policy); ``lookup`` is the backend (None: the policy file's own inventory)."""
 
     def __init__(self, policy: Callable[[], Policy], lookup: Lookup | None = None,
-                 cache: DecisionCache | None = None) -> None:
+                 cache: DecisionCache | None = None, shared: SharedTier | None = None) -> None:
         self.policy = policy
         self.lookup = lookup
         self.cache = cache
+        self.shared = shared  # a second cache tier behind ``cache`` (gateway/sharedcache.py: Redis)
 
     async def decide(self, ident: IdentityLike) -> Decision:
         d = identity_decision(ident)
@@ -98,13 +108,21 @@ class Engine:
         async def compute_and_store() -> Decision:
             # Stored inside the single flight, so the cache is filled before the in-flight entry
             # goes: a request arriving in between finds one or the other, never neither.
-            d = await self._compute(ident, policy)
+            ttl: float | None = None
+            if self.shared is None:
+                d = await self._compute(ident, policy)
+            else:  # local miss -> the shared tier -> the backend (one backend call per key for all nodes)
+                d, ttl = await self.shared.fetch(key, lambda: self._compute(ident, policy), self._ttl)
             if d.source is not Source.FAIL_MODE:  # a connector blip must not be remembered
-                cache.put(key, d, generation=generation)
+                cache.put(key, d, generation=generation, ttl_s=ttl)
             return d
 
         d, _shared = await cache.single_flight(key, compute_and_store)
         return d, False
+
+    def _ttl(self, d: Decision) -> float:
+        assert self.cache is not None
+        return self.cache.allow_ttl_s if d.allow else self.cache.deny_ttl_s
 
     async def _compute(self, ident: IdentityLike, policy: Policy) -> Decision:
         if self.lookup is None:

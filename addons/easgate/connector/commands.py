@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -14,9 +15,10 @@ from pathlib import Path
 from ..core.errors import ConfigError
 from ..core.net import parse_listen
 from . import store
-from .config import ConnectorConfig, load_connector_config
+from .config import load_connector_config
+from .inventories import AnyInventory, open_inventory
 from .service import serve
-from .store import ImportFileError, Inventory, InventoryError
+from .store import ImportFileError, InventoryError
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +36,7 @@ def cmd_connector(args) -> int:
                 host, port = parse_listen(args.listen)
             except ValueError as e:
                 raise ConfigError("--listen", "", str(e), "e.g. 127.0.0.1:9080") from None
-            cfg = ConnectorConfig(cfg.path, host, port, cfg.inventory, cfg.policy, cfg.decision_log)
+            cfg = dataclasses.replace(cfg, host=host, port=port)
         return asyncio.run(serve(cfg))
     except ConfigError as e:
         print(f"easgate connector: config error: {e}", file=sys.stderr)
@@ -53,7 +55,7 @@ def add_connector_command(sub: argparse._SubParsersAction) -> None:
 # easgate devices ...
 
 
-def _open(args) -> Inventory:
+def _open(args) -> AnyInventory:
     db = getattr(args, "db", None)
     config = getattr(args, "config", None)
     if db and config:
@@ -67,7 +69,7 @@ def _open(args) -> Inventory:
     if not db:
         raise InventoryError("no inventory database given; pass --db PATH, or -c CONNECTOR_YAML to use its "
                              "'inventory', or set EASGATE_DEVICES_DB")
-    return Inventory(db, create=args.devices_cmd in ("import", "add"))
+    return open_inventory(db, create=args.devices_cmd in ("import", "add"))
 
 
 def _cmd_import(args) -> int:
@@ -148,8 +150,9 @@ def _run(args) -> int:
 
 def add_devices_command(sub: argparse._SubParsersAction) -> None:
     """`easgate devices --db PATH {import,add,block,unblock,remove,list}`."""
-    db_help = "the inventory database (SQLite), as named by the connector config; or set EASGATE_DEVICES_DB"
-    p = sub.add_parser("devices", help="manage the connector's device inventory (SQLite)",
+    db_help = ("the inventory database (a SQLite file or a postgresql:// URL), as named by the connector config; "
+               "or set EASGATE_DEVICES_DB")
+    p = sub.add_parser("devices", help="manage the connector's device inventory (SQLite or PostgreSQL)",
                        description=store.__doc__.split("\n\n")[0])
     cfg_help = "a connector config (policies/connector.yaml): use its 'inventory' database"
     p.add_argument("--db", help=db_help)

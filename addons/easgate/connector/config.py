@@ -13,17 +13,26 @@ class ConnectorConfig:
     path: Path
     host: str
     port: int
-    inventory: Path
+    inventory: Path | str  # a SQLite file, or a postgresql:// URL (str)
     policy: Path | None
     decision_log: Path | None
+    redis: str | None = None  # publish inventory changes as block events (connector/events.py)
 
 
 CONFIG_KEYS = {
     "listen": "{host: 127.0.0.1, port: 9080}",
-    "inventory": "the SQLite device inventory, e.g. ../state/devices.db (created if missing)",
+    "inventory": "the SQLite device inventory, e.g. ../state/devices.db (created if missing), "
+                 "or postgresql://user:pw@host/db to share it between connectors (easgate[cluster])",
     "policy": "a policy file like policies/activesync-policy.yaml (mode and allow/deny lists)",
     "decision_log": "a JSON-lines file, one line per decision",
+    "redis": "redis://host:6379/0: publish inventory changes to the gateways' shared cache "
+             "(needs a postgresql:// inventory; easgate[cluster])",
 }
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower().startswith(POSTGRES_SCHEMES)
 
 
 def load_connector_config(path: str | Path) -> ConnectorConfig:
@@ -33,11 +42,23 @@ def load_connector_config(path: str | Path) -> ConnectorConfig:
     root.mapping(CONFIG_KEYS, required=("inventory",))
     host, port = parse_listen(root, 9080)
     base = path.parent
-    inv = root.child("inventory").path(base, must_exist=False)
-    if inv.exists() and not inv.is_file():
-        raise root.child("inventory").err(f"{inv} is not a file", "name the SQLite file, e.g. ../state/devices.db")
+    node = root.child("inventory")
+    inv: Path | str
+    if is_postgres_url(node.value):
+        inv = node.value.strip()
+    else:
+        inv = node.path(base, must_exist=False)
+        if inv.exists() and not inv.is_file():
+            raise node.err(f"{inv} is not a file", "name the SQLite file, e.g. ../state/devices.db, "
+                           "or a postgresql://user:pw@host/db URL")
+    rn = root.child("redis")
+    redis_url = rn.str()
+    if redis_url is not None:
+        if not redis_url.lower().startswith(("redis://", "rediss://", "unix://")):
+            raise rn.err(f"'{redis_url[:80]}' is not a Redis URL", "e.g. redis://10.0.0.5:6379/0")
+        if not isinstance(inv, str):
+            raise rn.err("block events come from a PostgreSQL inventory's change feed",
+                         "use inventory: postgresql://... or remove redis")
     return ConnectorConfig(path=path, host=host, port=port, inventory=inv,
                            policy=root.child("policy").path(base),
-                           decision_log=root.child("decision_log").path(base, must_exist=False))
-
-
+                           decision_log=root.child("decision_log").path(base, must_exist=False), redis=redis_url)

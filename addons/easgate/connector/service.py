@@ -48,6 +48,8 @@ Config (YAML, relative paths are relative to the config file)::
 
     listen: {host: 127.0.0.1, port: 9080}
     inventory: ../state/devices.db        # SQLite, created if missing; `easgate devices --db ...`
+                                          # or postgresql://user:pw@host/db: one inventory for several
+                                          # connectors (easgate[cluster], connector/pgstore.py)
     policy: activesync-policy.yaml        # optional: mode and allow/deny lists (its inventory is not used)
     decision_log: ../logs/connector-decisions.jsonl   # optional
 """
@@ -79,7 +81,9 @@ from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..core.decision import Decision, one_line
 from ..core.errors import ConfigError
 from .config import ConnectorConfig
-from .store import Device, Inventory, InventoryError, device_decision
+from .events import BlockEvents
+from .inventories import AnyInventory, open_inventory
+from .store import Device, InventoryError, device_decision
 
 logger = logging.getLogger("easgate.connector")
 
@@ -228,15 +232,15 @@ def callout_identity(p: dict[str, str], *, url_required: bool = True) -> Callout
                            agent, ident.command, ip, error)
 
 
-def decide(policy: Policy, inventory: Inventory, ident: CalloutIdentity) -> tuple[Decision, Device | None]:
-    """The connector's decision: the one authorization engine (``authz.engine``) with the SQLite
-    inventory as its backend; also returns the inventory row it read."""
+def decide(policy: Policy, inventory: AnyInventory, ident: CalloutIdentity) -> tuple[Decision, Device | None]:
+    """The connector's decision: the one authorization engine (``authz.engine``) with the inventory
+    (SQLite or PostgreSQL) as its backend; also returns the inventory row it read."""
     rows: list[Device | None] = []
 
     async def lookup(i: CalloutIdentity) -> Decision | None:
         try:
             row = inventory.get(i.device_id)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, InventoryError) as e:
             raise Unavailable(f"inventory {inventory.path} unreadable: {e}")
         rows.append(row)
         return device_decision(row, i.device_id, i.user)
@@ -250,7 +254,7 @@ def decide(policy: Policy, inventory: Inventory, ident: CalloutIdentity) -> tupl
 
 
 class ConnectorService:
-    def __init__(self, inventory: Inventory, policy: PolicyStore | Policy | None = None,
+    def __init__(self, inventory: AnyInventory, policy: PolicyStore | Policy | None = None,
                  log: AuditLog | None = None) -> None:
         self.inventory = inventory
         self.policy_store = policy if isinstance(policy, PolicyStore) else None
@@ -260,6 +264,7 @@ class ConnectorService:
         self.counters: collections.Counter[str] = collections.Counter()
         self.started = time.time()
         self._policy_checked = 0.0
+        self.events: BlockEvents | None = None  # inventory changes -> the gateways' shared cache
         if self.policy_store and self.policy_store.policy.inventory:
             logger.warning(
                 f"easgate connector: the policy file {self.policy_store.path} lists "
@@ -273,14 +278,26 @@ class ConnectorService:
         except PolicyError as e:
             raise ConfigError(cfg.path, "policy", str(e), "fix the policy file")
         try:
-            inv = Inventory(cfg.inventory)
+            inv = open_inventory(cfg.inventory)
         except InventoryError as e:
             raise ConfigError(cfg.path, "inventory", str(e))
         try:
             log = AuditLog(cfg.decision_log)
         except ConfigError as e:
             raise ConfigError(cfg.path, "decision_log", e.problem, e.fix)
-        return cls(inv, policy, log)
+        service = cls(inv, policy, log)
+        if cfg.redis:
+            try:
+                service.events = BlockEvents(cfg.redis)
+            except RuntimeError as e:
+                raise ConfigError(cfg.path, "redis", str(e))
+        return service
+
+    def start_events(self) -> None:
+        """Publish the inventory's changes (blocking until its change feed listens)."""
+        watch = getattr(self.inventory, "watch", None)
+        if self.events is not None and watch is not None:
+            watch(self.events.changed)
 
     @property
     def policy(self) -> Policy:
@@ -300,6 +317,8 @@ class ConnectorService:
         self.inventory.flush_seen(timeout_s=2.0)
         self.log.close()
         self.inventory.close()
+        if self.events is not None:
+            self.events.close()
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -347,14 +366,17 @@ class ConnectorService:
     def _health(self) -> Reply:
         try:
             n = self.inventory.count()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, InventoryError) as e:
             return _json(503, {"status": "error", "reason": f"inventory {self.inventory.path} unreadable: {e}"})
         store = self.policy_store
         return _json(200, {"status": "ok", "version": __version__, "devices": n, "inventory": str(self.inventory.path),
                            "policy": str(store.path) if store else None, "mode": self.policy.mode,
                            "policy_error": store.last_error if store else None,
                            "decision_log": str(self.log.path) if self.log.path else None,
-                           "uptime_s": round(time.time() - self.started, 1), "counters": dict(self.counters)})
+                           "uptime_s": round(time.time() - self.started, 1), "counters": dict(self.counters),
+                           "events": None if self.events is None else {
+                               "redis": self.events.url, "published": self.events.published,
+                               "errors": self.events.errors}})
 
     def _log(self, p: dict[str, str]) -> Reply:
         limit = p.get("limit", "100")
@@ -421,6 +443,7 @@ class ConnectorServer:
         self.port = self.server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._every(FLUSH_SEEN_S, self._flush))]
+        await asyncio.to_thread(self.service.start_events)
         return self.port
 
     async def stop(self) -> None:
@@ -592,7 +615,7 @@ async def serve(cfg: ConnectorConfig) -> int:
               f"choose another listen.port in {cfg.path}", file=sys.stderr)
         return 1
     print(f"easgate connector listening at http://{cfg.host}:{server.port} "
-          f"({service.inventory.count()} devices in {cfg.inventory}; "
+          f"({service.inventory.count()} devices in {service.inventory.path}; "
           f"policy {cfg.policy or '(none: block mode, no lists)'}; decision log {cfg.decision_log or '(none)'})",
           flush=True)
     stop = asyncio.Event()

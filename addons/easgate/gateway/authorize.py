@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
+import hashlib
 import json
 import logging
 import shutil
@@ -42,6 +43,7 @@ from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
 from .respond import answer, drop
 from .routing import ROUTE_KEY
+from .sharedcache import SharedCache
 from .xnc import ConnectorClient, ConnectorError, to_decision
 
 logger = logging.getLogger("easgate.authz")
@@ -56,6 +58,16 @@ EMPTY_POLICY = Policy()  # no policy file: no lists, block mode (the connector d
 def wire_method(req: http.Request) -> str:
     """The request method exactly as the client sent it (and as the upstream will read it)."""
     return req.data.method.decode("ascii", "backslashreplace")
+
+
+def policy_digest(store: PolicyStore | None) -> str:
+    """Names the policy version in shared cache entries: nodes agree on it without talking."""
+    if store is None:
+        return "-"
+    try:
+        return hashlib.sha256(store.path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return f"unreadable-{store.generation}"
 
 
 def identity_dict(ident: identity.Identity) -> dict:
@@ -91,6 +103,9 @@ class ActiveSyncGate:
         self._workdir: Path | None = None  # SQLite inventories of large policies
         self._internal_logged = float("-inf")
         self._internal_suppressed = 0
+        self.shared: SharedCache | None = None  # the Redis tier (docs/scaling.md), if configured
+        self._digest = "-"
+        self._tasks: set[asyncio.Task] = set()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -108,7 +123,38 @@ class ActiveSyncGate:
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
         self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
-        self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache)
+        self._digest = policy_digest(policy)
+        old, self.shared = self.shared, None
+        if old is not None:
+            self._spawn(old.close())
+        if auth and auth.cache.redis and self.cache is not None:
+            # the lock outlives one callout (a dead holder's lock expires, the others then ask)
+            lock_ms = 2 * (auth.connector.timeout_ms if auth.connector else 1000) + 1000
+            self.shared = SharedCache(auth.cache.redis, self.cache, lock_ms=lock_ms, digest=lambda: self._digest)
+            self.shared.on_revoke.append(self.device_revoked)
+            if self._reload_task is not None:  # reconfigured while running
+                self.shared.start()
+        self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
+                             self.shared)
+
+    def device_revoked(self, device_id: str) -> None:
+        """A device was revoked cluster-wide (an operator's block seen by a connector,
+        easgate.cluster.revoke on any node); its cached decisions here are already gone.
+
+        The hook for held requests: this is where the ActiveSync-aware enforcement ends this
+        process's held long polls (Ping, Sync with Wait) of ``device_id``, so a blocked phone
+        does not keep a Ping open for up to an hour. Until that mechanism is merged, only counted.
+        """
+        self.counters["devices_revoked"] += 1
+
+    def _spawn(self, coro) -> None:
+        try:
+            t = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     def load(self, loader) -> None:
         loader.add_option("easgate_policy_poll_ms", int, int(RELOAD_INTERVAL_S * 1000),
@@ -117,6 +163,8 @@ class ActiveSyncGate:
     def running(self) -> None:
         if self.policy and self._reload_task is None:
             self._reload_task = asyncio.get_running_loop().create_task(self._watch_policy())
+        if self.shared:
+            self.shared.start()
         if isinstance(self.connector, ConnectorClient):
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_connector(self.connector))
 
@@ -129,11 +177,14 @@ class ActiveSyncGate:
                            f"its decisions fall to on_connector_error={self.auth.on_connector_error}")
 
     def done(self) -> None:
+        # synchronous: mitmproxy also calls done when a script is unloaded, where no hook may await
         if self._reload_task:
             self._reload_task.cancel()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        if self.shared:
+            self._spawn(self.shared.close())
 
     def _compact(self, policy):
         """A large inventory goes to an SQLite file (built off the loop on reloads: policyload)."""
@@ -183,6 +234,9 @@ class ActiveSyncGate:
             return f"reload failed, last good policy kept: {err}"
         if changed:
             n = self.cache.clear() if self.cache else 0
+            self._digest = policy_digest(self.policy)
+            if self.shared:  # every node drops what it holds; the digest keeps old shared entries apart
+                self._spawn(self.shared.clear_all())
             self.counters["policy_reloads"] += 1
             logger.info(f"easgate: policy reloaded from {self.policy.path}; {n} cached decisions dropped")
             return f"policy reloaded from {self.policy.path}; {n} cached decisions dropped"
@@ -352,9 +406,21 @@ class ActiveSyncGate:
 
     @command.command("easgate.cache.clear")
     def cache_clear(self) -> str:
-        """Forget every cached decision."""
+        """Forget every cached decision (on every node, with a shared cache)."""
         n = self.cache.clear() if self.cache else 0
+        if self.shared:
+            self._spawn(self.shared.clear_all())
+            return f"{n} cached decisions dropped here; every node told"
         return f"{n} cached decisions dropped"
+
+    @command.command("easgate.cluster.revoke")
+    def cluster_revoke(self, device_id: str) -> str:
+        """Forget a device's decisions on every node at once (and end its held requests there)."""
+        if not self.shared:
+            n = self.cache.forget(lambda k: k[1].lower() == device_id.strip().lower()) if self.cache else 0
+            return f"{n} cached decisions of {device_id} dropped (no shared cache configured)"
+        self._spawn(self.shared.revoke(device_id))
+        return f"{device_id} revoked on every node"
 
     @command.command("easgate.explain")
     def explain(self, flows: Sequence[mflow.Flow]) -> str:
@@ -392,6 +458,7 @@ class ActiveSyncGate:
             # errors while deciding (each one a deny, `internal error`) and audit lines that could not be written
             "internal_errors": self.counters.get("internal_errors", 0),
             "audit_errors": self.counters.get("audit_errors", 0),
+            "shared": self.shared.stats if self.shared else None,
             "policy": {"reloads": self.counters.get("policy_reloads", 0),
                        "reload_errors": self.counters.get("policy_reload_errors", 0),
                        "last_error": self.policy.last_error if self.policy else None},

@@ -8,6 +8,7 @@ because a gateway that starts half-configured is worse than one that does not st
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..authz.binding import BindingRule, parse_binding
 from ..authz.principal import IdentityConfig, parse_identity
+from ..core.decision import one_line
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
@@ -162,6 +164,7 @@ class CacheConfig:
     allow_ttl_s: float = 300.0
     deny_ttl_s: float = 30.0
     max_entries: int = 100_000
+    redis: str | None = None  # the shared second tier (gateway/sharedcache.py, docs/scaling.md)
 
 
 @dataclass(frozen=True)
@@ -630,13 +633,25 @@ def _parse_match(m: Node) -> Match | None:
     )
 
 
+def _parse_redis(n: Node) -> str | None:
+    url = n.str()
+    if url is None:
+        return None
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("redis", "rediss", "unix") or not (u.hostname or u.path):
+        raise n.err(f"'{one_line(url, 80)}' is not a Redis URL", "e.g. redis://10.0.0.5:6379/0, or rediss:// for TLS")
+    if importlib.util.find_spec("redis") is None:
+        raise n.err("a shared cache on Redis needs the Redis client", "pip install 'easgate[cluster]'")
+    return url
+
+
 def _parse_authorization(n: Node, base: Path) -> Authorization:
     n.mapping(
         {
             "applies_to": "{path_prefix, hosts, methods, commands, pass_methods}",
             "policy": "a policy YAML file",
             "connector": "{url: http://127.0.0.1:9080/services/ActiveSync/Authorize, timeout_ms: 2000}",
-            "cache": "{allow_ttl_s, deny_ttl_s, max_entries}",
+            "cache": "{allow_ttl_s, deny_ttl_s, max_entries, redis}",
             "on_connector_error": "deny | allow | stale",
             "stale_max_age_s": "seconds",
             "deny": "{status: 403} or {action: drop}",
@@ -677,9 +692,10 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
     ch = n.child("cache")
     cache = CacheConfig()
     if ch.value is not None:
-        ch.mapping({"allow_ttl_s": "seconds", "deny_ttl_s": "seconds", "max_entries": "entries"})
+        ch.mapping({"allow_ttl_s": "seconds", "deny_ttl_s": "seconds", "max_entries": "entries",
+                    "redis": "redis://host:6379/0: one cache for every gateway node (easgate[cluster])"})
         cache = CacheConfig(ch.child("allow_ttl_s").num(300.0), ch.child("deny_ttl_s").num(30.0),
-                            ch.child("max_entries").int(100_000, 0, 100_000_000))
+                            ch.child("max_entries").int(100_000, 0, 100_000_000), _parse_redis(ch.child("redis")))
     d = n.child("deny")
     deny = DenyConfig()
     if d.value is not None:

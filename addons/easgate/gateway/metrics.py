@@ -359,6 +359,13 @@ class Metrics:
         d.metric("easgate_connector_fail_mode_total", "counter", "Decisions made by on_connector_error, by mode.",
                  [({"mode": k.removeprefix("fail_mode_")}, v) for k, v in sorted(counters.items())
                   if k.startswith("fail_mode_")])
+        shared = gate.shared.stats if gate is not None and gate.shared is not None else None
+        if shared is not None:  # the Redis tier (gateway/sharedcache.py)
+            d.metric("easgate_shared_cache_up", "gauge", "1 while Redis answers (0: local cache and connector only).",
+                     int(bool(shared.get("up"))))
+            d.metric("easgate_shared_cache_total", "counter",
+                     "Shared cache events: hits, misses, waits, fallbacks, redis_errors, revocations, ...",
+                     [({"event": k}, v) for k, v in sorted(shared.items()) if k != "up"])
         d.metric("easgate_policy_reloads_total", "counter", "Policy file reloads.", counters.get("policy_reloads", 0))
         d.metric("easgate_policy_reload_errors_total", "counter", "Policy reloads that failed (last good kept).",
                  counters.get("policy_reload_errors", 0))

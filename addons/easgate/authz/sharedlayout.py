@@ -1,0 +1,127 @@
+"""The layout of the shared decision cache and the block events in Redis (or Valkey).
+
+The gateway's second cache tier (``gateway/sharedcache.py``) and the connector's block events
+(``connector/events.py``) must agree on it; neither may import the other, so it lives here, with
+no Redis client of its own (the scripts are Lua source, run by whichever client the caller has).
+
+Keys (``P`` is the prefix, ``easgate:`` by default):
+
+==================  ==================================================================================
+``P epoch``         a counter; ``INCR`` forgets every shared decision at once (policy reload, cache clear)
+``P d:<device>``    a hash per DeviceId (lower case): field ``<epoch>|<policy digest>|<user>|<DeviceId>`` ->
+                    ``<expiry ms, Redis clock>|<decision JSON>``; field ``#v`` counts revocations
+``P l:<device>|…``  the single-flight lock of one field: ``SET NX PX``, the holder's random token
+``P events``        the pub/sub channel: ``{"t": "device", "d": ID}`` (drop that device),
+                    ``{"t": "all"}`` (drop everything), ``{"t": "fill", "k": LOCK}`` (a lock ended)
+==================  ==================================================================================
+
+Why a hash per device: a block names a device, not a user; one ``DEL``-like step forgets every
+user's decision for it, and bumping ``#v`` makes an answer that was in flight during the block
+fail its store (it read the old ``#v``). The expiry is the Redis server's clock (``TIME``), so
+gateway clocks never need to agree.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..core.decision import SOURCES, Decision, Source
+
+__all__ = ["CLEAR_SCRIPT", "LOOKUP_SCRIPT", "REVOKE_SCRIPT", "STORE_SCRIPT", "SharedLayout", "decode_decision",
+           "decode_event", "encode_decision", "encode_event"]
+
+DEFAULT_PREFIX = "easgate:"
+REVOKED_KEEP_MS = 86_400_000  # how long a revoked device's #v outlives its decisions
+
+#: KEYS: epoch, device hash, lock. ARGV: field (digest|user|DeviceId), lock token, lock ms.
+#: The lookup and the lock in one step, so no node can miss the answer another node stored
+#: between its lookup and its lock: -> {epoch, version, 1 = the lock is ours now | 0 = another
+#: node holds it} or, when found, {epoch, version, 0, decision JSON, ms left}.
+LOOKUP_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1]) or '0'
+local ver = redis.call('HGET', KEYS[2], '#v') or '0'
+local v = redis.call('HGET', KEYS[2], epoch .. '|' .. ARGV[1])
+if v then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local sep = string.find(v, '|', 1, true)
+    local left = tonumber(string.sub(v, 1, sep - 1)) - now
+    if left > 0 then return {epoch, ver, 0, string.sub(v, sep + 1), left} end
+end
+if redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return {epoch, ver, 1} end
+return {epoch, ver, 0}
+"""
+
+#: KEYS: epoch, device hash, lock. ARGV: epoch read, version read, field, ttl ms, decision JSON, lock token.
+#: Stores only if neither the epoch nor the device's #v moved since the lookup; always ends our lock.
+STORE_SCRIPT = """
+local ok = (redis.call('GET', KEYS[1]) or '0') == ARGV[1] and (redis.call('HGET', KEYS[2], '#v') or '0') == ARGV[2]
+if ok then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local ttl = tonumber(ARGV[4])
+    redis.call('HSET', KEYS[2], ARGV[1] .. '|' .. ARGV[3], tostring(now + ttl) .. '|' .. ARGV[5])
+    if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+if redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
+if ok then return 1 end
+return 0
+"""
+
+#: KEYS: device hash. Forgets every decision for the device; stores in flight fail (#v moved).
+REVOKE_SCRIPT = f"""
+local v = redis.call('HINCRBY', KEYS[1], '#v', 1)
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '#v', v)
+redis.call('PEXPIRE', KEYS[1], {REVOKED_KEEP_MS})
+return v
+"""
+
+#: KEYS: lock. ARGV: token. Ends our lock (a computation that is not stored: fail mode, error).
+CLEAR_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class SharedLayout:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.epoch = f"{prefix}epoch"
+        self.channel = f"{prefix}events"
+
+    def device(self, device_id: str) -> str:
+        return f"{self.prefix}d:{device_id.strip().lower()}"
+
+    def lock(self, device_id: str, field: str) -> str:
+        return f"{self.prefix}l:{device_id.strip().lower()}|{field}"
+
+
+def encode_decision(d: Decision) -> str:
+    return json.dumps({"allow": d.allow, "reason": d.reason, "source": d.source}, separators=(",", ":"))
+
+
+def decode_decision(s: str | bytes) -> Decision:
+    """A decision read back from Redis; anything malformed is a ValueError (the caller treats it
+    as a miss: what Redis holds never allows on its own say-so without the expected shape)."""
+    v = json.loads(s)
+    if not isinstance(v, dict) or not isinstance(v.get("allow"), bool) or not isinstance(v.get("reason"), str) \
+            or v.get("source") not in SOURCES or v["source"] == "fail-mode":
+        raise ValueError("not a shareable decision")
+    return Decision(v["allow"], v["reason"], Source(v["source"]))
+
+
+def encode_event(kind: str, **fields: str) -> str:
+    return json.dumps({"t": kind, **fields}, separators=(",", ":"))
+
+
+def decode_event(data: str | bytes) -> dict[str, str] | None:
+    try:
+        v = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(v, dict) or v.get("t") not in ("device", "all", "fill"):
+        return None
+    return {k: str(x) for k, x in v.items()}

@@ -1,0 +1,367 @@
+"""The decision cache's second tier, shared by every gateway node and worker over Redis (or Valkey).
+
+A local miss (``authz/cache.py`` stays the first tier, per process) asks Redis before the
+connector; the single flight holds across nodes: the first node to miss takes a lock
+(``SET NX PX``, as long as one callout may take), the others wait for its answer (woken by a
+pub/sub message, re-checking with a deadline), so a device costs one callout per TTL for the
+whole cluster. Key layout, scripts and events: ``authz/sharedlayout.py``.
+
+What is never shared: fail-mode decisions (a connector blip on one node must not decide for the
+others), and nothing from Redis counts as an allow unless it parses as a stored decision of the
+current epoch, policy digest and device revocation count.
+
+Events on the channel reach every node: a device revoked (an operator's block seen by a
+connector, ``easgate.cluster.revoke`` on any node) drops that device's local entries and calls
+:attr:`SharedCache.on_revoke` hooks (held long polls end there); "all" (a policy reload, a
+cache clear) drops every local entry.
+
+Redis down: every call has a short deadline; the first failure opens a circuit for ``retry_s``
+(local cache + connector only, as on one machine), counted and logged once per burst; the next
+call after it tries again, and a re-subscribed event channel drops the local cache (events may
+have been missed meanwhile). Nothing needs a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..authz.cache import DecisionCache
+from ..authz.sharedlayout import (
+    CLEAR_SCRIPT,
+    LOOKUP_SCRIPT,
+    REVOKE_SCRIPT,
+    STORE_SCRIPT,
+    SharedLayout,
+    decode_decision,
+    decode_event,
+    encode_decision,
+    encode_event,
+)
+from ..core.decision import Decision
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+except ImportError:  # the base install: Redis is optional
+    aioredis = None  # type: ignore[assignment]
+    RedisError = OSError  # type: ignore[assignment,misc]
+
+__all__ = ["EXTRA_HINT", "SharedCache", "redis_available"]
+
+logger = logging.getLogger("easgate.cluster")
+
+EXTRA_HINT = "pip install 'easgate[cluster]'"
+# One Redis round trip on a LAN is well under a millisecond; a second means Redis (or the path to
+# it) is in trouble, not that this process was busy for a moment (a busy event loop delays reads).
+OP_TIMEOUT_S = 1.0
+RETRY_S = 2.0  # how long a failed Redis is left alone before the next try
+POLL_FIRST_S = 0.02
+POLL_MAX_S = 0.25
+
+
+def redis_available() -> bool:
+    return aioredis is not None
+
+
+Key = tuple[str, str]  # (user, device), as authz.cache.cache_key makes it
+
+
+class SharedCache:
+    """Redis behind a local :class:`DecisionCache`; used from one asyncio loop (mitmproxy's)."""
+
+    def __init__(self, url: str, local: DecisionCache, *, lock_ms: int, digest: Callable[[], str] = lambda: "-",
+                 prefix: str = "easgate:", op_timeout_s: float = OP_TIMEOUT_S, retry_s: float = RETRY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if aioredis is None:
+            raise RuntimeError(f"a shared cache on Redis needs the Redis client; {EXTRA_HINT}")
+        self.url = url
+        self.shown = _redact(url)  # for the log: no password
+        self.local = local
+        self.lock_ms = int(lock_ms)
+        self.digest = digest
+        self.keys = SharedLayout(prefix)
+        self.op_timeout_s = op_timeout_s
+        self.retry_s = retry_s
+        self.clock = clock
+        self.on_revoke: list[Callable[[str], None]] = []  # hooks: held long polls of the device end
+        self.counters: Counter[str] = Counter()
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._fills: dict[str, asyncio.Future[bool]] = {}  # lock -> woken with "its callout failed"
+        self._listener: asyncio.Task | None = None
+        no_retry = Retry(NoBackoff(), 0)
+        self.client = aioredis.from_url(url, socket_timeout=op_timeout_s, socket_connect_timeout=op_timeout_s,
+                                        retry=no_retry, decode_responses=True)
+        self._lookup = self.client.register_script(LOOKUP_SCRIPT)
+        self._store = self.client.register_script(STORE_SCRIPT)
+        self._revoke = self.client.register_script(REVOKE_SCRIPT)
+        self._unlock = self.client.register_script(CLEAR_SCRIPT)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _preload(self) -> None:
+        """Load the scripts once (the first EVALSHA would otherwise cost a round trip more)."""
+        for script in (self._lookup, self._store, self._revoke, self._unlock):
+            await self._quiet("script load", lambda script=script: self.client.script_load(script.script))
+
+    async def close(self) -> None:
+        if self._listener:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except BaseException:
+                pass
+            self._listener = None
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError):
+            pass
+
+    # -- health --------------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """False while the circuit is open (Redis failed less than ``retry_s`` ago)."""
+        return self.down_since is None or self.clock() >= self._retry_at
+
+    def _failed(self, what: str, e: BaseException) -> None:
+        self.counters["redis_errors"] += 1
+        if self.down_since is None:
+            self.down_since = self.clock()
+            logger.warning(f"easgate: Redis {self.shown} unreachable ({what}: {type(e).__name__}: {e}); "
+                           f"local cache and connector only, retrying every {self.retry_s:g}s")
+        self._retry_at = self.clock() + self.retry_s
+
+    def _ok(self) -> None:
+        if self.down_since is not None:
+            logger.warning(f"easgate: Redis {self.shown} reachable again after {self.clock() - self.down_since:.1f}s "
+                           f"({self.counters['redis_errors']} errors so far)")
+            self.down_since = None
+
+    async def _call(self, what: str, op: Callable[[], Awaitable[Any]]) -> Any:
+        """One Redis operation with a deadline; raises :class:`Unavailable` after recording it."""
+        if not self.up:
+            self.counters["redis_bypassed"] += 1
+            raise Unavailable(what)
+        try:
+            async with asyncio.timeout(self.op_timeout_s * 2):
+                r = await op()
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed(what, e)
+            raise Unavailable(what) from e
+        self._ok()
+        return r
+
+    # -- the tier ------------------------------------------------------------------------------
+
+    async def fetch(self, key: Key, compute: Callable[[], Awaitable[Decision]],
+                    ttl_s: Callable[[Decision], float]) -> tuple[Decision, float | None]:
+        """The shared decision for ``key`` (and the seconds it has left), or ``compute()``'s, stored
+        for the cluster unless it is a fail-mode decision. At most one node computes at a time.
+
+        Redis trouble at any step: ``compute()`` alone, exactly as without this tier.
+        """
+        user, device = key
+        # the hash is the device folded to lower case (a revocation drops every spelling); the field
+        # keeps user and DeviceId exactly as asked (a connector may tell allowed1 from ALLOWED1)
+        field = f"{self.digest()}|{user}|{device}"
+        dkey, lkey = self.keys.device(device), self.keys.lock(device, field)
+        # Waiting lasts while another node's lock lasts (it expires by itself if that node died);
+        # the hard deadline only guards against a Redis that keeps answering "locked" forever.
+        deadline = self.clock() + 2 * self.lock_ms / 1000
+        wait = POLL_FIRST_S
+        token = secrets.token_hex(8)
+        try:
+            while True:
+                found = await self._call("lookup", lambda: self._lookup(keys=[self.keys.epoch, dkey, lkey],
+                                                                          args=[field, token, self.lock_ms]))
+                epoch, ver, ours = str(found[0]), str(found[1]), int(found[2])
+                if len(found) >= 5:
+                    try:
+                        d = decode_decision(found[3])
+                    except ValueError:
+                        self.counters["redis_bad_entries"] += 1
+                    else:
+                        self.counters["shared_hits"] += 1
+                        return d, int(found[4]) / 1000
+                if ours or self.clock() >= deadline:
+                    if not ours:
+                        self.counters["shared_lock_timeouts"] += 1
+                        logger.warning(f"easgate: shared cache lock {lkey} held past {2 * self.lock_ms} ms; "
+                                       "asking the connector without it")
+                    return await self._compute_and_share(compute, ttl_s, epoch, ver, field, dkey, lkey,
+                                                         token if ours else None), None
+                # another node is asking the connector: wait for its answer (pub/sub wakes us early)
+                self.counters["shared_waits"] += 1
+                if await self._wait_fill(lkey, min(wait, max(0.0, deadline - self.clock()))):
+                    # its connector failed: ask ours now rather than queue behind each other's timeouts
+                    self.counters["shared_after_failure"] += 1
+                    return await self._compute_and_share(compute, ttl_s, epoch, ver, field, dkey, lkey, None), None
+                wait = min(wait * 2, POLL_MAX_S)
+        except Unavailable:
+            self.counters["shared_fallbacks"] += 1
+            return await compute(), None
+
+    async def _compute_and_share(self, compute: Callable[[], Awaitable[Decision]],
+                                 ttl_s: Callable[[Decision], float], epoch: str, ver: str, field: str, dkey: str,
+                                 lkey: str, token: str | None) -> Decision:
+        self.counters["shared_misses"] += 1
+        try:
+            d = await compute()
+        except BaseException:
+            if token:
+                await self._quiet("unlock", lambda: self._unlock(keys=[lkey], args=[token]))
+            raise
+        ttl = ttl_s(d)
+        failed = d.source == "fail-mode"
+        if not failed and ttl > 0 and token:
+            stored = await self._quiet("store", lambda: self._store(
+                keys=[self.keys.epoch, dkey, lkey], args=[epoch, ver, field, int(ttl * 1000), encode_decision(d), token]))
+            if stored == 0:
+                self.counters["shared_stores_refused"] += 1  # revoked or cleared while we asked
+        elif token:
+            await self._quiet("unlock", lambda: self._unlock(keys=[lkey], args=[token]))
+        if token:
+            event = encode_event("fill", k=lkey, failed="1") if failed else encode_event("fill", k=lkey)
+            await self._quiet("publish", lambda: self.client.publish(self.keys.channel, event))
+        return d
+
+    async def _quiet(self, what: str, op: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await self._call(what, op)
+        except Unavailable:
+            return None
+
+    async def _wait_fill(self, lkey: str, timeout: float) -> bool:
+        """Until the lock's holder says it is done (or ``timeout``); True if its callout failed."""
+        fut = self._fills.get(lkey)
+        if fut is None or fut.done():
+            fut = self._fills[lkey] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if self._fills.get(lkey) is fut and fut.done():
+                del self._fills[lkey]
+
+    # -- revocations ---------------------------------------------------------------------------
+
+    async def revoke(self, device_id: str) -> bool:
+        """Forget ``device_id`` everywhere: here at once, in Redis, and on every node via the channel.
+        False if Redis could not be told (this node still forgot it)."""
+        self._drop_device(device_id)
+        try:
+            await self._call("revoke", lambda: self._revoke(keys=[self.keys.device(device_id)]))
+            await self._call("publish", lambda: self.client.publish(self.keys.channel,
+                                                                     encode_event("device", d=device_id)))
+        except Unavailable:
+            return False
+        return True
+
+    async def clear_all(self) -> bool:
+        """Forget every decision on every node (policy reload, cache clear)."""
+        self.local.clear()
+        try:
+            await self._call("clear", lambda: self.client.incr(self.keys.epoch))
+            await self._call("publish", lambda: self.client.publish(self.keys.channel, encode_event("all")))
+        except Unavailable:
+            return False
+        return True
+
+    def _drop_device(self, device_id: str) -> None:
+        dev = device_id.strip().lower()
+        n = self.local.forget(lambda k: isinstance(k, tuple) and len(k) == 2 and str(k[1]).lower() == dev)
+        self.counters["revocations"] += 1
+        logger.info(f"easgate: device {device_id} revoked; {n} cached decisions dropped")
+        for hook in list(self.on_revoke):
+            try:
+                hook(device_id)
+            except Exception:
+                logger.exception("easgate: revocation hook failed")
+
+    # -- the event channel ---------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Subscribe and apply events; on any failure resubscribe (dropping the local cache: events
+        may have been missed while we were not listening)."""
+        lost = False
+        while True:
+            client = aioredis.from_url(self.url, socket_connect_timeout=self.op_timeout_s, decode_responses=True,
+                                       health_check_interval=1, retry=Retry(NoBackoff(), 0))
+            ps = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(self.op_timeout_s * 4):
+                    await ps.subscribe(self.keys.channel)
+                await self._preload()  # also after a Redis restart: scripts do not survive it
+                if lost:
+                    n = self.local.clear()
+                    logger.warning(f"easgate: Redis event channel back; {n} local decisions dropped "
+                                   "(block events may have been missed)")
+                    lost = False
+                self.counters["subscribed"] += 1
+                while True:
+                    msg = await ps.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        self._event(msg.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as e:
+                if not lost:
+                    self._failed("events", e)
+                lost = True
+            finally:
+                try:
+                    await ps.aclose()
+                    await client.aclose()
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(self.retry_s)
+
+    def _event(self, data: Any) -> None:
+        ev = decode_event(data) if isinstance(data, (str, bytes)) else None
+        if ev is None:
+            self.counters["bad_events"] += 1
+            return
+        self.counters[f"events_{ev['t']}"] += 1
+        if ev["t"] == "fill":
+            fut = self._fills.pop(ev.get("k", ""), None)
+            if fut is not None and not fut.done():
+                fut.set_result(ev.get("failed") == "1")
+        elif ev["t"] == "device" and ev.get("d"):
+            if ev["d"] == "*":
+                self.local.clear()
+            else:
+                self._drop_device(ev["d"])
+        elif ev["t"] == "all":
+            n = self.local.clear()
+            logger.info(f"easgate: cluster-wide cache clear; {n} cached decisions dropped")
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "up": self.down_since is None}
+
+
+def _redact(url: str) -> str:
+    p = urllib.parse.urlsplit(url)
+    if p.password is None:
+        return url
+    return urllib.parse.urlunsplit(p._replace(netloc=f"{p.username or ''}:***@{p.hostname}"
+                                                     + (f":{p.port}" if p.port else "")))
+
+
+class Unavailable(Exception):
+    """Redis did not answer (or the circuit is open): the caller goes on without it."""

@@ -1,0 +1,195 @@
+"""The Redis tier of the decision cache, two "nodes" (SharedCache instances) on one real Redis.
+
+The cross-process proof is tests/test_cluster_e2e.py; these pin the rules one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+import redis as redis_client
+
+from easgate.authz.cache import DecisionCache
+from easgate.core.decision import Decision
+from easgate.core.errors import ConfigError
+from easgate.gateway.config import load_config
+from easgate.gateway.sharedcache import SharedCache
+
+import conftest
+
+ALLOW = Decision(True, "device managed and compliant", "connector")
+DENY = Decision(False, "device blocked in the inventory", "connector")
+KEY = ("CONTOSO\\alice", "ApplF17ABCDEF01")  # as the request carried them (authz.cache.cache_key)
+
+
+async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} not within {timeout}s")
+
+
+@pytest.fixture
+async def nodes(redis_server):
+    """make(digest) -> a started SharedCache with its own local cache (a "node"); closed at the end."""
+    redis_client.Redis.from_url(redis_server.url).flushall()
+    made: list[SharedCache] = []
+
+    def make(digest: str = "p1") -> SharedCache:
+        s = SharedCache(redis_server.url, DecisionCache(300, 30, 1000), lock_ms=2000, digest=lambda: digest)
+        s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+def ttl(d: Decision) -> float:
+    return 300.0 if d.allow else 30.0
+
+
+class Backend:
+    def __init__(self, answer: Decision = ALLOW, delay_s: float = 0.0) -> None:
+        self.answer, self.delay_s, self.calls = answer, delay_s, 0
+
+    async def __call__(self) -> Decision:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        return self.answer
+
+
+async def subscribed(*caches: SharedCache) -> None:
+    await until(lambda: all(c.counters["subscribed"] for c in caches), what="subscribed")
+
+
+async def test_one_backend_call_for_concurrent_misses_on_several_nodes(nodes):
+    a, b, c = nodes(), nodes(), nodes()
+    await subscribed(a, b, c)
+    backend = Backend(delay_s=0.2)
+    got = await asyncio.gather(*(n.fetch(KEY, backend, ttl) for n in (a, b, c, a, b, c)))
+    assert backend.calls == 1
+    assert {d for d, _ in got} == {ALLOW}
+    left = [t for _, t in got if t is not None]  # the others' answers came from Redis, with the time left
+    assert len(left) == 5 and all(290 < t <= 300 for t in left)
+
+
+async def test_another_spelling_of_the_device_id_is_not_answered_from_the_shared_tier(nodes):
+    a, b = nodes(), nodes()
+    await a.fetch(KEY, Backend(ALLOW), ttl)
+    other = Backend(DENY)
+    assert (await b.fetch((KEY[0], KEY[1].upper()), other, ttl)) == (DENY, None) and other.calls == 1
+
+
+async def test_fail_mode_decisions_are_never_shared(nodes):
+    a, b = nodes(), nodes()
+    failed = Backend(Decision(True, "connector down; allowed by on_connector_error=allow", "fail-mode"))
+    assert (await a.fetch(KEY, failed, ttl))[0].source == "fail-mode"
+    fresh = Backend(DENY)
+    assert (await b.fetch(KEY, fresh, ttl)) == (DENY, None)  # b asked its own backend
+    assert fresh.calls == 1
+
+
+async def test_a_failed_callout_lets_waiting_nodes_ask_their_own_connector_at_once(nodes):
+    a, b = nodes(), nodes()
+    await subscribed(a, b)
+    down = Backend(Decision(False, "connector unreachable; denied by on_connector_error=deny", "fail-mode"),
+                   delay_s=0.3)
+    holder = asyncio.ensure_future(a.fetch(KEY, down, ttl))
+    await until(lambda: down.calls == 1, what="a's callout started")
+    healthy = Backend(ALLOW)
+    assert (await b.fetch(KEY, healthy, ttl)) == (ALLOW, None)  # waited for a, then asked its own
+    assert (await holder)[0].source == "fail-mode"
+    assert healthy.calls == 1 and b.counters["shared_waits"] >= 1 and b.counters["shared_after_failure"] == 1
+
+
+async def test_a_revocation_on_one_node_reaches_the_others_and_redis(nodes):
+    a, b = nodes(), nodes()
+    await subscribed(a, b)
+    await a.fetch(KEY, Backend(), ttl)
+    b.local.put(KEY, ALLOW)  # b holds it locally too
+    ended: list[str] = []
+    b.on_revoke.append(ended.append)  # where held long polls of the device end
+    assert await a.revoke("ApplF17ABCDEF01")
+    await until(lambda: KEY not in b.local, what="b dropped the device")
+    assert ended == ["ApplF17ABCDEF01"]
+    backend = Backend(DENY)
+    assert (await b.fetch(KEY, backend, ttl)) == (DENY, None) and backend.calls == 1  # Redis forgot it too
+
+
+async def test_an_answer_in_flight_during_a_revocation_is_not_stored(nodes):
+    a, b = nodes(), nodes()
+    slow = Backend(ALLOW, delay_s=0.3)
+    task = asyncio.ensure_future(a.fetch(KEY, slow, ttl))
+    await until(lambda: slow.calls == 1, what="the callout started")
+    await b.revoke("applf17abcdef01")  # the operator's block lands while the allow is on its way
+    assert (await task)[0] == ALLOW  # that request was decided before the block
+    assert a.counters["shared_stores_refused"] == 1
+    after = Backend(DENY)
+    assert (await b.fetch(KEY, after, ttl))[0] == DENY and after.calls == 1
+
+
+async def test_policy_digest_and_cluster_clear_keep_old_decisions_out(nodes):
+    a, b = nodes("policy-v1"), nodes("policy-v2")
+    await subscribed(a, b)
+    await a.fetch(KEY, Backend(ALLOW), ttl)
+    other = Backend(DENY)
+    assert (await b.fetch(KEY, other, ttl))[0] == DENY and other.calls == 1  # another policy: not shared
+    a.local.put(KEY, ALLOW)
+    b.local.put(KEY, DENY)
+    assert await b.clear_all()  # a policy reload or easgate.cache.clear on one node
+    await until(lambda: len(a.local) == 0, what="a's local cache cleared")
+    again = Backend(DENY)
+    assert (await a.fetch(KEY, again, ttl))[0] == DENY and again.calls == 1  # the old epoch's allow is gone
+
+
+async def test_garbage_in_redis_never_allows(nodes, redis_server):
+    a = nodes()
+    r = redis_client.Redis.from_url(redis_server.url)
+    r.hset("easgate:d:applf17abcdef01", f"0|p1|{KEY[0]}|{KEY[1]}", f"{int(time.time() * 1000) + 10**9}|"
+           '{"allow": true, "reason": "x", "source": "fail-mode"}')
+    backend = Backend(DENY)
+    assert (await a.fetch(KEY, backend, ttl))[0] == DENY and backend.calls == 1
+    assert a.counters["redis_bad_entries"] >= 1
+
+
+async def test_redis_down_is_the_backend_alone_then_recovers(own_redis):
+    s = SharedCache(own_redis.url, DecisionCache(300, 30, 1000), lock_ms=2000, retry_s=0.2)
+    s.start()
+    try:
+        await until(lambda: s.counters["subscribed"] == 1, what="subscribed")
+        own_redis.kill()
+        backend = Backend(DENY)
+        t = time.monotonic()
+        assert (await s.fetch(KEY, backend, ttl)) == (DENY, None) and backend.calls == 1
+        assert (await s.fetch(KEY, backend, ttl)) == (DENY, None) and backend.calls == 2
+        assert time.monotonic() - t < 3 and not s.up and s.counters["redis_errors"] >= 1
+        own_redis.start()
+        await until(lambda: s.counters["subscribed"] == 2, 10, "re-subscribed")
+        s.local.put(("x", "y"), ALLOW)
+        await until(lambda: s.up, 5, "circuit closed")
+        await s.fetch(KEY, Backend(ALLOW), ttl)
+        assert s.down_since is None and s.counters["shared_misses"] >= 1
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("http://10.0.0.5:6379", "authorization.cache.redis: 'http://10.0.0.5:6379' is not a Redis URL (e.g. redis://"),
+    (["redis://a"], "authorization.cache.redis: "),
+])
+def test_gateway_config_redis_url(tmp_path, pki, exchange, mdm, value, problem):
+    ok = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=SimpleNamespace(url="http://127.0.0.1:9/x"),
+                               cache={"redis": "redis://10.0.0.5:6379/0"})
+    assert load_config(conftest.write_config(tmp_path, ok)).authorization.cache.redis == "redis://10.0.0.5:6379/0"
+    bad = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=SimpleNamespace(url="http://127.0.0.1:9/x"),
+                                cache={"redis": value})
+    with pytest.raises(ConfigError) as e:
+        load_config(conftest.write_config(tmp_path, bad))
+    assert problem in str(e.value) and "\n" not in str(e.value)
