@@ -27,7 +27,7 @@ from pathlib import Path
 from mitmproxy import command, ctx, http
 from mitmproxy import flow as mflow
 
-from ..authz import identity, policyload
+from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
 from ..authz.policy import PolicyError, PolicyStore
 from ..authz.principal import Principal
@@ -43,6 +43,7 @@ logger = logging.getLogger("easgate.authz")
 
 DECISION_KEY = "easgate.decision"
 IDENTITY_KEY = "easgate.identity"
+ANSWER_KEY = "easgate.answer"
 RELOAD_INTERVAL_S = 2.0
 
 
@@ -280,6 +281,7 @@ class ActiveSyncGate:
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
         flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
         req = flow.request
+        how = None if d.allow else self.deny_answer(ident)
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
@@ -295,6 +297,7 @@ class ActiveSyncGate:
             "source": d.source,
             "latency_ms": round(ms, 3),
             "flow": flow.id,
+            **({"answer": "connection dropped" if how is None else how.why} if not d.allow else {}),
         }
         # The request goes on (upstream, or its deny answer) once its line is written.
         if not await self.gw.audit.record(record) and d.allow and self.gw.audit.log.on_error == "deny":
@@ -304,6 +307,7 @@ class ActiveSyncGate:
             flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
             flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
+            how = self.deny_answer(ident)
         self.counters[f"{d.verdict}_{d.source}"] += 1
         if d.allow:
             return
@@ -311,14 +315,23 @@ class ActiveSyncGate:
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
                         f"{d.reason} [{d.source}]")
         flow.marked = ":no_entry:"
-        deny = self.auth.deny
-        if deny.action == "drop":
+        if how is None:
             drop(flow)
             return
+        flow.metadata[ANSWER_KEY] = how.why
+        answer(flow, http.Response.make(how.status, how.body, how.headers))
+
+    def deny_answer(self, ident: identity.Identity | None) -> eas_deny.DenyAnswer | None:
+        """How a deny is answered (deny.mode); None: drop the connection."""
+        deny = self.auth.deny
+        if deny.mode == "drop":
+            return None
+        if deny.mode == "activesync" and ident is not None:
+            return eas_deny.blocked(ident.command, ident.protocol_version, deny.body)
         headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
         if deny.retry_after_s is not None:
             headers["Retry-After"] = str(deny.retry_after_s)
-        answer(flow, http.Response.make(deny.status, deny.body.encode(), headers))
+        return eas_deny.DenyAnswer(deny.status, headers, deny.body.encode(), None, f"HTTP {deny.status}")
 
     # -- commands -------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ CLIENT_CERT_MODES = ("off", "optional", "required")
 REVOCATION_MODES = ("off", "optional", "mandatory")
 ON_INVALID_CERT = ("reject", "untrusted")
 FAIL_MODES = ("deny", "allow", "stale")
+DENY_MODES = ("http", "drop", "activesync")
 HOST_HEADER_SPECIAL = ("client", "upstream")
 CERT_MATCH = ("present", "absent", "verified", "unverified")
 DEFAULT_CERT_HEADER = "NSClientCert"
@@ -164,7 +165,8 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DenyConfig:
-    action: str = "respond"  # respond | drop
+    action: str = "respond"  # respond | drop (the older spelling of mode http | drop)
+    mode: str = "http"  # http | drop | activesync (authz/eas_deny.py)
     status: int = 403
     body: str = "Access denied by easgate: this device is not allowed to sync mail.\n"
     retry_after_s: int | None = None
@@ -627,7 +629,7 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
             "cache": "{allow_ttl_s, deny_ttl_s, max_entries}",
             "on_connector_error": "deny | allow | stale",
             "stale_max_age_s": "seconds",
-            "deny": "{status: 403} or {action: drop}",
+            "deny": "{mode: http | drop | activesync, status: 403}",
             "identity": "{user_from: [basic, query], certificate_user, user_match, bearer}",
             "device_binding": "{device_id: {from: san_uri, pattern: ...}, user: san_upn}: bind the DeviceId to the certificate",
         }
@@ -671,9 +673,14 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
     d = n.child("deny")
     deny = DenyConfig()
     if d.value is not None:
-        d.mapping({"action": "respond | drop", "status": "an HTTP status, e.g. 403, 449, 503",
+        d.mapping({"mode": "http | drop | activesync", "action": "respond | drop",
+                   "status": "an HTTP status, e.g. 403, 449, 503",
                    "body": "text", "retry_after_s": "seconds (with 503)"})
-        deny = DenyConfig(action=d.child("action").str("respond", ("respond", "drop")),
+        action = d.child("action").str("respond", ("respond", "drop"))
+        mode = d.child("mode").str("drop" if action == "drop" else "http", DENY_MODES)
+        if d.has("action") and d.has("mode") and (action == "drop") != (mode == "drop"):
+            raise d.child("mode").err(f"is {mode} but action is {action}", "keep only 'mode'")
+        deny = DenyConfig(action="drop" if mode == "drop" else "respond", mode=mode,
                           status=d.child("status").int(403, 400, 599),
                           body=d.child("body").str(deny.body) if d.has("body") else deny.body,
                           retry_after_s=d.child("retry_after_s").int(None, 0, 86400))
