@@ -31,11 +31,14 @@ from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
 from ..authz.policy import PolicyError, PolicyStore
 from ..authz.principal import Principal
+from ..authz.revocations import RevocationFile
+from ..authz.revocations import append as append_revocation
 from ..core.decision import Decision
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
+from .holds import Held, HeldRequests
 from .respond import answer, drop
 from .xnc import ConnectorClient, ConnectorError, to_decision
 
@@ -45,6 +48,7 @@ DECISION_KEY = "easgate.decision"
 IDENTITY_KEY = "easgate.identity"
 ANSWER_KEY = "easgate.answer"
 RELOAD_INTERVAL_S = 2.0
+HOLD_TICK_S = 0.5  # revocations are read and held requests re-checked this often (the 5 s bound)
 
 
 def identity_dict(ident: identity.Identity) -> dict:
@@ -77,6 +81,10 @@ class ActiveSyncGate:
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
+        self.holds = HeldRequests()
+        self.revocations = RevocationFile(None)
+        self._holds_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -94,16 +102,22 @@ class ActiveSyncGate:
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
         self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
+        revocations = RevocationFile(auth.revocations if auth else None)
+        revocations.poll()  # revoked devices stay revoked across restarts
+        self.revocations = revocations
 
     def load(self, loader) -> None:
         loader.add_option("easgate_policy_poll_ms", int, int(RELOAD_INTERVAL_S * 1000),
                           "Milliseconds between checks of the policy files for a replaced file (tests shorten it).")
 
     def running(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.policy and self._reload_task is None:
-            self._reload_task = asyncio.get_running_loop().create_task(self._watch_policy())
+            self._reload_task = loop.create_task(self._watch_policy())
+        if self.auth and self._holds_task is None:
+            self._holds_task = loop.create_task(self._watch_holds())
         if isinstance(self.connector, ConnectorClient):
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_connector(self.connector))
+            self._probe_task = loop.create_task(self._probe_connector(self.connector))
 
     async def _probe_connector(self, client: ConnectorClient) -> None:
         """One line at start-up when the connector cannot be reached: until it can, every decision
@@ -114,8 +128,9 @@ class ActiveSyncGate:
                            f"its decisions fall to on_connector_error={self.auth.on_connector_error}")
 
     def done(self) -> None:
-        if self._reload_task:
-            self._reload_task.cancel()
+        for t in (self._reload_task, self._probe_task, self._holds_task, *self._tasks):
+            if t:
+                t.cancel()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -131,6 +146,11 @@ class ActiveSyncGate:
             self._workdir = Path(tempfile.mkdtemp(prefix="easgate-policy-"))
             atexit.register(shutil.rmtree, self._workdir, True)  # also after `easgate check`
         return self._workdir
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _watch_policy(self) -> None:
         while True:
@@ -169,6 +189,8 @@ class ActiveSyncGate:
         if changed:
             n = self.cache.clear() if self.cache else 0
             self.counters["policy_reloads"] += 1
+            if len(self.holds):
+                self._spawn(self.recheck_all("policy reload"))
             logger.info(f"easgate: policy reloaded from {self.policy.path}; {n} cached decisions dropped")
             return f"policy reloaded from {self.policy.path}; {n} cached decisions dropped"
         return "policy unchanged"
@@ -221,6 +243,10 @@ class ActiveSyncGate:
             return ident, Decision(False, "request has no user", "identity")
         if not ident.device_id:
             return ident, Decision(False, "request has no DeviceId", "identity")
+        # A revocation beats every list and the cache: it is the operator saying "now".
+        r = self.revocations.lookup(ident.user, ident.device_id)
+        if r is not None:
+            return ident, Decision(False, f"revoked: {r.reason}", "revoked")
         # The policy's explicit lists come before the cache: they also look at the User-Agent and
         # DeviceType, which are not part of the cache key (and they cost a few set lookups).
         policy = self.policy.policy if self.policy else None
@@ -310,6 +336,8 @@ class ActiveSyncGate:
             how = self.deny_answer(ident)
         self.counters[f"{d.verdict}_{d.source}"] += 1
         if d.allow:
+            if ident is not None and flow.live:
+                self.holds.add(flow, ident)
             return
         if d.source not in ("cache", "audit"):  # one line per fresh deny (an audit outage is logged once)
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
@@ -333,12 +361,97 @@ class ActiveSyncGate:
             headers["Retry-After"] = str(deny.retry_after_s)
         return eas_deny.DenyAnswer(deny.status, headers, deny.body.encode(), None, f"HTTP {deny.status}")
 
+    # -- held requests ----------------------------------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.holds.remove(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.holds.remove(flow)
+
+    async def _watch_holds(self) -> None:
+        while True:
+            await asyncio.sleep(HOLD_TICK_S)
+            try:
+                await self.check_holds()
+            except Exception as e:  # noqa: BLE001 - the watcher must outlive one bad round
+                logger.error(f"easgate: checking held requests failed: {e!r}")
+
+    async def check_holds(self) -> None:
+        """New revocations close what they name; held requests are re-authorized every allow_ttl_s."""
+        for r in self.revocations.poll():
+            self.counters["revocations"] += 1
+            for h in self.holds.of_device(r.device_id):
+                if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
+                    self.close_held(h, Decision(False, f"revoked: {r.reason}", "revoked"), "revocation")
+        every = max(self.auth.cache.allow_ttl_s, HOLD_TICK_S)
+        for h in self.holds.due(every):
+            self._spawn(self.reauthorize(h, "re-authorization"))
+
+    async def recheck_all(self, trigger: str) -> None:
+        await asyncio.gather(*(self.reauthorize(h, trigger) for h in self.holds.all()))
+
+    async def reauthorize(self, h: Held, trigger: str) -> None:
+        """Decide again for a request still held; close it if the answer is now deny."""
+        h.checking = True
+        try:
+            _ident, d = await self.decide(h.flow)
+        except Exception as e:  # noqa: BLE001 - any error on the way is a deny
+            d = Decision(False, f"re-authorization failed: {e!r}", "internal")
+        finally:
+            h.checking = False
+        if h.flow.id not in self.holds.held:
+            return  # answered meanwhile
+        if d.allow:
+            h.authorized = self.holds.clock()
+            self.counters["held_reauthorized"] += 1
+        else:
+            self.close_held(h, d, trigger)
+
+    def close_held(self, h: Held, d: Decision, trigger: str) -> None:
+        held_s = self.holds.close(h)
+        self.counters["held_closed"] += 1
+        flow, ident = h.flow, h.ident
+        flow.comment = f"closed after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.marked = ":no_entry:"
+        flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
+        self.gw.audit.log.submit({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "event": "held request closed",
+            "trigger": trigger,
+            "route": flow.metadata.get("easgate.route"),
+            "user": ident.user, "device_id": ident.device_id, "device_type": ident.device_type,
+            "command": ident.command,
+            "decision": d.verdict, "reason": d.reason, "source": d.source,
+            "held_s": round(held_s, 3),
+            "flow": flow.id,
+        })
+        logger.info(f"easgate: closed {ident.command} of {ident.user} {ident.device_id} held {held_s:.1f}s "
+                    f"({trigger}): {d.reason} [{d.source}]")
+
     # -- commands -------------------------------------------------------------------------
 
     @command.command("easgate.reload")
     def reload(self) -> str:
         """Reload the ActiveSync policy file now; a broken file keeps the last good policy."""
         return self._reload(force=True)
+
+    @command.command("easgate.revoke")
+    def revoke(self, user: str, device_id: str) -> str:
+        """Deny USER (or * for any user) on DEVICEID from now on and close its held requests on every
+        worker (through authorization.revocations; without it, in this process only)."""
+        user_or_any = None if user in ("", "*") else user
+        reason = "easgate.revoke"
+        if self.revocations.path is not None:
+            append_revocation(self.revocations.path, user_or_any, device_id, reason)
+            where = f"every worker following {self.revocations.path}"
+        else:
+            self.revocations.apply({"action": "revoke", "user": user_or_any, "device_id": device_id, "reason": reason})
+            for h in self.holds.of_device(device_id):
+                if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
+                    self.close_held(h, Decision(False, f"revoked: {reason}", "revoked"), "revocation")
+            where = "this process only (no authorization.revocations file configured)"
+        return f"revoked {user} on {device_id}: {where}"
 
     @command.command("easgate.cache.clear")
     def cache_clear(self) -> str:

@@ -183,6 +183,7 @@ class Authorization:
     deny: DenyConfig = field(default_factory=DenyConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     device_binding: BindingRule | None = None  # default for every `authorize: activesync` route
+    revocations: Path | None = None  # the shared revocation file every worker follows (authz/revocations.py)
 
 
 @dataclass(frozen=True)
@@ -632,6 +633,7 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
             "deny": "{mode: http | drop | activesync, status: 403}",
             "identity": "{user_from: [basic, query], certificate_user, user_match, bearer}",
             "device_binding": "{device_id: {from: san_uri, pattern: ...}, user: san_upn}: bind the DeviceId to the certificate",
+            "revocations": "a file `easgate revoke` appends to and every worker follows",
         }
     )
     at = AppliesTo()
@@ -690,4 +692,5 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
         on_connector_error=n.child("on_connector_error").str("deny", FAIL_MODES),
         stale_max_age_s=n.child("stale_max_age_s").num(3600.0), deny=deny,
         identity=parse_identity(n.child("identity"), base), device_binding=binding,
+        revocations=n.child("revocations").path(base, must_exist=False),
     )
