@@ -210,6 +210,11 @@ class ActiveSyncGate:
         for observe in self.observers:
             observe(flow, decision, seconds)
 
+    def enforced(self, flow: http.HTTPFlow) -> bool:
+        """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
+        name = flow.metadata.get("easgate.route")
+        return not name or self.gw.config.route(name).enforce
+
     async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
         auth = self.auth
         req = flow.request
@@ -301,11 +306,13 @@ class ActiveSyncGate:
 
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
-        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source}
+        enforced = self.enforced(flow)
+        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source,
+                                       **({} if enforced else {"enforced": False})}
         if ident is not None:
             flow.metadata[IDENTITY_KEY] = identity_dict(ident)
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
-        flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.comment = f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
         req = flow.request
         how = None if d.allow else self.deny_answer(ident)
         record = {
@@ -324,6 +331,7 @@ class ActiveSyncGate:
             "latency_ms": round(ms, 3),
             "flow": flow.id,
             **({"answer": "connection dropped" if how is None else how.why} if not d.allow else {}),
+            **({} if enforced else {"enforced": False}),
         }
         # The request goes on (upstream, or its deny answer) once its line is written.
         if not await self.gw.audit.record(record) and d.allow and self.gw.audit.log.on_error == "deny":
@@ -335,6 +343,13 @@ class ActiveSyncGate:
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
             how = self.deny_answer(ident)
         self.counters[f"{d.verdict}_{d.source}"] += 1
+        if not enforced:  # shadow mode: the would-be deny is on record; the request goes on
+            if not d.allow:
+                self.counters["shadow_denies"] += 1
+                flow.marked = ":eyes:"
+            elif ident is not None and flow.live:
+                self.holds.add(flow, ident)
+            return
         if d.allow:
             if ident is not None and flow.live:
                 self.holds.add(flow, ident)
@@ -409,15 +424,21 @@ class ActiveSyncGate:
             self.close_held(h, d, trigger)
 
     def close_held(self, h: Held, d: Decision, trigger: str) -> None:
-        held_s = self.holds.close(h)
-        self.counters["held_closed"] += 1
+        enforced = self.enforced(h.flow)
+        if enforced:
+            held_s = self.holds.close(h)
+        else:  # shadow mode: record what would have been closed, leave it open
+            self.holds.remove(h.flow)
+            held_s = self.holds.clock() - h.since
+        self.counters["held_closed" if enforced else "held_shadow_closed"] += 1
         flow, ident = h.flow, h.ident
-        flow.comment = f"closed after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
-        flow.marked = ":no_entry:"
+        did = "closed" if enforced else "shadow, not enforced: would close"
+        flow.comment = f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.marked = ":no_entry:" if enforced else ":eyes:"
         flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
         self.gw.audit.log.submit({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "event": "held request closed",
+            "event": "held request closed" if enforced else "held request would be closed",
             "trigger": trigger,
             "route": flow.metadata.get("easgate.route"),
             "user": ident.user, "device_id": ident.device_id, "device_type": ident.device_type,
@@ -425,8 +446,9 @@ class ActiveSyncGate:
             "decision": d.verdict, "reason": d.reason, "source": d.source,
             "held_s": round(held_s, 3),
             "flow": flow.id,
+            **({} if enforced else {"enforced": False}),
         })
-        logger.info(f"easgate: closed {ident.command} of {ident.user} {ident.device_id} held {held_s:.1f}s "
+        logger.info(f"easgate: {did} {ident.command} of {ident.user} {ident.device_id} held {held_s:.1f}s "
                     f"({trigger}): {d.reason} [{d.source}]")
 
     # -- commands -------------------------------------------------------------------------

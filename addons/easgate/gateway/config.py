@@ -94,6 +94,7 @@ class Route:
     client_cert_header: str | None = None
     device_binding: BindingRule | None = None  # the route's own, else authorization.device_binding
     rewrite_redirects: RewriteRedirects | None = None
+    enforce: bool = True  # False: shadow mode, decisions computed and audited but not enforced
 
 
 @dataclass(frozen=True)
@@ -527,6 +528,7 @@ ROUTE_KEYS = {
     "client_cert_header": f"a header name, usually {DEFAULT_CERT_HEADER}",
     "device_binding": "off, or {device_id: ..., user: ...}: this route's own device binding",
     "rewrite_redirects": "true, or {public_hosts: [mail.example.com]}: keep internal hosts out of redirects",
+    "enforce": "true | false (false: report-only, with authorize)",
 }
 MATCH_KEYS = {
     "path_prefix": "/Microsoft-Server-ActiveSync",
@@ -561,10 +563,14 @@ def _parse_routes(n: Node, pools: dict[str, Pool]) -> tuple[Route, ...]:
         cert_header = r.child("client_cert_header").str()
         if cert_header is not None and not _HEADER_NAME.match(cert_header):
             raise r.child("client_cert_header").err(f"'{cert_header}' is not a valid header name")
+        enforce = r.child("enforce").bool(True)
+        if not enforce and authorize is None:
+            raise r.child("enforce").err("is false on a route that does not authorize",
+                                         "add 'authorize: activesync' or remove 'enforce'")
         binding = parse_binding(r.child("device_binding")) if r.child("device_binding").value is not None else None
         routes.append(Route(name=name, priority=prio, match=_parse_match(r.child("match")), pool=pool,
                             authorize=authorize, client_cert_header=cert_header, device_binding=binding,
-                            rewrite_redirects=_parse_rewrite(r.child("rewrite_redirects"))))
+                            rewrite_redirects=_parse_rewrite(r.child("rewrite_redirects")), enforce=enforce))
     prios = [r.priority for r in routes]
     for r in routes:
         if prios.count(r.priority) > 1:
