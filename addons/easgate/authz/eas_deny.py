@@ -29,11 +29,16 @@ from dataclasses import dataclass
 
 from .wbxml import E, Element, wbxml
 
-__all__ = ["BLOCKED_STATUS", "COMMAND_BODIES", "WBXML_VERSIONS", "DenyAnswer", "blocked", "throttled"]
+__all__ = ["ACCESS_DENIED_STATUS", "BLOCKED_STATUS", "COMMAND_BODIES", "WBXML_VERSIONS", "DenyAnswer", "blocked", "throttled"]
 
 #: [MS-ASCMD] 2.2.2 common status 129 DeviceIsBlockedForThisUser: "The device has been blocked
 #: for this user." (protocol versions 14.0, 14.1, 16.0, 16.1)
 BLOCKED_STATUS = 129
+
+#: [MS-ASCMD] 2.2.2 common status 130 AccessDenied: "The user is not allowed to perform that
+#: request." (14.0, 14.1, 16.0, 16.1): a command a command-level rule refuses to an allowed device.
+ACCESS_DENIED_STATUS = 130
+STATUS_NAMES = {BLOCKED_STATUS: "DeviceIsBlockedForThisUser", ACCESS_DENIED_STATUS: "AccessDenied"}
 
 #: Versions that understand common status codes in a command response ([MS-ASCMD] 2.2.2).
 WBXML_VERSIONS = frozenset({"14.0", "14.1", "16.0", "16.1"})
@@ -85,13 +90,15 @@ class DenyAnswer:
     why: str  # one line for the audit: "Sync Status 129 (14.1)", "HTTP 403 (12.1 has no common status)"
 
 
-def blocked(command: str | None, protocol_version: str | None, text: str) -> DenyAnswer:
-    """Exchange's answer to a device blocked for this user, for this command and version."""
+def blocked(command: str | None, protocol_version: str | None, text: str,
+            status: int = BLOCKED_STATUS) -> DenyAnswer:
+    """Exchange's answer to a device blocked for this user (or, status 130, to a request this user
+    may not make), for this command and version."""
     build = COMMAND_BODIES.get(command or "")
     if build is not None and protocol_version in WBXML_VERSIONS:
-        doc: Element = build(str(BLOCKED_STATUS))
-        return DenyAnswer(200, {"Content-Type": WBXML_TYPE, "Cache-Control": "private"}, wbxml(doc), BLOCKED_STATUS,
-                          f"{command} Status {BLOCKED_STATUS} DeviceIsBlockedForThisUser (EAS {protocol_version})")
+        doc: Element = build(str(status))
+        return DenyAnswer(200, {"Content-Type": WBXML_TYPE, "Cache-Control": "private"}, wbxml(doc), status,
+                          f"{command} Status {status} {STATUS_NAMES[status]} (EAS {protocol_version})")
     if build is None:
         why = f"HTTP 403 ({command or 'no command'} has no WBXML status response)"
     else:

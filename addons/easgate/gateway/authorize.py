@@ -20,15 +20,18 @@ import logging
 import shutil
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import command, ctx, http
 from mitmproxy import flow as mflow
+from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
 from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
+from ..authz.commands import CommandRule, RateLimiter, device_state
 from ..authz.policy import PolicyError, PolicyStore
 from ..authz.principal import Principal
 from ..authz.revocations import RevocationFile
@@ -47,6 +50,10 @@ logger = logging.getLogger("easgate.authz")
 DECISION_KEY = "easgate.decision"
 IDENTITY_KEY = "easgate.identity"
 ANSWER_KEY = "easgate.answer"
+RULE_KEY = "easgate.rule"  # the command rule that applied to the request
+PENDING_KEY = "easgate.pending"  # decided on the body in `request` (ItemOperations under an attachments rule)
+RETRY_KEY = "easgate.retry_after"
+MAX_CHECKED_BODY = 64 * 1024  # an ItemOperations request is a few hundred bytes; larger is refused
 RELOAD_INTERVAL_S = 2.0
 HOLD_TICK_S = 0.5  # revocations are read and held requests re-checked this often (the 5 s bound)
 
@@ -85,6 +92,7 @@ class ActiveSyncGate:
         self.revocations = RevocationFile(None)
         self._holds_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.limiter = RateLimiter(())
 
     # -- configuration --------------------------------------------------------------------
 
@@ -102,6 +110,7 @@ class ActiveSyncGate:
         self.connector = ConnectorClient(auth.connector) if auth and auth.connector else None
         self.principal = Principal(auth.identity) if auth else None
         self.cache = DecisionCache(auth.cache.allow_ttl_s, auth.cache.deny_ttl_s, auth.cache.max_entries) if auth else None
+        self.limiter = RateLimiter(auth.commands.rate_limits if auth else ())
         revocations = RevocationFile(auth.revocations if auth else None)
         revocations.poll()  # revoked devices stay revoked across restarts
         self.revocations = revocations
@@ -205,17 +214,101 @@ class ActiveSyncGate:
             return
         start = time.perf_counter()
         ident, decision = await self.decide(flow)
+        if decision.allow and PENDING_KEY in flow.metadata:
+            decision = self.await_body(flow)
+            if decision is None:  # the rest of the decision is made on the body, in `request`
+                flow.metadata[PENDING_KEY] = (ident, start)
+                return
         seconds = time.perf_counter() - start
         await self.enforce(flow, ident, decision, seconds * 1000)
         for observe in self.observers:
             observe(flow, decision, seconds)
+
+    def await_body(self, flow: http.HTTPFlow) -> Decision | None:
+        """None if the body will be read whole and decided on; else the deny that it can't be."""
+        rule = flow.metadata[PENDING_KEY]
+        length = flow.request.headers.get("content-length", "")
+        if flow.request.stream or not length.isdigit():
+            return Decision(False, f"ItemOperations body without Content-Length cannot be checked for "
+                                   f"attachments (command rule {rule})", "command")
+        if int(length) > MAX_CHECKED_BODY:
+            return Decision(False, f"ItemOperations body of {length} bytes is over the {MAX_CHECKED_BODY} bytes "
+                                   f"checked for attachments (command rule {rule})", "command")
+        return None
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        pending = flow.metadata.get(PENDING_KEY)
+        if not isinstance(pending, tuple) or flow.response or flow.error:
+            return
+        del flow.metadata[PENDING_KEY]
+        ident, start = pending
+        d = self.body_decision(flow)
+        seconds = time.perf_counter() - start
+        await self.enforce(flow, ident, d, seconds * 1000)
+        for observe in self.observers:
+            observe(flow, d, seconds)
+
+    def body_decision(self, flow: http.HTTPFlow) -> Decision:
+        """ItemOperations under a rule refusing attachments: allow unless it fetches a FileReference."""
+        rule = flow.metadata.get(RULE_KEY)
+        body = flow.request.raw_content or b""
+        if len(body) > MAX_CHECKED_BODY:
+            return Decision(False, f"ItemOperations body over {MAX_CHECKED_BODY} bytes (command rule {rule})", "command")
+        try:
+            root = ET.fromstring(ASCommandResponse(body).xmlString)
+            if root.tag.rpartition("}")[2] != "ItemOperations":
+                raise ValueError(f"the document is {root.tag.rpartition('}')[2]}, not ItemOperations")
+        except Exception as e:  # noqa: BLE001 - what cannot be decoded is refused on such routes
+            return Decision(False, f"ItemOperations body is not WBXML the gateway can check ({type(e).__name__}); "
+                                   f"command rule {rule} refuses attachments", "command")
+        for el in root.iter():
+            if el.tag.rpartition("}")[2] == "Fetch" and any(c.tag.rpartition("}")[2] == "FileReference"
+                                                            for c in el.iter()):
+                return Decision(False, f"attachment download (ItemOperations Fetch of a FileReference) not allowed "
+                                       f"by command rule {rule}", "command")
+        return Decision(True, f"ItemOperations without an attachment fetch (command rule {rule})", "command")
 
     def enforced(self, flow: http.HTTPFlow) -> bool:
         """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
         name = flow.metadata.get("easgate.route")
         return not name or self.gw.config.route(name).enforce
 
-    async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
+    async def decide(self, flow: http.HTTPFlow, count: bool = True) -> tuple[identity.Identity | None, Decision]:
+        """The device decision, then (for an allowed device) the command rules and rate limits.
+        `count`: the request counts against the rate limits (a held request re-checked does not)."""
+        ident, d = await self.decide_device(flow)
+        if not d.allow or ident is None or not self.auth.commands:
+            return ident, d
+        return ident, self.command_decision(flow, ident, d, count)
+
+    def command_decision(self, flow: http.HTTPFlow, ident: identity.Identity, d: Decision, count: bool) -> Decision:
+        rules = self.auth.commands
+        rule: CommandRule | None = None
+        if rules.rules:
+            rule = rules.rule_for(ident.user, ident.device_type, ident.user_agent, self.device_state(ident))
+        if rule is not None:
+            flow.metadata[RULE_KEY] = rule.name
+            deny = rules.check(rule, ident.command)
+            if deny is not None:
+                return deny
+            if ident.command == "ItemOperations" and rule.checks_attachments:
+                flow.metadata[PENDING_KEY] = rule.name
+        if count and rules.rate_limits:
+            hit = self.limiter.hit(cache_key(ident.user, ident.device_id), ident.command)
+            if hit is not None:
+                lim, wait = hit
+                flow.metadata[RULE_KEY] = lim.name
+                flow.metadata[RETRY_KEY] = wait
+                return Decision(False, f"rate limit {lim.name}: over {lim.requests} requests in {lim.per_s:g}s; "
+                                       f"retry after {wait}s", "rate-limit")
+        return d
+
+    def device_state(self, ident: identity.Identity) -> str:
+        policy = self.policy.policy if self.policy else None
+        entry = policy.inventory.get((ident.device_id or "").strip().lower()) if policy else None
+        return device_state(entry is not None, bool(entry and entry.compliant))
+
+    async def decide_device(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
         auth = self.auth
         req = flow.request
         at = auth.applies_to
@@ -314,7 +407,10 @@ class ActiveSyncGate:
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
         flow.comment = f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
         req = flow.request
-        how = None if d.allow else self.deny_answer(ident)
+        how = None if d.allow else self.deny_answer(ident, d, flow.metadata.get(RETRY_KEY))
+        rule = flow.metadata.get(RULE_KEY)
+        if rule:
+            flow.comment += f" (rule {rule})"
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
@@ -330,6 +426,7 @@ class ActiveSyncGate:
             "source": d.source,
             "latency_ms": round(ms, 3),
             "flow": flow.id,
+            **({"rule": rule} if rule else {}),
             **({"answer": "connection dropped" if how is None else how.why} if not d.allow else {}),
             **({} if enforced else {"enforced": False}),
         }
@@ -341,7 +438,7 @@ class ActiveSyncGate:
             flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
             flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
-            how = self.deny_answer(ident)
+            how = self.deny_answer(ident, d)
         self.counters[f"{d.verdict}_{d.source}"] += 1
         if not enforced:  # shadow mode: the would-be deny is on record; the request goes on
             if not d.allow:
@@ -364,13 +461,17 @@ class ActiveSyncGate:
         flow.metadata[ANSWER_KEY] = how.why
         answer(flow, http.Response.make(how.status, how.body, how.headers))
 
-    def deny_answer(self, ident: identity.Identity | None) -> eas_deny.DenyAnswer | None:
-        """How a deny is answered (deny.mode); None: drop the connection."""
+    def deny_answer(self, ident: identity.Identity | None, d: Decision,
+                    retry_after: int | None = None) -> eas_deny.DenyAnswer | None:
+        """How a deny is answered (deny.mode; a rate limit always with 503); None: drop the connection."""
         deny = self.auth.deny
+        if d.source == "rate-limit":
+            return eas_deny.throttled(retry_after or 1, "Too many requests from this device; retry later.\n")
         if deny.mode == "drop":
             return None
         if deny.mode == "activesync" and ident is not None:
-            return eas_deny.blocked(ident.command, ident.protocol_version, deny.body)
+            status = eas_deny.ACCESS_DENIED_STATUS if d.source == "command" else eas_deny.BLOCKED_STATUS
+            return eas_deny.blocked(ident.command, ident.protocol_version, deny.body, status)
         headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
         if deny.retry_after_s is not None:
             headers["Retry-After"] = str(deny.retry_after_s)
@@ -410,7 +511,7 @@ class ActiveSyncGate:
         """Decide again for a request still held; close it if the answer is now deny."""
         h.checking = True
         try:
-            _ident, d = await self.decide(h.flow)
+            _ident, d = await self.decide(h.flow, count=False)
         except Exception as e:  # noqa: BLE001 - any error on the way is a deny
             d = Decision(False, f"re-authorization failed: {e!r}", "internal")
         finally:

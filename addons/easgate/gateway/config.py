@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..authz.binding import BindingRule, parse_binding
+from ..authz.commands import CommandRules
+from ..authz.commands import parse as parse_command_rules
 from ..authz.principal import IdentityConfig, parse_identity
 from ..core.errors import ConfigError
 from ..core.net import host_of
@@ -185,6 +187,7 @@ class Authorization:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     device_binding: BindingRule | None = None  # default for every `authorize: activesync` route
     revocations: Path | None = None  # the shared revocation file every worker follows (authz/revocations.py)
+    commands: CommandRules = field(default_factory=CommandRules)  # command-level rules and rate limits
 
 
 @dataclass(frozen=True)
@@ -640,6 +643,8 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
             "identity": "{user_from: [basic, query], certificate_user, user_match, bearer}",
             "device_binding": "{device_id: {from: san_uri, pattern: ...}, user: san_upn}: bind the DeviceId to the certificate",
             "revocations": "a file `easgate revoke` appends to and every worker follows",
+            "commands": "{groups, rules: [{name, when, allow | deny}]}",
+            "rate_limits": "[{name, requests, per_s, retry_after_s, commands}]",
         }
     )
     at = AppliesTo()
@@ -699,4 +704,5 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
         stale_max_age_s=n.child("stale_max_age_s").num(3600.0), deny=deny,
         identity=parse_identity(n.child("identity"), base), device_binding=binding,
         revocations=n.child("revocations").path(base, must_exist=False),
+        commands=parse_command_rules(n.child("commands"), n.child("rate_limits")),
     )
