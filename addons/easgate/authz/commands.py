@@ -194,7 +194,7 @@ def parse(commands: Node, rate_limits: Node) -> CommandRules:
             r = rs.child(i)
             r.mapping({"name": "a unique name (in the audit log)", "when": "{device_states, device_types, "
                        "user_agents, users, groups}", "allow": "commands", "deny": "commands"}, required=("name",))
-            name = r.child("name").str()
+            name = r.child("name").str() or ""
             if name in names:
                 raise r.child("name").err(f"rule '{name}' is defined twice", "give every rule its own name")
             names.add(name)
