@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from easgate.authz.audit import AuditLog
+from easgate.authz.policy import PolicyStore
 from easgate.authz.revocations import RevocationFile, append
+from easgate.connector.service import ConnectorService, ConnectorThread
+from easgate.connector.store import Inventory
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
@@ -211,3 +215,33 @@ def test_revoke_without_a_revocations_file_is_one_line(pki, exchange, mdm, tmp_p
     p = subprocess.run(easgate_argv("revoke", str(path), "alice", IPHONE), capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "authorization.revocations is not set" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_operators_block_in_the_connector_closes_held_pings_on_every_worker(pki, holding_exchange, mdm, tmp_path):
+    # the real connector service over HTTP, its SQLite inventory, and `easgate devices block` as an operator runs it
+    db = tmp_path / "devices.db"
+    inv = Inventory(db)
+    inv.import_file(ROOT / "policies" / "demo-inventory.csv")
+    (tmp_path / "cpolicy.yaml").write_text("mode: block\n")
+    svc = ConnectorThread(ConnectorService(inv, PolicyStore(tmp_path / "cpolicy.yaml"),
+                                           AuditLog(tmp_path / "decisions.jsonl"))).start()
+    try:
+        cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=None, revocations="revocations.jsonl")
+        cfg["authorization"]["connector"] = {"url": f"http://127.0.0.1:{svc.port}/services/ActiveSync/Authorize",
+                                             "timeout_ms": 2000}
+        g = start(cfg, tmp_path, workers=2)
+        try:
+            pings = hold_pings_on_every_worker(g, pki, holding_exchange, 2)
+            t0 = time.monotonic()
+            p = subprocess.run(easgate_argv("devices", "--db", str(db), "block", IPHONE,
+                                            "--revocations", str(tmp_path / "revocations.jsonl")),
+                               capture_output=True, text=True, timeout=30)
+            assert p.returncode == 0 and "revoked in" in p.stdout, p.stdout + p.stderr
+            assert_all_end_within(pings, t0, g)
+            closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5,
+                              "audit", g)
+            assert {a["reason"] for a in closed} == {"revoked: blocked in the connector inventory"}
+        finally:
+            g.stop()
+    finally:
+        svc.stop()
