@@ -18,6 +18,10 @@ lines.
 ``filter``     a request filter (e.g. an unsupported command) decided
 ``identity``   the request's identity could not be established
 ``audit``      the request would be allowed, but its audit line cannot be written
+``revoked``    an operator's revocation (authz/revocations.py)
+``command``    a command-level rule of an allowed device (authz/commands.py)
+``rate-limit`` a per-device request-rate limit (authz/commands.py)
+``internal``   an error while re-authorizing a held request
 =============  ==============================================================
 """
 
@@ -28,7 +32,8 @@ from dataclasses import dataclass, replace
 __all__ = ["SOURCES", "Decision", "one_line"]
 
 SOURCES: frozenset[str] = frozenset(
-    {"policy", "inventory", "connector", "mode", "cache", "fail-mode", "filter", "identity", "audit"}
+    {"policy", "inventory", "connector", "mode", "cache", "fail-mode", "filter", "identity", "audit",
+     "revoked", "command", "rate-limit", "internal"}
 )
 
 
