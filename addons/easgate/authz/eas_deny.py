@@ -11,8 +11,10 @@ blocked for this user differently, by protocol version:
   blocked" and stops, it does not re-discover. Where the Status element sits in each response is
   given per command below with its [MS-ASCMD] section (Provision: [MS-ASPROV] 2.2.2.54).
 * 2.5, 12.0, 12.1 (and a request without a known version): there are no common status codes
-  before 14.0 ([MS-ASCMD] 2.2.2, "Protocol versions" column), so such a client gets what Exchange
-  2007/2010 gives it: HTTP 403 Forbidden ([MS-ASHTTP] 2.2.2.1.1).
+  before 14.0 ([MS-ASCMD] 2.2.2, "Protocol versions" column), and the per-command status values of
+  those versions have none for a blocked device, so such a client gets HTTP 403 Forbidden, "the
+  user is not enabled for ActiveSync synchronization" ([MS-ASHTTP] 2.2.2.1.1). (Not 449, which
+  sends the client into Provision, nor 451, which redirects it: [MS-ASHTTP] 3.1.5.2.)
 * Commands that have no WBXML response at all (GetAttachment, which only exists up to 12.1,
   [MS-ASCMD] 2.2.1.8; Find has its own code page mitmproxy cannot decode, so it is not built)
   also get HTTP 403.
