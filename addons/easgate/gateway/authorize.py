@@ -242,7 +242,10 @@ class ActiveSyncGate:
             return
         del flow.metadata[PENDING_KEY]
         ident, start = pending
-        d = self.body_decision(flow)
+        try:
+            d = self.body_decision(flow)
+        except Exception as e:  # noqa: BLE001 - nothing goes on without its decision
+            d = Decision(False, f"checking the ItemOperations body failed: {e!r}", "internal")
         seconds = time.perf_counter() - start
         await self.enforce(flow, ident, d, seconds * 1000)
         for observe in self.observers:
