@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_mitmweb import start_web
 
 from easgate.authz.audit import AuditLog
 from easgate.authz.policy import PolicyStore
@@ -244,3 +245,22 @@ def test_an_operators_block_in_the_connector_closes_held_pings_on_every_worker(p
             g.stop()
     finally:
         svc.stop()
+
+
+def test_easgate_revoke_from_mitmwebs_command_bar_closes_the_held_ping(pki, holding_exchange, mdm, tmp_path):
+    # without a revocation file the command acts in its own process: mitmweb is always one process
+    cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=POLICY)
+    proc, w = start_web(conftest.write_config(tmp_path, cfg))
+    try:
+        ping = HeldPing(proc.port, pki)
+        wait_for(lambda: any("Cmd=Ping" in r["path"] for r in holding_exchange.requests()), 10, "the Ping", proc)
+        t0 = time.monotonic()
+        out = w.command("easgate.revoke", "alice", IPHONE)
+        assert out == f"revoked alice on {IPHONE}: this process only (no authorization.revocations file configured)"
+        assert_all_end_within([ping], t0, proc)
+        flow = wait_for(lambda: next((f for f in w.flows() if "Cmd=Ping" in f["request"]["path"]
+                                      and f["comment"].startswith("closed")), None), 5, "the flow's comment", proc)
+        assert "by revocation: deny: revoked: easgate.revoke [revoked]" in flow["comment"]
+        assert request(proc.port, "POST", SYNC, pki, headers=BASIC).status == 403
+    finally:
+        proc.stop()
