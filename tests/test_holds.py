@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from doccommands import covers, doc_command
 from test_mitmweb import start_web
 
 from easgate.authz.audit import AuditLog
@@ -39,10 +40,12 @@ BOUND_S = 5.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
+REVOKE_DOC = ("docs/scaling.md", 'easgate revoke gateway.yaml alice ApplF17ABCDEF01 --reason "phone reported lost"')
+
+
 def documented_revoke() -> list[str]:
-    """The `easgate revoke` command of docs/scaling.md, as written."""
-    line = next(l for l in (ROOT / "docs" / "scaling.md").read_text().splitlines() if l.startswith("easgate revoke "))
-    argv = shlex.split(line)
+    """The `easgate revoke` command of docs/scaling.md, as written (run with this suite's easgate)."""
+    argv = shlex.split(doc_command(*REVOKE_DOC))
     return [str(Path(sys.executable).parent / argv[0]), *argv[1:]]
 
 
@@ -117,6 +120,7 @@ def assert_all_end_within(pings: list[HeldPing], t0: float, g: GatewayProcess) -
     assert all(p.outcome != 200 for p in pings), ended  # cut, not answered by Exchange
 
 
+@covers(*REVOKE_DOC)
 def test_revoke_closes_held_pings_on_every_worker(pki, holding_exchange, mdm, tmp_path):
     cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=POLICY,
                                 revocations=str(tmp_path / "revocations.jsonl"))

@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("revoke", help="deny a user's device now, on every worker, and close its held requests")
     s.add_argument("config", help="the gateway YAML (its authorization.revocations file is appended to)")
     s.add_argument("user", help=r"alice, CONTOSO\alice, alice@contoso.com, or * for every user of the device")
-    s.add_argument("device_id")
+    s.add_argument("device_id", help="the ActiveSync DeviceId (any case)")
     s.add_argument("--reason", default="revoked by an operator", help="recorded in the audit log")
     s.add_argument("--restore", action="store_true", help="lift the revocation instead")
     s.set_defaults(fn=cmd_revoke)
