@@ -156,7 +156,8 @@ def test_policy_reload_closes_a_held_ping(pki, holding_exchange, mdm, tmp_path):
         pings = hold_pings_on_every_worker(g, pki, holding_exchange, 2)
         t0 = time.monotonic()
         changed = dict(POLICY, inventory=[dict(POLICY["inventory"][0], compliant=False)])
-        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(changed))
+        (tmp_path / "policy.new").write_text(yaml.safe_dump(changed))
+        (tmp_path / "policy.new").replace(tmp_path / "policy.yaml")  # a policy is replaced, not edited in place
         assert_all_end_within(pings, t0, g)
         closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5, "audit", g)
         assert closed[0]["trigger"] == "policy reload" and "not compliant" in closed[0]["reason"], closed
