@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from doccommands import doc_command
-
 from conftest import ROOT, GatewayProcess
+from doccommands import doc_command
 
 VENV = Path(sys.executable).parent.parent
 

@@ -7,10 +7,18 @@ import json
 
 import pytest
 import yaml
-from mitmproxy import exceptions
+from mitmproxy import eventsequence, exceptions
+from mitmproxy import flow as mflow
 from mitmproxy.addons import block, proxyserver
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow
 
+from easgate.authz import cache as cache_mod
+from easgate.authz import engine as engine_mod
+from easgate.authz import identity as identity_mod
+from easgate.authz import policy as policy_mod
+from easgate.gateway import audittrail as audittrail_mod
+from easgate.gateway import xnc
 from easgate.gateway.chain import make_addons
 
 from conftest import base_config
@@ -94,3 +102,198 @@ def test_forced_options(gateway):
     assert o.mode == ["reverse:http://127.0.0.1:9@127.0.0.1:0"]
     assert o.connection_strategy == "lazy" and o.keep_host_header is True
     assert o.tcp_timeout == 3660 and o.block_global is False
+
+
+# ------------------------------------------------------------------------------------------------
+# Fail closed (issue 12, item 2): mitmproxy's own dispatch, a fault injected at each stage
+
+
+async def through_chain(tctx, f) -> None:
+    """The hooks as the proxy core runs them: every top-level addon in order, each in mitmproxy's
+    safecall (an exception is logged and the rest of that addon's tree skipped), not `cycle`,
+    which calls one addon and lets exceptions out."""
+    for evt in eventsequence.iterate(f):
+        await tctx.master.addons.handle_lifecycle(evt)
+
+
+def _raise(*a, **k):
+    raise RuntimeError("injected")
+
+
+async def _araise(*a, **k):
+    raise RuntimeError("injected")
+
+
+def _break_flight(monkeypatch):
+    async def failing_flight(self, key, compute):
+        async def boom():
+            raise RuntimeError("injected")
+        return await orig(self, key, boom)
+
+    orig = cache_mod.DecisionCache.single_flight
+    monkeypatch.setattr(cache_mod.DecisionCache, "single_flight", failing_flight)
+
+
+STAGES = {
+    "identity": lambda mp: mp.setattr(identity_mod, "parse_request", _raise),
+    "lists": lambda mp: mp.setattr(policy_mod.Rules, "match", _raise),
+    "cache": lambda mp: mp.setattr(cache_mod.DecisionCache, "get", _raise),
+    "single flight": _break_flight,
+    "inventory": lambda mp: mp.setattr(policy_mod.Policy, "inventory_decision", _raise),
+    "engine": lambda mp: mp.setattr(engine_mod.Engine, "decide", _araise),
+    "connector client": lambda mp: mp.setattr(xnc.ConnectorClient, "authorize", _araise),
+}
+
+
+@pytest.fixture
+def chain(tmp_path, pki, request):
+    """make_addons() as `easgate run` adds them (the gateway, then FinalCheck, top level)."""
+    addons = make_addons()
+    extra = getattr(request, "param", [])
+    with taddons.context(block.Block(), proxyserver.Proxyserver(), addons[0], *extra, addons[1]) as tctx:
+        auth = {"connector": {"url": "http://127.0.0.1:9/services/ActiveSync/Authorize"}} \
+            if "connector" in request.node.name else {}
+        cfg = _cfg(tmp_path, pki, **auth)
+        gw_cfg = yaml.safe_load(cfg.read_text())
+        gw_cfg["audit_log"] = str(tmp_path / "audit.jsonl")
+        cfg.write_text(yaml.safe_dump(gw_cfg))
+        tctx.configure(addons[0], easgate_config=str(cfg))
+        yield tctx, addons[0], addons[1], tmp_path / "audit.jsonl"
+
+
+def _allowed_flow():
+    return _flow("/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone")
+
+
+def _audit(p):
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+async def test_the_chain_allows_and_forwards_without_faults(chain):
+    tctx, gw, final, audit = chain
+    f = _allowed_flow()
+    await through_chain(tctx, f)
+    assert f.response is None and f.error is None and f.metadata["easgate.decision"]["allow"] is True
+    assert [(a["decision"], a["source"]) for a in _audit(audit)] == [("allow", "inventory")]
+    assert len(gw.ledger) == 0  # nothing kept once the request went
+    mdm = _flow("/enroll", method="GET")
+    await through_chain(tctx, mdm)
+    assert mdm.response is None and mdm.error is None and mdm.request.port == 9081
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "connector client"])
+async def test_a_fault_at_any_stage_is_an_audited_internal_error_deny(chain, monkeypatch, stage):
+    tctx, gw, final, audit = chain
+    STAGES[stage](monkeypatch)
+    f = _allowed_flow()
+    f.metadata["easgate.decision"] = {"allow": True, "reason": "left behind", "source": "cache"}  # e.g. a saved flow
+    await through_chain(tctx, f)
+    assert f.response is not None and f.response.status_code == 403
+    assert f.metadata["easgate.decision"] == {"allow": False, "reason": "internal error", "source": "internal"}
+    assert [(a["decision"], a["reason"]) for a in _audit(audit)] == [("deny", "internal error")]
+    status = json.loads(tctx.master.commands.execute("easgate.status"))
+    assert status["decisions"] == {"deny_internal": 1} and status["internal_errors"] == 1
+
+
+@pytest.mark.parametrize("chain", [[]], indirect=True)
+async def test_a_connector_client_fault_is_an_internal_error_not_the_fail_mode(chain, monkeypatch):
+    tctx, gw, final, audit = chain
+    STAGES["connector client"](monkeypatch)
+    f = _allowed_flow()
+    await through_chain(tctx, f)
+    assert f.response.status_code == 403
+    assert [(a["decision"], a["reason"], a["source"]) for a in _audit(audit)] == [("deny", "internal error", "internal")]
+
+
+async def test_a_failing_audit_write_still_denies(chain, monkeypatch):
+    tctx, gw, final, audit = chain
+    writes = []
+
+    async def record(self, rec):
+        writes.append(rec["reason"])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(audittrail_mod.AuditTrail, "record", record)
+    f = _allowed_flow()
+    await through_chain(tctx, f)
+    # the allow could not be recorded, so it was never granted: FinalCheck denied, and when that
+    # deny could not be recorded either the connection was dropped
+    assert f.response is None and f.error is not None and f.error.msg == mflow.Error.KILLED_MESSAGE
+    assert writes == ["device ApplF17ABCDEF01 managed and compliant", "internal error"]
+    assert gw.gate.counters["audit_errors"] == 1
+
+
+async def test_a_streamed_request_is_cut_at_requestheaders(chain, monkeypatch):
+    # stream_large_bodies: mitmproxy sends the head upstream right after requestheaders
+    tctx, gw, final, audit = chain
+    STAGES["cache"](monkeypatch)
+    f = _allowed_flow()
+    f.request.stream = True
+    await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
+    assert f.error is not None and f.error.msg == mflow.Error.KILLED_MESSAGE and f.response is None
+    assert [a["reason"] for a in _audit(audit)] == ["internal error"]
+
+
+async def test_a_request_that_was_never_routed_goes_nowhere(chain, monkeypatch):
+    tctx, gw, final, audit = chain
+    monkeypatch.setattr(type(gw.switch), "point", _raise)  # routing fails half way
+    f = _flow("/enroll", method="GET")
+    f.metadata["easgate.route"] = "mdm"  # left behind: not what FinalCheck trusts
+    await through_chain(tctx, f)
+    assert f.response is not None and f.response.status_code == 403
+    assert [a["reason"] for a in _audit(audit)] == ["internal error"]
+
+
+class _RepointToExchange:
+    """A buggy addon that sends an MDM request to the Exchange server after routing."""
+
+    def request(self, flow):
+        flow.request.data.host, flow.request.data.port = "127.0.0.1", 9443
+
+
+@pytest.mark.parametrize("chain", [[_RepointToExchange()]], indirect=True)
+async def test_a_request_re_pointed_after_routing_goes_nowhere(chain):
+    tctx, gw, final, audit = chain
+    f = _flow("/enroll", method="GET")
+    await through_chain(tctx, f)
+    assert (f.request.host, f.request.port) == ("127.0.0.1", 9443)
+    assert f.response is not None and f.response.status_code == 403
+    assert [a["reason"] for a in _audit(audit)] == ["internal error"]
+
+
+class _RewriteAfterDecision:
+    """Another addon that changes the request after the decision (here: to another device)."""
+
+    def request(self, flow):
+        flow.request.path = flow.request.path.replace("ApplF17ABCDEF01", "ApplOTHER000001")
+
+
+@pytest.mark.parametrize("chain", [[_RewriteAfterDecision()]], indirect=True)
+async def test_the_allow_is_bound_to_the_request_it_was_made_for(chain):
+    tctx, gw, final, audit = chain
+    f = _allowed_flow()
+    await through_chain(tctx, f)
+    assert "ApplOTHER000001" in f.request.path
+    assert f.response is not None and f.response.status_code == 403
+    assert [a["reason"] for a in _audit(audit)] == ["device ApplF17ABCDEF01 managed and compliant", "internal error"]
+
+
+@pytest.mark.parametrize("method", ["options", "Options", "post", "Post"])
+async def test_methods_match_exactly(chain, method):
+    tctx, gw, final, audit = chain
+    f = _flow("/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone")
+    f.request.data.method = method.encode()  # as read from the wire (the `method` getter upper-cases)
+    await through_chain(tctx, f)
+    assert f.response.status_code in (400, 403)  # the strict HTTP reading refuses it first (400)
+    # and the gate on its own decides on the method as sent, were the strict reading not there
+    g = _flow("/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone")
+    g.request.data.method = method.encode()
+    ident, d = await gw.gate.decide(g)
+    assert (d.allow, d.reason, d.source) == (False, f"method {method} not covered by applies_to", "filter")
+
+
+async def test_options_passes(chain):
+    tctx, gw, final, audit = chain
+    f = _flow("/Microsoft-Server-ActiveSync", method="OPTIONS")
+    await through_chain(tctx, f)
+    assert f.response is None and f.metadata["easgate.decision"]["source"] == "filter"

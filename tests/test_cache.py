@@ -30,7 +30,9 @@ def clock():
 
 
 def test_cache_key():
-    assert cache_key("CONTOSO\\Alice", "ApplABC") == ("contoso\\alice", "applabc")
+    # exact: the decision source decides what case means (a connector may tell allowed1 from ALLOWED1)
+    assert cache_key("CONTOSO\\Alice", "ApplABC") == ("CONTOSO\\Alice", "ApplABC")
+    assert cache_key("alice", "allowed1") != cache_key("alice", "ALLOWED1")
     assert cache_key("alice@contoso.com", "X") != cache_key("CONTOSO\\alice", "X")
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 
 import pytest
+
 from doccommands import ROOT, commands_in, covers
 from docsite import make_site, wait_for
 

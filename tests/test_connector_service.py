@@ -105,7 +105,7 @@ def authorize(c, user: str | None, device: str | None, agent: str = "Apple-iPhon
     ("CONTOSO\\carol", "ApplDEADBEEF0001", "Apple-iPhone", False, "device ApplDEADBEEF0001 not compliant",
      "inventory"),
     ("dave", "ApplLOST00000001", "Apple-iPhone", False, "device ApplLOST00000001 blocked in the inventory",
-     "inventory"),
+     "block"),
     ("alice", "UnknownDevice001", "Apple-iPhone", False, "device UnknownDevice001 not managed", "mode"),
     # the policy file's own inventory is not the connector's
     ("alice", "PolicyOnly0001", "Apple-iPhone", False, "device PolicyOnly0001 not managed", "mode"),
@@ -115,7 +115,7 @@ def authorize(c, user: str | None, device: str | None, agent: str = "Apple-iPhon
     ("alice", "ApplDENIED000001", "Apple-iPhone", False, "device ApplDENIED000001 on deny list", "policy"),
     ("CONTOSO\\svc-sync", "UnknownDevice001", "Outlook", True, "user CONTOSO\\svc-sync on allow list", "policy"),
     ("CONTOSO\\svc-sync", "ApplLOST00000001", "Outlook", False, "device ApplLOST00000001 blocked in the inventory",
-     "inventory"),
+     "block"),
 ])
 def test_authorize_answers_as_the_gateway_reads_them(client, user, device, agent, allow, reason, source):
     status, headers, body = authorize(client, user, device, agent)
@@ -494,3 +494,19 @@ def test_certificate_identity_from_the_gateway_is_checked_and_logged(client, con
     lines = [json.loads(line) for line in conn_env.log.read_text().splitlines()]
     assert (lines[0]["cert_device_id"], lines[0]["cert_user"], lines[0]["user_source"]) == (
         "ApplF17ABCDEF01", "alice@example.test", "certificate")
+
+
+# ------------------------------------------------------------------------------------------------
+# One identity: the connector runs the gateway's engine on exactly what it was sent
+
+
+@pytest.mark.parametrize("user,device,param,fragment", [
+    ("alice", "A%20BCD", "A BCD", "is not 1-32 ASCII letters and digits"),
+    ("alice", "ApplF17ABCDEF01", "applf17abcdef01", "does not match the url's DeviceId"),  # exact, no case folded
+    (" alice", "ApplF17ABCDEF01", "same", "is not printable ASCII without spaces"),  # never stripped
+])
+def test_callout_values_outside_ms_ashttp_or_disagreeing_are_denied(client, user, device, param, fragment):
+    status, _, body = authorize(client, user, device, param_device=param)
+    doc = json.loads(body)
+    assert (status, doc["result"], doc["source"]) == (200, "Deny", "identity"), doc
+    assert fragment in doc["reason"]

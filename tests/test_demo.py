@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from doccommands import covers
 
 from easgate.tools import realstack
+
+from doccommands import covers
 
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed

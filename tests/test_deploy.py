@@ -18,11 +18,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from doccommands import covers
 
 from easgate import __version__
 
 from conftest import ROOT
+from doccommands import covers
 
 VENV_BIN = Path(sys.executable).parent
 UNITS = ROOT / "packaging" / "systemd"

@@ -14,10 +14,10 @@ import time
 import urllib.request
 
 import pytest
-from doccommands import covers
-from docsite import free_port, make_site, wait_for
 
 from conftest import ROOT
+from doccommands import covers
+from docsite import free_port, make_site, wait_for
 
 MITMWEB, OPS, REVOCATION, SCALING, NETSCALER = ("docs/mitmweb.md", "docs/operations.md", "docs/revocation.md",
                                                  "docs/scaling.md", "docs/netscaler-import.md")

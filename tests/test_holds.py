@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from doccommands import covers, doc_command
 from test_mitmweb import start_web
 
 from easgate.authz.audit import AuditLog
@@ -29,6 +28,7 @@ from easgate.tools.standins import ExchangeStandIn
 
 import conftest
 from conftest import GatewayProcess, easgate_argv, request
+from doccommands import covers, doc_command
 
 IPHONE = "ApplF17ABCDEF01"
 POLICY = {"mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice", "compliant": True}]}

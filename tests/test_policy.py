@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from easgate.authz.engine import Engine, run_sync
 from easgate.authz.identity import Identity as _Identity
 from easgate.authz.policy import (
     Policy,
@@ -18,7 +19,7 @@ from easgate.authz.policy import (
     split_user,
     user_matches,
 )
-from easgate.core.decision import Decision
+from easgate.core.decision import Decision, Source
 
 
 def ident(user="CONTOSO\\alice", device_id="ApplF17ABCDEF01", device_type="iPhone",
@@ -30,6 +31,11 @@ def ident(user="CONTOSO\\alice", device_id="ApplF17ABCDEF01", device_type="iPhon
         url="https://mail.contoso.com/Microsoft-Server-ActiveSync", query_form="plain",
         locale=None, error=error,
     )
+
+
+def decide(p: Policy, i, lookup=None) -> Decision:
+    """What production runs: the one authorization engine (authz.engine), here without a cache."""
+    return run_sync(Engine(lambda: p, lookup).decide(i))
 
 
 def policy(text: str = "", **kw) -> Policy:
@@ -105,31 +111,78 @@ ROWS = [
 
 @pytest.mark.parametrize("overrides,allow,source,fragment", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_precedence_table(overrides, allow, source, fragment):
-    d = policy(TABLE_POLICY).evaluate(ident(**overrides))
+    d = decide(policy(TABLE_POLICY), ident(**overrides))
     assert isinstance(d, Decision)
     assert (d.allow, d.source) == (allow, source), d
     assert fragment in d.reason, d
 
 
+BLOCKED = {"ApplLOST00000001", "ApplBOTH0000001"}
+
+
+async def blocking_backend(i):
+    """A backend like the connector's SQLite inventory: an operator blocked some devices."""
+    if i.device_id in BLOCKED:
+        return Decision(False, f"device {i.device_id} blocked in the inventory", Source.BLOCK)
+    return None
+
+
+@pytest.mark.parametrize("overrides,allow,source,fragment", [
+    # an operator's block beats every allow list (issue 12 item 8: today a gateway allow list beat it)
+    (dict(device_id="ApplLOST00000001", user="CONTOSO\\svc-sync"), False, "block", "blocked in the inventory"),
+    (dict(device_id="ApplLOST00000001", device_type="WindowsMail"), False, "block", "blocked"),
+    (dict(device_id="ApplLOST00000001", user_agent="Apple-iPad8C1/1"), False, "block", "blocked"),
+    # a deny list still comes first (it names the reason the operator wrote)
+    (dict(device_id="ApplBOTH0000001"), False, "policy", "on deny list"),
+    # without a block, allow lists beat the backend's other answers, and the backend beats the mode
+    (dict(device_id="ApplALLOWED0001"), True, "policy", "on allow list"),
+    (dict(device_id="ApplUNKNOWN0001"), False, "mode", "not managed"),
+], ids=["block-beats-allow-user", "block-beats-allow-type", "block-beats-allow-agent", "deny-list-before-block",
+        "allow-list", "mode"])
+def test_operator_block_beats_every_allow_list(overrides, allow, source, fragment):
+    d = decide(policy(TABLE_POLICY), ident(**overrides), blocking_backend)
+    assert (d.allow, d.source, type(d.source)) == (allow, source, Source), d
+    assert fragment in d.reason, d
+
+
+def test_backend_errors_propagate_to_the_caller():
+    # the engine never swallows a fault into a verdict; the gateway turns it into `internal error`
+    async def broken(i):
+        raise RuntimeError("inventory gone")
+
+    with pytest.raises(RuntimeError, match="inventory gone"):
+        decide(policy(TABLE_POLICY), ident(device_id="ApplALLOWED0001"), broken)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (dict(device_id="A BCD"), "is not 1-32 ASCII letters and digits"),
+    (dict(device_id="A" * 33), "is not 1-32 ASCII letters and digits"),
+    (dict(device_id="ApplALLOWED0001", user="CONTOSO\\svc sync"), "is not printable ASCII without spaces"),
+    (dict(device_id="ApplALLOWED0001", device_type="Windows Mail"), "is not printable ASCII without spaces"),
+])
+def test_identities_outside_ms_ashttp_are_denied_before_any_list(overrides, fragment):
+    d = decide(policy(TABLE_POLICY.replace("mode: block", "mode: permit")), ident(**overrides))
+    assert (d.allow, d.source) == (False, "identity") and fragment in d.reason, d
+
+
 def test_permit_mode():
     p = policy(TABLE_POLICY.replace("mode: block", "mode: permit"))
-    d = p.evaluate(ident(device_id="ApplUNKNOWN0001"))
+    d = decide(p, ident(device_id="ApplUNKNOWN0001"))
     assert d == Decision(True, "permit mode", "mode")
     # permit still honours deny lists and the inventory
-    assert not p.evaluate(ident(device_id="ApplSTOLEN00001")).allow
-    assert p.evaluate(ident(device_id="ApplJAILBROKEN1")).reason == "device ApplJAILBROKEN1 not compliant"
-    assert p.evaluate(ident(device_id="ApplMANAGED0001", user="bob")).source == "inventory"
+    assert not decide(p, ident(device_id="ApplSTOLEN00001")).allow
+    assert decide(p, ident(device_id="ApplJAILBROKEN1")).reason == "device ApplJAILBROKEN1 not compliant"
+    assert decide(p, ident(device_id="ApplMANAGED0001", user="bob")).source == "inventory"
 
 
 def test_block_is_default_mode():
     p = policy("allow: {users: [x]}")
     assert p.mode == "block"
-    assert p.evaluate(ident()) == Decision(False, "device ApplF17ABCDEF01 not managed", "mode")
+    assert decide(p, ident()) == Decision(False, "device ApplF17ABCDEF01 not managed", "mode")
 
 
 def test_layers_separately():
     p = policy(TABLE_POLICY)
-    assert p.explicit(ident(device_id="ApplMANAGED0001")) is None
     assert p.inventory_decision(ident(device_id="ApplUNKNOWN0001")) is None
     assert p.inventory_decision(ident(device_id="ApplMANAGED0001")).allow
     assert p.mode_decision(ident(device_id=None)).reason == "device (none) not managed"
@@ -144,14 +197,14 @@ def test_decision_with_source_and_one_line():
 
 
 def test_attacker_values_in_reasons_are_one_line():
-    d = policy("mode: block").evaluate(ident(device_id="Appl\nX" + "A" * 500))
+    d = decide(policy("mode: block"), ident(device_id="Appl\nX" + "A" * 500))
     assert "\n" not in d.reason and len(d.reason) < 200
 
 
 def test_empty_user_agent_and_type_do_not_match():
     p = policy('deny: {user_agents: ["*"], device_types: ["x"]}\nmode: permit')
-    assert p.evaluate(ident(user_agent=None, device_type=None)).allow
-    assert not p.evaluate(ident(user_agent="anything")).allow
+    assert decide(p, ident(user_agent=None, device_type=None)).allow
+    assert not decide(p, ident(user_agent="anything")).allow
 
 
 # --------------------------------------------------------------------------- user matching
@@ -180,10 +233,10 @@ def test_user_matching(entry, user, expected):
     # the policy lists use the same rule
     p = policy("mode: block")
     p = parse_policy({"allow": {"users": [entry]}}, source=None, base_dir=Path("."))
-    assert p.evaluate(ident(user=user, device_id="X")).allow is expected
+    assert decide(p, ident(user=user, device_id="X")).allow is expected
     # and so does the inventory owner
     p = parse_policy({"inventory": [{"device_id": "X", "owner": entry}]}, source=None, base_dir=Path("."))
-    assert p.evaluate(ident(user=user, device_id="X")).allow is expected
+    assert decide(p, ident(user=user, device_id="X")).allow is expected
 
 
 def test_split_user():
@@ -199,10 +252,10 @@ def test_demo_policy_loads_in_block_mode():
     root = Path(__file__).resolve().parent.parent
     p = load_policy(root / "policies" / "activesync-policy.yaml")
     assert p.mode == "block"
-    assert p.evaluate(ident(user="CONTOSO\\alice", device_id="ApplF17ABCDEF01")).allow
-    assert p.evaluate(ident(user="CONTOSO\\svc-sync", device_id="whatever")).allow
-    assert not p.evaluate(ident(device_id="ApplF17ABCDEF01", user_agent="BlackBerry9700")).allow
-    assert p.evaluate(ident(device_id="Unknown1")).reason == "device Unknown1 not managed"
+    assert decide(p, ident(user="CONTOSO\\alice", device_id="ApplF17ABCDEF01")).allow
+    assert decide(p, ident(user="CONTOSO\\svc-sync", device_id="whatever")).allow
+    assert not decide(p, ident(device_id="ApplF17ABCDEF01", user_agent="BlackBerry9700")).allow
+    assert decide(p, ident(device_id="Unknown1")).reason == "device Unknown1 not managed"
 
 
 def test_inventory_file_csv_and_yaml(tmp_path):
@@ -221,24 +274,24 @@ def test_inventory_file_csv_and_yaml(tmp_path):
         inventory_file: inv/mdm.csv
         """))
     assert p.files == (tmp_path / "p.yaml", tmp_path / "inv" / "mdm.csv")
-    assert p.evaluate(ident(device_id="applcsv00000001", user="alice@x")).allow
-    assert p.evaluate(ident(device_id="ApplCSV00000002")).reason == "device ApplCSV00000002 not compliant"
-    assert p.evaluate(ident(device_id="ApplCSV00000003", user="contoso\\DAVE")).allow  # empty cell = compliant
-    assert not p.evaluate(ident(device_id="ApplCSV00000003", user="dave")).allow
+    assert decide(p, ident(device_id="applcsv00000001", user="alice@x")).allow
+    assert decide(p, ident(device_id="ApplCSV00000002")).reason == "device ApplCSV00000002 not compliant"
+    assert decide(p, ident(device_id="ApplCSV00000003", user="contoso\\DAVE")).allow  # empty cell = compliant
+    assert not decide(p, ident(device_id="ApplCSV00000003", user="dave")).allow
 
     # headerless, columns may be left out, header columns in any order
     write(tmp_path / "b.csv", "ApplNH1\nApplNH2,erin\n")
     p = parse_policy({"inventory_file": "b.csv"}, source=None, base_dir=tmp_path)
-    assert p.evaluate(ident(device_id="ApplNH1", user="anyone")).allow
-    assert not p.evaluate(ident(device_id="ApplNH2", user="frank")).allow
+    assert decide(p, ident(device_id="ApplNH1", user="anyone")).allow
+    assert not decide(p, ident(device_id="ApplNH2", user="frank")).allow
     write(tmp_path / "c.csv", "compliant,device_id\nfalse,ApplC1\n")
     p = parse_policy({"inventory_file": "c.csv"}, source=None, base_dir=tmp_path)
-    assert p.evaluate(ident(device_id="ApplC1")).reason == "device ApplC1 not compliant"
+    assert decide(p, ident(device_id="ApplC1")).reason == "device ApplC1 not compliant"
 
     write(tmp_path / "inv.yml", "- {device_id: ApplY1, owner: alice}\n- {device_id: ApplY2, compliant: false}\n")
     p = parse_policy({"inventory_file": str(tmp_path / "inv.yml")}, source=None, base_dir=Path("/nonexistent"))
-    assert p.evaluate(ident(device_id="ApplY1")).allow
-    assert not p.evaluate(ident(device_id="ApplY2")).allow
+    assert decide(p, ident(device_id="ApplY1")).allow
+    assert not decide(p, ident(device_id="ApplY2")).allow
 
 
 def test_large_inventory():
@@ -248,11 +301,11 @@ def test_large_inventory():
     p = parse_policy({"mode": "block", "inventory": inv}, source=None, base_dir=Path("."))
     assert len(p.inventory) == n
     for i in (1, 10, 4_321, 99_999, 50_000):
-        d = p.evaluate(ident(device_id=f"APPL{i:011d}", user=f"CONTOSO\\User{i}"))
+        d = decide(p, ident(device_id=f"APPL{i:011d}", user=f"CONTOSO\\User{i}"))
         assert d.source == "inventory"
         assert d.allow is (i % 10 != 0), d
-    assert p.evaluate(ident(device_id="Appl00000000001", user="user2")).reason.endswith("belongs to another user")
-    assert p.evaluate(ident(device_id=f"Appl{n:011d}", user="user1")).reason.endswith("not managed")
+    assert decide(p, ident(device_id="Appl00000000001", user="user2")).reason.endswith("belongs to another user")
+    assert decide(p, ident(device_id=f"Appl{n:011d}", user="user1")).reason.endswith("not managed")
 
 
 def test_large_csv_inventory(tmp_path):
@@ -262,8 +315,8 @@ def test_large_csv_inventory(tmp_path):
         f.writelines(f"Andc{i:011d},user{i}@contoso.com,{'true' if i % 3 else 'false'}\n" for i in range(n))
     p = load_policy(write(tmp_path / "p.yaml", "inventory_file: big.csv\n"))
     assert len(p.inventory) == n
-    assert p.evaluate(ident(device_id="andc00000000001", user="USER1@contoso.com")).allow
-    assert p.evaluate(ident(device_id="andc00000000003", user="user3@contoso.com")).reason.endswith("not compliant")
+    assert decide(p, ident(device_id="andc00000000001", user="USER1@contoso.com")).allow
+    assert decide(p, ident(device_id="andc00000000003", user="user3@contoso.com")).reason.endswith("not compliant")
 
 
 # --------------------------------------------------------------------------- errors
@@ -359,9 +412,9 @@ def test_store_never_applies_a_file_changed_in_place(tmp_path):
                 assert "changed in place" in err and str(path) in err and "rename" in err
             else:
                 assert err is None  # said once
-    assert store.policy.evaluate(ident(user="bob")).allow
+    assert decide(store.policy, ident(user="bob")).allow
     assert store.reload() == (True, None)  # easgate.reload: the operator says it is complete
-    assert not store.policy.evaluate(ident(user="bob")).allow
+    assert not decide(store.policy, ident(user="bob")).allow
     _bump(path, "mode: permit\n")
     assert store.reload_if_changed() == (True, None) and store.policy.mode == "permit"
 
@@ -382,21 +435,21 @@ def test_a_file_changed_in_place_stays_unapplied_when_another_is_replaced(tmp_pa
         assert store.reload_if_changed() == (False, None) and store.policy is good
     _bump(path, "inventory_file: inv.csv\ndeny: {devices: [ApplSTOLEN]}\n")
     assert store.reload_if_changed() == (True, None)
-    assert store.policy.evaluate(ident(device_id="ApplB2", user="bob")).allow
+    assert decide(store.policy, ident(device_id="ApplB2", user="bob")).allow
 
 
 def test_store_reload_keeps_last_good(tmp_path):
     path = write(tmp_path / "p.yaml", "mode: block\nallow: {users: [alice]}\n")
     store = PolicyStore(path)
     gen = store.generation
-    assert store.policy.evaluate(ident(user="alice")).allow
+    assert decide(store.policy, ident(user="alice")).allow
     assert store.reload_if_changed() == (False, None)
 
     _bump(path, "mode: block\nallow: {users: [bob]}\n")
     assert settled(store) == (True, None)
     assert store.generation == gen + 1
-    assert not store.policy.evaluate(ident(user="alice")).allow
-    assert store.policy.evaluate(ident(user="bob")).allow
+    assert not decide(store.policy, ident(user="alice")).allow
+    assert decide(store.policy, ident(user="bob")).allow
 
     good = store.policy
     _bump(path, "mode: block\nalow: {users: [carol]}\n")
@@ -426,11 +479,11 @@ def test_store_watches_inventory_file(tmp_path):
     path = write(tmp_path / "p.yaml", "inventory_file: inv.csv\n")
     store = PolicyStore(path)
     assert store.policy.files == (path, inv)
-    assert store.policy.evaluate(ident(device_id="ApplA1", user="alice")).allow
+    assert decide(store.policy, ident(device_id="ApplA1", user="alice")).allow
 
     _bump(inv, "ApplA1,alice,false\n")
     assert settled(store) == (True, None)
-    assert store.policy.evaluate(ident(device_id="ApplA1", user="alice")).reason == "device ApplA1 not compliant"
+    assert decide(store.policy, ident(device_id="ApplA1", user="alice")).reason == "device ApplA1 not compliant"
 
     good = store.policy
     _bump(inv, "ApplA1,alice,perhaps\n")

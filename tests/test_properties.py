@@ -4,8 +4,10 @@ What must hold for *every* input, not only the ones someone thought of:
 
 * the identity parser (`activesync.parse_request`) never fails internally, and when it reports no
   error, the DeviceId and user it reports are the ones the request carries;
-* the policy (`policy.Policy.evaluate`) never allows what its precedence table does not allow: in
-  block mode, never a device that is neither on an allow list nor managed, compliant and owned;
+* the authorization engine (`authz.engine.Engine`, what the gateway and the connector run) never
+  allows what its precedence table does not allow: never an identity outside MS-ASHTTP's alphabet,
+  never a device an operator blocked (whatever the allow lists say), and in block mode never a
+  device that is neither on an allow list nor managed, compliant and owned;
 * the certificate header: no client-sent header whose name folds to a configured certificate header
   survives `StripCertHeaders` + `ClientCertHeader`; only the verified certificate is ever inserted;
 * `config.normalize_path` is idempotent, so a path routes the same however often it is normalised;
@@ -38,8 +40,9 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from easgate.authz import identity as activesync
+from easgate.authz.engine import Engine, run_sync
 from easgate.authz.policy import Policy, parse_policy
-from easgate.core.decision import Decision
+from easgate.core.decision import Decision, Source
 from easgate.core.paths import normalize_path
 from easgate.gateway import certheader
 from easgate.gateway.xnc import ConnectorError, parse_answer
@@ -242,7 +245,7 @@ def test_exchange_reads_the_device_id_the_gateway_decided_on(dev, trick):
 
 
 # ---------------------------------------------------------------------------------------------
-# policy.Policy.evaluate
+# authz.engine.Engine (the policy's lists, inventory and mode, an operator's block)
 
 
 def ref_split(user: str) -> tuple[str, str, bool]:
@@ -286,6 +289,17 @@ def ref_managed(inventory: list[dict], ident) -> bool | None:
     return bool(entry.get("compliant", True)) and (owner is None or ref_user_matches(owner, ident.user))
 
 
+def ref_identity_ok(ident) -> bool:
+    """MS-ASHTTP 2.2.1.1.1.2: device-id = 1*32(ALPHA / DIGIT); user-name and device-type = 1*VCHAR
+    (docs/configuration.md, "The decision, step by step"; 1024 characters at most)."""
+    def vchar(v: str) -> bool:
+        return 0 < len(v) <= 1024 and all(0x21 <= ord(c) <= 0x7E for c in v)
+
+    dev_ok = 0 < len(ident.device_id) <= 32 and all(c in string.ascii_letters + string.digits
+                                                       for c in ident.device_id)
+    return vchar(ident.user) and dev_ok and (ident.device_type is None or vchar(ident.device_type))
+
+
 def nonblank(values: list[str]) -> st.SearchStrategy[str]:
     return pick(values).filter(lambda s: s.strip() and ref_split(s)[1])
 
@@ -308,18 +322,37 @@ identities = st.builds(
 )
 
 
-@given(mode=st.sampled_from(["block", "permit"]), allow=rules, deny=rules, inv=inventory, ident=identities)
+def engine_decide(policy: Policy, ident, blocked: list[str]) -> Decision:
+    """The engine as production runs it, with a backend like the connector's: an operator's blocks
+    (exact DeviceIds), else the policy file's inventory."""
+    async def lookup(i):
+        if i.device_id in blocked:
+            return Decision(False, f"device {i.device_id} blocked in the inventory", Source.BLOCK)
+        return policy.inventory_decision(i)
+
+    return run_sync(Engine(lambda: policy, lookup).decide(ident))
+
+
+@given(mode=st.sampled_from(["block", "permit"]), allow=rules, deny=rules, inv=inventory, ident=identities,
+       blocked=st.lists(nonblank(DEVICE_IDS), max_size=2))
 @example(mode="block", allow={}, deny={}, inv=[{"device_id": "Dev", "owner": "CONTOSO\\alice"}],
-         ident=SimpleNamespace(user="OTHER\\alice", device_id="dev", device_type=None, user_agent=None, error=None))
+         ident=SimpleNamespace(user="OTHER\\alice", device_id="dev", device_type=None, user_agent=None, error=None),
+         blocked=[])
 @example(mode="block", allow={"users": ["alice@contoso.com"]}, deny={}, inv=[],
-         ident=SimpleNamespace(user="CONTOSO\\alice", device_id="Dev", device_type=None, user_agent=None, error=None))
-def test_policy_never_allows_what_the_precedence_table_does_not(mode, allow, deny, inv, ident):
+         ident=SimpleNamespace(user="CONTOSO\\alice", device_id="Dev", device_type=None, user_agent=None, error=None),
+         blocked=[])
+@example(mode="permit", allow={"users": ["alice"], "devices": ["Dev"]}, deny={}, inv=[{"device_id": "Dev"}],
+         ident=SimpleNamespace(user="CONTOSO\\alice", device_id="Dev", device_type=None, user_agent=None, error=None),
+         blocked=["Dev"])
+def test_engine_never_allows_what_the_precedence_table_does_not(mode, allow, deny, inv, ident, blocked):
     data = {"mode": mode, "allow": allow, "deny": deny, "inventory": inv}
     policy = parse_policy(data, source=None, base_dir=os.getcwd())
-    d = policy.evaluate(ident)
+    d = engine_decide(policy, ident, blocked)
     assert isinstance(d, Decision) and d.reason and "\n" not in d.reason
-    # the reference, row by row (policy.py's precedence table)
-    if ident.error or not ident.user or not ident.device_id or ref_lists_match(deny, ident):
+    # the reference, row by row (authz/engine.py's precedence table)
+    if ident.error or not ident.user or not ident.device_id or not ref_identity_ok(ident):
+        expected = False
+    elif ref_lists_match(deny, ident) or ident.device_id in blocked:
         expected = False
     elif ref_lists_match(allow, ident):
         expected = True
@@ -329,11 +362,13 @@ def test_policy_never_allows_what_the_precedence_table_does_not(mode, allow, den
     assert d.allow == expected, (d, data, ident)
     if mode == "block" and d.allow:
         assert ref_lists_match(allow, ident) or ref_managed(inv, ident), "block mode let an unknown device through"
+    if d.allow:
+        assert ident.device_id not in blocked, "an operator's block was overridden"
 
 
 @given(ident=identities)
-def test_policy_with_nothing_configured_denies_everyone_in_block_mode(ident):
-    assert not Policy().evaluate(ident).allow
+def test_engine_with_nothing_configured_denies_everyone_in_block_mode(ident):
+    assert not run_sync(Engine(Policy).decide(ident)).allow
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from doccommands import commands_in, covers
-from docsite import make_site, wait_for
 
 from conftest import ROOT
+from doccommands import commands_in, covers
+from docsite import make_site, wait_for
 
 README = "README.md"
 

@@ -31,12 +31,13 @@ __all__ = ["DecisionCache", "cache_key"]
 
 
 def cache_key(user: str | None, device_id: str | None) -> tuple[str, str]:
-    """The cache key for a request: ``(canonical user, device_id)``, both lower-cased.
+    """The cache key for a request: ``(user, device_id)`` exactly as the request carried them.
 
-    The user keeps its domain form (``contoso\\alice`` and ``alice@contoso.com``
-    are different keys) because the policy may treat them differently.
+    Nothing is folded: the decision source decides what case means (a connector may tell
+    ``allowed1`` from ``ALLOWED1``), and the cache must never answer for a value it was not asked
+    about. The user keeps its domain form for the same reason.
     """
-    return ((user or "").strip().lower(), (device_id or "").strip().lower())
+    return (user or "", device_id or "")
 
 
 class _Entry(NamedTuple):

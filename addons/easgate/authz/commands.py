@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.decision import Decision
+from ..core.decision import Decision, Source
 from ..core.yamlfile import Node
 from .identity import COMMAND_CODES, LEGACY_PLAIN_COMMANDS
 from .policy import user_matches
@@ -118,7 +118,7 @@ class CommandRules:
         if rule is None or rule.permits(command):
             return None
         what = "attachment downloads (GetAttachment)" if command == "GetAttachment" else f"command {command}"
-        return Decision(False, f"{what} not allowed by command rule {rule.name}", "command")
+        return Decision(False, f"{what} not allowed by command rule {rule.name}", Source.COMMAND)
 
 
 def device_state(listed: bool, compliant: bool) -> str:

@@ -24,6 +24,20 @@ Wire formats, as in [MS-ASHTTP] "Exchange ActiveSync: HTTP Protocol" (revision 2
 * 2.2.1.1.2.2  Authorization: Basic base64(user:password)
 * 2.2.1.1.2.6 / 2.2.1.1.2.8  MS-ASProtocolVersion / X-MS-PolicyKey headers (plain form; the
   base64 form carries both in its byte sequence instead)
+
+One identity: what the policy, the cache, the connector, the audit log and mitmweb see is exactly
+what the upstream reads. So values outside the spec's alphabet are denied (``Identity.error``),
+never re-encoded into something else ([MS-ASHTTP] 2.2.1.1.1.2 ABNF):
+
+* DeviceId (plain form): ``device-id = 1*32(ALPHA / DIGIT)`` (2.2.1.1.1.2.3: "MUST NOT contain
+  commas or special characters").
+* User (``User=`` and the Basic user): ``user-name = 1*VCHAR``, printable ASCII without spaces,
+  at most 1024 characters; nothing is stripped.
+* DeviceType: ``device-type = 1*VCHAR``, at most 1024 characters.
+* The binary DeviceId of the base64 form (2.2.1.1.1.1: "a string or a GUID", 1-16 bytes here) has
+  one text form, used everywhere: the bytes themselves when they are all ASCII letters and digits
+  (the plain form of the same device), otherwise their lowercase hex (``Identity.device_id_binary``
+  is then True). A DeviceType or User parameter in the base64 form follows the rules above.
 """
 
 from __future__ import annotations
@@ -40,12 +54,15 @@ __all__ = [
     "PARAMETER_TAGS",
     "BinaryQuery",
     "Identity",
-    "canonical_user",
     "decode_binary_query",
+    "device_id_error",
+    "device_id_text",
+    "device_type_error",
+    "identity_error",
+    "user_error",
     "encode_binary_query",
     "parse_basic_auth",
     "parse_request",
-    "user_account",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +119,8 @@ BINARY_PROTOCOL_VERSIONS: dict[int, str] = {121: "12.1", 140: "14.0", 141: "14.1
 HEADER_PROTOCOL_VERSIONS: frozenset[str] = frozenset({"2.5", "12.0", "12.1", "14.0", "14.1", "16.0", "16.1"})
 
 MAX_BINARY_DEVICE_ID = 16  # a GUID; the brief's limit (the spec itself only says "> 0")
-MAX_VALUE_CHARS = 1024  # DeviceId / User / DeviceType
+MAX_DEVICE_ID = 32  # [MS-ASHTTP] 2.2.1.1.1.2: device-id = 1*32(ALPHA / DIGIT)
+MAX_VALUE_CHARS = 1024  # User / DeviceType (the spec sets no maximum; ours)
 MAX_QUERY_CHARS = 8192
 MAX_QUERY_FIELDS = 64
 
@@ -113,7 +131,6 @@ _TAG_BY_PARAMETER: dict[str, int] = {n.lower(): t for t, n in PARAMETER_TAGS.ite
 _STRING_TAGS = frozenset(t for t, n in PARAMETER_TAGS.items() if n != "Options")
 _OPTIONS_TAG = 7
 _USER_TAG = 8
-_VCHAR = bytes(range(0x21, 0x7F))  # printable ASCII without space (RFC 5234 VCHAR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +185,6 @@ def _clip(s: str, n: int = 40) -> str:
     return repr(s if len(s) <= n else s[:n] + "...")
 
 
-def _is_vchar_bytes(b: bytes) -> bool:
-    return not b.translate(None, _VCHAR)
-
-
 def _is_vchar_str(s: str) -> bool:
     return s.isascii() and s.isprintable() and " " not in s
 
@@ -188,10 +201,50 @@ def _utf8_ok(s: str) -> bool:
 
 
 def device_id_text(raw: bytes) -> tuple[str, bool]:
-    """(device id as reported, binary?).  Printable ASCII as is, anything else lowercase hex."""
-    if _is_vchar_bytes(raw):
+    """(device id as reported, binary?) for the DeviceId bytes of the base64 query form: ASCII
+    letters and digits as they are (the plain form of the same id), anything else lowercase hex."""
+    if raw.isalnum() and raw.isascii():
         return raw.decode("ascii"), False
     return raw.hex(), True
+
+
+def device_id_error(value: str) -> str | None:
+    """Why ``value`` is not a DeviceId ([MS-ASHTTP] 2.2.1.1.1.2 ``device-id = 1*32(ALPHA / DIGIT)``)."""
+    if value and len(value) <= MAX_DEVICE_ID and value.isascii() and value.isalnum():
+        return None
+    return f"DeviceId {_clip(value)} is not 1-{MAX_DEVICE_ID} ASCII letters and digits (MS-ASHTTP 2.2.1.1.1.2)"
+
+
+def user_error(value: str, where: str = "user") -> str | None:
+    """Why ``value`` is not a user name ([MS-ASHTTP] 2.2.1.1.1.2 ``user-name = 1*VCHAR``)."""
+    if not value:
+        return f"empty {where}"
+    if len(value) > MAX_VALUE_CHARS:
+        return f"{where} too long ({len(value)} chars)"
+    if not _is_vchar_str(value):
+        return f"{where} {_clip(value)} is not printable ASCII without spaces (MS-ASHTTP 2.2.1.1.1.2)"
+    return None
+
+
+def device_type_error(value: str) -> str | None:
+    """Why ``value`` is not a DeviceType ([MS-ASHTTP] 2.2.1.1.1.2 ``device-type = 1*VCHAR``)."""
+    if len(value) > MAX_VALUE_CHARS:
+        return f"DeviceType too long ({len(value)} chars)"
+    if not _is_vchar_str(value):
+        return f"DeviceType {_clip(value)} is not printable ASCII without spaces (MS-ASHTTP 2.2.1.1.1.2)"
+    return None
+
+
+def identity_error(user: str | None, device_id: str | None, device_type: str | None) -> str | None:
+    """The first value outside MS-ASHTTP's alphabet and lengths, for identities that did not come
+    from :func:`parse_request` (e.g. the parameters of a connector callout)."""
+    if user is not None and (e := user_error(user)):
+        return e
+    if device_id is not None and (e := device_id_error(device_id)):
+        return e
+    if device_type is not None and (e := device_type_error(device_type)):
+        return e
+    return None
 
 
 def _header_values(headers, name: str) -> list[str]:
@@ -218,14 +271,10 @@ def _single_header(headers, name: str, errors: list[str]) -> str | None:
 
 
 def _check_user(user: str, where: str) -> tuple[str | None, str | None]:
-    user = user.strip()
-    if not user:
-        return None, f"empty user in {where}"
-    if len(user) > MAX_VALUE_CHARS:
-        return None, f"user in {where} too long ({len(user)} chars)"
-    if not user.isprintable():
-        return None, f"control characters in user in {where}"
-    return user, None
+    """The user exactly as sent, or an error: never stripped or re-encoded (the upstream reads it
+    as sent)."""
+    err = user_error(user, f"user in {where}")
+    return (None, err) if err else (user, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +381,9 @@ def _decode_binary(raw: bytes) -> tuple[dict, str | None]:
         out["device_type"] = raw[pos : pos + tlen].decode("utf-8")
     except UnicodeDecodeError:
         error = error or "non-UTF-8 bytes in DeviceType"
+    else:
+        if tlen and (terr := device_type_error(out["device_type"])):
+            error = error or terr
     pos += tlen
     # Command parameters
     params: dict[str, str | bytes] = {}
@@ -607,7 +659,7 @@ def _parse_request(method: str, scheme: str, host: str, path: str, headers, clie
             params = fields.get("params")
             if params:
                 u = params.get("User")
-                if isinstance(u, str) and u.strip():
+                if isinstance(u, str) and u:
                     query_user, uerr = _check_user(u, "User parameter")
                     if uerr is not None:
                         errors.append(uerr)
@@ -631,23 +683,21 @@ def _parse_request(method: str, scheme: str, host: str, path: str, headers, clie
                 check_cmd = False
             dev_s = p.get("deviceid")
             if dev_s:
-                if len(dev_s) > MAX_VALUE_CHARS:
-                    errors.append(f"DeviceId too long ({len(dev_s)} chars)")
+                if derr := device_id_error(dev_s):  # denied, never re-encoded
+                    errors.append(derr)
                     check_dev = False
-                elif _is_vchar_str(dev_s):
-                    device_id = dev_s
                 else:
-                    device_id, device_id_binary = dev_s.encode("utf-8").hex(), True
+                    device_id = dev_s
             elif "deviceid" in p and dev_s is None:
                 check_dev = False
             dt = p.get("devicetype")
             if dt:
-                if len(dt) > MAX_VALUE_CHARS:
-                    errors.append(f"DeviceType too long ({len(dt)} chars)")
+                if terr := device_type_error(dt):
+                    errors.append(terr)
                 else:
                     device_type = dt
             u = p.get("user")
-            if u is not None and u.strip():
+            if u is not None and u:
                 query_user, uerr = _check_user(u, "User parameter")
                 if uerr is not None:
                     errors.append(uerr)
@@ -682,7 +732,7 @@ def _parse_request(method: str, scheme: str, host: str, path: str, headers, clie
     else:
         user, user_source = None, "none"
 
-    is_options = method.upper() == "OPTIONS"
+    is_options = method == "OPTIONS"  # methods are case-sensitive (RFC 9110 9.1)
     if check_cmd and command is None and not is_options:
         errors.append("Cmd missing")
     if check_dev and device_id is None and (command is not None or not is_options):
@@ -704,23 +754,3 @@ def _parse_request(method: str, scheme: str, host: str, path: str, headers, clie
         locale=locale,
         error="; ".join(errors) if errors else None,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# User name forms
-# ---------------------------------------------------------------------------------------------
-
-
-def canonical_user(user: str) -> str:
-    """The cache/policy key form of a user: as sent, stripped and lowercased."""
-    return user.strip().lower()
-
-
-def user_account(user: str) -> str:
-    """The bare account, lowercased: "alice" from "CONTOSO\\\\alice" or "alice@contoso.com"."""
-    u = user.strip()
-    if "\\" in u:
-        u = u.rpartition("\\")[2]
-    if "@" in u:
-        u = u.rpartition("@")[0]
-    return u.lower()

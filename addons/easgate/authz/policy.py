@@ -59,29 +59,17 @@ The same rule applies to an inventory entry's ``owner``.
 Precedence
 ==========
 
-The first row that applies decides:
+The policy supplies the lists, the inventory and the mode; the order in which they apply, with
+an operator's block and a connector in between, is the one authorization engine's
+(``easgate.authz.engine``, used by the gateway and the connector alike):
 
-==  ==========================================================  =======  ===========  ===========================================
-#   condition                                                   verdict  source       reason
-==  ==========================================================  =======  ===========  ===========================================
-1   identity error (request could not be parsed)                deny     identity     the error text
-2   no user / no DeviceId in the request                        deny     identity     "request has no user" / "... no DeviceId"
-3   deny.devices / deny.users / deny.device_types /              deny     policy       "device X on deny list", "user X on deny
-    deny.user_agents matches (checked in that order)                                 list", "device type X on deny list",
-                                                                                     "user agent X matches deny pattern P"
-4   allow.devices / allow.users / allow.device_types /           allow    policy       "device X on allow list", ...
-    allow.user_agents matches (checked in that order)
-5   device in inventory, owner set and not this user            deny     inventory    "device X belongs to another user"
-6   device in inventory, not compliant                          deny     inventory    "device X not compliant"
-7   device in inventory, compliant, owner matches or unset      allow    inventory    "device X managed and compliant"
-8   not listed anywhere, ``mode: block``                        deny     mode         "device X not managed"
-9   not listed anywhere, ``mode: permit``                       allow    mode         "permit mode"
-==  ==========================================================  =======  ===========  ===========================================
+identity -> deny lists -> operator block -> allow lists -> inventory / connector -> mode.
 
-So deny beats allow, and both lists beat the inventory. Rows 1-4 are
-:meth:`Policy.explicit`, rows 5-7 :meth:`Policy.inventory_decision`, rows 8-9
-:meth:`Policy.mode_decision`; :meth:`Policy.evaluate` chains them. A gateway that
-also asks a live connector slots it between ``explicit`` and the inventory.
+Reasons: ``device X on deny list``, ``user X on allow list``, ``device type X on deny list``,
+``user agent X matches deny pattern P`` (lists are checked devices, users, device types, user
+agents); ``device X belongs to another user``, ``device X not compliant``, ``device X managed and
+compliant`` (inventory, :meth:`Policy.inventory_decision`); ``device X not managed`` /
+``permit mode`` (:meth:`Policy.mode_decision`).
 
 Cost: all lookups are sets/dicts built once at load time, and the user-agent
 globs are compiled into one regular expression, so a decision costs the same for
@@ -109,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from ..core.decision import Decision, one_line
+from ..core.decision import Decision, Source, one_line
 from ..core.yamlfile import YamlError, parse_yaml_text, yaml_fix
 
 __all__ = [
@@ -166,7 +154,7 @@ def split_user(user: str) -> tuple[str, str, bool]:
     bare = full
     has_domain = False
     if "\\" in bare:
-        bare = bare.rpartition("\\")[2]  # as activesync.user_account: the account follows the last backslash
+        bare = bare.rpartition("\\")[2]  # the account follows the last backslash
         has_domain = True
     if "@" in bare:
         bare = bare.rpartition("@")[0]
@@ -293,22 +281,6 @@ class Policy:
 
     # -- evaluation -----------------------------------------------------------------
 
-    def explicit(self, ident: IdentityLike) -> Decision | None:
-        """Rows 1-4: identity error, missing user/DeviceId, deny lists, allow lists."""
-        if ident.error:
-            return Decision(False, ident.error, "identity")
-        if not ident.user:
-            return Decision(False, "request has no user", "identity")
-        if not ident.device_id:
-            return Decision(False, "request has no DeviceId", "identity")
-        reason = self.deny.match(ident, "deny")
-        if reason is not None:
-            return Decision(False, reason, "policy")
-        reason = self.allow.match(ident, "allow")
-        if reason is not None:
-            return Decision(True, reason, "policy")
-        return None
-
     def inventory_decision(self, ident: IdentityLike) -> Decision | None:
         """Rows 5-7: the device is in the inventory. ``None`` if it is not listed."""
         dev = ident.device_id
@@ -318,25 +290,17 @@ class Policy:
         if entry is None:
             return None
         if not entry.owned_by(ident.user):
-            return Decision(False, f"device {_show(dev)} belongs to another user", "inventory")
+            return Decision(False, f"device {_show(dev)} belongs to another user", Source.INVENTORY)
         if not entry.compliant:
-            return Decision(False, f"device {_show(dev)} not compliant", "inventory")
-        return Decision(True, f"device {_show(dev)} managed and compliant", "inventory")
+            return Decision(False, f"device {_show(dev)} not compliant", Source.INVENTORY)
+        return Decision(True, f"device {_show(dev)} managed and compliant", Source.INVENTORY)
 
     def mode_decision(self, ident: IdentityLike) -> Decision:
         """Rows 8-9: nothing matched."""
         if self.mode == "permit":
-            return Decision(True, "permit mode", "mode")
+            return Decision(True, "permit mode", Source.MODE)
         dev = ident.device_id
-        return Decision(False, f"device {_show(dev) if dev else '(none)'} not managed", "mode")
-
-    def evaluate(self, ident: IdentityLike) -> Decision:
-        """The full precedence table."""
-        return (
-            self.explicit(ident)
-            or self.inventory_decision(ident)
-            or self.mode_decision(ident)
-        )
+        return Decision(False, f"device {_show(dev) if dev else '(none)'} not managed", Source.MODE)
 
     def describe(self) -> str:
         """One line for logs."""

@@ -9,16 +9,19 @@ the body is exactly ``Allow`` or ``Deny``). ``result`` is the first key, so NetS
 ``HTTP.RES.BODY(20)`` sees it. Anything that is not an answer is a 4xx with a reason and never
 says Allow.
 
-The decision is the policy-file engine's (``easgate.policy``), with the SQLite inventory in the
-inventory's place (see :func:`decide`):
+The decision is the one authorization engine's (``easgate.authz.engine``, the gateway's too), with
+the SQLite inventory as its backend (see :func:`decide`):
 
     identity problem / no user / no DeviceId      -> Deny   (identity)
     policy deny lists                             -> Deny   (policy)
-    device blocked in the inventory               -> Deny   (inventory)  # an operator's block beats allow lists
+    device blocked in the inventory               -> Deny   (block)  # an operator's block beats allow lists
     policy allow lists                            -> Allow  (policy)
     device managed: another user's / noncompliant -> Deny   (inventory)
     device managed, compliant, user matches       -> Allow  (inventory)
     otherwise (unknown or unmanaged device)       -> mode: block -> Deny, permit -> Allow   (mode)
+
+The answer's ``source`` is ``block`` for an operator's block: a gateway then denies even when its
+own allow lists match.
 
 Endpoints (paths are case-insensitive, like IIS, where XNC runs):
 
@@ -71,6 +74,7 @@ import h11
 from .. import __version__
 from ..authz import identity
 from ..authz.audit import AuditLog
+from ..authz.engine import Engine, run_sync
 from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..core.decision import Decision, one_line
 from ..core.errors import ConfigError
@@ -193,17 +197,17 @@ def callout_identity(p: dict[str, str], *, url_required: bool = True) -> Callout
     the ``DeviceId`` parameter, else the one in the url (plain ``DeviceId=`` or the base64 binary
     query); if both are given they must agree. The DeviceType and command come from the url.
     """
-    user = (p.get("user") or "").strip()
-    if not user:
+    user = p.get("user") or ""
+    if not user.strip():
         raise BadRequest("parameter user is missing or empty; send the user of the ActiveSync request")
     agent = p.get("agent") or None
     ip = p.get("ip") or None
-    param_dev = (p.get("DeviceId") or "").strip() or None
+    param_dev = p.get("DeviceId") or None  # exactly as sent: the engine checks MS-ASHTTP's alphabet
     raw_url = p.get("url")
     if not raw_url or not raw_url.strip():
         if url_required:
             raise BadRequest("parameter url is missing or empty; send the base64 of the full request URL")
-        return CalloutIdentity(user, param_dev, (p.get("DeviceType") or "").strip() or None, agent, None, ip, None)
+        return CalloutIdentity(user, param_dev, p.get("DeviceType") or None, agent, None, ip, None)
     url = decode_url(raw_url)
     u = urllib.parse.urlsplit(url)
     target = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -211,7 +215,7 @@ def callout_identity(p: dict[str, str], *, url_required: bool = True) -> Callout
     error = ident.error
     device_id = ident.device_id
     if param_dev is not None:
-        if device_id is not None and device_id.lower() != param_dev.lower():
+        if device_id is not None and device_id != param_dev:  # exact: no case folded
             error = (f"DeviceId parameter {one_line(param_dev, 40)} does not match the url's DeviceId "
                      f"{one_line(device_id, 40)}")
         device_id = param_dev
@@ -220,23 +224,25 @@ def callout_identity(p: dict[str, str], *, url_required: bool = True) -> Callout
         # The gateway bound the request to this certificate: a DeviceId that is not its own is denied here too.
         error = (f"DeviceId {one_line(device_id, 40)} does not match the certificate's {one_line(cert_dev, 40)} "
                  "(certDeviceId)")
-    return CalloutIdentity(user, device_id, ident.device_type or (p.get("DeviceType") or "").strip() or None,
+    return CalloutIdentity(user, device_id, ident.device_type or p.get("DeviceType") or None,
                            agent, ident.command, ip, error)
 
 
 def decide(policy: Policy, inventory: Inventory, ident: CalloutIdentity) -> tuple[Decision, Device | None]:
-    """The connector's decision (table in the module docstring) and the inventory row it read."""
-    d = policy.explicit(ident)
-    if d is not None and not d.allow:
-        return d, None
-    try:
-        row = inventory.get(ident.device_id)
-    except sqlite3.Error as e:
-        raise Unavailable(f"inventory {inventory.path} unreadable: {e}")
-    inv = device_decision(row, ident.device_id, ident.user)
-    if inv is not None and row is not None and row.blocked:
-        return inv, row
-    return d or inv or policy.mode_decision(ident), row
+    """The connector's decision: the one authorization engine (``authz.engine``) with the SQLite
+    inventory as its backend; also returns the inventory row it read."""
+    rows: list[Device | None] = []
+
+    async def lookup(i: CalloutIdentity) -> Decision | None:
+        try:
+            row = inventory.get(i.device_id)
+        except sqlite3.Error as e:
+            raise Unavailable(f"inventory {inventory.path} unreadable: {e}")
+        rows.append(row)
+        return device_decision(row, i.device_id, i.user)
+
+    decision = run_sync(Engine(lambda: policy, lookup).decide(ident))
+    return decision, rows[0] if rows else None
 
 
 # --------------------------------------------------------------------------------------------

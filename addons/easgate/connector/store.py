@@ -60,7 +60,7 @@ from typing import Any
 import yaml
 
 from ..authz.policy import split_user, user_matches
-from ..core.decision import Decision, one_line
+from ..core.decision import Decision, Source, one_line
 from ..core.yamlfile import StrictLoader, YamlError, check_duplicate_keys, compose_yaml_text, yaml_fix
 
 __all__ = [
@@ -151,14 +151,14 @@ def device_decision(row: Device | None, device_id: str, user: str | None) -> Dec
         return None
     dev = one_line(device_id, 80)
     if row.blocked:
-        return Decision(False, f"device {dev} blocked in the inventory", "inventory")
+        return Decision(False, f"device {dev} blocked in the inventory", Source.BLOCK)
     if not row.managed:
         return None
     if not user or not user_matches(row.user, user):
-        return Decision(False, f"device {dev} belongs to another user", "inventory")
+        return Decision(False, f"device {dev} belongs to another user", Source.INVENTORY)
     if not row.compliant:
-        return Decision(False, f"device {dev} not compliant", "inventory")
-    return Decision(True, f"device {dev} managed and compliant", "inventory")
+        return Decision(False, f"device {dev} not compliant", Source.INVENTORY)
+    return Decision(True, f"device {dev} managed and compliant", Source.INVENTORY)
 
 
 # --------------------------------------------------------------------------------------------

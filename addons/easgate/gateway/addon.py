@@ -27,6 +27,7 @@ from . import certheader, mitmcompat
 from .audittrail import AuditTrail
 from .config import GatewayConfig, Pool, Upstream, load_config
 from .connections import Connections
+from .finalcheck import Ledger
 from .http1 import StrictRequests
 from .proxyproto import ProxyProtocol
 from .respond import answer, drop
@@ -94,6 +95,8 @@ class Gateway:
         # fields replaced in every config loaded (the offline replay turns the audit log off)
         self.overrides: dict = {}
         self._rolling_back = False
+        self.ledger = Ledger()  # what FinalCheck requires: this pass's route, and an allow bound to the request
+        self.gate = None  # the authorization stage (ActiveSyncGate), set by add_stage
         self.tls = TlsOffload()
         self.strip = certheader.StripCertHeaders()
         self.switch = ContentSwitch(self)
@@ -108,6 +111,8 @@ class Gateway:
     def add_stage(self, addon) -> None:
         """Later stages (authorization, audit) plug in after the routing ones."""
         self.addons.append(addon)
+        if hasattr(addon, "fail_closed"):
+            self.gate = addon
 
     def load(self, loader) -> None:
         # mitmproxy rolls a failed option update back by configuring every addon again with the old
@@ -261,6 +266,7 @@ class ContentSwitch:
         flow.metadata[ROUTE_KEY] = route.name
         pool = self.pools[route.pool]
         self.point(flow, pool, self.balancer.pick(pool))
+        self.gw.ledger.routed(flow, route.name)
 
     @staticmethod
     def point(flow: http.HTTPFlow, pool: Pool, server: Upstream) -> None:

@@ -1,13 +1,16 @@
 """ActiveSync authorization: who is asking, may they, and what the gateway does about it.
 
 On a route with `authorize: activesync`, every request gets exactly one recorded decision before
-it may reach the upstream, in `requestheaders` (so a streamed body never goes out first):
+it may reach the upstream, in `requestheaders` (so a streamed body never goes out first): the
+applies-to filter, then the one authorization engine (`authz.engine`: identity -> deny lists ->
+operator block -> allow lists -> connector | inventory -> mode, cached per exact (user, DeviceId)
+with single flight).
 
-    applies-to filter -> identity -> cache -> policy lists -> connector | inventory -> mode
-
-The decision is cached per (user, DeviceId) with single flight, written to the audit log, put on
-the flow (comment, mark, metadata) for mitmweb, and enforced: deny answers with the configured
-status (default 403) or drops the connection like NetScaler's responder DROP.
+The decision is written to the audit log, put on the flow (comment, mark, metadata) for mitmweb,
+and enforced: deny answers with the configured status (default 403) or drops the connection like
+NetScaler's responder DROP; an allow is granted to this very request in the gateway's ledger,
+which `FinalCheck` requires before anything goes upstream. Any exception while deciding is the
+decision `internal error` (deny, audited, counted).
 """
 
 from __future__ import annotations
@@ -32,17 +35,20 @@ from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
 from ..authz.commands import CommandRule, RateLimiter, device_state
-from ..authz.policy import PolicyError, PolicyStore
+from ..authz.engine import Engine
+from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
 from ..authz.revocations import RevocationFile
 from ..authz.revocations import append as append_revocation
-from ..core.decision import Decision
+from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
+from .finalcheck import PENDING_KEY  # decided on the body in `request` (ItemOperations under an attachments rule)
 from .holds import Held, HeldRequests
 from .respond import answer, drop
+from .routing import ROUTE_KEY
 from .xnc import ConnectorClient, ConnectorError, to_decision
 
 logger = logging.getLogger("easgate.authz")
@@ -51,11 +57,17 @@ DECISION_KEY = "easgate.decision"
 IDENTITY_KEY = "easgate.identity"
 ANSWER_KEY = "easgate.answer"
 RULE_KEY = "easgate.rule"  # the command rule that applied to the request
-PENDING_KEY = "easgate.pending"  # decided on the body in `request` (ItemOperations under an attachments rule)
 RETRY_KEY = "easgate.retry_after"
 MAX_CHECKED_BODY = 64 * 1024  # an ItemOperations request is a few hundred bytes; larger is refused
 RELOAD_INTERVAL_S = 2.0
 HOLD_TICK_S = 0.5  # revocations are read and held requests re-checked this often (the 5 s bound)
+INTERNAL_LOG_EVERY_S = 10.0
+EMPTY_POLICY = Policy()  # no policy file: no lists, block mode (the connector decides)
+
+
+def wire_method(req: http.Request) -> str:
+    """The request method exactly as the client sent it (and as the upstream will read it)."""
+    return req.data.method.decode("ascii", "backslashreplace")
 
 
 def identity_dict(ident: identity.Identity) -> dict:
@@ -85,6 +97,7 @@ class ActiveSyncGate:
         self.counters: Counter = Counter()
         # called with (flow, decision, seconds) after every decision: the metrics' latency histogram
         self.observers: list[Callable[[http.HTTPFlow, Decision, float], None]] = []
+        self.engine = Engine(self._policy)
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
@@ -93,6 +106,8 @@ class ActiveSyncGate:
         self._holds_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.limiter = RateLimiter(())
+        self._internal_logged = float("-inf")
+        self._internal_suppressed = 0
 
     # -- configuration --------------------------------------------------------------------
 
@@ -114,6 +129,7 @@ class ActiveSyncGate:
         revocations = RevocationFile(auth.revocations if auth else None)
         revocations.poll()  # revoked devices stay revoked across restarts
         self.revocations = revocations
+        self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache)
 
     def load(self, loader) -> None:
         loader.add_option("easgate_policy_poll_ms", int, int(RELOAD_INTERVAL_S * 1000),
@@ -209,11 +225,15 @@ class ActiveSyncGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        name = flow.metadata.get("easgate.route")
+        name = flow.metadata.get(ROUTE_KEY)
         if not name or self.gw.config.route(name).authorize != "activesync":
             return
         start = time.perf_counter()
-        ident, decision = await self.decide(flow)
+        try:
+            ident, decision = await self.decide(flow)
+        except Exception as e:  # any fault while deciding is a deny, never a pass
+            self._internal_error(e)
+            ident, decision = None, INTERNAL_ERROR
         if decision.allow and PENDING_KEY in flow.metadata:
             decision = self.await_body(flow)
             if decision is None:  # the rest of the decision is made on the body, in `request`
@@ -230,10 +250,10 @@ class ActiveSyncGate:
         length = flow.request.headers.get("content-length", "")
         if flow.request.stream or not length.isdigit():
             return Decision(False, f"ItemOperations body without Content-Length cannot be checked for "
-                                   f"attachments (command rule {rule})", "command")
+                                   f"attachments (command rule {rule})", Source.COMMAND)
         if int(length) > MAX_CHECKED_BODY:
             return Decision(False, f"ItemOperations body of {length} bytes is over the {MAX_CHECKED_BODY} bytes "
-                                   f"checked for attachments (command rule {rule})", "command")
+                                   f"checked for attachments (command rule {rule})", Source.COMMAND)
         return None
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -245,7 +265,7 @@ class ActiveSyncGate:
         try:
             d = self.body_decision(flow)
         except Exception as e:  # noqa: BLE001 - nothing goes on without its decision
-            d = Decision(False, f"checking the ItemOperations body failed: {e!r}", "internal")
+            d = Decision(False, f"checking the ItemOperations body failed: {e!r}", Source.INTERNAL)
         seconds = time.perf_counter() - start
         await self.enforce(flow, ident, d, seconds * 1000)
         for observe in self.observers:
@@ -256,20 +276,20 @@ class ActiveSyncGate:
         rule = flow.metadata.get(RULE_KEY)
         body = flow.request.raw_content or b""
         if len(body) > MAX_CHECKED_BODY:
-            return Decision(False, f"ItemOperations body over {MAX_CHECKED_BODY} bytes (command rule {rule})", "command")
+            return Decision(False, f"ItemOperations body over {MAX_CHECKED_BODY} bytes (command rule {rule})", Source.COMMAND)
         try:
             root = ET.fromstring(ASCommandResponse(body).xmlString)
             if root.tag.rpartition("}")[2] != "ItemOperations":
                 raise ValueError(f"the document is {root.tag.rpartition('}')[2]}, not ItemOperations")
         except Exception as e:  # noqa: BLE001 - what cannot be decoded is refused on such routes
             return Decision(False, f"ItemOperations body is not WBXML the gateway can check ({type(e).__name__}); "
-                                   f"command rule {rule} refuses attachments", "command")
+                                   f"command rule {rule} refuses attachments", Source.COMMAND)
         for el in root.iter():
             if el.tag.rpartition("}")[2] == "Fetch" and any(c.tag.rpartition("}")[2] == "FileReference"
                                                             for c in el.iter()):
                 return Decision(False, f"attachment download (ItemOperations Fetch of a FileReference) not allowed "
-                                       f"by command rule {rule}", "command")
-        return Decision(True, f"ItemOperations without an attachment fetch (command rule {rule})", "command")
+                                       f"by command rule {rule}", Source.COMMAND)
+        return Decision(True, f"ItemOperations without an attachment fetch (command rule {rule})", Source.COMMAND)
 
     def enforced(self, flow: http.HTTPFlow) -> bool:
         """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
@@ -303,7 +323,7 @@ class ActiveSyncGate:
                 flow.metadata[RULE_KEY] = lim.name
                 flow.metadata[RETRY_KEY] = wait
                 return Decision(False, f"rate limit {lim.name}: over {lim.requests} requests in {lim.per_s:g}s; "
-                                       f"retry after {wait}s", "rate-limit")
+                                       f"retry after {wait}s", Source.RATE_LIMIT)
         return d
 
     def device_state(self, ident: identity.Identity) -> str:
@@ -315,76 +335,52 @@ class ActiveSyncGate:
         auth = self.auth
         req = flow.request
         at = auth.applies_to
-        method = req.method.upper()
+        # Exact, as the upstream will read it: methods are case-sensitive (RFC 9110 9.1), `options`
+        # is not OPTIONS (mitmproxy's `Request.method` upper-cases; the wire bytes are in `data`).
+        method = wire_method(req)
         if method in at.pass_methods:
-            return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", "filter")
+            return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", Source.FILTER)
         host = host_of(req.host_header or "")
         if not normalize_path(req.path).lower().startswith(at.path_prefix.lower()):
-            return None, Decision(False, "path not covered by applies_to on an authorized route", "filter")
+            return None, Decision(False, "path not covered by applies_to on an authorized route", Source.FILTER)
         if at.hosts and host not in at.hosts:
-            return None, Decision(False, f"host {host} not covered by applies_to", "filter")
+            return None, Decision(False, f"host {host} not covered by applies_to", Source.FILTER)
         if method not in at.methods:
-            return None, Decision(False, f"method {method} not covered by applies_to", "filter")
+            return None, Decision(False, f"method {method} not covered by applies_to", Source.FILTER)
         ident = identity.parse_request(method, "https", req.host_header or "", req.path, req.headers,
-                                         flow.client_conn.peername[0] if flow.client_conn.peername else "")
+                                       flow.client_conn.peername[0] if flow.client_conn.peername else "")
         if ident.error:
-            return ident, Decision(False, ident.error, "identity")
+            return ident, Decision(False, ident.error, Source.IDENTITY)
         if at.commands and ident.command not in at.commands:
-            return ident, Decision(False, f"command {ident.command} not covered by applies_to", "filter")
+            return ident, Decision(False, f"command {ident.command} not covered by applies_to", Source.FILTER)
         # Who is asking, as far as the gateway can verify it (identity.user_from), and whether the
         # DeviceId is the certificate's (device_binding): authz/principal.py, authz/binding.py.
         cert = self.gw.tls.verdict(flow.client_conn)
         ident, why = await self.principal.establish(
             ident, req.headers.get_all("authorization"),
             base64.b64decode(cert.der_b64) if cert.verified and cert.der_b64 else None, cert.reason,
-            self.gw.config.route(flow.metadata["easgate.route"]).device_binding)
+            self.gw.config.route(flow.metadata[ROUTE_KEY]).device_binding)
         if why is not None:
-            return ident, Decision(False, why, "identity")
-        if not ident.user:
-            return ident, Decision(False, "request has no user", "identity")
-        if not ident.device_id:
-            return ident, Decision(False, "request has no DeviceId", "identity")
+            return ident, Decision(False, why, Source.IDENTITY)
         # A revocation beats every list and the cache: it is the operator saying "now".
         r = self.revocations.lookup(ident.user, ident.device_id)
         if r is not None:
-            return ident, Decision(False, f"revoked: {r.reason}", "revoked")
-        # The policy's explicit lists come before the cache: they also look at the User-Agent and
-        # DeviceType, which are not part of the cache key (and they cost a few set lookups).
-        policy = self.policy.policy if self.policy else None
-        if policy is not None:
-            d = policy.explicit(ident)
-            if d is not None:
-                return ident, d
-        key = cache_key(ident.user, ident.device_id)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return ident, cached.with_source("cache")
-        generation = self.cache.generation
+            return ident, Decision(False, f"revoked: {r.reason}", Source.REVOKED)
+        # identity checks, lists, operator block, cache, connector | inventory, mode: authz/engine.py
+        return ident, await self.engine.decide(ident)
 
-        async def compute_and_store() -> Decision:
-            # Stored inside the single flight, so the cache is filled before the in-flight entry
-            # goes: a request arriving in between finds one or the other, never neither.
-            d = await self._compute(ident)
-            if d.source != "fail-mode":  # a connector blip must not be remembered
-                self.cache.put(key, d, generation=generation)
-            return d
+    def _policy(self) -> Policy:
+        return self.policy.policy if self.policy else EMPTY_POLICY
 
-        decision, _shared = await self.cache.single_flight(key, compute_and_store)
-        return ident, decision
-
-    async def _compute(self, ident: identity.Identity) -> Decision:
-        """The backend decision once the explicit lists had nothing to say."""
-        policy = self.policy.policy if self.policy else None
-        if self.connector is not None:
-            try:
-                answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,
-                                                        ident.url, ident.device_id, certified(ident))
-                self.counters["connector_answers"] += 1
-                return to_decision(answer)
-            except ConnectorError as e:
-                return self._fail_mode(ident, str(e))
-        d = policy.inventory_decision(ident)
-        return d if d is not None else policy.mode_decision(ident)
+    async def _connector_lookup(self, ident: identity.Identity) -> Decision:
+        """The engine's backend when a connector is configured: its answer, or the fail mode."""
+        try:
+            answer = await self.connector.authorize(ident.user, ident.user_agent, ident.client_ip,
+                                                    ident.url, ident.device_id, certified(ident))
+        except ConnectorError as e:
+            return self._fail_mode(ident, str(e))
+        self.counters["connector_answers"] += 1
+        return to_decision(answer)
 
     def _fail_mode(self, ident: identity.Identity, err: str) -> Decision:
         mode = self.auth.on_connector_error
@@ -392,23 +388,49 @@ class ActiveSyncGate:
         self.counters[f"fail_mode_{mode}"] += 1
         logger.warning(f"easgate: {err}; on_connector_error={mode}")
         if mode == "allow":
-            return Decision(True, f"{err}; allowed by on_connector_error=allow", "fail-mode")
+            return Decision(True, f"{err}; allowed by on_connector_error=allow", Source.FAIL_MODE)
         if mode == "stale":
             last = self.cache.get_stale(cache_key(ident.user, ident.device_id), self.auth.stale_max_age_s)
             if last is not None:
-                return Decision(last.allow, f"{err}; last known decision: {last.reason}", "fail-mode")
-            return Decision(False, f"{err}; no decision younger than {self.auth.stale_max_age_s:g}s to reuse", "fail-mode")
-        return Decision(False, f"{err}; denied by on_connector_error=deny", "fail-mode")
+                return Decision(last.allow, f"{err}; last known decision: {last.reason}", Source.FAIL_MODE)
+            return Decision(False, f"{err}; no decision younger than {self.auth.stale_max_age_s:g}s to reuse",
+                            Source.FAIL_MODE)
+        return Decision(False, f"{err}; denied by on_connector_error=deny", Source.FAIL_MODE)
+
+    def _internal_error(self, e: BaseException) -> None:
+        """Count every internal error; log the first of a burst with its traceback, then one line
+        per INTERNAL_LOG_EVERY_S saying how many followed (a client that can trigger one must not
+        be able to flood the log)."""
+        self.counters["internal_errors"] += 1
+        now = time.monotonic()
+        if now - self._internal_logged < INTERNAL_LOG_EVERY_S:
+            self._internal_suppressed += 1
+            return
+        more = f" ({self._internal_suppressed} more since the last report)" if self._internal_suppressed else ""
+        self._internal_logged, self._internal_suppressed = now, 0
+        logger.error(f"easgate: internal error while deciding, request denied{more}: {type(e).__name__}: {e}",
+                     exc_info=e)
+
+    async def fail_closed(self, flow: http.HTTPFlow, why: str, started: float) -> None:
+        """FinalCheck found no allow for this request: deny it as `internal error`, audited."""
+        self._internal_error(RuntimeError(why))
+        try:
+            await self.enforce(flow, None, INTERNAL_ERROR, (time.perf_counter() - started) * 1000)
+        except Exception as e:  # e.g. the audit log itself fails: still a deny
+            self.counters["audit_errors"] += 1
+            logger.error(f"easgate: could not record the internal-error deny: {type(e).__name__}: {e}")
+            drop(flow)
 
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
         enforced = self.enforced(flow)
-        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": d.source,
+        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": str(d.source),
                                        **({} if enforced else {"enforced": False})}
         if ident is not None:
             flow.metadata[IDENTITY_KEY] = identity_dict(ident)
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
-        flow.comment = f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.comment = (f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: "
+                        f"{d.verdict}: {d.reason} [{d.source}]")
         req = flow.request
         how = None if d.allow else self.deny_answer(ident, d, flow.metadata.get(RETRY_KEY))
         rule = flow.metadata.get(RULE_KEY)
@@ -417,8 +439,8 @@ class ActiveSyncGate:
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
-            "method": req.method,
-            "route": flow.metadata.get("easgate.route"),
+            "method": wire_method(req),
+            "route": flow.metadata.get(ROUTE_KEY),
             "user": ident.user if ident else None,
             "device_id": ident.device_id if ident else None,
             "device_type": ident.device_type if ident else None,
@@ -426,7 +448,7 @@ class ActiveSyncGate:
             "agent": req.headers.get("user-agent"),
             "decision": d.verdict,
             "reason": d.reason,
-            "source": d.source,
+            "source": str(d.source),
             "latency_ms": round(ms, 3),
             "flow": flow.id,
             **({"rule": rule} if rule else {}),
@@ -449,12 +471,15 @@ class ActiveSyncGate:
                 flow.marked = ":eyes:"
             elif ident is not None and flow.live:
                 self.holds.add(flow, ident)
+            self.gw.ledger.grant(flow)  # report-only: FinalCheck lets it go on whatever the decision
             return
         if d.allow:
             if ident is not None and flow.live:
                 self.holds.add(flow, ident)
+            # Last, after the audit line: FinalCheck forwards nothing on an authorized route without it.
+            self.gw.ledger.grant(flow)
             return
-        if d.source not in ("cache", "audit"):  # one line per fresh deny (an audit outage is logged once)
+        if d.source not in (Source.CACHE, Source.AUDIT):  # one line per fresh deny (an audit outage is logged once)
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
                         f"{d.reason} [{d.source}]")
         flow.marked = ":no_entry:"
@@ -502,7 +527,7 @@ class ActiveSyncGate:
             self.counters["revocations"] += 1
             for h in self.holds.of_device(r.device_id):
                 if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
-                    self.close_held(h, Decision(False, f"revoked: {r.reason}", "revoked"), "revocation")
+                    self.close_held(h, Decision(False, f"revoked: {r.reason}", Source.REVOKED), "revocation")
         every = max(self.auth.cache.allow_ttl_s, HOLD_TICK_S)
         for h in self.holds.due(every):
             self._spawn(self.reauthorize(h, "re-authorization"))
@@ -516,7 +541,7 @@ class ActiveSyncGate:
         try:
             _ident, d = await self.decide(h.flow, count=False)
         except Exception as e:  # noqa: BLE001 - any error on the way is a deny
-            d = Decision(False, f"re-authorization failed: {e!r}", "internal")
+            d = Decision(False, f"re-authorization failed: {e!r}", Source.INTERNAL)
         finally:
             h.checking = False
         if h.flow.id not in self.holds.held:
@@ -575,7 +600,7 @@ class ActiveSyncGate:
             self.revocations.apply({"action": "revoke", "user": user_or_any, "device_id": device_id, "reason": reason})
             for h in self.holds.of_device(device_id):
                 if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
-                    self.close_held(h, Decision(False, f"revoked: {reason}", "revoked"), "revocation")
+                    self.close_held(h, Decision(False, f"revoked: {reason}", Source.REVOKED), "revocation")
             where = "this process only (no authorization.revocations file configured)"
         return f"revoked {user} on {device_id}: {where}"
 
@@ -618,6 +643,9 @@ class ActiveSyncGate:
                           "errors": self.counters.get("connector_errors", 0),
                           "connections_opened": self.connector.connections_opened if self.connector else 0},
             "audit": self.gw.audit.log.state,
+            # errors while deciding (each one a deny, `internal error`) and audit lines that could not be written
+            "internal_errors": self.counters.get("internal_errors", 0),
+            "audit_errors": self.counters.get("audit_errors", 0),
             "policy": {"reloads": self.counters.get("policy_reloads", 0),
                        "reload_errors": self.counters.get("policy_reload_errors", 0),
                        "last_error": self.policy.last_error if self.policy else None},

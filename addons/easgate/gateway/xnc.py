@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import h11
 
-from ..core.decision import Decision
+from ..core.decision import Decision, Source
 from .config import Connector
 
 MAX_ANSWER = 64 * 1024
@@ -43,6 +43,7 @@ class ConnectorError(Exception):
 class Answer:
     allow: bool
     reason: str
+    blocked: bool = False  # an easgate connector said the operator blocked the device
 
 
 def parse_answer(status: int, body: bytes) -> Answer:
@@ -71,7 +72,9 @@ def parse_answer(status: int, body: bytes) -> Answer:
         why = f": {why}" if isinstance(why, str) and why else ""
         if result.strip().lower() == "allow":
             return Answer(True, f"connector: Allow{why}")
-        return Answer(False, f"connector: {result[:40]}{why}"[:200])
+        # easgate's connector names an operator's block (source "block"): it beats the gateway's
+        # allow lists too (one precedence order, authz.engine).
+        return Answer(False, f"connector: {result[:40]}{why}"[:200], doc.get("source") == "block")
     token = text.decode("ascii", "replace").lower()
     if token == "allow":
         return Answer(True, "connector: Allow")
@@ -223,4 +226,4 @@ class ConnectorClient:
 
 
 def to_decision(answer: Answer) -> Decision:
-    return Decision(answer.allow, answer.reason, "connector")
+    return Decision(answer.allow, answer.reason, Source.BLOCK if answer.blocked else Source.CONNECTOR)

@@ -1,0 +1,151 @@
+"""The last word before anything goes upstream: no recorded allow for this very request, no send.
+
+mitmproxy forwards a request unless a hook stops it, and its AddonManager runs the hooks of one
+top-level addon as a unit: an exception in one hook is logged and the rest of *that* addon's tree
+is skipped, then the next top-level addon runs (`addonmanager.safecall`). So a check nested in
+the gateway's own tree would be skipped by the very fault it is meant to catch. `FinalCheck` is
+therefore registered as its own top-level addon at the end of the chain, and it runs on
+
+* `requestheaders`, because with `stream_large_bodies` mitmproxy sends the request head upstream
+  right after that hook (and a streamed body right behind it), and
+* `request`, the moment before a buffered request is sent.
+
+What it checks is kept in the `Ledger`, in memory, per flow id, never in `flow.metadata` (which a
+flow read from a file, a replay or any addon can carry or write):
+
+* the content switch recorded a route for this flow in this pass, and the request still goes to
+  the server it was pointed at then (no later hook re-pointed it, e.g. from the MDM to Exchange), and
+* on a route with `authorize`, the gate granted an allow *for this request*: the grant holds the
+  request line and headers as decided on, so a request changed after the decision (path, Host,
+  Authorization, ...) no longer matches it.
+
+Anything else is refused as `internal error`: answered like any deny (audited, counted), or the
+connection is dropped when the request is already streaming.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mitmproxy import flow as mflow
+from mitmproxy import http
+
+from .respond import drop
+
+#: flow metadata of a request the gate decides on its body (ItemOperations under a command rule that
+#: refuses attachments): its allow is granted in the gate's `request` hook, not in `requestheaders`
+PENDING_KEY = "easgate.pending"
+
+logger = logging.getLogger("easgate.authz")
+
+_EXPECT = b"expect"  # mitmproxy removes Expect: 100-continue after requestheaders
+
+
+def _target(req: http.Request) -> tuple:
+    d = req.data
+    return (d.scheme, d.host, d.port)
+
+
+def fingerprint(req: http.Request) -> tuple:
+    """Everything of a request head that the upstream reads, as one comparable value."""
+    d = req.data
+    return (d.method, d.scheme, d.host, d.port, d.authority, d.path, d.http_version,
+            tuple(f for f in d.headers.fields if f[0].lower() != _EXPECT))
+
+
+class Ledger:
+    """Per-flow records of this pass: the route chosen, and the allow granted (bound to the request)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[str, tuple]] = {}
+        self.grants: dict[str, tuple] = {}
+
+    def routed(self, flow: http.HTTPFlow, route: str) -> None:
+        """The route chosen, and the server the flow was pointed at for it."""
+        self.routes[flow.id] = (route, _target(flow.request))
+        self.grants.pop(flow.id, None)  # a new pass (replay) decides anew
+
+    def grant(self, flow: http.HTTPFlow) -> None:
+        self.grants[flow.id] = fingerprint(flow.request)
+
+    def route_of(self, flow: http.HTTPFlow) -> str | None:
+        """The route recorded in this pass, if the flow still goes where that route sent it."""
+        r = self.routes.get(flow.id)
+        return r[0] if r is not None and r[1] == _target(flow.request) else None
+
+    def allowed(self, flow: http.HTTPFlow) -> bool:
+        g = self.grants.get(flow.id)
+        return g is not None and g == fingerprint(flow.request)
+
+    def forget(self, flow: http.HTTPFlow) -> None:
+        self.routes.pop(flow.id, None)
+        self.grants.pop(flow.id, None)
+
+    def __len__(self) -> int:
+        return len(self.routes) + len(self.grants)
+
+
+class FinalCheck:
+    """Refuses every unanswered flow that lacks a route, or an allow for this request on an
+    authorized route. Never raises: if refusing fails, the flow is killed."""
+
+    name = "easgate-finalcheck"
+
+    def __init__(self, gw) -> None:
+        self.gw = gw
+        self.refused = 0
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        await self._check(flow, last=False)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self._check(flow, last=True)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.gw.ledger.forget(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.gw.ledger.forget(flow)
+
+    def why_not(self, flow: http.HTTPFlow) -> str | None:
+        """None if the flow may go upstream as it is, else what is missing."""
+        ledger = self.gw.ledger
+        name = ledger.route_of(flow)
+        if name is None:
+            return "the request was not routed, or was re-pointed after routing"
+        cfg = self.gw.config
+        route = cfg.route(name) if cfg is not None else None
+        if route is None:
+            return f"unknown route {name}"
+        if route.authorize and not ledger.allowed(flow):
+            return "no allow decision for this request"
+        return None
+
+    async def _check(self, flow: http.HTTPFlow, last: bool) -> None:
+        if not flow.live:
+            return  # a flow read from a file (offline replay): nothing is sent anywhere
+        try:
+            if flow.response is not None or flow.error is not None:
+                self.gw.ledger.forget(flow)
+                return
+            if not last and PENDING_KEY in flow.metadata:
+                return  # decided on its body in the gate's `request` hook, checked again there (last)
+            why = self.why_not(flow)
+            if why is None:
+                if last:
+                    self.gw.ledger.forget(flow)
+                return
+            self.refused += 1
+            self.gw.ledger.forget(flow)
+            gate = self.gw.gate
+            if gate is not None:
+                await gate.fail_closed(flow, why, time.perf_counter())
+            if flow.response is None and flow.error is None:
+                drop(flow)
+        except Exception:
+            logger.exception("easgate: the final check failed; dropping the request")
+            try:
+                flow.kill()
+            except Exception:
+                flow.error = flow.error or mflow.Error(mflow.Error.KILLED_MESSAGE)
