@@ -21,6 +21,7 @@ from mitmproxy.tools import main as mitm_main
 from mitmproxy.tools.web.master import WebMaster
 
 from . import __version__
+from .authz.revocations import append as append_revocation
 from .connector import commands as connector_commands
 from .core.errors import ConfigError
 from .gateway.addon import with_listen
@@ -308,6 +309,32 @@ def cmd_web(args) -> int:
     return 0
 
 
+def cmd_revoke(args) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"easgate: config error: {e}", file=sys.stderr)
+        return 2
+    path = cfg.authorization.revocations if cfg.authorization else None
+    if path is None:
+        print(f"easgate revoke: {cfg.path}: authorization.revocations is not set; "
+              "add e.g. 'revocations: revocations.jsonl' under authorization and restart the gateway", file=sys.stderr)
+        return 2
+    action = "restore" if args.restore else "revoke"
+    user = None if args.user == "*" else args.user
+    try:
+        append_revocation(path, user, args.device_id, args.reason, action)
+    except OSError as e:
+        print(f"easgate revoke: cannot append to {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    if args.restore:
+        print(f"restored {args.user} on {args.device_id} in {path}: new requests are decided as before")
+    else:
+        print(f"revoked {args.user} on {args.device_id} in {path}: every worker denies it and closes "
+              "its held requests within a second")
+    return 0
+
+
 def cmd_pki(args) -> int:
     if args.revoke:
         for name in args.revoke:
@@ -370,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "nothing. Exit status 0 when valid, 2 with one line naming file, key and fix.")
     s.add_argument("config", help="gateway YAML, e.g. policies/gateway.yaml")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("revoke", help="deny a user's device now, on every worker, and close its held requests")
+    s.add_argument("config", help="the gateway YAML (its authorization.revocations file is appended to)")
+    s.add_argument("user", help=r"alice, CONTOSO\alice, alice@contoso.com, or * for every user of the device")
+    s.add_argument("device_id", help="the ActiveSync DeviceId (any case)")
+    s.add_argument("--reason", default="revoked by an operator", help="recorded in the audit log")
+    s.add_argument("--restore", action="store_true", help="lift the revocation instead")
+    s.set_defaults(fn=cmd_revoke)
 
     s = sub.add_parser("pki", help="create a throw-away demo PKI",
                        description="Create a throw-away PKI for trying easgate: a public CA and the gateway's "

@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..authz.revocations import append as append_revocation
 from ..core.errors import ConfigError
 from ..core.net import parse_listen
 from . import store
@@ -114,6 +115,19 @@ def _cmd_flag(args) -> int:
         print(f"easgate devices {args.devices_cmd}: no device {args.device_id!r} in {inv.path}; {fix}", file=sys.stderr)
         return 1
     done = {"block": "blocked", "unblock": "unblocked", "remove": "removed"}[args.devices_cmd]
+    revocations = getattr(args, "revocations", None) or os.environ.get("EASGATE_REVOCATIONS")
+    if revocations and args.devices_cmd in ("block", "unblock"):
+        # The connector is asked per request; a request already held open is not. The gateways'
+        # revocation file reaches those within a second (authz/revocations.py, docs/scaling.md).
+        action = "revoke" if args.devices_cmd == "block" else "restore"
+        try:
+            append_revocation(Path(revocations), None, args.device_id, "blocked in the connector inventory", action)
+        except OSError as e:
+            print(f"easgate devices {args.devices_cmd}: {done} {args.device_id} in {inv.path}, but cannot append to "
+                  f"{revocations}: {e.strerror}; held requests end at their next re-authorization", file=sys.stderr)
+            return 1
+        print(f"{done} {args.device_id} (and {'revoked' if action == 'revoke' else 'restored'} in {revocations})")
+        return 0
     print(f"{done} {args.device_id}")
     return 0
 
@@ -182,6 +196,11 @@ def add_devices_command(sub: argparse._SubParsersAction) -> None:
                            ("unblock", "lift a block"), ("remove", "delete a device")):
         s = ds.add_parser(name, parents=[common], help=helptext)
         s.add_argument("device_id", help="the ActiveSync DeviceId (any case)")
+        if name != "remove":
+            s.add_argument("--revocations", metavar="FILE",
+                           help="also revoke (block) or restore (unblock) the device in the gateways' revocation "
+                                "file (their authorization.revocations; or set EASGATE_REVOCATIONS), so requests "
+                                "the gateways hold open end within a second")
         s.set_defaults(devices_fn=_cmd_flag)
 
     s = ds.add_parser("list", parents=[common], help="list devices")

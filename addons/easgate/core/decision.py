@@ -21,6 +21,9 @@ mitmweb and the connector's answers show:
 ``cache``      a cached decision (re-tagged with :meth:`Decision.with_source`)
 ``fail-mode``  the connector failed; the configured fail mode decided
 ``audit``      the request would be allowed, but its audit line cannot be written
+``revoked``    an operator's revocation (authz/revocations.py)
+``command``    a command-level rule of an allowed device (authz/commands.py)
+``rate-limit`` a per-device request-rate limit (authz/commands.py)
 ``internal``   deciding raised an error: always a deny, reason ``internal error``
 =============  ==============================================================
 """
@@ -45,6 +48,9 @@ class Source(StrEnum):
     FAIL_MODE = "fail-mode"
     AUDIT = "audit"
     INTERNAL = "internal"
+    REVOKED = "revoked"
+    COMMAND = "command"
+    RATE_LIMIT = "rate-limit"
 
 
 SOURCES: frozenset[str] = frozenset(s.value for s in Source)

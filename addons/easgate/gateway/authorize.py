@@ -24,23 +24,30 @@ import logging
 import shutil
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import command, ctx, http
 from mitmproxy import flow as mflow
+from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
-from ..authz import identity, policyload
+from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
+from ..authz.commands import CommandRule, RateLimiter, device_state
 from ..authz.engine import Engine
 from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
+from ..authz.revocations import RevocationFile
+from ..authz.revocations import append as append_revocation
 from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
+from .finalcheck import PENDING_KEY  # decided on the body in `request` (ItemOperations under an attachments rule)
+from .holds import Held, HeldRequests
 from .respond import answer, drop
 from .routing import ROUTE_KEY
 from .sharedcache import SharedCache
@@ -50,7 +57,12 @@ logger = logging.getLogger("easgate.authz")
 
 DECISION_KEY = "easgate.decision"
 IDENTITY_KEY = "easgate.identity"
+ANSWER_KEY = "easgate.answer"
+RULE_KEY = "easgate.rule"  # the command rule that applied to the request
+RETRY_KEY = "easgate.retry_after"
+MAX_CHECKED_BODY = 64 * 1024  # an ItemOperations request is a few hundred bytes; larger is refused
 RELOAD_INTERVAL_S = 2.0
+HOLD_TICK_S = 0.5  # revocations are read and held requests re-checked this often (the 5 s bound)
 INTERNAL_LOG_EVERY_S = 10.0
 EMPTY_POLICY = Policy()  # no policy file: no lists, block mode (the connector decides)
 
@@ -101,11 +113,15 @@ class ActiveSyncGate:
         self._reload_task: asyncio.Task | None = None
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
+        self.holds = HeldRequests()
+        self.revocations = RevocationFile(None)
+        self._holds_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.limiter = RateLimiter(())
         self._internal_logged = float("-inf")
         self._internal_suppressed = 0
         self.shared: SharedCache | None = None  # the Redis tier (docs/scaling.md), if configured
         self._digest = "-"
-        self._tasks: set[asyncio.Task] = set()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -134,6 +150,10 @@ class ActiveSyncGate:
             self.shared.on_revoke.append(self.device_revoked)
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
+        self.limiter = RateLimiter(auth.commands.rate_limits if auth else ())
+        revocations = RevocationFile(auth.revocations if auth else None)
+        revocations.poll()  # revoked devices stay revoked across restarts
+        self.revocations = revocations
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
 
@@ -141,11 +161,13 @@ class ActiveSyncGate:
         """A device was revoked cluster-wide (an operator's block seen by a connector,
         easgate.cluster.revoke on any node); its cached decisions here are already gone.
 
-        The hook for held requests: this is where the ActiveSync-aware enforcement ends this
-        process's held long polls (Ping, Sync with Wait) of ``device_id``, so a blocked phone
-        does not keep a Ping open for up to an hour. Until that mechanism is merged, only counted.
+        Its held long polls (Ping, Sync with Wait) in this process are decided again at once
+        (the shared and local entries are gone, so the connector is asked) and closed on a deny,
+        so a blocked phone does not keep a Ping open for up to an hour.
         """
         self.counters["devices_revoked"] += 1
+        for h in list(self.holds.of_device(device_id)):
+            self._spawn(self.reauthorize(h, "cluster revocation"))
 
     def _spawn(self, coro) -> None:
         try:
@@ -161,12 +183,15 @@ class ActiveSyncGate:
                           "Milliseconds between checks of the policy files for a replaced file (tests shorten it).")
 
     def running(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.policy and self._reload_task is None:
-            self._reload_task = asyncio.get_running_loop().create_task(self._watch_policy())
+            self._reload_task = loop.create_task(self._watch_policy())
+        if self.auth and self._holds_task is None:
+            self._holds_task = loop.create_task(self._watch_holds())
         if self.shared:
             self.shared.start()
         if isinstance(self.connector, ConnectorClient):
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_connector(self.connector))
+            self._probe_task = loop.create_task(self._probe_connector(self.connector))
 
     async def _probe_connector(self, client: ConnectorClient) -> None:
         """One line at start-up when the connector cannot be reached: until it can, every decision
@@ -178,8 +203,9 @@ class ActiveSyncGate:
 
     def done(self) -> None:
         # synchronous: mitmproxy also calls done when a script is unloaded, where no hook may await
-        if self._reload_task:
-            self._reload_task.cancel()
+        for t in (self._reload_task, self._probe_task, self._holds_task, *self._tasks):
+            if t:
+                t.cancel()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -238,6 +264,8 @@ class ActiveSyncGate:
             if self.shared:  # every node drops what it holds; the digest keeps old shared entries apart
                 self._spawn(self.shared.clear_all())
             self.counters["policy_reloads"] += 1
+            if len(self.holds):
+                self._spawn(self.recheck_all("policy reload"))
             logger.info(f"easgate: policy reloaded from {self.policy.path}; {n} cached decisions dropped")
             return f"policy reloaded from {self.policy.path}; {n} cached decisions dropped"
         return "policy unchanged"
@@ -256,12 +284,104 @@ class ActiveSyncGate:
         except Exception as e:  # any fault while deciding is a deny, never a pass
             self._internal_error(e)
             ident, decision = None, INTERNAL_ERROR
+        if decision.allow and PENDING_KEY in flow.metadata:
+            decision = self.await_body(flow)
+            if decision is None:  # the rest of the decision is made on the body, in `request`
+                flow.metadata[PENDING_KEY] = (ident, start)
+                return
         seconds = time.perf_counter() - start
         await self.enforce(flow, ident, decision, seconds * 1000)
         for observe in self.observers:
             observe(flow, decision, seconds)
 
-    async def decide(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
+    def await_body(self, flow: http.HTTPFlow) -> Decision | None:
+        """None if the body will be read whole and decided on; else the deny that it can't be."""
+        rule = flow.metadata[PENDING_KEY]
+        length = flow.request.headers.get("content-length", "")
+        if flow.request.stream or not length.isdigit():
+            return Decision(False, f"ItemOperations body without Content-Length cannot be checked for "
+                                   f"attachments (command rule {rule})", Source.COMMAND)
+        if int(length) > MAX_CHECKED_BODY:
+            return Decision(False, f"ItemOperations body of {length} bytes is over the {MAX_CHECKED_BODY} bytes "
+                                   f"checked for attachments (command rule {rule})", Source.COMMAND)
+        return None
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        pending = flow.metadata.get(PENDING_KEY)
+        if not isinstance(pending, tuple) or flow.response or flow.error:
+            return
+        del flow.metadata[PENDING_KEY]
+        ident, start = pending
+        try:
+            d = self.body_decision(flow)
+        except Exception as e:  # noqa: BLE001 - nothing goes on without its decision
+            d = Decision(False, f"checking the ItemOperations body failed: {e!r}", Source.INTERNAL)
+        seconds = time.perf_counter() - start
+        await self.enforce(flow, ident, d, seconds * 1000)
+        for observe in self.observers:
+            observe(flow, d, seconds)
+
+    def body_decision(self, flow: http.HTTPFlow) -> Decision:
+        """ItemOperations under a rule refusing attachments: allow unless it fetches a FileReference."""
+        rule = flow.metadata.get(RULE_KEY)
+        body = flow.request.raw_content or b""
+        if len(body) > MAX_CHECKED_BODY:
+            return Decision(False, f"ItemOperations body over {MAX_CHECKED_BODY} bytes (command rule {rule})", Source.COMMAND)
+        try:
+            root = ET.fromstring(ASCommandResponse(body).xmlString)
+            if root.tag.rpartition("}")[2] != "ItemOperations":
+                raise ValueError(f"the document is {root.tag.rpartition('}')[2]}, not ItemOperations")
+        except Exception as e:  # noqa: BLE001 - what cannot be decoded is refused on such routes
+            return Decision(False, f"ItemOperations body is not WBXML the gateway can check ({type(e).__name__}); "
+                                   f"command rule {rule} refuses attachments", Source.COMMAND)
+        for el in root.iter():
+            if el.tag.rpartition("}")[2] == "Fetch" and any(c.tag.rpartition("}")[2] == "FileReference"
+                                                            for c in el.iter()):
+                return Decision(False, f"attachment download (ItemOperations Fetch of a FileReference) not allowed "
+                                       f"by command rule {rule}", Source.COMMAND)
+        return Decision(True, f"ItemOperations without an attachment fetch (command rule {rule})", Source.COMMAND)
+
+    def enforced(self, flow: http.HTTPFlow) -> bool:
+        """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
+        name = flow.metadata.get("easgate.route")
+        return not name or self.gw.config.route(name).enforce
+
+    async def decide(self, flow: http.HTTPFlow, count: bool = True) -> tuple[identity.Identity | None, Decision]:
+        """The device decision, then (for an allowed device) the command rules and rate limits.
+        `count`: the request counts against the rate limits (a held request re-checked does not)."""
+        ident, d = await self.decide_device(flow)
+        if not d.allow or ident is None or not self.auth.commands:
+            return ident, d
+        return ident, self.command_decision(flow, ident, d, count)
+
+    def command_decision(self, flow: http.HTTPFlow, ident: identity.Identity, d: Decision, count: bool) -> Decision:
+        rules = self.auth.commands
+        rule: CommandRule | None = None
+        if rules.rules:
+            rule = rules.rule_for(ident.user, ident.device_type, ident.user_agent, self.device_state(ident))
+        if rule is not None:
+            flow.metadata[RULE_KEY] = rule.name
+            deny = rules.check(rule, ident.command)
+            if deny is not None:
+                return deny
+            if ident.command == "ItemOperations" and rule.checks_attachments:
+                flow.metadata[PENDING_KEY] = rule.name
+        if count and rules.rate_limits:
+            hit = self.limiter.hit(cache_key(ident.user, ident.device_id), ident.command)
+            if hit is not None:
+                lim, wait = hit
+                flow.metadata[RULE_KEY] = lim.name
+                flow.metadata[RETRY_KEY] = wait
+                return Decision(False, f"rate limit {lim.name}: over {lim.requests} requests in {lim.per_s:g}s; "
+                                       f"retry after {wait}s", Source.RATE_LIMIT)
+        return d
+
+    def device_state(self, ident: identity.Identity) -> str:
+        policy = self.policy.policy if self.policy else None
+        entry = policy.inventory.get((ident.device_id or "").strip().lower()) if policy else None
+        return device_state(entry is not None, bool(entry and entry.compliant))
+
+    async def decide_device(self, flow: http.HTTPFlow) -> tuple[identity.Identity | None, Decision]:
         auth = self.auth
         req = flow.request
         at = auth.applies_to
@@ -292,6 +412,10 @@ class ActiveSyncGate:
             self.gw.config.route(flow.metadata[ROUTE_KEY]).device_binding)
         if why is not None:
             return ident, Decision(False, why, Source.IDENTITY)
+        # A revocation beats every list and the cache: it is the operator saying "now".
+        r = self.revocations.lookup(ident.user, ident.device_id)
+        if r is not None:
+            return ident, Decision(False, f"revoked: {r.reason}", Source.REVOKED)
         # identity checks, lists, operator block, cache, connector | inventory, mode: authz/engine.py
         return ident, await self.engine.decide(ident)
 
@@ -349,12 +473,19 @@ class ActiveSyncGate:
 
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
-        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": str(d.source)}
+        enforced = self.enforced(flow)
+        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": str(d.source),
+                                       **({} if enforced else {"enforced": False})}
         if ident is not None:
             flow.metadata[IDENTITY_KEY] = identity_dict(ident)
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
-        flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.comment = (f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: "
+                        f"{d.verdict}: {d.reason} [{d.source}]")
         req = flow.request
+        how = None if d.allow else self.deny_answer(ident, d, flow.metadata.get(RETRY_KEY))
+        rule = flow.metadata.get(RULE_KEY)
+        if rule:
+            flow.comment += f" (rule {rule})"
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
@@ -370,6 +501,9 @@ class ActiveSyncGate:
             "source": str(d.source),
             "latency_ms": round(ms, 3),
             "flow": flow.id,
+            **({"rule": rule} if rule else {}),
+            **({"answer": "connection dropped" if how is None else how.why} if not d.allow else {}),
+            **({} if enforced else {"enforced": False}),
         }
         # The request goes on (upstream, or its deny answer) once its line is written.
         if not await self.gw.audit.record(record) and d.allow and self.gw.audit.log.on_error == "deny":
@@ -379,8 +513,19 @@ class ActiveSyncGate:
             flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
             flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
+            how = self.deny_answer(ident, d)
         self.counters[f"{d.verdict}_{d.source}"] += 1
+        if not enforced:  # shadow mode: the would-be deny is on record; the request goes on
+            if not d.allow:
+                self.counters["shadow_denies"] += 1
+                flow.marked = ":eyes:"
+            elif ident is not None and flow.live:
+                self.holds.add(flow, ident)
+            self.gw.ledger.grant(flow)  # report-only: FinalCheck lets it go on whatever the decision
+            return
         if d.allow:
+            if ident is not None and flow.live:
+                self.holds.add(flow, ident)
             # Last, after the audit line: FinalCheck forwards nothing on an authorized route without it.
             self.gw.ledger.grant(flow)
             return
@@ -388,14 +533,102 @@ class ActiveSyncGate:
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
                         f"{d.reason} [{d.source}]")
         flow.marked = ":no_entry:"
-        deny = self.auth.deny if self.auth else None
-        if deny is None or deny.action == "drop":
+        if how is None:
             drop(flow)
             return
+        flow.metadata[ANSWER_KEY] = how.why
+        answer(flow, http.Response.make(how.status, how.body, how.headers))
+
+    def deny_answer(self, ident: identity.Identity | None, d: Decision,
+                    retry_after: int | None = None) -> eas_deny.DenyAnswer | None:
+        """How a deny is answered (deny.mode; a rate limit always with 503); None: drop the connection."""
+        deny = self.auth.deny
+        if d.source == "rate-limit":
+            return eas_deny.throttled(retry_after or 1, "Too many requests from this device; retry later.\n")
+        if deny.mode == "drop":
+            return None
+        if deny.mode == "activesync" and ident is not None:
+            status = eas_deny.ACCESS_DENIED_STATUS if d.source == "command" else eas_deny.BLOCKED_STATUS
+            return eas_deny.blocked(ident.command, ident.protocol_version, deny.body, status)
         headers = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
         if deny.retry_after_s is not None:
             headers["Retry-After"] = str(deny.retry_after_s)
-        answer(flow, http.Response.make(deny.status, deny.body.encode(), headers))
+        return eas_deny.DenyAnswer(deny.status, headers, deny.body.encode(), None, f"HTTP {deny.status}")
+
+    # -- held requests ----------------------------------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.holds.remove(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.holds.remove(flow)
+
+    async def _watch_holds(self) -> None:
+        while True:
+            await asyncio.sleep(HOLD_TICK_S)
+            try:
+                await self.check_holds()
+            except Exception as e:  # noqa: BLE001 - the watcher must outlive one bad round
+                logger.error(f"easgate: checking held requests failed: {e!r}")
+
+    async def check_holds(self) -> None:
+        """New revocations close what they name; held requests are re-authorized every allow_ttl_s."""
+        for r in self.revocations.poll():
+            self.counters["revocations"] += 1
+            for h in self.holds.of_device(r.device_id):
+                if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
+                    self.close_held(h, Decision(False, f"revoked: {r.reason}", Source.REVOKED), "revocation")
+        every = max(self.auth.cache.allow_ttl_s, HOLD_TICK_S)
+        for h in self.holds.due(every):
+            self._spawn(self.reauthorize(h, "re-authorization"))
+
+    async def recheck_all(self, trigger: str) -> None:
+        await asyncio.gather(*(self.reauthorize(h, trigger) for h in self.holds.all()))
+
+    async def reauthorize(self, h: Held, trigger: str) -> None:
+        """Decide again for a request still held; close it if the answer is now deny."""
+        h.checking = True
+        try:
+            _ident, d = await self.decide(h.flow, count=False)
+        except Exception as e:  # noqa: BLE001 - any error on the way is a deny
+            d = Decision(False, f"re-authorization failed: {e!r}", Source.INTERNAL)
+        finally:
+            h.checking = False
+        if h.flow.id not in self.holds.held:
+            return  # answered meanwhile
+        if d.allow:
+            h.authorized = self.holds.clock()
+            self.counters["held_reauthorized"] += 1
+        else:
+            self.close_held(h, d, trigger)
+
+    def close_held(self, h: Held, d: Decision, trigger: str) -> None:
+        enforced = self.enforced(h.flow)
+        if enforced:
+            held_s = self.holds.close(h)
+        else:  # shadow mode: record what would have been closed, leave it open
+            self.holds.remove(h.flow)
+            held_s = self.holds.clock() - h.since
+        self.counters["held_closed" if enforced else "held_shadow_closed"] += 1
+        flow, ident = h.flow, h.ident
+        did = "closed" if enforced else "shadow, not enforced: would close"
+        flow.comment = f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.marked = ":no_entry:" if enforced else ":eyes:"
+        flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
+        self.gw.audit.log.submit({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "event": "held request closed" if enforced else "held request would be closed",
+            "trigger": trigger,
+            "route": flow.metadata.get("easgate.route"),
+            "user": ident.user, "device_id": ident.device_id, "device_type": ident.device_type,
+            "command": ident.command,
+            "decision": d.verdict, "reason": d.reason, "source": d.source,
+            "held_s": round(held_s, 3),
+            "flow": flow.id,
+            **({} if enforced else {"enforced": False}),
+        })
+        logger.info(f"easgate: {did} {ident.command} of {ident.user} {ident.device_id} held {held_s:.1f}s "
+                    f"({trigger}): {d.reason} [{d.source}]")
 
     # -- commands -------------------------------------------------------------------------
 
@@ -403,6 +636,23 @@ class ActiveSyncGate:
     def reload(self) -> str:
         """Reload the ActiveSync policy file now; a broken file keeps the last good policy."""
         return self._reload(force=True)
+
+    @command.command("easgate.revoke")
+    def revoke(self, user: str, device_id: str) -> str:
+        """Deny USER (or * for any user) on DEVICEID from now on and close its held requests on every
+        worker (through authorization.revocations; without it, in this process only)."""
+        user_or_any = None if user in ("", "*") else user
+        reason = "easgate.revoke"
+        if self.revocations.path is not None:
+            append_revocation(self.revocations.path, user_or_any, device_id, reason)
+            where = f"every worker following {self.revocations.path}"
+        else:
+            self.revocations.apply({"action": "revoke", "user": user_or_any, "device_id": device_id, "reason": reason})
+            for h in self.holds.of_device(device_id):
+                if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
+                    self.close_held(h, Decision(False, f"revoked: {reason}", Source.REVOKED), "revocation")
+            where = "this process only (no authorization.revocations file configured)"
+        return f"revoked {user} on {device_id}: {where}"
 
     @command.command("easgate.cache.clear")
     def cache_clear(self) -> str:

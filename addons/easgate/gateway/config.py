@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..authz.binding import BindingRule, parse_binding
+from ..authz.commands import CommandRules
+from ..authz.commands import parse as parse_command_rules
 from ..authz.principal import IdentityConfig, parse_identity
 from ..core.decision import one_line
 from ..core.errors import ConfigError
@@ -27,6 +29,7 @@ CLIENT_CERT_MODES = ("off", "optional", "required")
 REVOCATION_MODES = ("off", "optional", "mandatory")
 ON_INVALID_CERT = ("reject", "untrusted")
 FAIL_MODES = ("deny", "allow", "stale")
+DENY_MODES = ("http", "drop", "activesync")
 HOST_HEADER_SPECIAL = ("client", "upstream")
 CERT_MATCH = ("present", "absent", "verified", "unverified")
 DEFAULT_CERT_HEADER = "NSClientCert"
@@ -95,6 +98,7 @@ class Route:
     client_cert_header: str | None = None
     device_binding: BindingRule | None = None  # the route's own, else authorization.device_binding
     rewrite_redirects: RewriteRedirects | None = None
+    enforce: bool = True  # False: shadow mode, decisions computed and audited but not enforced
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,8 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DenyConfig:
-    action: str = "respond"  # respond | drop
+    action: str = "respond"  # respond | drop (the older spelling of mode http | drop)
+    mode: str = "http"  # http | drop | activesync (authz/eas_deny.py)
     status: int = 403
     body: str = "Access denied by easgate: this device is not allowed to sync mail.\n"
     retry_after_s: int | None = None
@@ -186,6 +191,8 @@ class Authorization:
     deny: DenyConfig = field(default_factory=DenyConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     device_binding: BindingRule | None = None  # default for every `authorize: activesync` route
+    revocations: Path | None = None  # the shared revocation file every worker follows (authz/revocations.py)
+    commands: CommandRules = field(default_factory=CommandRules)  # command-level rules and rate limits
 
 
 @dataclass(frozen=True)
@@ -539,6 +546,7 @@ ROUTE_KEYS = {
     "client_cert_header": f"a header name, usually {DEFAULT_CERT_HEADER}",
     "device_binding": "off, or {device_id: ..., user: ...}: this route's own device binding",
     "rewrite_redirects": "true, or {public_hosts: [mail.example.com]}: keep internal hosts out of redirects",
+    "enforce": "true | false (false: report-only, with authorize)",
 }
 MATCH_KEYS = {
     "path_prefix": "/Microsoft-Server-ActiveSync",
@@ -573,10 +581,14 @@ def _parse_routes(n: Node, pools: dict[str, Pool]) -> tuple[Route, ...]:
         cert_header = r.child("client_cert_header").str()
         if cert_header is not None and not _HEADER_NAME.match(cert_header):
             raise r.child("client_cert_header").err(f"'{cert_header}' is not a valid header name")
+        enforce = r.child("enforce").bool(True)
+        if not enforce and authorize is None:
+            raise r.child("enforce").err("is false on a route that does not authorize",
+                                         "add 'authorize: activesync' or remove 'enforce'")
         binding = parse_binding(r.child("device_binding")) if r.child("device_binding").value is not None else None
         routes.append(Route(name=name, priority=prio, match=_parse_match(r.child("match")), pool=pool,
                             authorize=authorize, client_cert_header=cert_header, device_binding=binding,
-                            rewrite_redirects=_parse_rewrite(r.child("rewrite_redirects"))))
+                            rewrite_redirects=_parse_rewrite(r.child("rewrite_redirects")), enforce=enforce))
     prios = [r.priority for r in routes]
     for r in routes:
         if prios.count(r.priority) > 1:
@@ -654,9 +666,12 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
             "cache": "{allow_ttl_s, deny_ttl_s, max_entries, redis}",
             "on_connector_error": "deny | allow | stale",
             "stale_max_age_s": "seconds",
-            "deny": "{status: 403} or {action: drop}",
+            "deny": "{mode: http | drop | activesync, status: 403}",
             "identity": "{user_from: [basic, query], certificate_user, user_match, bearer}",
             "device_binding": "{device_id: {from: san_uri, pattern: ...}, user: san_upn}: bind the DeviceId to the certificate",
+            "revocations": "a file `easgate revoke` appends to and every worker follows",
+            "commands": "{groups, rules: [{name, when, allow | deny}]}",
+            "rate_limits": "[{name, requests, per_s, retry_after_s, commands}]",
         }
     )
     at = AppliesTo()
@@ -699,9 +714,14 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
     d = n.child("deny")
     deny = DenyConfig()
     if d.value is not None:
-        d.mapping({"action": "respond | drop", "status": "an HTTP status, e.g. 403, 449, 503",
+        d.mapping({"mode": "http | drop | activesync", "action": "respond | drop",
+                   "status": "an HTTP status, e.g. 403, 449, 503",
                    "body": "text", "retry_after_s": "seconds (with 503)"})
-        deny = DenyConfig(action=d.child("action").str("respond", ("respond", "drop")),
+        action = d.child("action").str("respond", ("respond", "drop"))
+        mode = d.child("mode").str("drop" if action == "drop" else "http", DENY_MODES)
+        if d.has("action") and d.has("mode") and (action == "drop") != (mode == "drop"):
+            raise d.child("mode").err(f"is {mode} but action is {action}", "keep only 'mode'")
+        deny = DenyConfig(action="drop" if mode == "drop" else "respond", mode=mode,
                           status=d.child("status").int(403, 400, 599),
                           body=d.child("body").str(deny.body) if d.has("body") else deny.body,
                           retry_after_s=d.child("retry_after_s").int(None, 0, 86400))
@@ -711,4 +731,6 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
         on_connector_error=n.child("on_connector_error").str("deny", FAIL_MODES),
         stale_max_age_s=n.child("stale_max_age_s").num(3600.0), deny=deny,
         identity=parse_identity(n.child("identity"), base), device_binding=binding,
+        revocations=n.child("revocations").path(base, must_exist=False),
+        commands=parse_command_rules(n.child("commands"), n.child("rate_limits")),
     )

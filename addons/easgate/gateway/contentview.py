@@ -113,6 +113,16 @@ def describe(flow: http.HTTPFlow) -> dict:
     d = m.get("easgate.decision")
     if d:
         gw["decision"] = f"{'allow' if d.get('allow') else 'deny'} ({d.get('source')}): {d.get('reason')}"
+        if d.get("enforced") is False:
+            gw["enforced"] = "no (shadow mode: enforce: false)"
+        if d.get("closed_by"):
+            gw["closed while held"] = d["closed_by"]
+        if ident.command:
+            gw["command"] = ident.command
+        if m.get("easgate.rule"):
+            gw["rule"] = m["easgate.rule"]
+        if m.get("easgate.answer"):
+            gw["answered with"] = m["easgate.answer"]
     elif m.get("easgate.refused"):
         gw["decision"] = f"refused: {m['easgate.refused']}"
     elif m.get("easgate.route"):

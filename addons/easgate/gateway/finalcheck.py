@@ -33,6 +33,10 @@ from mitmproxy import http
 
 from .respond import drop
 
+#: flow metadata of a request the gate decides on its body (ItemOperations under a command rule that
+#: refuses attachments): its allow is granted in the gate's `request` hook, not in `requestheaders`
+PENDING_KEY = "easgate.pending"
+
 logger = logging.getLogger("easgate.authz")
 
 _EXPECT = b"expect"  # mitmproxy removes Expect: 100-continue after requestheaders
@@ -125,6 +129,8 @@ class FinalCheck:
             if flow.response is not None or flow.error is not None:
                 self.gw.ledger.forget(flow)
                 return
+            if not last and PENDING_KEY in flow.metadata:
+                return  # decided on its body in the gate's `request` hook, checked again there (last)
             why = self.why_not(flow)
             if why is None:
                 if last:

@@ -13,10 +13,10 @@ scheme (Bearer, Negotiate, NTLM, ...) keeps its scheme name and gets the token `
 Nothing else in the flow changes: every other header, body, timestamp, connection record and
 metadata entry is written back as it was read.
 
-`wbxml` encodes ActiveSync XML as WBXML ([MS-ASWBXML]): the capture script builds the requests
-real clients send (Provision, FolderSync, Sync, Ping, SendMail...) with it. The token tables below
-are transcribed from [MS-ASWBXML] 2.1.2.1 for the tags the captures use; mitmproxy's built-in
-WBXML contentview (its own, independent tables) decodes them again, which the tests check.
+`wbxml` (from ``authz/wbxml.py``, re-exported here) encodes ActiveSync XML as WBXML ([MS-ASWBXML]):
+the capture script builds the requests real clients send (Provision, FolderSync, Sync, Ping,
+SendMail...) with it; mitmproxy's built-in WBXML contentview (its own, independent tables) decodes
+them again, which the tests check.
 """
 
 from __future__ import annotations
@@ -27,104 +27,9 @@ import binascii
 import sys
 from pathlib import Path
 
-# ---------------------------------------------------------------------------------------------
-# WBXML ([MS-ASWBXML])
+from ..authz.wbxml import CODE_PAGES, E, Element, wbxml
 
-SWITCH_PAGE, END, STR_I, OPAQUE = 0x00, 0x01, 0x03, 0xC3
-WITH_CONTENT = 0x40
-HEADER = bytes([0x03, 0x01, 0x6A, 0x00])  # WBXML 1.3, unknown public id, UTF-8, no string table
-
-#: code page -> (namespace, {tag: token}); [MS-ASWBXML] 2.1.2.1.x
-CODE_PAGES: dict[int, tuple[str, dict[str, int]]] = {
-    0: ("AirSync", {
-        "Sync": 0x05, "Responses": 0x06, "Add": 0x07, "Change": 0x08, "Delete": 0x09, "Fetch": 0x0A,
-        "SyncKey": 0x0B, "ClientId": 0x0C, "ServerId": 0x0D, "Status": 0x0E, "Collection": 0x0F,
-        "Class": 0x10, "CollectionId": 0x12, "GetChanges": 0x13, "MoreAvailable": 0x14,
-        "WindowSize": 0x15, "Commands": 0x16, "Options": 0x17, "FilterType": 0x18,
-        "Collections": 0x1C, "ApplicationData": 0x1D, "DeletesAsMoves": 0x1E, "MIMESupport": 0x22,
-    }),
-    2: ("Email", {"Subject": 0x14, "Read": 0x15, "To": 0x16, "From": 0x18, "DateReceived": 0x0F}),
-    7: ("FolderHierarchy", {
-        "DisplayName": 0x07, "ServerId": 0x08, "ParentId": 0x09, "Type": 0x0A, "Status": 0x0C,
-        "Changes": 0x0E, "Add": 0x0F, "SyncKey": 0x12, "FolderSync": 0x16, "Count": 0x17,
-    }),
-    13: ("Ping", {
-        "Ping": 0x05, "Status": 0x07, "HeartbeatInterval": 0x08, "Folders": 0x09, "Folder": 0x0A,
-        "Id": 0x0B, "Class": 0x0C, "MaxFolders": 0x0D,
-    }),
-    14: ("Provision", {
-        "Provision": 0x05, "Policies": 0x06, "Policy": 0x07, "PolicyType": 0x08, "PolicyKey": 0x09,
-        "Data": 0x0A, "Status": 0x0B, "EASProvisionDoc": 0x0D, "DevicePasswordEnabled": 0x0E,
-        "MinDevicePasswordLength": 0x14, "MaxInactivityTimeDeviceLock": 0x15,
-        "MaxDevicePasswordFailedAttempts": 0x16, "AllowSimpleDevicePassword": 0x18,
-        "RequireDeviceEncryption": 0x1D,
-    }),
-    17: ("AirSyncBase", {"BodyPreference": 0x05, "Type": 0x06, "TruncationSize": 0x07}),
-    18: ("Settings", {
-        "Status": 0x06, "Set": 0x08, "DeviceInformation": 0x16, "Model": 0x17, "IMEI": 0x18,
-        "FriendlyName": 0x19, "OS": 0x1A, "OSLanguage": 0x1B, "PhoneNumber": 0x1C,
-        "UserAgent": 0x20, "EnableOutboundSMS": 0x21, "MobileOperator": 0x22,
-    }),
-    21: ("ComposeMail", {
-        "SendMail": 0x05, "SmartForward": 0x06, "SmartReply": 0x07, "SaveInSentItems": 0x08,
-        "Source": 0x0B, "FolderId": 0x0C, "ItemId": 0x0D, "LongId": 0x0E, "InstanceId": 0x0F,
-        "Mime": 0x10, "ClientId": 0x11, "Status": 0x12,
-    }),
-}
-_TOKENS: dict[str, tuple[int, int]] = {
-    f"{ns}:{tag}": (page, token) for page, (ns, tags) in CODE_PAGES.items() for tag, token in tags.items()
-}
-
-#: An element: ("Namespace:Tag", child, child, ...); a child is an element, a str (inline
-#: string) or bytes (opaque data, e.g. the MIME of SendMail).
-Element = tuple
-
-
-def E(tag: str, *children) -> Element:
-    return (tag, *children)
-
-
-def _mb_uint32(n: int) -> bytes:
-    out = [n & 0x7F]
-    n >>= 7
-    while n:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    return bytes(reversed(out))
-
-
-def wbxml(root: Element) -> bytes:
-    """Encode one element tree as an ActiveSync WBXML document."""
-    out = bytearray(HEADER)
-    page = [0]
-
-    def emit(el: Element) -> None:
-        tag, *children = el
-        try:
-            p, token = _TOKENS[tag]
-        except KeyError:
-            raise ValueError(f"no WBXML token for {tag!r} (add it to CODE_PAGES)") from None
-        if p != page[0]:
-            out.extend((SWITCH_PAGE, p))
-            page[0] = p
-        if not children:
-            out.append(token)
-            return
-        out.append(token | WITH_CONTENT)
-        for c in children:
-            if isinstance(c, str):
-                out.append(STR_I)
-                out.extend(c.encode("utf-8") + b"\x00")
-            elif isinstance(c, (bytes, bytearray)):
-                out.append(OPAQUE)
-                out.extend(_mb_uint32(len(c)) + bytes(c))
-            else:
-                emit(c)  # may switch the page; END is the same on every page
-        out.append(END)
-
-    emit(root)
-    return bytes(out)
-
+__all__ = ["CODE_PAGES", "E", "Element", "wbxml", "read_flows", "redact_auth_value", "sanitize_file", "sanitize_flow"]
 
 # ---------------------------------------------------------------------------------------------
 # Sanitizing

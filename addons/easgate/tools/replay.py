@@ -77,6 +77,7 @@ from mitmproxy import ctx, exceptions, http
 
 from ..authz import identity
 from ..authz.audit import AuditLog
+from ..authz.policy import PolicyError, PolicyStore
 from ..core.errors import ConfigError
 from ..core.net import parse_port, split_hostport
 from ..gateway.authorize import ActiveSyncGate
@@ -400,20 +401,21 @@ def _gateway_addons():
 
 async def run_offline(paths: list[Path], config: Path, *, cert_time: str = "capture", strict: bool = False,
                       verbosity: str = "warn", audit_log: Path | None = None,
-                      call_connector: bool = False) -> list[Result]:
+                      call_connector: bool = False, policy: Path | None = None) -> list[Result]:
     """Replay each capture file through a fresh gateway (its own decision cache, as when it was
-    recorded); returns one Result per HTTP flow."""
+    recorded); returns one Result per HTTP flow. `policy`: decide with this policy file instead of
+    the config's (what-if)."""
     results: list[Result] = []
     for p in paths:
         for r in await _offline_one(p, config, cert_time=cert_time, strict=strict, verbosity=verbosity,
-                                    audit_log=audit_log, call_connector=call_connector):
+                                    audit_log=audit_log, call_connector=call_connector, policy=policy):
             r.capture = str(p)
             results.append(r)
     return results
 
 
 async def _offline_one(path: Path, config: Path, *, cert_time: str, strict: bool, verbosity: str,
-                       audit_log: Path | None, call_connector: bool) -> list[Result]:
+                       audit_log: Path | None, call_connector: bool, policy: Path | None = None) -> list[Result]:
     from mitmproxy import io, master, options
     from mitmproxy.addons import termlog
 
@@ -429,6 +431,9 @@ async def _offline_one(path: Path, config: Path, *, cert_time: str, strict: bool
                     easgate_replay_cert_time=cert_time, easgate_replay_strict=strict,
                     easgate_replay_audit=str(audit_log) if audit_log else "",
                     easgate_replay_connector=call_connector)
+        if policy is not None:
+            gate = next(a for a in gw.addons if isinstance(a, ActiveSyncGate))
+            gate.policy = PolicyStore(policy)
         await m.running()
         try:
             with open(path, "rb") as f:
@@ -627,6 +632,55 @@ def summary(results: list[Result], *, live: bool = False) -> tuple[str, int]:
     return f"{len(results)} flows: {len(results) - n - unrecorded} as recorded, {n} differ{extra}", n
 
 
+@dataclass
+class Change:
+    """One request whose decision a new policy changes."""
+
+    capture: str
+    index: int
+    user: str | None
+    device: str | None
+    command: str | None
+    before: Outcome
+    after: Outcome
+
+    def as_dict(self) -> dict:
+        return {"capture": self.capture, "index": self.index, "user": self.user, "device": self.device,
+                "command": self.command, "before": self.before.as_dict(), "after": self.after.as_dict()}
+
+    def line(self) -> str:
+        return (f"{self.capture} #{self.index}  user={self.user or '-'} device={self.device or '-'} "
+                f"command={self.command or '-'}: {self.before.describe()} -> {self.after.describe()}  "
+                f"rule: {self.after.reason or '-'} (was: {self.before.reason or '-'})")
+
+
+def what_if(before: list[Result], after: list[Result]) -> list[Change]:
+    """The requests whose route or decision differs between two replays of the same captures."""
+    changes = []
+    for b, a in zip(before, after, strict=True):
+        if (b.replayed.route, b.replayed.decision) != (a.replayed.route, a.replayed.decision):
+            changes.append(Change(a.capture, a.index, a.user, a.device, a.command, b.replayed, a.replayed))
+    return changes
+
+
+def _what_if(args, paths: list[Path], verbosity: str) -> int:
+    new = Path(args.policy)
+    try:
+        PolicyStore(new)
+    except PolicyError as e:
+        print(f"easgate replay: --policy {new}: {e}", file=sys.stderr)
+        return 2
+    before = asyncio.run(run_offline(paths, Path(args.config), cert_time=args.cert_time, verbosity=verbosity))
+    after = asyncio.run(run_offline(paths, Path(args.config), cert_time=args.cert_time, verbosity=verbosity,
+                                    policy=new))
+    changes = what_if(before, after)
+    for c in changes:
+        print(json.dumps(c.as_dict(), ensure_ascii=False) if args.json else c.line())
+    print(f"{len(after)} requests replayed with {new} instead of the config's policy: "
+          f"{len(changes)} decisions would change", file=sys.stderr if args.json else sys.stdout)
+    return 1 if changes else 0
+
+
 def _target(value: str) -> tuple[str, int]:
     try:
         host, port = split_hostport(value)
@@ -645,6 +699,9 @@ def cmd_replay(args) -> int:
             return 2
     verbosity = "info" if args.verbose else "warn"
     live = args.target is not None
+    if live and args.policy:
+        print("easgate replay: --policy replays offline (with --config), not against --target", file=sys.stderr)
+        return 2
     try:
         if live:
             results = asyncio.run(run_live(paths, args.target, cafile=args.cafile, client_certs=args.client_certs,
@@ -659,6 +716,8 @@ def cmd_replay(args) -> int:
             except ConfigError as e:
                 print(f"easgate: config error: {e}", file=sys.stderr)
                 return 2
+            if args.policy:  # the per-flow "differs from the capture" lines are not the question here
+                return _what_if(args, paths, verbosity if args.verbose else "error")
             results = asyncio.run(run_offline(paths, Path(args.config), cert_time=args.cert_time,
                                               strict=args.strict, verbosity=verbosity, audit_log=args.audit_log,
                                               call_connector=args.connector))
@@ -695,6 +754,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--connector", action="store_true",
                    help="offline: call the config's connector (default: reuse its answers recorded in the capture; "
                         "a call records the device as seen)")
+    s.add_argument("--policy", metavar="NEW.yaml",
+                   help="what-if: replay with the config's policy and with this one instead; list every decision "
+                        "that would change (device, command, before, after, rule); exit 1 if any")
     s.add_argument("--json", action="store_true", help="one JSON object per flow instead of the table")
     s.add_argument("-v", "--verbose", action="store_true", help="show the gateway's log")
     s.add_argument("--target", type=_target, metavar="HOST:PORT",

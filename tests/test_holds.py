@@ -1,0 +1,271 @@
+"""Blocks that reach requests already held: a Ping held by Exchange ends within 5 s when its device's
+decision turns to deny (a revocation on every worker, a policy reload, a re-authorization at
+allow_ttl_s that the connector now answers with Deny). Real gateway processes, 2 workers, a real
+stand-in Exchange holding the Pings, real TLS clients."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_mitmweb import start_web
+
+from easgate.authz.audit import AuditLog
+from easgate.authz.policy import PolicyStore
+from easgate.authz.revocations import RevocationFile, append
+from easgate.connector.service import ConnectorService, ConnectorThread
+from easgate.connector.store import Inventory
+from easgate.tools.standins import ExchangeStandIn
+
+import conftest
+from conftest import GatewayProcess, easgate_argv, request
+from doccommands import covers, doc_command
+
+IPHONE = "ApplF17ABCDEF01"
+POLICY = {"mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice", "compliant": True}]}
+BASIC = {"Authorization": "Basic " + base64.b64encode(b"CONTOSO\\alice:pw").decode(), "MS-ASProtocolVersion": "16.1"}
+PING = f"/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId={IPHONE}&DeviceType=iPhone"
+SYNC = f"/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId={IPHONE}&DeviceType=iPhone"
+CONNECT = re.compile(r"^\[w(\d+)\]\[[\d:.]+\]\[127\.0\.0\.1:(\d+)\] client connect")
+BOUND_S = 5.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+REVOKE_DOC = ("docs/scaling.md", 'easgate revoke gateway.yaml alice ApplF17ABCDEF01 --reason "phone reported lost"')
+
+
+def documented_revoke() -> list[str]:
+    """The `easgate revoke` command of docs/scaling.md, as written (run with this suite's easgate)."""
+    argv = shlex.split(doc_command(*REVOKE_DOC))
+    return [str(Path(sys.executable).parent / argv[0]), *argv[1:]]
+
+
+def wait_for(pred, timeout: float, what: str, g: GatewayProcess | None = None):
+    deadline = time.monotonic() + timeout
+    while not (v := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n" + (g.output if g else ""))
+        time.sleep(0.05)
+    return v
+
+
+def audit(tmp_path: Path) -> list[dict]:
+    p = tmp_path / "audit.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+@pytest.fixture
+def holding_exchange(pki):
+    ex = ExchangeStandIn("holding-exchange", tls=(pki / "exchange.pem", pki / "exchange.key"), hold_s=60).start()
+    yield ex
+    ex.stop()
+
+
+class HeldPing:
+    """One Ping on its own connection, in a thread; records when and how it ended."""
+
+    def __init__(self, port: int, pki: Path) -> None:
+        self.port = port
+        self.conn = conftest.https_connection(port, pki, timeout=90)
+        self.local_port = self.conn.sock.getsockname()[1]
+        self.ended: float | None = None
+        self.outcome: object = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.outcome = request(self.port, "POST", PING, None, headers=BASIC, body=b"\x03\x01\x6a\x00", conn=self.conn).status
+        except Exception as e:  # noqa: BLE001 - a reset is the expected end
+            self.outcome = type(e).__name__
+        self.ended = time.monotonic()
+
+
+def start(cfg: dict, tmp_path: Path, workers: int) -> GatewayProcess:
+    path = conftest.write_config(tmp_path, cfg)
+    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", str(workers)))
+    g.wait_ready(30)
+    if workers > 1:
+        g.wait_output("workers serving", 30)
+    return g
+
+
+def hold_pings_on_every_worker(g: GatewayProcess, pki: Path, exchange, workers: int) -> list[HeldPing]:
+    """Open held Pings until each worker holds at least one (SO_REUSEPORT spreads connections)."""
+    pings: list[HeldPing] = []
+    for _ in range(24):
+        pings.append(HeldPing(g.port, pki))
+        wait_for(lambda: len([r for r in exchange.requests() if "Cmd=Ping" in r["path"]]) == len(pings), 10,
+                 "the Ping at Exchange", g)
+        served = {int(m[2]): int(m[1]) for line in list(g.lines) if (m := CONNECT.search(line))}
+        if workers == 1 or {served.get(p.local_port) for p in pings} >= set(range(1, workers + 1)):
+            return pings
+    raise AssertionError("the connections never reached every worker\n" + g.output)
+
+
+def assert_all_end_within(pings: list[HeldPing], t0: float, g: GatewayProcess) -> None:
+    for p in pings:
+        p.thread.join(max(0.1, t0 + BOUND_S + 2 - time.monotonic()))
+    ended = [(p.outcome, round(p.ended - t0, 2) if p.ended else None) for p in pings]
+    assert all(p.ended is not None and p.ended - t0 < BOUND_S for p in pings), f"{ended}\n{g.output}"
+    assert all(p.outcome != 200 for p in pings), ended  # cut, not answered by Exchange
+
+
+@covers(*REVOKE_DOC)
+def test_revoke_closes_held_pings_on_every_worker(pki, holding_exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=POLICY,
+                                revocations=str(tmp_path / "revocations.jsonl"))
+    g = start(cfg, tmp_path, workers=2)
+    try:
+        pings = hold_pings_on_every_worker(g, pki, holding_exchange, 2)
+        t0 = time.monotonic()
+        p = subprocess.run(documented_revoke(), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        assert_all_end_within(pings, t0, g)
+        closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"]
+                          if len([a for a in audit(tmp_path) if a.get("event") == "held request closed"]) == len(pings)
+                          else None, 5, "the audit lines", g)
+        assert {(a["trigger"], a["reason"], a["source"], a["command"]) for a in closed} == {
+            ("revocation", "revoked: phone reported lost", "revoked", "Ping")}
+        # new requests of that device are denied on every worker, before lists and cache
+        for _ in range(4):
+            assert request(g.port, "POST", SYNC, pki, headers=BASIC).status == 403
+        assert audit(tmp_path)[-1]["source"] == "revoked"
+        # and a restore lets it back in
+        subprocess.run(easgate_argv("revoke", str(tmp_path / "gateway.yaml"), "alice", IPHONE, "--restore"),
+                       check=True, capture_output=True, timeout=30)
+        wait_for(lambda: all(request(g.port, "POST", SYNC, pki, headers=BASIC).status == 200 for _ in range(4)),
+                 5, "the restore", g)
+    finally:
+        g.stop()
+
+
+def test_policy_reload_closes_a_held_ping(pki, holding_exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=POLICY)
+    g = start(cfg, tmp_path, workers=2)
+    try:
+        pings = hold_pings_on_every_worker(g, pki, holding_exchange, 2)
+        t0 = time.monotonic()
+        changed = dict(POLICY, inventory=[dict(POLICY["inventory"][0], compliant=False)])
+        (tmp_path / "policy.new").write_text(yaml.safe_dump(changed))
+        (tmp_path / "policy.new").replace(tmp_path / "policy.yaml")  # a policy is replaced, not edited in place
+        assert_all_end_within(pings, t0, g)
+        closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5, "audit", g)
+        assert closed[0]["trigger"] == "policy reload" and "not compliant" in closed[0]["reason"], closed
+    finally:
+        g.stop()
+
+
+def test_held_ping_is_reauthorized_every_allow_ttl_and_closed_when_the_connector_says_deny(
+        pki, holding_exchange, mdm, tmp_path, connector):
+    connector.allowed = {IPHONE}
+    cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, connector=connector,
+                                cache={"allow_ttl_s": 1, "deny_ttl_s": 1})
+    g = start(cfg, tmp_path, workers=1)
+    try:
+        ping = HeldPing(g.port, pki)
+        wait_for(lambda: any("Cmd=Ping" in r["path"] for r in holding_exchange.requests()), 10, "the Ping", g)
+        # re-authorized while the connector still allows it: the Ping stays
+        wait_for(lambda: len(connector.calls) >= 3, 10, "re-authorizations", g)
+        assert ping.ended is None
+        t0 = time.monotonic()
+        connector.allowed = set()  # the operator blocks the device in the MDM
+        assert_all_end_within([ping], t0, g)
+        closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5, "audit", g)
+        assert closed[0]["trigger"] == "re-authorization" and closed[0]["source"] == "connector"
+    finally:
+        g.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The revocation file
+
+
+def test_revocation_file_follows_appends_restores_and_replacement(tmp_path):
+    path = tmp_path / "rev.jsonl"
+    rf = RevocationFile(path)
+    assert rf.poll() == [] and rf.lookup("alice", IPHONE) is None  # no file yet
+    append(path, "alice", IPHONE, "lost")
+    new = rf.poll()
+    assert [(r.user, r.device_id, r.reason) for r in new] == [("alice", IPHONE, "lost")]
+    assert rf.lookup("CONTOSO\\alice", IPHONE.lower()) is not None  # bare user matches any form
+    assert rf.lookup("bob", IPHONE) is None
+    with open(path, "ab") as f:  # a half-written line waits for its end; junk is skipped
+        f.write(b"not json\n{\"action\": \"revoke\", \"user\": null, \"device_id\": \"Andr1\"")
+    assert rf.poll() == []
+    with open(path, "ab") as f:
+        f.write(b", \"reason\": \"stolen\"}\n")
+    assert [r.device_id for r in rf.poll()] == ["Andr1"] and rf.lookup("anyone", "ANDR1") is not None
+    append(path, "alice", IPHONE, "", action="restore")
+    rf.poll()
+    assert rf.lookup("alice", IPHONE) is None
+    path.unlink()
+    append(path, "bob", "X1", "new file")  # replaced: read from the start, the old state is gone
+    rf.poll()
+    assert rf.lookup("anyone", "Andr1") is None and rf.lookup("bob", "X1") is not None
+
+
+def test_revoke_without_a_revocations_file_is_one_line(pki, exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, policy=POLICY)
+    path = conftest.write_config(tmp_path, cfg)
+    p = subprocess.run(easgate_argv("revoke", str(path), "alice", IPHONE), capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "authorization.revocations is not set" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_operators_block_in_the_connector_closes_held_pings_on_every_worker(pki, holding_exchange, mdm, tmp_path):
+    # the real connector service over HTTP, its SQLite inventory, and `easgate devices block` as an operator runs it
+    db = tmp_path / "devices.db"
+    inv = Inventory(db)
+    inv.import_file(ROOT / "policies" / "demo-inventory.csv")
+    (tmp_path / "cpolicy.yaml").write_text("mode: block\n")
+    svc = ConnectorThread(ConnectorService(inv, PolicyStore(tmp_path / "cpolicy.yaml"),
+                                           AuditLog(tmp_path / "decisions.jsonl"))).start()
+    try:
+        cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=None, revocations="revocations.jsonl")
+        cfg["authorization"]["connector"] = {"url": f"http://127.0.0.1:{svc.port}/services/ActiveSync/Authorize",
+                                             "timeout_ms": 2000}
+        g = start(cfg, tmp_path, workers=2)
+        try:
+            pings = hold_pings_on_every_worker(g, pki, holding_exchange, 2)
+            t0 = time.monotonic()
+            p = subprocess.run(easgate_argv("devices", "--db", str(db), "block", IPHONE,
+                                            "--revocations", str(tmp_path / "revocations.jsonl")),
+                               capture_output=True, text=True, timeout=30)
+            assert p.returncode == 0 and "revoked in" in p.stdout, p.stdout + p.stderr
+            assert_all_end_within(pings, t0, g)
+            closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5,
+                              "audit", g)
+            assert {a["reason"] for a in closed} == {"revoked: blocked in the connector inventory"}
+        finally:
+            g.stop()
+    finally:
+        svc.stop()
+
+
+def test_easgate_revoke_from_mitmwebs_command_bar_closes_the_held_ping(pki, holding_exchange, mdm, tmp_path):
+    # without a revocation file the command acts in its own process: mitmweb is always one process
+    cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=POLICY)
+    proc, w = start_web(conftest.write_config(tmp_path, cfg))
+    try:
+        ping = HeldPing(proc.port, pki)
+        wait_for(lambda: any("Cmd=Ping" in r["path"] for r in holding_exchange.requests()), 10, "the Ping", proc)
+        t0 = time.monotonic()
+        out = w.command("easgate.revoke", "alice", IPHONE)
+        assert out == f"revoked alice on {IPHONE}: this process only (no authorization.revocations file configured)"
+        assert_all_end_within([ping], t0, proc)
+        flow = wait_for(lambda: next((f for f in w.flows() if "Cmd=Ping" in f["request"]["path"]
+                                      and f["comment"].startswith("closed")), None), 5, "the flow's comment", proc)
+        assert "by revocation: deny: revoked: easgate.revoke [revoked]" in flow["comment"]
+        assert request(proc.port, "POST", SYNC, pki, headers=BASIC).status == 403
+    finally:
+        proc.stop()
