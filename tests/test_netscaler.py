@@ -506,3 +506,12 @@ def test_poc_imports_checks_and_behaves_like_netscaler(pki, exchange, mdm, conne
     assert with_cert.json()["NSClientCert"] == cert_b64_der(load_cert(pki / "device-iphone.pem"))
     without = request(g.port, "GET", "/zdm/enroll", pki, headers={"NSClientCert": "forged"})
     assert without.status == 200 and without.json()["NSClientCert"] is None
+
+
+def test_a_public_ip_of_every_address_keeps_the_lb_vserver_reports(tmp_path):
+    """`--set PUBLIC-IP=0.0.0.0` (listen on every address) must not hide that the MDM lb vservers
+    listen on their own ports (lines 10 and 11 of the PoC): 0.0.0.0 with a port is addressable."""
+    r = subprocess.run([sys.executable, "-m", "easgate.cli", "import-netscaler", str(POC), "--set", "PUBLIC-IP=0.0.0.0"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    for line in (10, 11):
+        assert f":{line}:" in r.stderr and "listens on its own address 0.0.0.0" in r.stderr, r.stderr

@@ -32,7 +32,10 @@ class LbVserver:
 
     @property
     def addressable(self) -> bool:
-        return bool(self.ip) and self.ip not in ("0", "0.0.0.0", "::") and self.port not in (None, "0")
+        """Clients can reach it directly. NetScaler's non-addressable vserver has no IP and port, or
+        `0.0.0.0 0`; with a real port, 0.0.0.0 is every address (which is what `--set
+        PUBLIC-IP=0.0.0.0` means), not none."""
+        return bool(self.ip) and self.ip != "0" and self.port not in (None, "0")
 
 
 @dataclass(slots=True)
