@@ -16,9 +16,6 @@ import tempfile
 from pathlib import Path
 
 from mitmproxy import version as mitmproxy_version
-from mitmproxy.tools import cmdline
-from mitmproxy.tools import main as mitm_main
-from mitmproxy.tools.web.master import WebMaster
 
 from . import __version__
 from .authz.revocations import append as append_revocation
@@ -300,6 +297,12 @@ def metrics_option(mitmproxy_args: list[str]) -> str | None:
 
 def cmd_web(args) -> int:
     _validate(args.config)
+    # mitmweb's master (tornado and the web UI) is imported only for `easgate web`: every other
+    # command, the NetScaler import of a large file above all, would carry its ~30 MB for nothing
+    from mitmproxy.tools import cmdline
+    from mitmproxy.tools import main as mitm_main
+    from mitmproxy.tools.web.master import WebMaster
+
     class GatewayWebMaster(WebMaster):
         def __init__(self, options, *a, **kw) -> None:
             super().__init__(options, *a, **kw)
