@@ -17,9 +17,11 @@ from easgate.authz import cache as cache_mod
 from easgate.authz import engine as engine_mod
 from easgate.authz import identity as identity_mod
 from easgate.authz import policy as policy_mod
+from easgate.core.errors import ConfigError
 from easgate.gateway import audittrail as audittrail_mod
 from easgate.gateway import xnc
 from easgate.gateway.chain import make_addons
+from easgate.gateway.config import load_config
 
 from conftest import base_config
 
@@ -371,3 +373,24 @@ def test_a_ticket_key_file_of_the_wrong_size_is_a_one_line_config_error(tmp_path
         load_config(tmp_path / "g.yaml")
     assert "tls.session_ticket_key" in str(e.value) and "48 bytes, not 80" in str(e.value)
     assert "openssl rand 80 >" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_that_fails_to_load_leaves_every_part_on_the_old_one(tmp_path, pki):
+    """Build all, then swap: a new config whose policy (built late in the chain) is broken changes
+    nothing, not the routes, certificate state or pools that were built before it."""
+    gw = make_addons()[0]
+    old = load_config(_cfg(tmp_path, pki))
+    gw.apply(old)
+    router, context, by_address = gw.switch.router, gw.tls.context, gw.upstreams.by_address
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    new = yaml.safe_load(_cfg(new_dir, pki).read_text())
+    new["routes"] = list(reversed(new["routes"]))  # other routes ...
+    new["pools"]["mdm"]["servers"] = ["http://127.0.0.1:9999"]  # ... other pools ...
+    (new_dir / "policy.yaml").write_text("mode: [broken\n")  # ... and a policy that does not load
+    (new_dir / "gw.yaml").write_text(yaml.safe_dump(new))
+    with pytest.raises(ConfigError, match="policy"):
+        gw.apply(load_config(new_dir / "gw.yaml"))
+    assert gw.config is old
+    assert gw.switch.router is router and gw.tls.context is context and gw.upstreams.by_address is by_address
+    assert ("127.0.0.1", 9999) not in gw.upstreams.by_address

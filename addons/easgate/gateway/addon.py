@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import difflib
+import functools
 import logging
 import re
+from collections.abc import Callable
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net import tls as net_tls
 from mitmproxy.proxy import mode_specs
 from OpenSSL import SSL
 
+from ..core import keys
 from ..core.errors import ConfigError
 from ..core.net import parse_listen
 from ..core.paths import normalize_path
@@ -31,7 +34,7 @@ from .finalcheck import Ledger
 from .http1 import StrictRequests
 from .proxyproto import ProxyProtocol
 from .respond import answer, drop
-from .routing import ROUTE_KEY, Balancer, Router, request_view
+from .routing import Balancer, Router, request_view
 from .tls import TlsOffload
 
 logger = logging.getLogger("easgate")
@@ -162,13 +165,22 @@ class Gateway:
         self._rolling_back = True
 
     def apply(self, cfg: GatewayConfig) -> None:
-        """Build every sub-addon's state from cfg; the first error stops the whole load."""
+        """Build every sub-addon's state from cfg, then swap them all in: a part that fails to build
+        (a certificate, a policy, a pool) leaves every part on the old config.
+
+        Parts whose building can fail offer `prepare(cfg)`, which builds aside and returns the swap;
+        the others' `apply(cfg)` only assigns and runs in the swap phase."""
+        swaps: list[Callable[[], None]] = []
         for addon in self.addons:
-            if hasattr(addon, "apply"):
-                try:
-                    addon.apply(cfg)
-                except ConfigError as e:
-                    raise ConfigError(cfg.path, e.key, e.problem, e.fix) from None
+            try:
+                if hasattr(addon, "prepare"):
+                    swaps.append(addon.prepare(cfg))
+                elif hasattr(addon, "apply"):
+                    swaps.append(functools.partial(addon.apply, cfg))
+            except ConfigError as e:
+                raise ConfigError(cfg.path, e.key, e.problem, e.fix) from None
+        for swap in swaps:
+            swap()
         self.config = cfg
 
     def _enforce(self) -> None:
@@ -214,13 +226,16 @@ class ContentSwitch:
         self.pools: dict[str, Pool] = {}
         self.counts: dict[str, int] = {}
 
+    def prepare(self, cfg: GatewayConfig) -> Callable[[], None]:
+        router, balancer = Router(cfg), Balancer(cfg.pools)
+        counts = {r.name: 0 for r in cfg.routes} | {"(none)": 0, "(refused)": 0}
+
+        def swap() -> None:
+            self.router, self.balancer, self.pools, self.counts = router, balancer, cfg.pools, counts
+        return swap
+
     def apply(self, cfg: GatewayConfig) -> None:
-        self.router = Router(cfg)
-        self.balancer = Balancer(cfg.pools)
-        self.pools = cfg.pools
-        self.counts = {r.name: 0 for r in cfg.routes}
-        self.counts["(none)"] = 0
-        self.counts["(refused)"] = 0
+        self.prepare(cfg)()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
@@ -229,14 +244,14 @@ class ContentSwitch:
         if flow.live and (why := tls.refuse_reason(flow.client_conn)):
             logger.warning(f"client {flow.client_conn.peername[0]}: connection refused: {why}")
             self.counts["(refused)"] += 1
-            flow.metadata["easgate.refused"] = why
+            flow.metadata[keys.REFUSED] = why
             flow.comment = f"refused: {why}"
             drop(flow)
             return
         verdict = tls.verdict(flow.client_conn)
-        flow.metadata["easgate.client_cert"] = verdict.as_dict()
+        flow.metadata[keys.CLIENT_CERT] = verdict.as_dict()
         if why := bad_host(flow.request):
-            flow.metadata[ROUTE_KEY] = None
+            flow.metadata[keys.ROUTE] = None
             answer(flow, http.Response.make(400, f"{why}\n".encode(), {"Content-Type": "text/plain"}))
             flow.comment = f"bad request: {why}"
             return
@@ -259,13 +274,13 @@ class ContentSwitch:
         route = self.router.select(rv, flow)
         if route is None:
             self.counts["(none)"] += 1
-            flow.metadata[ROUTE_KEY] = None
+            flow.metadata[keys.ROUTE] = None
             answer(flow, http.Response.make(
                 404, b"No route for this request on this gateway.\n", {"Content-Type": "text/plain"}))
             flow.comment = "no route: 404"
             return
         self.counts[route.name] += 1
-        flow.metadata[ROUTE_KEY] = route.name
+        flow.metadata[keys.ROUTE] = route.name
         pool = self.pools[route.pool]
         self.point(flow, pool, self.balancer.pick(pool))
         self.gw.ledger.routed(flow, route.name)
@@ -282,12 +297,12 @@ class ContentSwitch:
         # naming the internal upstream: send origin-form.
         req.data.authority = b""
         # The Host the client addressed, whatever the upstream gets: redirects point back at it.
-        flow.metadata.setdefault("easgate.client_host", req.host_header or "")
+        flow.metadata.setdefault(keys.CLIENT_HOST, req.host_header or "")
         if pool.host_header == "upstream":
             req.host_header = server.authority
         elif pool.host_header != "client":
             req.host_header = pool.host_header
-        flow.metadata["easgate.upstream"] = server.url
+        flow.metadata[keys.UPSTREAM] = server.url
 
 
 _AUTHORITY = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
@@ -312,7 +327,7 @@ class UpstreamPools:
         self.by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
 
-    def apply(self, cfg: GatewayConfig) -> None:
+    def prepare(self, cfg: GatewayConfig) -> Callable[[], None]:
         by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
         for pool in cfg.pools.values():
             for s in pool.servers:
@@ -323,7 +338,13 @@ class UpstreamPools:
                                       f"{s.host}:{s.port} is also in pool {other[0].name} with other TLS settings",
                                       "use the same scheme/ca/sni/verify for one server, or one pool")
                 by_address[(s.host, s.port)] = (pool, s)
-        self.by_address = by_address
+
+        def swap() -> None:
+            self.by_address = by_address
+        return swap
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        self.prepare(cfg)()
 
     def server_connect(self, data) -> None:
         addr = data.server.address
@@ -351,11 +372,11 @@ class UpstreamPools:
         """The request is going upstream: start its response timer."""
         if flow.response or flow.error or not flow.live:
             return
-        name = flow.metadata.get(ROUTE_KEY)
+        name = flow.metadata.get(keys.ROUTE)
         if not name:
             return
         pool = self.gw.config.pools[self.gw.config.route(name).pool]
-        cmd = (flow.metadata.get("easgate.identity") or {}).get("command") or flow.request.query.get("Cmd")
+        cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command") or flow.request.query.get("Cmd")
         timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
         # kept off flow.metadata, which is saved with the flow
         self.timers[flow.id] = asyncio.get_running_loop().call_later(

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Callable
 
 from mitmproxy import command, ctx
 
@@ -32,12 +33,18 @@ class AuditTrail:
         self.log = AuditLog(None)
         self._sighup = False
 
-    def apply(self, cfg: GatewayConfig) -> None:
+    def prepare(self, cfg: GatewayConfig) -> Callable[[], None]:
         a = cfg.audit
         log = AuditLog(cfg.audit_log, on_error=a.on_error, queue_lines=a.queue_lines,
                        max_value_chars=a.max_value_chars, write_timeout_s=a.write_timeout_ms / 1000)
-        old, self.log = self.log, log
-        old.close()
+
+        def swap() -> None:
+            old, self.log = self.log, log
+            old.close()
+        return swap
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        self.prepare(cfg)()
 
     def running(self) -> None:
         if getattr(ctx.master, "easgate_sighup_reloads", False):

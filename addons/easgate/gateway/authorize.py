@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -41,25 +42,19 @@ from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
 from ..authz.revocations import RevocationFile
 from ..authz.revocations import append as append_revocation
+from ..core import keys
 from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
 from .config import Authorization, GatewayConfig
-from .finalcheck import PENDING_KEY  # decided on the body in `request` (ItemOperations under an attachments rule)
 from .holds import Held, HeldRequests
 from .respond import answer, drop
-from .routing import ROUTE_KEY
 from .sharedcache import SharedCache
 from .xnc import ConnectorClient, ConnectorError, to_decision
 
 logger = logging.getLogger("easgate.authz")
 
-DECISION_KEY = "easgate.decision"
-IDENTITY_KEY = "easgate.identity"
-ANSWER_KEY = "easgate.answer"
-RULE_KEY = "easgate.rule"  # the command rule that applied to the request
-RETRY_KEY = "easgate.retry_after"
 MAX_CHECKED_BODY = 64 * 1024  # an ItemOperations request is a few hundred bytes; larger is refused
 RELOAD_INTERVAL_S = 2.0
 HOLD_TICK_S = 0.5  # revocations are read and held requests re-checked this often (the 5 s bound)
@@ -125,7 +120,8 @@ class ActiveSyncGate:
 
     # -- configuration --------------------------------------------------------------------
 
-    def apply(self, cfg: GatewayConfig) -> None:
+    def prepare(self, cfg: GatewayConfig) -> Callable[[], None]:
+        """Load the policy and the revocations aside (what can fail); the swap builds the rest."""
         auth = cfg.authorization
         policy = None
         if auth and auth.policy:
@@ -133,6 +129,14 @@ class ActiveSyncGate:
                 policy = PolicyStore(auth.policy, prepare=self._compact, retire=policyload.release)
             except PolicyError as e:
                 raise ConfigError(cfg.path, "authorization.policy", str(e), "fix the policy file")
+        revocations = RevocationFile(auth.revocations if auth else None)
+        revocations.poll()  # revoked devices stay revoked across restarts
+        return functools.partial(self._swap, auth, policy, revocations)
+
+    def apply(self, cfg: GatewayConfig) -> None:
+        self.prepare(cfg)()
+
+    def _swap(self, auth, policy: PolicyStore | None, revocations: RevocationFile) -> None:
         if self.connector:
             self.connector.close()
         self.auth, self.policy = auth, policy
@@ -151,8 +155,6 @@ class ActiveSyncGate:
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
         self.limiter = RateLimiter(auth.commands.rate_limits if auth else ())
-        revocations = RevocationFile(auth.revocations if auth else None)
-        revocations.poll()  # revoked devices stay revoked across restarts
         self.revocations = revocations
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
@@ -275,7 +277,7 @@ class ActiveSyncGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        name = flow.metadata.get(ROUTE_KEY)
+        name = flow.metadata.get(keys.ROUTE)
         if not name or self.gw.config.route(name).authorize != "activesync":
             return
         start = time.perf_counter()
@@ -284,10 +286,10 @@ class ActiveSyncGate:
         except Exception as e:  # any fault while deciding is a deny, never a pass
             self._internal_error(e)
             ident, decision = None, INTERNAL_ERROR
-        if decision.allow and PENDING_KEY in flow.metadata:
+        if decision.allow and keys.PENDING in flow.metadata:
             decision = self.await_body(flow)
             if decision is None:  # the rest of the decision is made on the body, in `request`
-                flow.metadata[PENDING_KEY] = (ident, start)
+                flow.metadata[keys.PENDING] = (ident, start)
                 return
         seconds = time.perf_counter() - start
         await self.enforce(flow, ident, decision, seconds * 1000)
@@ -296,7 +298,7 @@ class ActiveSyncGate:
 
     def await_body(self, flow: http.HTTPFlow) -> Decision | None:
         """None if the body will be read whole and decided on; else the deny that it can't be."""
-        rule = flow.metadata[PENDING_KEY]
+        rule = flow.metadata[keys.PENDING]
         length = flow.request.headers.get("content-length", "")
         if flow.request.stream or not length.isdigit():
             return Decision(False, f"ItemOperations body without Content-Length cannot be checked for "
@@ -307,10 +309,10 @@ class ActiveSyncGate:
         return None
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        pending = flow.metadata.get(PENDING_KEY)
+        pending = flow.metadata.get(keys.PENDING)
         if not isinstance(pending, tuple) or flow.response or flow.error:
             return
-        del flow.metadata[PENDING_KEY]
+        del flow.metadata[keys.PENDING]
         ident, start = pending
         try:
             d = self.body_decision(flow)
@@ -323,7 +325,7 @@ class ActiveSyncGate:
 
     def body_decision(self, flow: http.HTTPFlow) -> Decision:
         """ItemOperations under a rule refusing attachments: allow unless it fetches a FileReference."""
-        rule = flow.metadata.get(RULE_KEY)
+        rule = flow.metadata.get(keys.RULE)
         body = flow.request.raw_content or b""
         if len(body) > MAX_CHECKED_BODY:
             return Decision(False, f"ItemOperations body over {MAX_CHECKED_BODY} bytes (command rule {rule})", Source.COMMAND)
@@ -343,7 +345,7 @@ class ActiveSyncGate:
 
     def enforced(self, flow: http.HTTPFlow) -> bool:
         """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
-        name = flow.metadata.get("easgate.route")
+        name = flow.metadata.get(keys.ROUTE)
         return not name or self.gw.config.route(name).enforce
 
     async def decide(self, flow: http.HTTPFlow, count: bool = True) -> tuple[identity.Identity | None, Decision]:
@@ -360,18 +362,18 @@ class ActiveSyncGate:
         if rules.rules:
             rule = rules.rule_for(ident.user, ident.device_type, ident.user_agent, self.device_state(ident))
         if rule is not None:
-            flow.metadata[RULE_KEY] = rule.name
+            flow.metadata[keys.RULE] = rule.name
             deny = rules.check(rule, ident.command)
             if deny is not None:
                 return deny
             if ident.command == "ItemOperations" and rule.checks_attachments:
-                flow.metadata[PENDING_KEY] = rule.name
+                flow.metadata[keys.PENDING] = rule.name
         if count and rules.rate_limits:
             hit = self.limiter.hit(cache_key(ident.user, ident.device_id), ident.command)
             if hit is not None:
                 lim, wait = hit
-                flow.metadata[RULE_KEY] = lim.name
-                flow.metadata[RETRY_KEY] = wait
+                flow.metadata[keys.RULE] = lim.name
+                flow.metadata[keys.RETRY_AFTER] = wait
                 return Decision(False, f"rate limit {lim.name}: over {lim.requests} requests in {lim.per_s:g}s; "
                                        f"retry after {wait}s", Source.RATE_LIMIT)
         return d
@@ -409,7 +411,7 @@ class ActiveSyncGate:
         ident, why = await self.principal.establish(
             ident, req.headers.get_all("authorization"),
             base64.b64decode(cert.der_b64) if cert.verified and cert.der_b64 else None, cert.reason,
-            self.gw.config.route(flow.metadata[ROUTE_KEY]).device_binding)
+            self.gw.config.route(flow.metadata[keys.ROUTE]).device_binding)
         if why is not None:
             return ident, Decision(False, why, Source.IDENTITY)
         # A revocation beats every list and the cache: it is the operator saying "now".
@@ -474,23 +476,23 @@ class ActiveSyncGate:
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
         d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
         enforced = self.enforced(flow)
-        flow.metadata[DECISION_KEY] = {"allow": d.allow, "reason": d.reason, "source": str(d.source),
+        flow.metadata[keys.DECISION] = {"allow": d.allow, "reason": d.reason, "source": str(d.source),
                                        **({} if enforced else {"enforced": False})}
         if ident is not None:
-            flow.metadata[IDENTITY_KEY] = identity_dict(ident)
+            flow.metadata[keys.IDENTITY] = identity_dict(ident)
         # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
         flow.comment = (f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: "
                         f"{d.verdict}: {d.reason} [{d.source}]")
         req = flow.request
-        how = None if d.allow else self.deny_answer(ident, d, flow.metadata.get(RETRY_KEY))
-        rule = flow.metadata.get(RULE_KEY)
+        how = None if d.allow else self.deny_answer(ident, d, flow.metadata.get(keys.RETRY_AFTER))
+        rule = flow.metadata.get(keys.RULE)
         if rule:
             flow.comment += f" (rule {rule})"
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "method": wire_method(req),
-            "route": flow.metadata.get(ROUTE_KEY),
+            "route": flow.metadata.get(keys.ROUTE),
             "user": ident.user if ident else None,
             "device_id": ident.device_id if ident else None,
             "device_type": ident.device_type if ident else None,
@@ -510,7 +512,7 @@ class ActiveSyncGate:
             # not written in time: the allow becomes a deny; a second line for this flow says so
             d = Decision(False, "audit line not written in time; denied by audit.on_error=deny", "audit")
             self.gw.audit.log.refused()
-            flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source}
+            flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source}
             flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
             self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
             how = self.deny_answer(ident, d)
@@ -536,7 +538,7 @@ class ActiveSyncGate:
         if how is None:
             drop(flow)
             return
-        flow.metadata[ANSWER_KEY] = how.why
+        flow.metadata[keys.ANSWER] = how.why
         answer(flow, http.Response.make(how.status, how.body, how.headers))
 
     def deny_answer(self, ident: identity.Identity | None, d: Decision,
@@ -614,12 +616,12 @@ class ActiveSyncGate:
         did = "closed" if enforced else "shadow, not enforced: would close"
         flow.comment = f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
         flow.marked = ":no_entry:" if enforced else ":eyes:"
-        flow.metadata[DECISION_KEY] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
+        flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
         self.gw.audit.log.submit({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "event": "held request closed" if enforced else "held request would be closed",
             "trigger": trigger,
-            "route": flow.metadata.get("easgate.route"),
+            "route": flow.metadata.get(keys.ROUTE),
             "user": ident.user, "device_id": ident.device_id, "device_type": ident.device_type,
             "command": ident.command,
             "decision": d.verdict, "reason": d.reason, "source": d.source,
@@ -678,12 +680,12 @@ class ActiveSyncGate:
         out = []
         for f in flows:
             m = f.metadata
-            d = m.get(DECISION_KEY)
-            ident = m.get(IDENTITY_KEY) or {}
-            route = m.get("easgate.route")
+            d = m.get(keys.DECISION)
+            ident = m.get(keys.IDENTITY) or {}
+            route = m.get(keys.ROUTE)
             if d is None:
                 why = "no authorization decision (route does not authorize)" if route else "no route"
-                if m.get("easgate.refused"):
+                if m.get(keys.REFUSED):
                     why = f"connection refused: {m['easgate.refused']}"
                 out.append(f"{f.id[:8]} route={route}: {why}")
             else:

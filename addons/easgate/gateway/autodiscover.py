@@ -22,6 +22,7 @@ import re
 
 from mitmproxy import http
 
+from ..core import keys
 from .config import RewriteRedirects
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class RedirectRewrite:
         self.rewritten = 0
 
     def _rule(self, flow: http.HTTPFlow) -> RewriteRedirects | None:
-        name = flow.metadata.get("easgate.route")
+        name = flow.metadata.get(keys.ROUTE)
         if not name or flow.response is None or self.gw.config is None:
             return None
         return self.gw.config.route(name).rewrite_redirects
@@ -100,7 +101,7 @@ class RedirectRewrite:
     @staticmethod
     def _client_host(flow: http.HTTPFlow) -> str:
         """The Host the client addressed (the pool may have sent the upstream another)."""
-        return flow.metadata.get("easgate.client_host") or flow.request.host_header or ""
+        return flow.metadata.get(keys.CLIENT_HOST) or flow.request.host_header or ""
 
     @staticmethod
     def _is_autodiscover(flow: http.HTTPFlow) -> bool:
@@ -152,5 +153,5 @@ class RedirectRewrite:
 
     def _count(self, flow: http.HTTPFlow, where: str, n: int) -> None:
         self.rewritten += n
-        flow.metadata.setdefault("easgate.rewritten", []).append(where)
+        flow.metadata.setdefault(keys.REWRITTEN, []).append(where)
         logger.debug(f"easgate: rewrote {n} internal URL(s) in {where} of {flow.request.path[:80]}")

@@ -13,6 +13,7 @@ import logging
 
 from mitmproxy import http
 
+from ..core import keys
 from .config import DEFAULT_CERT_HEADER, GatewayConfig
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class StripCertHeaders:
         if spoofed:
             headers.fields = tuple((k, v) for k, v in headers.fields if k not in spoofed)
             names = sorted(k.decode("latin-1") for k in spoofed)
-            flow.metadata["easgate.spoofed_cert_header"] = names
+            flow.metadata[keys.SPOOFED_CERT_HEADER] = names
             logger.warning(f"client {flow.client_conn.peername[0]}: removed client-sent {', '.join(names)}")
 
 
@@ -57,7 +58,7 @@ class ClientCertHeader:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        name = flow.metadata.get("easgate.route")
+        name = flow.metadata.get(keys.ROUTE)
         if not name:
             return
         route = self.gw.config.route(name)

@@ -26,6 +26,7 @@ from mitmproxy import contentviews, ctx, http
 from mitmproxy.contentviews import Contentview, Metadata
 
 from ..authz import identity
+from ..core import keys
 
 logger = logging.getLogger("easgate")
 
@@ -108,9 +109,9 @@ def describe(flow: http.HTTPFlow) -> dict:
         out["plain query"] = {k: v for k, v in parse_qsl(query, keep_blank_values=True)}
     m = flow.metadata
     gw: dict = {}
-    if "easgate.route" in m:
-        gw["route"] = m["easgate.route"] or "(none: 404)"
-    d = m.get("easgate.decision")
+    if keys.ROUTE in m:
+        gw["route"] = m[keys.ROUTE] or "(none: 404)"
+    d = m.get(keys.DECISION)
     if d:
         gw["decision"] = f"{'allow' if d.get('allow') else 'deny'} ({d.get('source')}): {d.get('reason')}"
         if d.get("enforced") is False:
@@ -119,21 +120,21 @@ def describe(flow: http.HTTPFlow) -> dict:
             gw["closed while held"] = d["closed_by"]
         if ident.command:
             gw["command"] = ident.command
-        if m.get("easgate.rule"):
-            gw["rule"] = m["easgate.rule"]
-        if m.get("easgate.answer"):
-            gw["answered with"] = m["easgate.answer"]
-    elif m.get("easgate.refused"):
+        if m.get(keys.RULE):
+            gw["rule"] = m[keys.RULE]
+        if m.get(keys.ANSWER):
+            gw["answered with"] = m[keys.ANSWER]
+    elif m.get(keys.REFUSED):
         gw["decision"] = f"refused: {m['easgate.refused']}"
-    elif m.get("easgate.route"):
+    elif m.get(keys.ROUTE):
         gw["decision"] = "none (the route does not authorize)"
-    cc = m.get("easgate.client_cert")
+    cc = m.get(keys.CLIENT_CERT)
     if cc:
         gw["client certificate"] = cc.get("status") + (f", {cc['subject']}" if cc.get("subject") else "") + (
             f" ({cc['reason']})" if cc.get("reason") and cc.get("status") == "invalid" else "")
-    if m.get("easgate.upstream"):
-        gw["upstream"] = m["easgate.upstream"]
-    rec = m.get("easgate.recorded")
+    if m.get(keys.UPSTREAM):
+        gw["upstream"] = m[keys.UPSTREAM]
+    rec = m.get(keys.RECORDED)
     if rec:
         gw["recorded in the capture"] = f"route={rec.get('route') or '-'} {rec.get('decision')}: {rec.get('reason')}"
     if gw:
@@ -194,8 +195,8 @@ class WebAnnotations:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         m = flow.metadata
-        route = m.get("easgate.route")
-        if route and "easgate.decision" not in m and not flow.comment:
+        route = m.get(keys.ROUTE)
+        if route and keys.DECISION not in m and not flow.comment:
             flow.comment = f"route {route}"
 
     def running(self) -> None:

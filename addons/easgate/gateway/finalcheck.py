@@ -31,11 +31,11 @@ import time
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
+from ..core import keys
 from .respond import drop
 
 #: flow metadata of a request the gate decides on its body (ItemOperations under a command rule that
 #: refuses attachments): its allow is granted in the gate's `request` hook, not in `requestheaders`
-PENDING_KEY = "easgate.pending"
 
 logger = logging.getLogger("easgate.authz")
 
@@ -129,7 +129,7 @@ class FinalCheck:
             if flow.response is not None or flow.error is not None:
                 self.gw.ledger.forget(flow)
                 return
-            if not last and PENDING_KEY in flow.metadata:
+            if not last and keys.PENDING in flow.metadata:
                 return  # decided on its body in the gate's `request` hook, checked again there (last)
             why = self.why_not(flow)
             if why is None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from mitmproxy import http
 from mitmproxy.net.http import http1 as wire
 
+from ..core import keys
 from . import mitmcompat
 from .config import GatewayConfig, Limits
 from .respond import answer
@@ -178,7 +179,7 @@ class StrictRequests:
             check_request(flow.request, self.limits)
         except Refusal as r:
             self.refuse(r, flow.client_conn.peername)
-            flow.metadata["easgate.refused_request"] = r.reason
+            flow.metadata[keys.REFUSED_REQUEST] = r.reason
             flow.comment = f"bad request: {r.reason}"
             answer(flow, refusal_response(r))  # or drop it, when mitmproxy streams its body
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from .. import __version__
-from ..core import net
+from ..core import keys, net
 from ..core.decision import Decision
 from .addon import UpstreamPools
 from .authorize import ActiveSyncGate
@@ -255,7 +255,7 @@ class Metrics:
     # -- what this addon counts ---------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if "easgate.refused" in flow.metadata and flow in self._arrived_live:
+        if keys.REFUSED in flow.metadata and flow in self._arrived_live:
             self.refused += 1
 
     def observe_decision(self, flow: http.HTTPFlow, decision: Decision, seconds: float) -> None:
@@ -265,15 +265,15 @@ class Metrics:
         """The request goes upstream now (routed, allowed): time it, count it if it is a long poll."""
         if flow.response or flow.error or not flow.live:
             return
-        route = flow.metadata.get("easgate.route")
+        route = flow.metadata.get(keys.ROUTE)
         if not route:
             return
-        cmd = (flow.metadata.get("easgate.identity") or {}).get("command") or flow.request.query.get("Cmd")
+        cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command") or flow.request.query.get("Cmd")
         self.upstream[flow.id] = (route, cmd if cmd in UpstreamPools.LONG_POLL_COMMANDS else None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live or flow.is_replay:
-            route = flow.metadata.get("easgate.route") or "none"
+            route = flow.metadata.get(keys.ROUTE) or "none"
             self.responses[(route, flow.response.status_code)] += 1
         up = self.upstream.pop(flow.id, None)
         if up is not None:
@@ -284,10 +284,10 @@ class Metrics:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.upstream.pop(flow.id, None)
-        decision = flow.metadata.get("easgate.decision")
-        if "easgate.refused" in flow.metadata or (decision is not None and not decision.get("allow")):
+        decision = flow.metadata.get(keys.DECISION)
+        if keys.REFUSED in flow.metadata or (decision is not None and not decision.get("allow")):
             return  # killed on purpose (refused, or denied with deny.action: drop)
-        route = flow.metadata.get("easgate.route")
+        route = flow.metadata.get(keys.ROUTE)
         if route:
             self.upstream_errors[route] += 1
 

@@ -22,7 +22,6 @@ from .config import GatewayConfig, Match, Pool, Route, Upstream
 
 logger = logging.getLogger(__name__)
 
-ROUTE_KEY = "easgate.route"
 
 
 @dataclass(frozen=True, slots=True)

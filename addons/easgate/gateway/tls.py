@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,16 +360,22 @@ class TlsOffload:
         self.revocation_stats: dict[str, int] = revocation.new_stats()
         self.tickets = TicketKeys()
 
-    def apply(self, cfg) -> None:
+    def prepare(self, cfg) -> Callable[[], None]:
         self.tickets.configure(cfg.tls.session_ticket_key)
         context, verifier = build_client_context(cfg.tls, self.revocation_stats)
         self.tickets.install(context)
-        self.context, self.verifier = context, verifier
-        self.mode = cfg.tls.client_certs.mode
-        self.on_invalid = cfg.tls.client_certs.on_invalid
-        # Open connections get their verdict recomputed against the new config when next asked;
-        # the revocation answers they already have are kept (a reload sends no OCSP request).
-        self.generation += 1
+
+        def swap() -> None:
+            self.context, self.verifier = context, verifier
+            self.mode = cfg.tls.client_certs.mode
+            self.on_invalid = cfg.tls.client_certs.on_invalid
+            # Open connections get their verdict recomputed against the new config when next asked;
+            # the revocation answers they already have are kept (a reload sends no OCSP request).
+            self.generation += 1
+        return swap
+
+    def apply(self, cfg) -> None:
+        self.prepare(cfg)()
 
     def tls_start_client(self, tls_start) -> None:
         # Always replace whatever mitmproxy's TlsConfig prepared: its CA must never face a client.

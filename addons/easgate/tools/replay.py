@@ -18,7 +18,7 @@ same thing works inside plain mitmproxy::
 
 With ``easgate_replay`` on, `ReplayCheck` (put in front of the gateway's addons by this tool) takes every flow read
 from a file (``flow.live`` is False) before the gateway sees it: it keeps the recorded outcome
-aside (``flow.metadata["easgate.recorded"]``), clears the recorded response, error, comment, mark
+aside (``flow.metadata[keys.RECORDED]``), clears the recorded response, error, comment, mark
 and the gateway's metadata (the gateway does not decide flows that already have a response), and
 removes the client-certificate header the recording gateway had inserted. After the gateway
 decided, it compares and logs one line per flow and a summary (``--set
@@ -78,6 +78,7 @@ from mitmproxy import ctx, exceptions, http
 from ..authz import identity
 from ..authz.audit import AuditLog
 from ..authz.policy import PolicyError, PolicyStore
+from ..core import keys
 from ..core.errors import ConfigError
 from ..core.net import parse_port, split_hostport
 from ..gateway.authorize import ActiveSyncGate
@@ -89,12 +90,6 @@ from . import capture
 
 logger = logging.getLogger("easgate.replay")
 
-RECORDED_KEY = "easgate.recorded"
-ROUTE_KEY = "easgate.route"
-DECISION_KEY = "easgate.decision"
-IDENTITY_KEY = "easgate.identity"
-REFUSED_KEY = "easgate.refused"
-CERT_KEY = "easgate.client_cert"
 CERT_TIMES = ("capture", "now")
 
 
@@ -138,17 +133,17 @@ def outcome_of(flow: http.HTTPFlow, refused: str | None = None) -> Outcome:
     """The gateway's outcome as recorded on the flow's metadata (or `refused`, computed offline)."""
     m = flow.metadata
     status = flow.response.status_code if flow.response is not None else None
-    cc = m.get(CERT_KEY) or {}
+    cc = m.get(keys.CLIENT_CERT) or {}
     cert = cc.get("status", "")
-    why = refused or m.get(REFUSED_KEY)
+    why = refused or m.get(keys.REFUSED)
     if why:
-        return Outcome(m.get(ROUTE_KEY), "refused", str(why), "tls", status, cert)
-    if ROUTE_KEY not in m:
+        return Outcome(m.get(keys.ROUTE), "refused", str(why), "tls", status, cert)
+    if keys.ROUTE not in m:
         return Outcome(None, "?", "no decision recorded (not captured through an easgate gateway?)", "", status, cert)
-    route = m[ROUTE_KEY]
+    route = m[keys.ROUTE]
     if route is None:
         return Outcome(None, "no route", "no route matched: 404 from the gateway", "", status, cert)
-    d = m.get(DECISION_KEY)
+    d = m.get(keys.DECISION)
     if d is None:
         why = "route does not authorize"
         if cert == "verified":
@@ -162,7 +157,7 @@ def outcome_of(flow: http.HTTPFlow, refused: str | None = None) -> Outcome:
 
 def identity_of(flow: http.HTTPFlow) -> dict:
     """user/device/command of a flow: the gateway's identity if it made one, else parsed here."""
-    ident = flow.metadata.get(IDENTITY_KEY)
+    ident = flow.metadata.get(keys.IDENTITY)
     if ident:
         return ident
     req = flow.request
@@ -310,17 +305,17 @@ class ReplayCheck:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._at = None
-        if not self._on(flow) or RECORDED_KEY in flow.metadata:
+        if not self._on(flow) or keys.RECORDED in flow.metadata:
             return
         prepare(flow, self.gw)
-        self.connector.recorded = flow.metadata[RECORDED_KEY]
+        self.connector.recorded = flow.metadata[keys.RECORDED]
         if ctx.options.easgate_replay_cert_time == "capture":
             ts = flow.client_conn.timestamp_start or flow.request.timestamp_start
             if ts:
                 self._at = datetime.datetime.fromtimestamp(ts, datetime.UTC)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not self._on(flow) or RECORDED_KEY not in flow.metadata or "easgate.replayed" in flow.metadata:
+        if not self._on(flow) or keys.RECORDED not in flow.metadata or keys.REPLAYED in flow.metadata:
             return
         refused = None
         try:
@@ -329,14 +324,14 @@ class ReplayCheck:
             refused = f"certificate check failed: {e}"
         self._at = None
         new = outcome_of(flow, refused)
-        old = Outcome.from_dict(flow.metadata[RECORDED_KEY])
+        old = Outcome.from_dict(flow.metadata[keys.RECORDED])
         ident = identity_of(flow)
         r = Result(len(self.results) + 1, flow.id, flow.request.method, flow.request.path,
                    ident.get("user"), ident.get("device_id"), ident.get("command"), new, old,
                    strict=bool(ctx.options.easgate_replay_strict),
                    capture=(ctx.options.rfile or "") if "rfile" in ctx.options else "")
         self.results.append(r)
-        flow.metadata["easgate.replayed"] = {"differs": r.differs, "recorded": old.as_dict()}
+        flow.metadata[keys.REPLAYED] = {"differs": r.differs, "recorded": old.as_dict()}
         line = (f"easgate replay: #{r.index} {r.method} {r.user or '-'} {r.device or '-'} {r.command or '-'}: "
                 f"route={new.route or '-'} {new.describe()}: {new.reason}")
         if r.differs:
@@ -361,7 +356,7 @@ def prepare(flow: http.HTTPFlow, gw=None) -> Outcome:
     """Set the recorded outcome aside and clear what the recording gateway left on the flow."""
     rec = outcome_of(flow)
     flow.metadata = {k: v for k, v in flow.metadata.items() if not k.startswith("easgate.")}
-    flow.metadata[RECORDED_KEY] = rec.as_dict()
+    flow.metadata[keys.RECORDED] = rec.as_dict()
     flow.response = None
     flow.error = None
     flow.comment = ""
@@ -521,7 +516,7 @@ class LiveCollector:
 def prepare_live(flow: http.HTTPFlow, host: str, port: int) -> Outcome:
     """Point a captured request at the live gateway, as the device sent it."""
     rec = outcome_of(flow)
-    flow.metadata[RECORDED_KEY] = rec.as_dict()
+    flow.metadata[keys.RECORDED] = rec.as_dict()
     host_header = flow.request.host_header  # what the device sent (and the SNI it used)
     flow.request.scheme = "https"
     flow.request.host = host
