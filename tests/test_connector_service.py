@@ -217,6 +217,7 @@ def test_bad_requests_get_400_with_a_reason(client, conn_env, query, reason):
     # the gateway reads a 400 as "this request is refused": a deny, never the fail mode
     answer = parse_answer(status, body)
     assert not answer.allow and answer.reason == "connector rejected the request (HTTP 400)"
+    conn_env.service.log.flush()  # a line still queued would be written now
     assert not conn_env.log.exists() or conn_env.log.read_text() == ""  # no decision was made
 
 
@@ -380,6 +381,7 @@ def test_authorize_logs_and_records_last_seen_simulate_does_neither(client, conn
     assert get(client, "/services/ActiveSync/Simulate?DeviceId=x")[0] == 400
     inv.flush_seen()
     assert inv.get("ApplF17ABCDEF01").last_seen is None
+    conn_env.service.log.flush()
     assert not conn_env.log.exists() or conn_env.log.read_text() == ""
     assert json.loads(get(client, "/services/ActiveSync/Log")[2]) == {"decisions": []}
 
@@ -491,6 +493,7 @@ def test_certificate_identity_from_the_gateway_is_checked_and_logged(client, con
     doc = json.loads(get(client, f"/services/ActiveSync/Authorize?{q}")[2])
     assert (doc["result"], doc["source"]) == ("Deny", "identity")
     assert doc["reason"] == "DeviceId ApplDMPQ99887766 does not match the certificate's ApplF17ABCDEF01 (certDeviceId)"
+    assert conn_env.service.log.flush()  # lines are written by the audit log's writer thread
     lines = [json.loads(line) for line in conn_env.log.read_text().splitlines()]
     assert (lines[0]["cert_device_id"], lines[0]["cert_user"], lines[0]["user_source"]) == (
         "ApplF17ABCDEF01", "alice@example.test", "certificate")
