@@ -55,6 +55,7 @@ from conftest import (
     request,
     write_config,
 )
+from support.client import statuses as parse_statuses
 
 AS = "/Microsoft-Server-ActiveSync"
 IPHONE = "ApplF17ABCDEF01"
@@ -789,19 +790,6 @@ def send_raw(port: int, ctx: ssl.SSLContext, data: bytes, timeout: float = 6.0, 
         s.close()
     hung = not out and not closed
     return {"statuses": parse_statuses(bytes(out)), "seconds": time.monotonic() - t0, "hung": hung}
-
-
-def parse_statuses(data: bytes) -> list[int]:
-    out = []
-    while data.startswith(b"HTTP/"):
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            break
-        head = data[:end].decode("latin-1")
-        out.append(int(head.split(" ", 2)[1]))
-        m = re.search(r"(?im)^content-length:\s*(\d+)", head)
-        data = data[end + 4 + (int(m[1]) if m else 0):]
-    return out
 
 
 @pytest.fixture(scope="module")
