@@ -404,9 +404,9 @@ def test_no_client_sent_cert_header_survives(route_header, other_route_header, d
     cfg = SimpleNamespace(routes=[SimpleNamespace(client_cert_header=route_header),
                                   SimpleNamespace(client_cert_header=other_route_header)])
     route = SimpleNamespace(name="mdm", client_cert_header=route_header)
-    gw = SimpleNamespace(config=SimpleNamespace(route=lambda name: route),
-                         tls=SimpleNamespace(verdict=lambda conn: SimpleNamespace(verified=verified, der_b64="REALCERT")))
-    strip, insert = certheader.StripCertHeaders(), certheader.ClientCertHeader(gw)
+    current = SimpleNamespace(config=SimpleNamespace(route=lambda name: route))
+    tls = SimpleNamespace(verdict=lambda conn: SimpleNamespace(verified=verified, der_b64="REALCERT"))
+    strip, insert = certheader.StripCertHeaders(), certheader.ClientCertHeader(current, tls)
     strip.apply(cfg)
 
     f = tflow.tflow()  # a live flow: a client's request (flows read from a file are left alone)

@@ -35,6 +35,7 @@ from .http1 import StrictRequests
 from .proxyproto import ProxyProtocol
 from .respond import answer, drop
 from .routing import Balancer, Router, request_view
+from .shared import Current
 from .tls import TlsOffload
 
 logger = logging.getLogger("easgate")
@@ -95,7 +96,8 @@ class Gateway:
     """Owns the config file; its sub-addons do the work."""
 
     def __init__(self) -> None:
-        self.config: GatewayConfig | None = None
+        # Each part gets the objects it reads, never this Gateway (docs/architecture.md).
+        self.current = Current()  # the config in force; apply() sets it after every part swapped in
         self.strict = StrictRequests()  # one strict reading of the request head, before anything else
         # fields replaced in every config loaded (the offline replay turns the audit log off)
         self.overrides: dict = {}
@@ -104,14 +106,19 @@ class Gateway:
         self.gate = None  # the authorization stage (ActiveSyncGate), set by add_stage
         self.tls = TlsOffload()
         self.strip = certheader.StripCertHeaders()
-        self.switch = ContentSwitch(self)
-        self.upstreams = UpstreamPools(self)
-        self.cert_header = certheader.ClientCertHeader(self)
-        self.connections = Connections(self)  # per-process connection cap, requests in flight
-        self.proxyproto = ProxyProtocol(self)  # PROXY v1/v2 from trusted balancers, before TLS
+        self.switch = ContentSwitch(self.tls, self.ledger)
+        self.upstreams = UpstreamPools(self.current, self.switch)
+        self.cert_header = certheader.ClientCertHeader(self.current, self.tls)
+        self.connections = Connections()  # per-process connection cap, requests in flight
+        self.proxyproto = ProxyProtocol()  # PROXY v1/v2 from trusted balancers, before TLS
         self.audit = AuditTrail()  # the authorization stage asks it before it allows
         self.addons: list = [self.connections, self.proxyproto, self.strict, self.tls, self.strip, self.switch, self.cert_header,
                              self.upstreams, self.audit]
+
+    @property
+    def config(self) -> GatewayConfig | None:
+        """The config in force (None before the first one loaded)."""
+        return self.current.config
 
     def add_stage(self, addon) -> None:
         """Later stages (authorization, audit) plug in after the routing ones."""
@@ -181,7 +188,7 @@ class Gateway:
                 raise ConfigError(cfg.path, e.key, e.problem, e.fix) from None
         for swap in swaps:
             swap()
-        self.config = cfg
+        self.current.config = cfg
 
     def _enforce(self) -> None:
         want = forced_options(self.config)
@@ -219,8 +226,9 @@ class Gateway:
 class ContentSwitch:
     """Chooses the route in requestheaders and points the flow at one server of its pool."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, tls: TlsOffload, ledger: Ledger) -> None:
+        self.tls = tls  # the client connection's TLS and certificate verdict
+        self.ledger = ledger  # where the route of this pass is recorded for FinalCheck
         self.router: Router | None = None
         self.balancer: Balancer | None = None
         self.pools: dict[str, Pool] = {}
@@ -240,7 +248,7 @@ class ContentSwitch:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
-        tls = self.gw.tls
+        tls = self.tls
         if flow.live and (why := tls.refuse_reason(flow.client_conn)):
             logger.warning(f"client {flow.client_conn.peername[0]}: connection refused: {why}")
             self.counts["(refused)"] += 1
@@ -283,7 +291,7 @@ class ContentSwitch:
         flow.metadata[keys.ROUTE] = route.name
         pool = self.pools[route.pool]
         self.point(flow, pool, self.balancer.pick(pool))
-        self.gw.ledger.routed(flow, route.name)
+        self.ledger.routed(flow, route.name)
 
     @staticmethod
     def point(flow: http.HTTPFlow, pool: Pool, server: Upstream) -> None:
@@ -322,8 +330,9 @@ def bad_host(req: http.Request) -> str | None:
 class UpstreamPools:
     """Upstream connections: only to pool servers, with each pool's TLS trust, SNI and timeouts."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, switch: ContentSwitch) -> None:
+        self.current = current  # the config in force: a route's pool and timeouts
+        self.switch = switch  # its balancer learns which servers are down
         self.by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -375,7 +384,7 @@ class UpstreamPools:
         name = flow.metadata.get(keys.ROUTE)
         if not name:
             return
-        pool = self.gw.config.pools[self.gw.config.route(name).pool]
+        pool = self.current.config.pools[self.current.config.route(name).pool]
         cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command") or flow.request.query.get("Cmd")
         timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
         # kept off flow.metadata, which is saved with the flow
@@ -422,14 +431,14 @@ class UpstreamPools:
             logger.debug(f"upstream {entry[1].url} (pool {entry[0].name}): connect abandoned ({err}); "
                          "not counted against the server")
             return
-        self.gw.switch.balancer.mark_down(entry[1], entry[0], err)
+        self.switch.balancer.mark_down(entry[1], entry[0], err)
 
     def server_connected(self, data) -> None:
         """A server that accepted a connection is up again, whatever its mark said."""
         addr = data.server.address
         entry = self.by_address.get((addr[0], addr[1])) if addr else None
         if entry is not None:
-            self.gw.switch.balancer.mark_up(entry[1], entry[0])
+            self.switch.balancer.mark_up(entry[1], entry[0])
 
     def tls_established_server(self, data) -> None:
         """Free the read/write buffers of idle upstream connections too, as the client side does: a

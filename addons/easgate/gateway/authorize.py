@@ -47,10 +47,15 @@ from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
+from .addon import ContentSwitch
+from .audittrail import AuditTrail
 from .config import Authorization, GatewayConfig
+from .finalcheck import Ledger
 from .holds import Held, HeldRequests
 from .respond import answer, drop
+from .shared import Current
 from .sharedcache import SharedCache
+from .tls import TlsOffload
 from .xnc import ConnectorClient, ConnectorError, to_decision
 
 logger = logging.getLogger("easgate.authz")
@@ -94,8 +99,13 @@ def certified(ident: identity.Identity) -> dict[str, str]:
 class ActiveSyncGate:
     """Decides on routes that say `authorize: activesync`; nothing else touches those flows after it."""
 
-    def __init__(self, gw) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, tls: TlsOffload, audit: AuditTrail, ledger: Ledger,
+                 switch: ContentSwitch) -> None:
+        self.current = current  # the config in force: whether and how a route authorizes
+        self.tls = tls  # the connection's certificate verdict
+        self.audit = audit  # asked before an allow, and given every decision's line
+        self.ledger = ledger  # where an allow is granted to this very request, for FinalCheck
+        self.switch = switch  # its requests per route, for easgate.status
         self.auth: Authorization | None = None
         self.policy: PolicyStore | None = None
         self.connector: ConnectorClient | None = None
@@ -278,7 +288,7 @@ class ActiveSyncGate:
         if flow.response or flow.error:
             return
         name = flow.metadata.get(keys.ROUTE)
-        if not name or self.gw.config.route(name).authorize != "activesync":
+        if not name or self.current.config.route(name).authorize != "activesync":
             return
         start = time.perf_counter()
         try:
@@ -346,7 +356,7 @@ class ActiveSyncGate:
     def enforced(self, flow: http.HTTPFlow) -> bool:
         """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
         name = flow.metadata.get(keys.ROUTE)
-        return not name or self.gw.config.route(name).enforce
+        return not name or self.current.config.route(name).enforce
 
     async def decide(self, flow: http.HTTPFlow, count: bool = True) -> tuple[identity.Identity | None, Decision]:
         """The device decision, then (for an allowed device) the command rules and rate limits.
@@ -407,11 +417,11 @@ class ActiveSyncGate:
             return ident, Decision(False, f"command {ident.command} not covered by applies_to", Source.FILTER)
         # Who is asking, as far as the gateway can verify it (identity.user_from), and whether the
         # DeviceId is the certificate's (device_binding): authz/principal.py, authz/binding.py.
-        cert = self.gw.tls.verdict(flow.client_conn)
+        cert = self.tls.verdict(flow.client_conn)
         ident, why = await self.principal.establish(
             ident, req.headers.get_all("authorization"),
             base64.b64decode(cert.der_b64) if cert.verified and cert.der_b64 else None, cert.reason,
-            self.gw.config.route(flow.metadata[keys.ROUTE]).device_binding)
+            self.current.config.route(flow.metadata[keys.ROUTE]).device_binding)
         if why is not None:
             return ident, Decision(False, why, Source.IDENTITY)
         # A revocation beats every list and the cache: it is the operator saying "now".
@@ -474,7 +484,7 @@ class ActiveSyncGate:
             drop(flow)
 
     async def enforce(self, flow: http.HTTPFlow, ident: identity.Identity | None, d: Decision, ms: float) -> None:
-        d = self.gw.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
+        d = self.audit.admit(d)  # audit.on_error=deny: an allow whose line cannot be written is a deny
         enforced = self.enforced(flow)
         flow.metadata[keys.DECISION] = {"allow": d.allow, "reason": d.reason, "source": str(d.source),
                                        **({} if enforced else {"enforced": False})}
@@ -508,13 +518,13 @@ class ActiveSyncGate:
             **({} if enforced else {"enforced": False}),
         }
         # The request goes on (upstream, or its deny answer) once its line is written.
-        if not await self.gw.audit.record(record) and d.allow and self.gw.audit.log.on_error == "deny":
+        if not await self.audit.record(record) and d.allow and self.audit.log.on_error == "deny":
             # not written in time: the allow becomes a deny; a second line for this flow says so
             d = Decision(False, "audit line not written in time; denied by audit.on_error=deny", "audit")
-            self.gw.audit.log.refused()
+            self.audit.log.refused()
             flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source}
             flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
-            self.gw.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
+            self.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
             how = self.deny_answer(ident, d)
         self.counters[f"{d.verdict}_{d.source}"] += 1
         if not enforced:  # shadow mode: the would-be deny is on record; the request goes on
@@ -523,13 +533,13 @@ class ActiveSyncGate:
                 flow.marked = ":eyes:"
             elif ident is not None and flow.live:
                 self.holds.add(flow, ident)
-            self.gw.ledger.grant(flow)  # report-only: FinalCheck lets it go on whatever the decision
+            self.ledger.grant(flow)  # report-only: FinalCheck lets it go on whatever the decision
             return
         if d.allow:
             if ident is not None and flow.live:
                 self.holds.add(flow, ident)
             # Last, after the audit line: FinalCheck forwards nothing on an authorized route without it.
-            self.gw.ledger.grant(flow)
+            self.ledger.grant(flow)
             return
         if d.source not in (Source.CACHE, Source.AUDIT):  # one line per fresh deny (an audit outage is logged once)
             logger.info(f"easgate: deny {ident.user if ident else '-'} {ident.device_id if ident else '-'}: "
@@ -617,7 +627,7 @@ class ActiveSyncGate:
         flow.comment = f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
         flow.marked = ":no_entry:" if enforced else ":eyes:"
         flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
-        self.gw.audit.log.submit({
+        self.audit.log.submit({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "event": "held request closed" if enforced else "held request would be closed",
             "trigger": trigger,
@@ -700,13 +710,13 @@ class ActiveSyncGate:
         cs = self.cache.stats if self.cache else {}
         lookups = cs.get("hits", 0) + cs.get("misses", 0)
         return json.dumps({
-            "routes": dict(self.gw.switch.counts),
+            "routes": dict(self.switch.counts),
             "decisions": {k: v for k, v in self.counters.items() if k.startswith(("allow_", "deny_"))},
             "cache": {**cs, "hit_rate": round(cs.get("hits", 0) / lookups, 4) if lookups else None},
             "connector": {"calls": self.connector.calls if self.connector else 0,
                           "errors": self.counters.get("connector_errors", 0),
                           "connections_opened": self.connector.connections_opened if self.connector else 0},
-            "audit": self.gw.audit.log.state,
+            "audit": self.audit.log.state,
             # errors while deciding (each one a deny, `internal error`) and audit lines that could not be written
             "internal_errors": self.counters.get("internal_errors", 0),
             "audit_errors": self.counters.get("audit_errors", 0),

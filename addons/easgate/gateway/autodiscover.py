@@ -24,6 +24,7 @@ from mitmproxy import http
 
 from ..core import keys
 from .config import RewriteRedirects
+from .shared import Current
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +89,15 @@ def rewrite_text(text: str, client_host: str, rule: RewriteRedirects) -> tuple[s
 class RedirectRewrite:
     """Rewrites redirects and Autodiscover answers on routes with `rewrite_redirects`."""
 
-    def __init__(self, gw) -> None:
-        self.gw = gw
+    def __init__(self, current: Current) -> None:
+        self.current = current  # the config in force: the route's rewrite_redirects
         self.rewritten = 0
 
     def _rule(self, flow: http.HTTPFlow) -> RewriteRedirects | None:
         name = flow.metadata.get(keys.ROUTE)
-        if not name or flow.response is None or self.gw.config is None:
+        if not name or flow.response is None or self.current.config is None:
             return None
-        return self.gw.config.route(name).rewrite_redirects
+        return self.current.config.route(name).rewrite_redirects
 
     @staticmethod
     def _client_host(flow: http.HTTPFlow) -> str:

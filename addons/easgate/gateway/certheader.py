@@ -15,6 +15,8 @@ from mitmproxy import http
 
 from ..core import keys
 from .config import DEFAULT_CERT_HEADER, GatewayConfig
+from .shared import Current
+from .tls import TlsOffload
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ class StripCertHeaders:
 class ClientCertHeader:
     """Inserts the verified client certificate on routes with `client_cert_header`."""
 
-    def __init__(self, gw) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, tls: TlsOffload) -> None:
+        self.current = current  # the config in force: the route's header name
+        self.tls = tls  # the connection's certificate verdict
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
@@ -61,9 +64,9 @@ class ClientCertHeader:
         name = flow.metadata.get(keys.ROUTE)
         if not name:
             return
-        route = self.gw.config.route(name)
+        route = self.current.config.route(name)
         if not route.client_cert_header:
             return
-        verdict = self.gw.tls.verdict(flow.client_conn)
+        verdict = self.tls.verdict(flow.client_conn)
         if verdict.verified and verdict.der_b64:
             flow.request.headers[route.client_cert_header] = verdict.der_b64

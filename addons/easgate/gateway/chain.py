@@ -31,10 +31,14 @@ def make_addons() -> list:
     """[the gateway, its final check]: add both to the master, in this order, as top-level addons."""
     mitmcompat.install()
     gw = Gateway()
-    gw.add_stage(ActiveSyncGate(gw))
-    gw.add_stage(RedirectRewrite(gw))  # responses: internal hosts out of redirects and Autodiscover
-    gw.addons += [WebAnnotations(gw), Metrics(gw), FlowLimit()]  # after the decision
-    return [gw, FinalCheck(gw)]
+    # each stage gets the shared objects it reads, never the gateway (docs/architecture.md)
+    gate = ActiveSyncGate(gw.current, gw.tls, gw.audit, gw.ledger, gw.switch)
+    gw.add_stage(gate)
+    gw.add_stage(RedirectRewrite(gw.current))  # responses: internal hosts out of redirects and Autodiscover
+    metrics = Metrics(gw.current, gw.switch, gw.strict, gate, gw.audit)
+    gw.addons.insert(0, metrics.first_stage)  # notes the flows that arrive live, before anything kills one
+    gw.addons += [WebAnnotations(), metrics, FlowLimit()]  # after the decision
+    return [gw, FinalCheck(gw.current, gw.ledger, gate)]
 
 
 def validate_config(path: str) -> GatewayConfig:

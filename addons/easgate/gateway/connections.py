@@ -67,8 +67,7 @@ class Connections:
     name = "easgate-connections"
     SUMMARY_EVERY_S = 10.0
 
-    def __init__(self, gw=None) -> None:
-        self.gw = gw
+    def __init__(self) -> None:
         self.configured = 0
         self.cap = 1 << 30
         self.active = 0

@@ -187,9 +187,6 @@ class WebAnnotations:
 
     name = "easgate-web"
 
-    def __init__(self, gw=None) -> None:
-        self.gw = gw
-
     def load(self, loader) -> None:
         register_view()
 

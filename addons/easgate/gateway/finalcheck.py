@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
 from ..core import keys
 from .respond import drop
+from .shared import Current
 
 #: flow metadata of a request the gate decides on its body (ItemOperations under a command rule that
 #: refuses attachments): its allow is granted in the gate's `request` hook, not in `requestheaders`
@@ -86,14 +88,22 @@ class Ledger:
         return len(self.routes) + len(self.grants)
 
 
+class FailClosed(Protocol):
+    """What answers a refused flow like any deny (audited, counted): the authorization stage."""
+
+    async def fail_closed(self, flow: http.HTTPFlow, why: str, started: float) -> None: ...
+
+
 class FinalCheck:
     """Refuses every unanswered flow that lacks a route, or an allow for this request on an
     authorized route. Never raises: if refusing fails, the flow is killed."""
 
     name = "easgate-finalcheck"
 
-    def __init__(self, gw) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, ledger: Ledger, gate: FailClosed | None) -> None:
+        self.current = current  # the config in force: whether a route authorizes
+        self.ledger = ledger  # what the content switch and the gate recorded for this request
+        self.gate = gate  # answers a refusal as a deny; None: the refused flow is dropped
         self.refused = 0
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -103,18 +113,18 @@ class FinalCheck:
         await self._check(flow, last=True)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.gw.ledger.forget(flow)
+        self.ledger.forget(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.gw.ledger.forget(flow)
+        self.ledger.forget(flow)
 
     def why_not(self, flow: http.HTTPFlow) -> str | None:
         """None if the flow may go upstream as it is, else what is missing."""
-        ledger = self.gw.ledger
+        ledger = self.ledger
         name = ledger.route_of(flow)
         if name is None:
             return "the request was not routed, or was re-pointed after routing"
-        cfg = self.gw.config
+        cfg = self.current.config
         route = cfg.route(name) if cfg is not None else None
         if route is None:
             return f"unknown route {name}"
@@ -127,18 +137,18 @@ class FinalCheck:
             return  # a flow read from a file (offline replay): nothing is sent anywhere
         try:
             if flow.response is not None or flow.error is not None:
-                self.gw.ledger.forget(flow)
+                self.ledger.forget(flow)
                 return
             if not last and keys.PENDING in flow.metadata:
                 return  # decided on its body in the gate's `request` hook, checked again there (last)
             why = self.why_not(flow)
             if why is None:
                 if last:
-                    self.gw.ledger.forget(flow)
+                    self.ledger.forget(flow)
                 return
             self.refused += 1
-            self.gw.ledger.forget(flow)
-            gate = self.gw.gate
+            self.ledger.forget(flow)
+            gate = self.gate
             if gate is not None:
                 await gate.fail_closed(flow, why, time.perf_counter())
             if flow.response is None and flow.error is None:

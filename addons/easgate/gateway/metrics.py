@@ -39,8 +39,11 @@ from mitmproxy import ctx, exceptions, http
 from .. import __version__
 from ..core import keys, net
 from ..core.decision import Decision
-from .addon import UpstreamPools
+from .addon import ContentSwitch, UpstreamPools
+from .audittrail import AuditTrail
 from .authorize import ActiveSyncGate
+from .http1 import StrictRequests
+from .shared import Current
 
 logger = logging.getLogger("easgate")
 
@@ -152,8 +155,10 @@ class Metrics:
 
     name = "easgate-metrics"
 
-    def __init__(self, gw) -> None:
-        self.gw = gw
+    def __init__(self, current: Current, switch: ContentSwitch, strict: StrictRequests,
+                 gate: ActiveSyncGate | None, audit: AuditTrail | None) -> None:
+        # what it counts from the other parts, each handed in (docs/architecture.md)
+        self.current, self.switch, self.strict, self.gate, self.audit = current, switch, strict, gate, audit
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
         self.responses: Counter = Counter()  # (route, status code)
@@ -168,10 +173,9 @@ class Metrics:
         self.worker_dir = os.environ.get(WORKER_DIR_ENV) or None
         self._observing = False
         # Flows that arrived live: the gateway kills refused ones (flow.live turns False) before this
-        # addon sees them, so a first stage notes them on the way in.
+        # addon sees them, so a first stage notes them on the way in (chain.py puts it first).
         self._arrived_live: weakref.WeakSet = weakref.WeakSet()
-        if hasattr(gw, "addons"):
-            gw.addons.insert(0, _ArrivedLive(self._arrived_live))
+        self.first_stage = _ArrivedLive(self._arrived_live)
 
     def load(self, loader) -> None:
         loader.add_option("easgate_metrics", str, "",
@@ -197,7 +201,7 @@ class Metrics:
 
     async def running(self) -> None:
         self._running = True
-        gate = self._gate()
+        gate = self.gate
         if gate is not None and not self._observing:
             gate.observers.append(self.observe_decision)
             self._observing = True
@@ -293,28 +297,25 @@ class Metrics:
 
     # -- the document -------------------------------------------------------------------------
 
-    def _gate(self):
-        return next((a for a in getattr(self.gw, "addons", []) if isinstance(a, ActiveSyncGate)), None)
-
     def render(self) -> str:
         d = _Doc()
         d.metric("easgate_info", "gauge", "easgate version.", [({"version": __version__}, 1)])
         d.metric("easgate_start_time_seconds", "gauge", "Unix time the gateway process started.", self.started)
-        switch = getattr(self.gw, "switch", None)
+        switch = self.switch
         counts = dict(getattr(switch, "counts", {}) or {})
         d.metric("easgate_requests_total", "counter", "Requests by the route they took ('none': no route, 404).",
                  [({"route": "none" if k == "(none)" else k}, v) for k, v in sorted(counts.items())])
         d.metric("easgate_refused_requests_total", "counter",
                  "Requests on connections the gateway refused (plain HTTP, missing or invalid client certificate).",
                  self.refused)
-        strict = getattr(self.gw, "strict", None)
+        strict = self.strict
         d.metric("easgate_bad_requests_total", "counter",
                  "Request heads refused by the strict HTTP/1 reading (connection closed), by status code.",
                  [({"code": c}, v) for c, v in sorted(getattr(strict, "refused", {}).items())])
         d.metric("easgate_responses_total", "counter", "Responses sent to clients, by route and status code.",
                  [({"route": r, "code": c}, v) for (r, c), v in sorted(self.responses.items(), key=str)])
         held = Counter((route, cmd) for route, cmd in self.upstream.values() if cmd)
-        cfg = getattr(self.gw, "config", None)
+        cfg = self.current.config
         for r in getattr(cfg, "routes", ()) or ():
             if r.authorize:
                 for cmd in UpstreamPools.LONG_POLL_COMMANDS:
@@ -328,7 +329,7 @@ class Metrics:
         d.metric("easgate_upstream_errors_total", "counter",
                  "Requests that ended in an error instead of a response (upstream down, timeout, reset), by route.",
                  [({"route": r}, v) for r, v in sorted(self.upstream_errors.items())])
-        gate = self._gate()
+        gate = self.gate
         counters = dict(gate.counters) if gate is not None else {}
         decisions = []
         for k, v in sorted(counters.items()):
@@ -369,7 +370,7 @@ class Metrics:
         d.metric("easgate_policy_reloads_total", "counter", "Policy file reloads.", counters.get("policy_reloads", 0))
         d.metric("easgate_policy_reload_errors_total", "counter", "Policy reloads that failed (last good kept).",
                  counters.get("policy_reload_errors", 0))
-        trail = getattr(self.gw, "audit", None)
+        trail = self.audit
         if trail is not None:
             st = trail.log.stats
             d.metric("easgate_audit_writable", "gauge", "1 while the audit log accepts lines, 0 while it cannot be written.",
@@ -420,7 +421,7 @@ class Metrics:
                         status, body, ctype = "500 Internal Server Error", b"", "text/plain"
 
                 elif path == "/healthz":
-                    ok = getattr(self.gw, "config", None) is not None
+                    ok = self.current.config is not None
                     status = "200 OK" if ok else "503 Service Unavailable"
                     body, ctype = (b"ok\n" if ok else b"not configured\n"), "text/plain"
                 else:

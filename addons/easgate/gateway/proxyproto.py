@@ -225,8 +225,7 @@ class _Refuse(layer.Layer):
 class ProxyProtocol:
     """Reads PROXY headers from trusted balancers; refuses them from anybody else."""
 
-    def __init__(self, gw=None) -> None:
-        self.gw = gw
+    def __init__(self) -> None:
         self.trusted: Trusted | None = None
         self.require = True
         self.counts = {"accepted": 0, "refused_untrusted": 0, "refused_missing": 0, "refused_invalid": 0}
