@@ -2,16 +2,22 @@
 
 import-linter (run by `make test`, contracts in .importlinter) checks the direction between the
 sub-packages. These tests check the rest: easgate modules are imported at the top of a module
-(never inside a function, where a cycle hides), and no module imports another one's private
-(`_name`) names.
+(never inside a function, where a cycle hides), no module imports another one's private
+(`_name`) names, and no part of the gateway keeps or uses the `Gateway` that owns it (what the
+parts share is handed to each one: docs/architecture.md, "How the gateway's parts share state").
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
+from easgate.gateway.addon import Gateway
+from easgate.gateway.chain import make_addons
+
 PACKAGE = Path(__file__).resolve().parents[1] / "addons" / "easgate"
+ASSEMBLY = "chain.py"  # the one place the gateway and its parts are put together
 
 
 def modules() -> list[Path]:
@@ -77,3 +83,63 @@ def test_the_rules_see_a_violation(tmp_path):
     top = top_level_nodes(tree)
     found = [(names, id(node) in top) for node, names in easgate_imports(tree)]
     assert sorted(found) == [(["_private"], False), (["public"], True)]
+
+
+def names_gateway(annotation: ast.expr | None) -> bool:
+    """`Gateway`, `addon.Gateway`, `"Gateway"`, `Gateway | None`, ... (not `GatewayConfig`)."""
+    return annotation is not None and any(
+        (isinstance(n, ast.Name) and n.id == "Gateway") or (isinstance(n, ast.Attribute) and n.attr == "Gateway")
+        or (isinstance(n, ast.Constant) and isinstance(n.value, str) and "Gateway" in re.findall(r"\w+", n.value))
+        for n in ast.walk(annotation))
+
+
+def reaches_the_parent(tree: ast.AST) -> list[str]:
+    """Where a part of the gateway (any class but `Gateway` itself) keeps or uses its parent: an
+    attribute `.gw`, a parameter `gw` or annotated `Gateway`, or an import of `Gateway`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and "Gateway" in [a.name for a in node.names]:
+            found.append(f"{node.lineno}: imports Gateway")
+    for cls in ast.walk(tree):
+        if not isinstance(cls, ast.ClassDef) or cls.name == "Gateway":
+            continue
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Attribute) and node.attr == "gw":
+                found.append(f"{node.lineno}: {cls.name} uses .gw")
+            elif isinstance(node, ast.arg) and (node.arg == "gw" or names_gateway(node.annotation)):
+                found.append(f"{node.lineno}: {cls.name} takes the Gateway ({node.arg})")
+    return found
+
+
+def test_gateway_parts_do_not_reach_through_the_parent():
+    """A sub-addon gets the objects it shares (config holder, ledger, audit trail, TLS state, content
+    switch) at construction; none holds the Gateway to reach a sibling through it."""
+    found = []
+    for path in sorted((PACKAGE / "gateway").glob("*.py")):
+        if path.name == ASSEMBLY:
+            continue
+        found += [f"gateway/{path.name}:{w}" for w in reaches_the_parent(ast.parse(path.read_text(), str(path)))]
+    assert found == [], "gateway parts that keep or use the Gateway (hand them what they share):\n" + "\n".join(found)
+
+
+def test_no_assembled_part_holds_the_gateway():
+    """The same rule on the chain as `easgate run` builds it, whatever a part names its attributes."""
+    gw, final = make_addons()
+    for part in [*gw.addons, final]:
+        held = [k for k, v in vars(part).items() if isinstance(v, Gateway)]
+        assert held == [], f"{type(part).__name__}.{held[0]} holds the Gateway"
+
+
+def test_the_parent_rule_sees_a_violation():
+    tree = ast.parse("from .addon import Gateway\n"
+                     "class Part:\n"
+                     "    def __init__(self, owner: Gateway, gw=None, cfg: GatewayConfig = None, o: 'Gateway | None' = None):\n"
+                     "        self.owner = owner\n"
+                     "    def hook(self, flow):\n"
+                     "        return self.gw.switch.counts\n"
+                     "class Gateway:\n"
+                     "    def __init__(self):\n"
+                     "        self.gw = self\n")
+    assert reaches_the_parent(tree) == ["1: imports Gateway", "3: Part takes the Gateway (owner)",
+                                        "3: Part takes the Gateway (gw)", "3: Part takes the Gateway (o)",
+                                        "6: Part uses .gw"]
