@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gateway as bg  # noqa: E402  (the bench's servers, configs, processes)
 
@@ -153,14 +155,14 @@ def main() -> int:
     ap.add_argument("--per-device", type=int, default=30)
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
+    benchlib.refuse_dirty_write(args.write, "bench_cluster")
     with tempfile.TemporaryDirectory(prefix="easgate-bench-cluster-") as tmp:
         d = Path(tmp)
         generate_pki(d / "pki")
         section = run(d, d / "pki", args.nodes, args.devices, args.per_device)
     print(section)
     if args.write:
-        with open(bg.ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + section)
+        benchlib.append(section, "bench_cluster")
     return 0
 
 

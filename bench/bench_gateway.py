@@ -46,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
@@ -103,11 +105,8 @@ def machine() -> str:
     import mitmproxy.version
 
     wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1] if shutil.which("wrk") else "-"
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "addons"], cwd=ROOT, capture_output=True, text=True).stdout
     return (f"`nproc` {os.cpu_count()}, {cpu}, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"mitmproxy {mitmproxy.version.VERSION}, wrk {wrk_v}; easgate at {rev}"
-            + (" with uncommitted changes in addons/" if dirty else ""))
+            f"mitmproxy {mitmproxy.version.VERSION}, wrk {wrk_v}; easgate at {benchlib.commit()}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -915,6 +914,7 @@ def main() -> int:
     ap.add_argument("--profile-out", help="keep py-spy's raw (collapsed) stacks in this directory")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
+    benchlib.refuse_dirty_write(args.write, "bench_gateway")
     if not shutil.which("wrk") and args.what in ("throughput", "soak", "profile", "all"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     from easgate.tools.pki import generate_pki
@@ -939,8 +939,7 @@ def main() -> int:
                 sections.append(bench_profile(d, pki, args.profile_seconds, args.profile_out))
             print(sections[-1])
             if args.write:
-                with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-                    f.write("\n" + sections[-1].rstrip("\n") + "\n")
+                benchlib.append(sections[-1], "bench_gateway")
     return 0
 
 

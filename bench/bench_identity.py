@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -69,7 +70,8 @@ async def main(n: int) -> str:
          ["Bearer " + rs_token], der, binding),
     ]
     out = [f"## Identity cost per request (bench_identity.py, {time.strftime('%Y-%m-%d')})", "",
-           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, n={n} per row, "
+           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, easgate at "
+           f"{benchlib.commit()}, n={n} per row, "
            "one core, in process (no network)", "", "| sources | µs per request |", "|---|---|"]
     for name, p, auth, cert, rule in rows:
         out.append(f"| {name} | {await per_request_us(p, auth, cert, rule, n):.1f} |")
@@ -81,8 +83,8 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
     a = ap.parse_args()
+    benchlib.refuse_dirty_write(a.write, "bench_identity")
     text = asyncio.run(main(a.n))
     print(text)
     if a.write:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+        benchlib.append(text, "bench_identity")

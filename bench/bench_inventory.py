@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
@@ -155,6 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     a = ap.parse_args()
+    benchlib.refuse_dirty_write(a.write, "bench_inventory")
     policy = load_policy(ROOT / "policies" / "activesync-policy.yaml")
     rows_load, rows_lookup, rows_http = [], [], []
     with tempfile.TemporaryDirectory() as td:
@@ -223,16 +226,7 @@ def main() -> None:
     text = "\n".join(md) + "\n"
     print(text)
     if a.write:
-        results = ROOT / "bench" / "RESULTS.md"
-        if not results.exists():
-            results.write_text("# easgate benchmark results\n\nNumbers from the benchmarks in bench/ (never run as "
-                               "tests). Machine, unless a section says otherwise:\n\n" + machine())
-            section = text
-        else:
-            section = "Machine:\n\n" + machine() + "\n" + text
-        with open(results, "a") as f:
-            f.write("\n" + section)
-        print(f"appended to {results}")
+        benchlib.append(text.replace("\n\n", "\n\nMachine:\n\n" + machine() + "\n", 1), "bench_inventory")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (2_000, 25_000)
 ROUNDS = 3
@@ -99,17 +101,11 @@ def run_once(conf: Path, out: Path) -> tuple[float, float, int, float]:
     return took, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime
 
 
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return r.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
     args = ap.parse_args()
+    benchlib.refuse_dirty_write(args.write, "bench_netscaler")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for n in SIZES:
@@ -125,7 +121,7 @@ def main() -> None:
     text = [
         f"## NetScaler import: linear time and memory (bench/bench_netscaler.py, {time.strftime('%Y-%m-%d')})",
         "",
-        f"Commit {commit()}; {platform.python_implementation()} {platform.python_version()}, `nproc` {os.cpu_count()}. "
+        f"Commit {benchlib.commit()}; {platform.python_implementation()} {platform.python_version()}, `nproc` {os.cpu_count()}. "
         "Generated ns.conf files (service groups, cs actions, a callout responder policy on every lb "
         "vserver, an NSClientCert ssl policy) with N cs policies of mixed rules; each imported by "
         f"`easgate import-netscaler FILE -o OUT` in its own process, best of {ROUNDS} (time), peak RSS of the child. "
@@ -148,8 +144,7 @@ def main() -> None:
     section = "\n".join(text)
     print(section)
     if args.write:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write("\n" + section)
+        benchlib.append(section, "bench_netscaler")
 
 
 if __name__ == "__main__":

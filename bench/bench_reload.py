@@ -33,6 +33,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gateway as bg  # noqa: E402  (the fast upstreams, the gateway process helper)
 
@@ -197,13 +199,13 @@ def main() -> int:
     ap.add_argument("--baseline", type=float, default=30, help="seconds of requests before the reload (default 30)")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
+    benchlib.refuse_dirty_write(args.write, "bench_reload")
     out = run(args.devices, args.baseline)
     out += ("\nThe same reload in one process, nothing else running in it: the event loop's longest stall "
             "(a 1 ms ticker), old way against new.\n\n" + loop_lag(args.devices))
     print(out)
     if args.write:
-        with open(bg.ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + out.rstrip("\n") + "\n")
+        benchlib.append(out, "bench_reload")
     return 0
 
 

@@ -46,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
@@ -542,7 +544,8 @@ def machine() -> str:
 
     return (f"`nproc` {os.cpu_count()}, {cpu}, Linux {platform.release()}, Python {platform.python_version()}, "
             f"mitmproxy {mitmproxy.version.VERSION}, wrk {subprocess.run(['wrk', '-v'], capture_output=True, text=True).stdout.split()[1] if shutil.which('wrk') else '?'}, "
-            f"nginx upstreams, open files limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
+            f"nginx upstreams, open files limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; "
+            f"easgate at {benchlib.commit()}")
 
 
 def report(tp: dict | None, hp: dict | None, args) -> str:
@@ -606,6 +609,7 @@ def main() -> int:
     ap.add_argument("--skip-hold", action="store_true")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
+    benchlib.refuse_dirty_write(args.write, "bench_scale")
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench_scale: needs {tool} (apt-get install wrk nginx-light)", file=sys.stderr)
@@ -626,9 +630,7 @@ def main() -> int:
     text = report(tp, hp, args)
     print(text)
     if args.write:
-        results = ROOT / "bench" / "RESULTS.md"
-        with open(results, "a") as f:
-            f.write(("\n" if results.exists() and results.read_text() else "# easgate benchmark results\n\n") + text + "\n")
+        benchlib.append(text, "bench_scale")
     return 0
 
 
