@@ -2,26 +2,29 @@
 
 The device decision (lists, cache, connector, inventory, mode) says whether a device may reach
 Exchange at all. `CommandRules` then narrows what an allowed device may do, on every request and
-after the cache, so a cached allow never widens into a command a rule refuses:
+after the cache, so a cached allow never widens into a command a rule refuses. The rules live in
+the policy file (top-level `commands` and `rate_limits`: they reload with it, and `easgate replay
+--policy NEW.yaml` shows what a change would change) or, as first, in the gateway config's
+`authorization`; each key in one place only (gateway/authorize.py refuses both):
 
-    authorization:
-      commands:
-        groups: {contractors: [bob, "CONTOSO\\\\carol"]}
-        rules:
-          - name: read-only
-            when: {device_states: [unknown, non-compliant], groups: [contractors]}  # any of them
-            deny: [SendMail, SmartForward, SmartReply, attachments]
-          - name: android-basic
-            when: {device_types: [Android]}
-            allow: [Provision, Settings, FolderSync, Sync, Ping, GetItemEstimate]
-      rate_limits:
-        - {name: per-device, requests: 120, per_s: 60}
+    # the policy file (in the gateway config the same keys sit under `authorization:`)
+    commands:
+      groups: {contractors: [bob, "CONTOSO\\\\carol"]}
+      rules:
+        - name: read-only
+          when: {device_states: [unknown, non-compliant], groups: [contractors]}  # any of them
+          deny: [SendMail, SmartForward, SmartReply, attachments]
+        - name: android-basic
+          when: {device_types: [Android]}
+          allow: [Provision, Settings, FolderSync, Sync, Ping, GetItemEstimate]
+    rate_limits:
+      - {name: per-device, requests: 120, per_s: 60}
 
 The first rule whose `when` matches decides (`when` criteria of different kinds must all hold;
 the values of one kind are alternatives). `allow` lists the only commands permitted; `deny` the
 commands refused. `attachments` stands for GetAttachment and an ItemOperations Fetch of a
 FileReference (an attachment): such an ItemOperations request is decided on its WBXML body, which
-the gateway decodes once with a size bound and refuses when it cannot (gateway/commandgate.py).
+the gateway decodes once with a size bound and refuses when it cannot (gateway/authorize.py).
 
 Device states come from the policy's inventory: `managed` (listed, compliant), `non-compliant`
 (listed, not compliant), `unknown` (not listed); `unmanaged` is unknown or non-compliant.
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 from ..core.decision import Decision, Source
 from ..core.yamlfile import Node
 from .identity import COMMAND_CODES, LEGACY_PLAIN_COMMANDS
-from .policy import user_matches
+from .users import user_matches
 
 __all__ = ["ATTACHMENTS", "CommandRule", "CommandRules", "RateLimit", "RateLimiter", "STATES", "parse"]
 
@@ -158,7 +161,7 @@ class RateLimiter:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing (the gateway config's authorization.commands and authorization.rate_limits)
+# Parsing (`commands` and `rate_limits`, in the policy file or the gateway config's authorization)
 
 
 def _commands(n: Node, allow_attachments: bool = True) -> tuple[frozenset[str], bool]:

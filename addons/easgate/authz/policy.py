@@ -23,6 +23,13 @@ disable a rule::
     inventory_file: null        # optional extra inventory, path relative to the policy file:
                                 #   *.yaml / *.yml: a YAML list like `inventory` above
                                 #   *.csv: rows  device_id[,owner[,compliant]]  (see below)
+    commands:                   # command-level rules for allowed devices (authz/commands.py)
+      rules: [{name: read-only, when: {device_states: [unmanaged]}, deny: [SendMail, attachments]}]
+    rate_limits: [{name: per-device, requests: 120, per_s: 60}]
+
+``commands`` and ``rate_limits`` may instead stay in the gateway config's ``authorization``
+(where they were first); each may be given in one place only. In the policy file they reload with
+it and ``easgate replay --policy NEW.yaml`` shows what a change to them would change.
 
 Values:
 
@@ -98,7 +105,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from ..core.decision import Decision, Source, one_line
-from ..core.yamlfile import YamlError, parse_yaml_text, yaml_fix
+from ..core.errors import ConfigError
+from ..core.yamlfile import Node, YamlError, parse_yaml_text, yaml_fix
+from .commands import CommandRules
+from .commands import parse as parse_command_rules
+from .users import split_user, user_matches
 
 __all__ = [
     "IdentityLike",
@@ -114,7 +125,8 @@ __all__ = [
 ]
 
 MODES = ("block", "permit")
-TOP_KEYS = ("mode", "allow", "deny", "inventory", "inventory_file")
+TOP_KEYS = ("mode", "allow", "deny", "inventory", "inventory_file", "commands", "rate_limits")
+COMMAND_KEYS = ("commands", "rate_limits")  # the command-level part (authz/commands.py)
 LIST_KEYS = ("devices", "users", "device_types", "user_agents")
 INVENTORY_KEYS = ("device_id", "owner", "compliant")
 _TRUE = frozenset({"true", "yes", "y", "1", "on"})
@@ -138,35 +150,6 @@ class PolicyError(ValueError):
         super().__init__(message)
         self.file = str(file) if file is not None else None
         self.key = key
-
-
-# --------------------------------------------------------------------------- users
-
-
-def split_user(user: str) -> tuple[str, str, bool]:
-    """``(full, bare, has_domain)``, lower-cased.
-
-    ``CONTOSO\\Alice`` -> ``("contoso\\alice", "alice", True)``;
-    ``Alice@Contoso.com`` -> ``("alice@contoso.com", "alice", True)``;
-    ``alice`` -> ``("alice", "alice", False)``.
-    """
-    full = user.strip().lower()
-    bare = full
-    has_domain = False
-    if "\\" in bare:
-        bare = bare.rpartition("\\")[2]  # the account follows the last backslash
-        has_domain = True
-    if "@" in bare:
-        bare = bare.rpartition("@")[0]
-        has_domain = True
-    return full, bare, has_domain
-
-
-def user_matches(entry: str, user: str) -> bool:
-    """Does the policy ``entry`` match the ``user`` a client sent? (See "User matching".)"""
-    e_full, e_bare, e_dom = split_user(entry)
-    u_full, u_bare, _ = split_user(user)
-    return e_full == u_full if e_dom else e_bare == u_bare
 
 
 def _show(value: str, limit: int = 80) -> str:
@@ -278,6 +261,8 @@ class Policy:
     inventory: dict[str, InventoryEntry] = field(default_factory=dict)  # lower DeviceId ->
     inventory_file: Path | None = None
     files: tuple[Path, ...] = ()  # every file read (policy + inventory_file), for change detection
+    command_rules: CommandRules = field(default_factory=CommandRules)  # `commands` and `rate_limits`
+    command_keys: frozenset[str] = frozenset()  # which of COMMAND_KEYS the file gives (even empty)
 
     # -- evaluation -----------------------------------------------------------------
 
@@ -589,6 +574,13 @@ def parse_policy(data: Mapping[str, Any] | None, *, source: Path | None, base_di
         _load_inventory_file(inv_path, ctx, inventory)
         files.append(inv_path)
 
+    command_keys = frozenset(k for k in COMMAND_KEYS if data.get(k) is not None)
+    try:
+        root = Node(Path(source) if source is not None else Path("<policy>"), "", dict(data))
+        command_rules = parse_command_rules(root.child("commands"), root.child("rate_limits"))
+    except ConfigError as e:
+        raise PolicyError(str(e), file=source, key=e.key) from None
+
     return Policy(
         mode=mode,
         source_path=source,
@@ -597,6 +589,8 @@ def parse_policy(data: Mapping[str, Any] | None, *, source: Path | None, base_di
         inventory=inventory,
         inventory_file=inv_path,
         files=tuple(files),
+        command_rules=command_rules,
+        command_keys=command_keys,
     )
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .policy import user_matches
+from .users import user_matches
 
 logger = logging.getLogger(__name__)
 

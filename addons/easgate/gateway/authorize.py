@@ -36,9 +36,9 @@ from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
 from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
-from ..authz.commands import CommandRule, RateLimiter, device_state
+from ..authz.commands import CommandRule, CommandRules, RateLimiter, device_state
 from ..authz.engine import Engine
-from ..authz.policy import Policy, PolicyError, PolicyStore
+from ..authz.policy import COMMAND_KEYS, Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
 from ..authz.revocations import RevocationFile
 from ..authz.revocations import append as append_revocation
@@ -80,6 +80,33 @@ def policy_digest(store: PolicyStore | None) -> str:
         return hashlib.sha256(store.path.read_bytes()).hexdigest()[:16]
     except OSError:
         return f"unreadable-{store.generation}"
+
+
+class CommandKeyConflict(PolicyError):
+    """`commands` or `rate_limits` in both the policy file and the gateway config."""
+
+
+def command_key_conflict(policy: Policy, auth: Authorization | None) -> CommandKeyConflict | None:
+    """The error when the policy file and the gateway config both give `commands` or `rate_limits`:
+    two places for one rule set would leave an administrator guessing which one is in force."""
+    own = auth.commands if auth else CommandRules()
+    for key in COMMAND_KEYS:
+        if key in policy.command_keys and (own.rules if key == "commands" else own.rate_limits):
+            where = policy.source_path or "the policy file"
+            return CommandKeyConflict(
+                f"{where}: {key}: also set in the gateway config (authorization.{key}); give it in one place: "
+                f"remove authorization.{key} from the gateway config (the policy file's reloads with it and "
+                f"easgate replay --policy covers it) or remove {key} from the policy file", file=policy.source_path,
+                key=key)
+    return None
+
+
+def effective_command_rules(policy: Policy, auth: Authorization | None) -> CommandRules:
+    """The command rules and rate limits in force: each from the policy file when it gives them,
+    else from the gateway config."""
+    own = auth.commands if auth else CommandRules()
+    return CommandRules(policy.command_rules.rules if "commands" in policy.command_keys else own.rules,
+                        policy.command_rules.rate_limits if "rate_limits" in policy.command_keys else own.rate_limits)
 
 
 def identity_dict(ident: identity.Identity) -> dict:
@@ -127,6 +154,8 @@ class ActiveSyncGate:
         self._internal_suppressed = 0
         self.shared: SharedCache | None = None  # the Redis tier (docs/scaling.md), if configured
         self._digest = "-"
+        self._rules = CommandRules()
+        self._rules_of: Policy | None = None  # the policy `_rules` were merged with
 
     # -- configuration --------------------------------------------------------------------
 
@@ -136,7 +165,10 @@ class ActiveSyncGate:
         policy = None
         if auth and auth.policy:
             try:
-                policy = PolicyStore(auth.policy, prepare=self._compact, retire=policyload.release)
+                policy = PolicyStore(auth.policy, prepare=functools.partial(self._admit, auth),
+                                     retire=policyload.release)
+            except CommandKeyConflict as e:
+                raise ConfigError(cfg.path, f"authorization.{e.key}", str(e))
             except PolicyError as e:
                 raise ConfigError(cfg.path, "authorization.policy", str(e), "fix the policy file")
         revocations = RevocationFile(auth.revocations if auth else None)
@@ -165,6 +197,7 @@ class ActiveSyncGate:
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
         self.limiter = RateLimiter(auth.commands.rate_limits if auth else ())
+        self._rules_of = None
         self.revocations = revocations
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
@@ -224,6 +257,13 @@ class ActiveSyncGate:
         if self.shared:
             self._spawn(self.shared.close())
 
+    def _admit(self, auth: Authorization | None, policy: Policy) -> Policy:
+        """A loaded policy is refused if it gives command rules the config gives too; else compacted."""
+        err = command_key_conflict(policy, auth)
+        if err is not None:
+            raise err
+        return self._compact(policy)
+
     def _compact(self, policy):
         """A large inventory goes to an SQLite file (built off the loop on reloads: policyload)."""
         if len(policy.inventory) <= policyload.COMPACT_ABOVE:
@@ -249,7 +289,12 @@ class ActiveSyncGate:
                 logger.debug(f"easgate: policy check {store.checks} done")
 
     async def _load_elsewhere(self, path: Path):
-        return await policyload.load_policy_elsewhere(path, self._scratch())
+        policy = await policyload.load_policy_elsewhere(path, self._scratch())
+        err = command_key_conflict(policy, self.auth)
+        if err is not None:
+            policyload.release(policy)
+            raise err
+        return policy
 
     def _reload(self, force: bool) -> str:
         if not self.policy:
@@ -362,12 +407,20 @@ class ActiveSyncGate:
         """The device decision, then (for an allowed device) the command rules and rate limits.
         `count`: the request counts against the rate limits (a held request re-checked does not)."""
         ident, d = await self.decide_device(flow)
-        if not d.allow or ident is None or not self.auth.commands:
+        if not d.allow or ident is None or not self.command_rules():
             return ident, d
         return ident, self.command_decision(flow, ident, d, count)
 
+    def command_rules(self) -> CommandRules:
+        """The command rules and rate limits in force (the policy file's, else the config's)."""
+        policy = self._policy()
+        if policy is not self._rules_of:  # merged once per policy version, not per request
+            self._rules, self._rules_of = effective_command_rules(policy, self.auth), policy
+            self.limiter.limits = self._rules.rate_limits  # counts of limits kept by name survive a reload
+        return self._rules
+
     def command_decision(self, flow: http.HTTPFlow, ident: identity.Identity, d: Decision, count: bool) -> Decision:
-        rules = self.auth.commands
+        rules = self.command_rules()
         rule: CommandRule | None = None
         if rules.rules:
             rule = rules.rule_for(ident.user, ident.device_type, ident.user_agent, self.device_state(ident))

@@ -19,8 +19,11 @@ from ..authz.policy import Policy, PolicyError, load_policy, parse_policy
 
 
 def describe(p: Policy) -> str:
+    rules = p.command_rules
+    extra = "".join(f", {n} {what}" for n, what in ((len(rules.rules), "command rules"),
+                                                   (len(rules.rate_limits), "rate limits")) if n)
     return (f"mode {p.mode}, {len(p.allow)} allow and {len(p.deny)} deny entries, "
-            f"{len(p.inventory)} inventory devices")
+            f"{len(p.inventory)} inventory devices{extra}")
 
 
 def _check_inventory(path: Path) -> Policy:

@@ -70,6 +70,7 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,10 @@ from ..authz.policy import PolicyError, PolicyStore
 from ..core import keys
 from ..core.errors import ConfigError
 from ..core.net import parse_port, split_hostport
-from ..gateway.authorize import ActiveSyncGate
+from ..gateway.authorize import ActiveSyncGate, command_key_conflict
 from ..gateway.certheader import fold
 from ..gateway.chain import make_addons, validate_config
-from ..gateway.config import DEFAULT_CERT_HEADER
+from ..gateway.config import DEFAULT_CERT_HEADER, GatewayConfig
 from ..gateway.xnc import Answer, ConnectorError
 from . import capture
 
@@ -107,6 +108,7 @@ class Outcome:
     source: str = ""
     status: int | None = None
     cert: str = ""  # the client certificate verdict: none | verified | invalid ("" unknown)
+    rule: str = ""  # the command rule or rate limit that applied ("" none)
 
     def key(self, strict: bool) -> tuple:
         # A refused connection is refused before routing: the live gateway records neither a route
@@ -116,12 +118,12 @@ class Outcome:
 
     def as_dict(self) -> dict:
         return {"route": self.route, "decision": self.decision, "reason": self.reason, "source": self.source,
-                "status": self.status, "cert": self.cert}
+                "status": self.status, "cert": self.cert, "rule": self.rule}
 
     @classmethod
     def from_dict(cls, d: dict) -> Outcome:
         return cls(d.get("route"), d.get("decision", "?"), d.get("reason", ""), d.get("source", ""), d.get("status"),
-                   d.get("cert", ""))
+                   d.get("cert", ""), d.get("rule") or "")
 
     def describe(self) -> str:
         if self.decision in ("allow", "deny") and self.source:
@@ -152,7 +154,7 @@ def outcome_of(flow: http.HTTPFlow, refused: str | None = None) -> Outcome:
             why += f"; client certificate {cert}: {cc.get('reason')}"
         return Outcome(route, "pass", why, "", status, cert)
     return Outcome(route, "allow" if d.get("allow") else "deny", d.get("reason", ""), d.get("source", ""), status,
-                   cert)
+                   cert, m.get(keys.RULE) or "")
 
 
 def identity_of(flow: http.HTTPFlow) -> dict:
@@ -309,6 +311,10 @@ class ReplayCheck:
             return
         prepare(flow, self.gw)
         self.connector.recorded = flow.metadata[keys.RECORDED]
+        gate = self._gate()
+        if gate is not None:  # rate limits count in the capture's time, not the replay's (a burst)
+            ts = flow.request.timestamp_start
+            gate.limiter.clock = (lambda: ts) if ts else time.monotonic
         if ctx.options.easgate_replay_cert_time == "capture":
             ts = flow.client_conn.timestamp_start or flow.request.timestamp_start
             if ts:
@@ -639,14 +645,23 @@ class Change:
     before: Outcome
     after: Outcome
 
+    @property
+    def rule(self) -> str:
+        """The command rule or rate limit behind the new decision, else the one behind the old."""
+        return self.after.rule or self.before.rule
+
     def as_dict(self) -> dict:
         return {"capture": self.capture, "index": self.index, "user": self.user, "device": self.device,
-                "command": self.command, "before": self.before.as_dict(), "after": self.after.as_dict()}
+                "command": self.command, "rule": self.rule or None, "before": self.before.as_dict(),
+                "after": self.after.as_dict()}
 
     def line(self) -> str:
+        rule = self.after.rule or "-"
+        if self.before.rule and self.before.rule != self.after.rule:
+            rule += f" (was {self.before.rule})"
         return (f"{self.capture} #{self.index}  user={self.user or '-'} device={self.device or '-'} "
                 f"command={self.command or '-'}: {self.before.describe()} -> {self.after.describe()}  "
-                f"rule: {self.after.reason or '-'} (was: {self.before.reason or '-'})")
+                f"rule: {rule}  reason: {self.after.reason or '-'} (was: {self.before.reason or '-'})")
 
 
 def what_if(before: list[Result], after: list[Result]) -> list[Change]:
@@ -658,10 +673,12 @@ def what_if(before: list[Result], after: list[Result]) -> list[Change]:
     return changes
 
 
-def _what_if(args, paths: list[Path], verbosity: str) -> int:
+def _what_if(args, paths: list[Path], verbosity: str, cfg: GatewayConfig) -> int:
     new = Path(args.policy)
     try:
-        PolicyStore(new)
+        conflict = command_key_conflict(PolicyStore(new).policy, cfg.authorization)
+        if conflict is not None:
+            raise conflict
     except PolicyError as e:
         print(f"easgate replay: --policy {new}: {e}", file=sys.stderr)
         return 2
@@ -707,12 +724,12 @@ def cmd_replay(args) -> int:
                       file=sys.stderr)
                 return 2
             try:
-                validate_config(args.config)
+                cfg = validate_config(args.config)
             except ConfigError as e:
                 print(f"easgate: config error: {e}", file=sys.stderr)
                 return 2
             if args.policy:  # the per-flow "differs from the capture" lines are not the question here
-                return _what_if(args, paths, verbosity if args.verbose else "error")
+                return _what_if(args, paths, verbosity if args.verbose else "error", cfg)
             results = asyncio.run(run_offline(paths, Path(args.config), cert_time=args.cert_time,
                                               strict=args.strict, verbosity=verbosity, audit_log=args.audit_log,
                                               call_connector=args.connector))
@@ -750,8 +767,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="offline: call the config's connector (default: reuse its answers recorded in the capture; "
                         "a call records the device as seen)")
     s.add_argument("--policy", metavar="NEW.yaml",
-                   help="what-if: replay with the config's policy and with this one instead; list every decision "
-                        "that would change (device, command, before, after, rule); exit 1 if any")
+                   help="what-if: replay with the config's policy and with this one instead (its lists, inventory, "
+                        "command rules and rate limits); list every decision that would change (device, command, "
+                        "before, after, rule); exit 1 if any")
     s.add_argument("--json", action="store_true", help="one JSON object per flow instead of the table")
     s.add_argument("-v", "--verbose", action="store_true", help="show the gateway's log")
     s.add_argument("--target", type=_target, metavar="HOST:PORT",
