@@ -24,11 +24,14 @@ from easgate.authz.policy import PolicyStore
 from easgate.authz.revocations import RevocationFile, append
 from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
+from easgate.authz.eas_deny import BLOCKED_STATUS
 from easgate.tools.standins import ExchangeStandIn
+from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
 import conftest
 from conftest import GatewayProcess, easgate_argv, request
 from doccommands import covers, doc_command
+from support.holding import HoldingUpstream
 
 IPHONE = "ApplF17ABCDEF01"
 POLICY = {"mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice", "compliant": True}]}
@@ -79,12 +82,15 @@ class HeldPing:
         self.local_port = self.conn.sock.getsockname()[1]
         self.ended: float | None = None
         self.outcome: object = None
+        self.response: conftest.Response | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            self.outcome = request(self.port, "POST", PING, None, headers=BASIC, body=b"\x03\x01\x6a\x00", conn=self.conn).status
+            self.response = request(self.port, "POST", PING, None, headers=BASIC, body=b"\x03\x01\x6a\x00",
+                                    conn=self.conn)
+            self.outcome = self.response.status
         except Exception as e:  # noqa: BLE001 - a reset is the expected end
             self.outcome = type(e).__name__
         self.ended = time.monotonic()
@@ -269,3 +275,58 @@ def test_easgate_revoke_from_mitmwebs_command_bar_closes_the_held_ping(pki, hold
         assert request(proc.port, "POST", SYNC, pki, headers=BASIC).status == 403
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The held request gets the deny a phone understands
+
+
+def wbxml_status(body: bytes) -> tuple[str, str | None]:
+    """(root element, first Status) of a WBXML body, decoded with mitmproxy's decoder."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(ASCommandResponse(body).xmlString)
+    status = next((el.text for el in root.iter() if el.tag.rpartition("}")[2] == "Status"), None)
+    return root.tag.rpartition("}")[2], status
+
+
+@pytest.mark.parametrize("mode", ["http", "activesync", "drop"])
+def test_a_revoked_held_ping_is_answered_with_the_deny_mode_and_its_upstream_closed(mode, pki, mdm, tmp_path):
+    upstream = HoldingUpstream((pki / "exchange.pem", pki / "exchange.key"))
+    deny = {"mode": mode, **({"status": 503, "retry_after_s": 600} if mode == "http" else {})}
+    cfg = conftest.authz_config(pki, upstream, mdm, tmp_path, policy=POLICY, deny=deny,
+                                revocations=str(tmp_path / "revocations.jsonl"))
+    g = start(cfg, tmp_path, workers=1)
+    try:
+        ping = HeldPing(g.port, pki)
+        wait_for(lambda: upstream.held, 10, "the Ping held upstream", g)
+        t0 = time.monotonic()
+        p = subprocess.run(easgate_argv("revoke", str(tmp_path / "gateway.yaml"), "alice", IPHONE,
+                                        "--reason", "phone reported lost"), capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        ping.thread.join(BOUND_S + 2)
+        assert ping.ended is not None and ping.ended - t0 < BOUND_S, (ping.outcome, g.output)
+        r = ping.response
+        if mode == "http":  # the configured status, as for any deny
+            assert r is not None and r.status == 503 and r.headers["Retry-After"] == "600", ping.outcome
+            answer = "HTTP 503"
+        elif mode == "activesync":  # Exchange's answer to a blocked device: Ping Status 129 ([MS-ASCMD] 2.2.2)
+            assert r is not None and r.status == 200, ping.outcome
+            assert r.headers["Content-Type"] == "application/vnd.ms-sync.wbxml"
+            assert wbxml_status(r.body) == ("Ping", str(BLOCKED_STATUS))
+            answer = "Ping Status 129 DeviceIsBlockedForThisUser (EAS 16.1)"
+        else:  # drop: the connection is closed, as NetScaler's DROP
+            assert r is None and ping.outcome != 200, ping.outcome
+            answer = "connection reset"
+        if r is not None:
+            assert r.headers["Connection"] == "close"
+        # the upstream connection that held the Ping is closed too
+        wait_for(lambda: upstream.closed, BOUND_S, "the upstream connection closed", g)
+        assert upstream.closed[0] - t0 < BOUND_S
+        closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5,
+                          "the audit line", g)
+        assert [(a["trigger"], a["reason"], a["source"], a["command"], a["answer"]) for a in closed] == [
+            ("revocation", "revoked: phone reported lost", "revoked", "Ping", answer)], closed
+    finally:
+        g.stop()
+        upstream.stop()

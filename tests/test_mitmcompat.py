@@ -184,3 +184,28 @@ def test_release_buffers_sets_the_mode_on_one_connection():
     conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
     mitmcompat.release_buffers(conn)
     assert SSL._lib.SSL_set_mode(conn._ssl, 0) & SSL.MODE_RELEASE_BUFFERS  # SSL_set_mode returns the mode
+
+
+def test_an_upstream_that_closes_before_answering_ends_in_handle_protocol_error():
+    """answer_held resets the upstream of a held request and answers it in handle_protocol_error: the
+    upstream's close must reach the stream there as a ResponseProtocolError, in the states checked,
+    and send_response must finish the exchange (response hook, head, body, end of message)."""
+    mitmcompat.install()
+    wrapped = HttpStream.handle_protocol_error
+    assert getattr(wrapped, "_easgate", False), "the held-request answer was not installed"
+    original = inspect.getsource(inspect.unwrap(wrapped.__closure__[0].cell_contents))
+    assert "ResponseProtocolError" in original and "HttpErrorHook" in original
+    assert "server closed connection" in inspect.getsource(_http1.Http1Client.read_headers)
+    def unwrapped(fn):  # mitmcompat's own wrappers keep mitmproxy's function in their closure
+        while getattr(fn, "_easgate", False):
+            fn = next(c.cell_contents for c in fn.__closure__ if inspect.isfunction(c.cell_contents))
+        return fn
+
+    assert "self.server_state = self.state_wait_for_response_headers" in inspect.getsource(
+        unwrapped(HttpStream.state_wait_for_request_headers))
+    assert "self.client_state = self.state_done" in inspect.getsource(HttpStream.state_consume_request_body)
+    assert "HttpResponseHook" in inspect.getsource(HttpStream.send_response)
+    assert "flow_done" in inspect.getsource(HttpStream.send_response)
+    assert "ResponseEndOfMessage" in inspect.getsource(HttpStream.flow_done)
+    for name in ("state_done", "state_wait_for_response_headers", "check_killed"):
+        assert callable(getattr(HttpStream, name)), name

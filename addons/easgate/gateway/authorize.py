@@ -47,6 +47,7 @@ from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
 from ..core.net import host_of
 from ..core.paths import normalize_path
+from . import mitmcompat
 from .addon import ContentSwitch
 from .audittrail import AuditTrail
 from .config import Authorization, GatewayConfig
@@ -622,11 +623,18 @@ class ActiveSyncGate:
 
     # -- held requests ----------------------------------------------------------------------
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if mitmcompat.withdraw_held_answer(flow):
+            # the upstream answered a request being ended for a deny before its connection closed:
+            # that answer does not reach the denied device; the connection is reset instead
+            flow.kill()
+
     def response(self, flow: http.HTTPFlow) -> None:
         self.holds.remove(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.holds.remove(flow)
+        mitmcompat.withdraw_held_answer(flow)
 
     async def _watch_holds(self) -> None:
         while True:
@@ -668,16 +676,28 @@ class ActiveSyncGate:
             self.close_held(h, d, trigger)
 
     def close_held(self, h: Held, d: Decision, trigger: str) -> None:
+        """End a held request whose device is now denied: answered with the deny a phone understands
+        (deny.mode) while the client has no response bytes yet, else both connections reset."""
         enforced = self.enforced(h.flow)
-        if enforced:
+        flow, ident = h.flow, h.ident
+        how = self.deny_answer(ident, d) if enforced else None
+        held_s: float | None = None
+        if how is not None:
+            held_s = self.holds.answer(h, http.Response.make(how.status, how.body, how.headers))
+        if held_s is not None:
+            answered = how.why if how is not None else ""
+            flow.metadata[keys.ANSWER] = answered
+        elif enforced:
             held_s = self.holds.close(h)
+            answered = "connection reset"
         else:  # shadow mode: record what would have been closed, leave it open
             self.holds.remove(h.flow)
             held_s = self.holds.clock() - h.since
+            answered = ""
         self.counters["held_closed" if enforced else "held_shadow_closed"] += 1
-        flow, ident = h.flow, h.ident
         did = "closed" if enforced else "shadow, not enforced: would close"
-        flow.comment = f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.comment = (f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
+                        + (f"; answered {answered}" if answered else ""))
         flow.marked = ":no_entry:" if enforced else ":eyes:"
         flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}
         self.audit.log.submit({
@@ -690,10 +710,10 @@ class ActiveSyncGate:
             "decision": d.verdict, "reason": d.reason, "source": d.source,
             "held_s": round(held_s, 3),
             "flow": flow.id,
-            **({} if enforced else {"enforced": False}),
+            **({"answer": answered} if enforced else {"enforced": False}),
         })
         logger.info(f"easgate: {did} {ident.command} of {ident.user} {ident.device_id} held {held_s:.1f}s "
-                    f"({trigger}): {d.reason} [{d.source}]")
+                    f"({trigger}): {d.reason} [{d.source}]" + (f"; answered {answered}" if answered else ""))
 
     # -- commands -------------------------------------------------------------------------
 

@@ -6,8 +6,11 @@ when it arrived would otherwise outlive a block by that long: a lost phone keeps
 so the gate can close them when the device's decision turns to deny (a revocation, a policy
 reload, a re-authorization that now denies) and re-authorize each at least every allow_ttl_s.
 
-Closing is a reset of both connections (client and upstream): mitmproxy cannot answer a request
-whose upstream exchange is under way, and a reset ends the long poll at once on both sides.
+Ending one answers it, where the client has no response bytes yet, with the deny a phone
+understands (deny.mode: the HTTP status, or the command's WBXML response with status 129/130) and
+closes its upstream connection (`answer`, through mitmcompat.answer_held); otherwise (deny.mode
+drop, a response already under way) both connections are reset (`close`), which ends the long
+poll at once on both sides.
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ class HeldRequests:
         """The held requests whose last allow is at least every_s old and not being re-checked."""
         now = self.clock()
         return [h for h in self.held.values() if not h.checking and now - h.authorized >= every_s]
+
+    def answer(self, h: Held, response: http.Response) -> float | None:
+        """Answer a held request with `response` and close its upstream connection; how long it was
+        held, or None when it cannot be answered (then `close` it)."""
+        if not mitmcompat.answer_held(h.flow, response):
+            return None
+        self.held.pop(h.flow.id, None)
+        return self.clock() - h.since
 
     def close(self, h: Held) -> float:
         """Reset the client and upstream connections of a held request; returns how long it was held."""

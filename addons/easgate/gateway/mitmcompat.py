@@ -3,7 +3,8 @@
 mitmproxy has no public API for what a gateway needs here: aborting one connection's transport,
 cancelling a connect that hangs, checking an upstream's host name with OpenSSL's verify
 parameters, fixing a crash in its HTTP/1 layer, seeing a request head's raw bytes before it is
-parsed, and holding back `100 Continue` for a request that is already answered. Each function names what it relies on;
+parsed, holding back `100 Continue` for a request that is already answered, and answering a
+request whose upstream is still holding it (a Ping a block ends). Each function names what it relies on;
 tests/test_mitmcompat.py checks each of those against the installed mitmproxy, so an upgrade that
 changes one fails loudly there instead of silently here.
 """
@@ -47,6 +48,7 @@ def install() -> None:
     _http1_request_trailers()
     _http1_error_pages()
     _client_handshake_failure_reason()
+    _answer_held_requests()
 
 
 def _client_handshake_failure_reason() -> None:
@@ -218,6 +220,63 @@ def answer_before_continue() -> None:
 
     state_wait_for_request_headers._easgate = True  # type: ignore[attr-defined]
     cls.state_wait_for_request_headers = state_wait_for_request_headers
+
+
+# -- answering a held request -----------------------------------------------------------------
+# Relies on: HttpStream.handle_protocol_error(event) being where the ResponseProtocolError of an
+# upstream connection that closed before answering reaches the stream (Http1Client turns the
+# ConnectionClosed into one), with self.flow, self.client_state (state_done once the whole request
+# was sent upstream) and self.server_state (state_wait_for_response_headers until the upstream's
+# head arrives); and send_response(), which runs the response hook, sends the head and body and,
+# the request being done, flow_done()'s ResponseEndOfMessage. Aborting the upstream transport: abort().
+
+_held_answers: dict[str, http.Response] = {}  # flow id -> the answer to send when its upstream closes
+
+
+def answer_held(flow: http.HTTPFlow, response: http.Response) -> bool:
+    """Answer a request the upstream holds (a Ping) with `response` instead of the upstream's answer:
+    its upstream connection is reset now, and where mitmproxy would then send the client an error
+    page it sends `response` (with `Connection: close`). False, and nothing done, when that cannot
+    be: the client already has response bytes, or there is no upstream connection to close."""
+    if flow.response is not None or not flow.live or not flow.server_conn.connected:
+        return False
+    _held_answers[flow.id] = response
+    if not abort(flow.client_conn, flow.server_conn):
+        _held_answers.pop(flow.id, None)
+        return False
+    return True
+
+
+def withdraw_held_answer(flow: http.HTTPFlow) -> bool:
+    """Forget the answer waiting for this flow's upstream to close; True if there was one (the
+    upstream answered first, or the flow ended otherwise)."""
+    return _held_answers.pop(flow.id, None) is not None
+
+
+def _answer_held_requests() -> None:
+    cls = http_layers.HttpStream
+    original = cls.handle_protocol_error
+    if getattr(original, "_easgate", False):
+        return
+
+    def handle_protocol_error(self, event):
+        flow = getattr(self, "flow", None)
+        response = _held_answers.pop(flow.id, None) if flow is not None and isinstance(
+            event, ResponseProtocolError) else None
+        if (response is None or flow.response is not None or self.client_state != self.state_done
+                or self.server_state != self.state_wait_for_response_headers):
+            return (yield from original(self, event))
+        response.headers["Connection"] = "close"
+        response.timestamp_start = time.time()
+        flow.response = response
+        yield HttpResponseHeadersHook(flow)
+        if (yield from self.check_killed(True)):
+            return None
+        yield from self.send_response()  # the response hook, head, body, end of message; then closed
+        return None
+
+    handle_protocol_error._easgate = True  # type: ignore[attr-defined]
+    cls.handle_protocol_error = handle_protocol_error
 
 
 # -- connections ------------------------------------------------------------------------------
