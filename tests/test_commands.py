@@ -11,6 +11,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import yaml
 from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
 from easgate.authz.wbxml import E, wbxml
@@ -146,3 +147,36 @@ def test_bad_command_rules_are_one_line_errors(pki, exchange, mdm, tmp_path):
         p = subprocess.run(easgate_argv("check", str(conftest.write_config(tmp_path, cfg))), capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 2 and key in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_command_rules_in_the_policy_file_apply_and_reload_with_it(start_gateway, pki, exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, policy=dict(POLICY, commands=COMMANDS))
+    g = start_gateway(cfg, extra=["--set", "easgate_policy_poll_ms=100"])
+
+    def send(device):
+        return request(g.port, "POST", path("SendMail", device), pki, headers=auth("alice"), body=b"\x03\x01\x6a\x00")
+
+    assert send(IPAD).status == 403  # unmanaged: the policy file's read-only rule
+    assert send(IPHONE).headers.get("X-Upstream") == "exchange"
+    denied = audit(tmp_path)[0]
+    assert (denied["decision"], denied["source"], denied["rule"]) == ("deny", "command", "read-only")
+    # a new policy without the rule, renamed over the old one: applied without a restart
+    (tmp_path / "policy.new").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "policy.new").replace(tmp_path / "policy.yaml")
+    conftest.wait_for(lambda: send(IPAD).status == 200, 10, "the reloaded policy", g)
+    assert audit(tmp_path)[-1]["decision"] == "allow" and "rule" not in audit(tmp_path)[-1]
+
+
+def test_command_rules_in_the_config_and_the_policy_file_are_one_line(pki, exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, policy=dict(POLICY, commands=COMMANDS),
+                                commands=COMMANDS)
+    p = subprocess.run(easgate_argv("check", str(conftest.write_config(tmp_path, cfg))), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "authorization.commands" in p.stderr and "give it in one place" in p.stderr, p.stderr
+    # rate limits from the config and rules from the policy file are fine together
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, policy=dict(POLICY, commands=COMMANDS),
+                                rate_limits=[{"name": "per-device", "requests": 100, "per_s": 60}])
+    p = subprocess.run(easgate_argv("check", str(conftest.write_config(tmp_path, cfg))), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

@@ -13,20 +13,21 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import yaml
+from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 from test_mitmweb import start_web
 
 from easgate.authz.audit import AuditLog
+from easgate.authz.eas_deny import BLOCKED_STATUS
 from easgate.authz.policy import PolicyStore
 from easgate.authz.revocations import RevocationFile, append
 from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
-from easgate.authz.eas_deny import BLOCKED_STATUS
 from easgate.tools.standins import ExchangeStandIn
-from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
 import conftest
 from conftest import GatewayProcess, easgate_argv, request
@@ -283,8 +284,6 @@ def test_easgate_revoke_from_mitmwebs_command_bar_closes_the_held_ping(pki, hold
 
 def wbxml_status(body: bytes) -> tuple[str, str | None]:
     """(root element, first Status) of a WBXML body, decoded with mitmproxy's decoder."""
-    import xml.etree.ElementTree as ET
-
     root = ET.fromstring(ASCommandResponse(body).xmlString)
     status = next((el.text for el in root.iter() if el.tag.rpartition("}")[2] == "Status"), None)
     return root.tag.rpartition("}")[2], status

@@ -94,3 +94,56 @@ def test_replay_with_a_broken_policy_is_one_line(tmp_path, pki):
     p = replay(str(CAPTURES / "iphone-managed.mitm"), "--config", config,
                "--policy", str(tmp_path / "bad.yaml"))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "mode" in p.stderr, p.stderr
+
+
+READ_ONLY = {"rules": [{"name": "read-only", "deny": ["SendMail"]}]}  # every device: no sending
+
+
+def with_commands(commands: dict) -> dict:
+    return dict(yaml.safe_load((CAPTURES / "policy.yaml").read_text()), commands=commands)
+
+
+def test_replay_what_if_covers_command_rules_in_the_policy_file(tmp_path, pki):
+    config = str(replay_config(tmp_path, pki))
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(with_commands(READ_ONLY)))
+    caps = sorted(str(p) for p in CAPTURES.glob("*.mitm"))
+    p = replay(*caps, "--config", config, "--policy", str(tmp_path / "new.yaml"), "--json")
+    assert p.returncode == 1, p.stderr
+    changes = [json.loads(line) for line in p.stdout.splitlines()]
+    # every SendMail the captures hold (alice's iPhone, the SOGo session), and nothing else
+    assert sorted((Path(c["capture"]).stem, c["device"], c["command"]) for c in changes) == [
+        ("iphone-managed", IPHONE, "SendMail"), ("sogo-managed", IPHONE, "SendMail")], changes
+    for c in changes:
+        assert c["rule"] == "read-only" and c["after"]["rule"] == "read-only" and c["before"]["rule"] == ""
+        assert (c["before"]["decision"], c["after"]["decision"], c["after"]["source"]) == ("allow", "deny", "command")
+        assert c["after"]["reason"] == "command SendMail not allowed by command rule read-only"
+    assert "2 decisions would change" in p.stderr
+    # the table form names the rule too
+    p = replay(str(CAPTURES / "iphone-managed.mitm"), "--config", config, "--policy", str(tmp_path / "new.yaml"))
+    assert p.returncode == 1 and f"device={IPHONE} command=SendMail: allow (cache) -> deny (command)  rule: read-only" \
+        in p.stdout, p.stdout + p.stderr
+
+
+def test_replay_what_if_with_unchanged_command_rules_reports_nothing(tmp_path, pki):
+    (tmp_path / "current.yaml").write_text(yaml.safe_dump(with_commands(READ_ONLY)))
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump(with_commands(READ_ONLY)))
+    cfg = yaml.safe_load(replay_config(tmp_path, pki).read_text())
+    cfg["authorization"]["policy"] = str(tmp_path / "current.yaml")
+    (tmp_path / "replay.yaml").write_text(yaml.safe_dump(cfg))
+    caps = sorted(str(p) for p in CAPTURES.glob("*.mitm"))
+    p = replay(*caps, "--config", str(tmp_path / "replay.yaml"), "--policy", str(tmp_path / "same.yaml"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines() == [
+        f"38 requests replayed with {tmp_path / 'same.yaml'} instead of the config's policy: 0 decisions would change"]
+
+
+def test_command_rules_in_both_the_config_and_the_new_policy_are_one_line(tmp_path, pki):
+    cfg = yaml.safe_load(replay_config(tmp_path, pki).read_text())
+    cfg["authorization"]["commands"] = READ_ONLY
+    (tmp_path / "replay.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(with_commands(READ_ONLY)))
+    p = replay(str(CAPTURES / "iphone-managed.mitm"), "--config", str(tmp_path / "replay.yaml"),
+               "--policy", str(tmp_path / "new.yaml"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "commands: also set in the gateway config (authorization.commands)" in p.stderr
+    assert "remove authorization.commands from the gateway config" in p.stderr and "Traceback" not in p.stderr
