@@ -72,7 +72,7 @@ async def test_route_decision_and_commands(gateway):
     assert allowed.request.host_header == "mail.example.test"
     assert denied.response.status_code == 403
     assert denied.marked == ":no_entry:"
-    assert denied.comment == "route activesync: deny: device ApplNOPE not managed [mode]"
+    assert denied.comment == "route activesync: Ping: deny: device ApplNOPE not managed [mode]"
     assert denied.metadata["easgate.identity"]["command"] == "Ping"
     assert mdm.metadata["easgate.route"] == "mdm" and "easgate.decision" not in mdm.metadata
 

@@ -180,3 +180,16 @@ def test_command_rules_in_the_config_and_the_policy_file_are_one_line(pki, excha
     p = subprocess.run(easgate_argv("check", str(conftest.write_config(tmp_path, cfg))), capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_a_policy_reload_that_would_give_the_configs_command_rules_twice_keeps_the_last_good(
+        start_gateway, pki, exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, policy=POLICY, commands=COMMANDS)
+    g = start_gateway(cfg, extra=["--set", "easgate_policy_poll_ms=100"])
+    (tmp_path / "policy.new").write_text(yaml.safe_dump(dict(POLICY, commands={"rules": []})))  # "no rules"
+    (tmp_path / "policy.new").replace(tmp_path / "policy.yaml")
+    g.wait_output("policy reload failed, keeping the last good policy", 10)
+    assert "commands: also set in the gateway config (authorization.commands)" in g.output
+    # the config's read-only rule is still in force
+    r = request(g.port, "POST", path("SendMail", IPAD), pki, headers=auth("alice"), body=b"\x03\x01\x6a\x00")
+    assert r.status == 403 and audit(tmp_path)[-1]["rule"] == "read-only"

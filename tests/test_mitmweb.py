@@ -40,7 +40,7 @@ IPHONE, IPAD = "ApplF17ABCDEF01", "ApplDMPQ99887766"
 ANDROID_ID = bytes.fromhex("00ff10203040506070809a0b0c0d0e0f")
 WEB_RE = re.compile(r"Web server listening at (http://[^/\s]+)/\?token=([0-9a-f]+)")
 METRICS_RE = re.compile(r"easgate: metrics at (http://\S+/metrics)")
-DENY_IPAD = f"route activesync: deny: device {IPAD} not managed [mode]"
+DENY_IPAD = f"route activesync: Sync: deny: device {IPAD} not managed [mode]"  # route, command, decision
 SYNC_BODY = wbxml(E("AirSync:Sync", E("AirSync:Collections", E("AirSync:Collection", E("AirSync:SyncKey", "0"),
                                                                 E("AirSync:CollectionId", "5")))))
 
@@ -109,7 +109,10 @@ def web_config(tmp_path: Path, pki: Path, exchange, mdm) -> Path:
     cfg = base_config(pki, exchange, mdm)
     cfg["routes"][0]["authorize"] = "activesync"
     (tmp_path / "policy.yaml").write_text(yaml.safe_dump({
-        "mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice", "compliant": True}]}))
+        "mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice", "compliant": True}],
+        # names the rule on the iPhone's flows without changing a decision (they send no mail)
+        "commands": {"rules": [{"name": "no-send-on-iphone", "when": {"device_types": ["iPhone"]},
+                                "deny": ["SendMail"]}]}}))
     cfg["authorization"] = {"policy": str(tmp_path / "policy.yaml")}
     return write_config(tmp_path, cfg)
 
@@ -176,10 +179,10 @@ def test_flows_carry_route_decision_mark_and_comment(web):
     assert denied["comment"] == DENY_IPAD
     assert denied["response"]["status_code"] == 403
     allowed = by_path(flows, IPHONE)
-    assert allowed["marked"] == "" and allowed["comment"].startswith(f"route activesync: allow: device {IPHONE} managed")
+    assert allowed["marked"] == "" and allowed["comment"].startswith(f"route activesync: Sync: allow: device {IPHONE} managed")
     assert allowed["response"]["status_code"] == 200
     android = by_path(flows, "?j")  # the base64 query form
-    assert android["marked"] and android["comment"] == f"route activesync: deny: device {ANDROID_ID.hex()} not managed [mode]"
+    assert android["marked"] and android["comment"] == f"route activesync: Ping: deny: device {ANDROID_ID.hex()} not managed [mode]"
     mdm_flow = by_path(flows, "/zdm/enroll")
     assert mdm_flow["comment"] == "route mdm" and not mdm_flow["marked"]
     options = [f for f in flows if f["request"]["method"] == "OPTIONS"][0]
@@ -231,12 +234,17 @@ def test_contentviews(web):
                  "route: activesync", f"decision: allow (inventory): device {IPHONE} managed",
                  "client certificate: verified, CN=ApplF17ABCDEF01"):
         assert text in a["text"], a["text"]
+    # the gateway part names the command and the command rule of every decided flow
+    gateway = a["text"].partition("\ngateway:\n")[2]
+    assert "  command: Sync\n" in gateway and "  rule: no-send-on-iphone" in gateway, a["text"]
     android = w.content(by_path(flows, "?j")["id"], "ActiveSync")["text"]
     for text in ("query form: base64", "command: Ping", f"device id: {ANDROID_ID.hex()} (binary, shown as hex)",
                  "protocol version: 14.1", "locale: 0x0409", "base64 query:", "command code: 18 (Ping)",
                  f"device id: 16 bytes, binary: {ANDROID_ID.hex(' ')}", "CollectionId: 5",
                  "decision: deny (mode)"):
         assert text in android, android
+    gateway = android.partition("\ngateway:\n")[2]
+    assert "  command: Ping\n" in gateway and "  rule: none (no command rule or rate limit applied)" in gateway
     # a request without a body opens in the ActiveSync view by itself
     options = [f for f in flows if f["request"]["method"] == "OPTIONS"][0]
     assert w.content(options["id"], "auto")["view_name"] == "ActiveSync"
@@ -370,4 +378,5 @@ def test_browser_shows_the_denied_flow_marked_with_its_reason(web):
     assert re.search(r'<span class="marker[^"]*">\u26d4</span>', row), row  # marked
     assert re.search(r'<td class="col-comment">' + re.escape(DENY_IPAD) + "</td>", row), row  # the reason
     allowed = [row for row in rows if IPHONE in row and "Cmd=Sync" in row]
-    assert allowed and "\u26d4" not in allowed[0] and "allow: device" in allowed[0]
+    assert allowed and "\u26d4" not in allowed[0] and "Sync: allow: device" in allowed[0]
+    assert "(rule no-send-on-iphone)</td>" in allowed[0]  # the command and the rule, in the list

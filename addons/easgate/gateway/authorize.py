@@ -544,8 +544,9 @@ class ActiveSyncGate:
                                        **({} if enforced else {"enforced": False})}
         if ident is not None:
             flow.metadata[keys.IDENTITY] = identity_dict(ident)
-        # the route first, as on flows without a decision ("route mdm"): mitmweb's list shows which rule
-        flow.comment = (f"{'' if enforced else 'shadow, not enforced: '}route {flow.metadata.get('easgate.route') or '-'}: "
+        # the route first, as on flows without a decision ("route mdm"), then the command (a base64
+        # query hides it from mitmweb's path column) and, below, the command rule: each flow says all
+        flow.comment = (f"{'' if enforced else 'shadow, not enforced: '}{self.route_and_command(flow, ident)}: "
                         f"{d.verdict}: {d.reason} [{d.source}]")
         req = flow.request
         how = None if d.allow else self.deny_answer(ident, d, flow.metadata.get(keys.RETRY_AFTER))
@@ -577,7 +578,7 @@ class ActiveSyncGate:
             d = Decision(False, "audit line not written in time; denied by audit.on_error=deny", "audit")
             self.audit.log.refused()
             flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source}
-            flow.comment = f"route {flow.metadata.get('easgate.route') or '-'}: {d.verdict}: {d.reason} [{d.source}]"
+            flow.comment = f"{self.route_and_command(flow, ident)}: {d.verdict}: {d.reason} [{d.source}]"
             self.audit.log.submit(dict(record, decision=d.verdict, reason=d.reason, source=d.source))
             how = self.deny_answer(ident, d)
         self.counters[f"{d.verdict}_{d.source}"] += 1
@@ -604,6 +605,12 @@ class ActiveSyncGate:
             return
         flow.metadata[keys.ANSWER] = how.why
         answer(flow, http.Response.make(how.status, how.body, how.headers))
+
+    @staticmethod
+    def route_and_command(flow: http.HTTPFlow, ident: identity.Identity | None) -> str:
+        """`route activesync: Sync` (the comment's head; no command when none was parsed)."""
+        route = f"route {flow.metadata.get(keys.ROUTE) or '-'}"
+        return f"{route}: {ident.command}" if ident is not None and ident.command else route
 
     def deny_answer(self, ident: identity.Identity | None, d: Decision,
                     retry_after: int | None = None) -> eas_deny.DenyAnswer | None:
@@ -696,7 +703,7 @@ class ActiveSyncGate:
             answered = ""
         self.counters["held_closed" if enforced else "held_shadow_closed"] += 1
         did = "closed" if enforced else "shadow, not enforced: would close"
-        flow.comment = (f"{did} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
+        flow.comment = (f"{did} {ident.command or 'request'} after {held_s:.1f}s by {trigger}: {d.verdict}: {d.reason} [{d.source}]"
                         + (f"; answered {answered}" if answered else ""))
         flow.marked = ":no_entry:" if enforced else ":eyes:"
         flow.metadata[keys.DECISION] = {"allow": False, "reason": d.reason, "source": d.source, "closed_by": trigger}

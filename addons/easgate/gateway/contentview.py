@@ -13,7 +13,7 @@ without a body (OPTIONS, most base64-form requests' interesting part is the quer
 
 `WebAnnotations` (an addon after the gateway's) registers the view, comments flows that the
 gateway routed without an authorization decision (``route mdm``; decided flows already carry
-``route NAME: allow|deny: reason [source]``), and adds mitmweb's "comment" column to the flow list unless
+``route NAME: COMMAND: allow|deny: reason [source] (rule RULE)``), and adds mitmweb's "comment" column to the flow list unless
 ``web_columns`` was set explicitly.
 """
 
@@ -118,10 +118,9 @@ def describe(flow: http.HTTPFlow) -> dict:
             gw["enforced"] = "no (shadow mode: enforce: false)"
         if d.get("closed_by"):
             gw["closed while held"] = d["closed_by"]
-        if ident.command:
-            gw["command"] = ident.command
-        if m.get(keys.RULE):
-            gw["rule"] = m[keys.RULE]
+        # every decided flow says which command it was and which command rule (or rate limit) applied
+        gw["command"] = ident.command or "none (the request names no ActiveSync command)"
+        gw["rule"] = m.get(keys.RULE) or "none (no command rule or rate limit applied)"
         if m.get(keys.ANSWER):
             gw["answered with"] = m[keys.ANSWER]
     elif m.get(keys.REFUSED):
