@@ -141,8 +141,9 @@ def test_revoke_closes_held_pings_on_every_worker(pki, holding_exchange, mdm, tm
         closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"]
                           if len([a for a in audit(tmp_path) if a.get("event") == "held request closed"]) == len(pings)
                           else None, 5, "the audit lines", g)
-        assert {(a["trigger"], a["reason"], a["source"], a["command"]) for a in closed} == {
-            ("revocation", "revoked: phone reported lost", "revoked", "Ping")}
+        assert {(a["trigger"], a["reason"], a["source"], a["command"], a["answer"]) for a in closed} == {
+            ("revocation", "revoked: phone reported lost", "revoked", "Ping", "HTTP 403")}
+        assert {p.outcome for p in pings} == {403}  # answered on every worker (deny.mode http), not cut
         # new requests of that device are denied on every worker, before lists and cache
         for _ in range(4):
             assert request(g.port, "POST", SYNC, pki, headers=BASIC).status == 403
