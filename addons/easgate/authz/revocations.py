@@ -135,7 +135,7 @@ class RevocationTable:
         return r
 
     def of_device(self, device_id: str) -> dict[str, dict]:
-        return self.records.get(device_id.lower(), {}) if self.revoked else {}
+        return self.records.get(device_id.lower(), {})
 
     def all(self) -> Iterator[dict]:
         for entries in self.records.values():
