@@ -27,12 +27,12 @@ from types import SimpleNamespace
 import pytest
 import redis as redis_client
 import yaml
+from test_mitmweb import start_web
 
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
 from conftest import easgate_argv, https_connection, request
-from test_mitmweb import start_web
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
