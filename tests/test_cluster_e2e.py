@@ -429,6 +429,12 @@ def test_easgate_revoke_on_one_node_ends_held_pings_on_two_others_and_binds_node
             assert clients.status(2, dev) == 403  # its next request on the third node
             assert denies(c.dirs[2], dev) == [("revoked: easgate.revoke", "revoked")]
             assert clients.status(2, "Dev012") == 200  # only that device
+            # easgate.cluster.revoke only drops decisions: the next request asks a connector again, no deny
+            before = sum(x.callouts() for x in c.connectors)
+            assert w.command("easgate.cluster.revoke", "Dev012") == (
+                "cached decisions of Dev012 dropped on every node; its next request asks the connector")
+            wait_for(lambda: clients.status(2, "Dev012") == 200 and sum(x.callouts() for x in c.connectors) > before,
+                     5, "node 2 asking a connector again")
             late_cfg = c.config(4)
             late = start_gateway(late_cfg)  # a node that starts after the revocation
             assert Clients(pki, [late]).status(0, dev) == 403

@@ -731,12 +731,13 @@ class ActiveSyncGate:
 
     @command.command("easgate.cluster.revoke")
     def cluster_revoke(self, device_id: str) -> str:
-        """Forget a device's decisions on every node at once (and end its held requests there)."""
+        """Forget a device's decisions on every node at once: its next request (and its held ones)
+        asks the connector again. Not a deny of its own: that is easgate.revoke."""
         if not self.shared:
             n = self.cache.forget(lambda k: k[1].lower() == device_id.strip().lower()) if self.cache else 0
             return f"{n} cached decisions of {device_id} dropped (no shared cache configured)"
         self._spawn(self.shared.revoke(device_id))
-        return f"{device_id} revoked on every node"
+        return f"cached decisions of {device_id} dropped on every node; its next request asks the connector"
 
     @command.command("easgate.explain")
     def explain(self, flows: Sequence[mflow.Flow]) -> str:
