@@ -6,6 +6,7 @@ The cross-process proof is tests/test_cluster_e2e.py; these pin the rules one at
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -262,6 +263,24 @@ async def test_garbage_revocation_records_in_redis_are_skipped(nodes, redis_serv
     r.publish("easgate:events", '{"t": "revocation", "v": "1|1|[]"}')
     await until(lambda: n.s.counters["bad_revocations"] == 3, what="the garbage event")
     assert len(n.table) == 0
+
+
+def test_easgate_revoke_with_redis_and_no_file_writes_redis_and_says_when_it_cannot(own_redis, tmp_path, pki,
+                                                                                   exchange, mdm):
+    """A config with cache.redis but no revocations file: `easgate revoke` stores the record in Redis
+    (every node reads it there); with Redis down nothing is stored, and it says so in one line."""
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=SimpleNamespace(url="http://127.0.0.1:9/x"),
+                                cache={"redis": own_redis.url})
+    path = str(conftest.write_config(tmp_path, cfg))
+    r = subprocess.run(conftest.easgate_argv("revoke", path, "*", "Andr1", "--reason", "stolen"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith(f"revoked * on Andr1 in Redis {own_redis.url}: every node"), r
+    stored = redis_client.Redis.from_url(own_redis.url, decode_responses=True).hgetall("easgate:revocations")
+    assert list(stored) == ["andr1|*"] and '"reason":"stolen"' in stored["andr1|*"]
+    own_redis.kill()
+    r = subprocess.run(conftest.easgate_argv("revoke", path, "*", "Andr2"), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.startswith("easgate revoke: nothing stored: Redis ") and not r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("value, problem", [
