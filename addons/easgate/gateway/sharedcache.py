@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ..authz.cache import DecisionCache
+from ..authz.revocations import order
 from ..authz.sharedlayout import (
     CLEAR_SCRIPT,
     LOOKUP_SCRIPT,
@@ -336,7 +337,9 @@ class SharedCache:
         if not self._unsent:
             logger.warning(f"easgate: a revocation ({rec['action']} {rec['user'] or '*'} on {rec['device_id']}) "
                            f"applies on this node only until Redis {self.shown} answers; it is pushed then")
-        self._unsent[revocation_field(rec)] = rec
+        field = revocation_field(rec)
+        if field not in self._unsent or order(rec) > order(self._unsent[field]):
+            self._unsent[field] = rec
         self.counters["revocations_unsent"] += 1
 
     async def _push_unsent(self) -> None:
