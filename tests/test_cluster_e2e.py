@@ -27,11 +27,12 @@ from types import SimpleNamespace
 import pytest
 import redis as redis_client
 import yaml
+from test_mitmweb import start_web
 
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
-from conftest import https_connection, request
+from conftest import easgate_argv, https_connection, request
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
@@ -119,22 +120,27 @@ def cluster(inventory, start_gateway, pki, exchange, mdm, tmp_path, request):
     """build(redis) -> 2 connectors and 3 gateway nodes (node i asks connector i % 2)."""
     made: list[Connector] = []
 
-    def build(redis, fail_mode: str = "deny", policy: dict | None = None, upstream=None):
+    def build(redis, fail_mode: str = "deny", policy: dict | None = None, upstream=None, **auth):
+        """`auth`: more authorization settings for every node (e.g. revocations)."""
         redis_client.Redis.from_url(redis.url).flushall()  # the session's Redis: nothing from earlier tests
         ccfg = tmp_path / "connector.yaml"
         ccfg.write_text(f"inventory: {inventory}\nredis: {redis.url}\n")
         conns = [Connector(ccfg), Connector(ccfg)]
         made.extend(conns)
-        nodes = []
-        for i in range(3):
+
+        def config(i: int) -> Path:
+            """Node i's gateway.yaml in its own directory (with its audit log); it asks connector i % 2."""
             d = tmp_path / f"node{i}"
-            d.mkdir()
+            d.mkdir(exist_ok=True)
             cfg = conftest.authz_config(pki, upstream or exchange, mdm, d, connector=SimpleNamespace(url=conns[i % 2].url),
                                         policy=policy,
                                         cache={"allow_ttl_s": 300, "deny_ttl_s": 300, "redis": redis.url},
-                                        on_connector_error=fail_mode)
-            nodes.append(start_gateway(conftest.write_config(d, cfg), extra=["--set", "easgate_metrics=127.0.0.1:0"]))
-        ns = SimpleNamespace(connectors=conns, nodes=nodes, dirs=[tmp_path / f"node{i}" for i in range(3)])
+                                        on_connector_error=fail_mode, **auth)
+            return conftest.write_config(d, cfg)
+
+        nodes = [start_gateway(config(i), extra=["--set", "easgate_metrics=127.0.0.1:0"]) for i in range(3)]
+        ns = SimpleNamespace(connectors=conns, nodes=nodes, dirs=[tmp_path / f"node{i}" for i in range(3)],
+                             config=config)
         built.append(ns)
         return ns
 
@@ -373,3 +379,100 @@ def test_redis_then_a_connector_down_no_forbidden_allow_no_hang_and_recovery(clu
         assert stats["redis_errors"] >= 1 and stats["up"] == 1, stats
         # logged once per burst, not per request (the event channel and the requests may each notice)
         assert len(re.findall(r"Redis \S+ unreachable", node.output)) <= 3, node.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Revocations made on one node reach every node (through Redis)
+
+
+def closed_by_revocation(d: Path, dev: str) -> list[dict]:
+    return [e for e in audit(d) if e.get("event") == "held request closed" and e["device_id"] == dev]
+
+
+def denies(d: Path, dev: str) -> list[tuple[str, str]]:
+    """(reason, source) of the node's audited denies of the device, once there is one (the line may
+    follow the answer by a moment)."""
+    return wait_for(lambda: [(e["reason"], e["source"]) for e in audit(d)
+                             if e.get("device_id") == dev and e.get("decision") == "deny" and "event" not in e],
+                    5, f"a deny of {dev} in {d / 'audit.jsonl'}")
+
+
+def test_easgate_revoke_on_one_node_ends_held_pings_on_two_others_and_binds_nodes_started_later(
+        cluster, redis_server, pki, start_gateway):
+    """Node A is `easgate web` (the mitmproxy command bar); the device holds a Ping on nodes B and C
+    (`easgate run`); `easgate.revoke` on A: both Pings end within 5 s, B's and C's audit logs say
+    revoked, the device's next request on a third node is denied, and so on a node started after
+    the revocation; `easgate.unrevoke` on A lets it back in everywhere."""
+    holding = ExchangeStandIn("holding-exchange", tls=(pki / "exchange.pem", pki / "exchange.key"), hold_s=60).start()
+    try:
+        c = cluster(redis_server, upstream=holding)
+        web, w = start_web(c.config(3))
+        try:
+            dev = "Dev011"
+            pings = [HeldPing(c.nodes[n], pki, dev) for n in (0, 1)]
+            wait_for(lambda: len([r for r in holding.requests() if "Cmd=Ping" in r["path"]]) == 2, 20,
+                     "both Pings held at Exchange")
+            t0 = time.monotonic()
+            out = w.command("easgate.revoke", "alice", dev)
+            assert out == (f"revoked alice on {dev}: this process only (no authorization.revocations file configured), "
+                           f"and every node through Redis {redis_server.url}")
+            for p in pings:
+                p.thread.join(max(0.1, t0 + 7 - time.monotonic()))
+            ended = [(p.outcome, round(p.ended - t0, 2) if p.ended else None) for p in pings]
+            assert all(p.ended is not None and p.ended - t0 < 5 for p in pings), ended
+            assert all(p.outcome != 200 for p in pings), ended  # cut, never answered by Exchange
+            for n in (0, 1):
+                closed = wait_for(lambda: closed_by_revocation(c.dirs[n], dev), 5, f"node {n}'s audit line")
+                assert [(e["trigger"], e["reason"], e["source"], e["command"]) for e in closed] == [
+                    ("revocation", "revoked: easgate.revoke", "revoked", "Ping")], closed
+            clients = Clients(pki, c.nodes)
+            assert clients.status(2, dev) == 403  # its next request on the third node
+            assert denies(c.dirs[2], dev) == [("revoked: easgate.revoke", "revoked")]
+            assert clients.status(2, "Dev012") == 200  # only that device
+            # easgate.cluster.revoke only drops decisions: the next request asks a connector again, no deny
+            before = sum(x.callouts() for x in c.connectors)
+            assert w.command("easgate.cluster.revoke", "Dev012") == (
+                "cached decisions of Dev012 dropped on every node; its next request asks the connector")
+            wait_for(lambda: clients.status(2, "Dev012") == 200 and sum(x.callouts() for x in c.connectors) > before,
+                     5, "node 2 asking a connector again")
+            late_cfg = c.config(4)
+            late = start_gateway(late_cfg)  # a node that starts after the revocation
+            assert Clients(pki, [late]).status(0, dev) == 403
+            assert denies(late_cfg.parent, dev) == [("revoked: easgate.revoke", "revoked")]
+            assert w.command("easgate.unrevoke", "alice", dev).startswith(f"restored alice on {dev}: ")
+            wait_for(lambda: clients.status(2, dev) == 200 and Clients(pki, [late]).status(0, dev) == 200, 5,
+                     "the device allowed again on every node")
+        finally:
+            web.stop()
+    finally:
+        holding.stop()
+
+
+def test_a_revocation_while_redis_is_down_applies_here_and_reaches_the_others_when_it_is_back(cluster, own_redis, pki):
+    """`easgate revoke` on node 0's machine while Redis is down: node 0 denies at once (its file);
+    the others cannot know yet; when Redis is back node 0 pushes it, and every node denies it. A
+    restore with Redis up lifts it everywhere."""
+    c = cluster(own_redis, revocations="revocations.jsonl")
+    clients = Clients(pki, c.nodes)
+    dev = "Dev013"
+    assert [clients.status(n, dev) for n in range(3)] == [200, 200, 200]  # cached on every node (TTL 300 s)
+    own_redis.kill()
+    revoke = easgate_argv("revoke", str(c.dirs[0] / "gateway.yaml"), "alice", dev, "--reason", "phone reported lost")
+    r = subprocess.run(revoke, capture_output=True, text=True, env=ENV, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"revoked alice on {dev} in {c.dirs[0] / 'revocations.jsonl'}: every worker denies it")
+    assert "revoked on this machine only for now: Redis" in r.stderr and "unreachable" in r.stderr, r.stderr
+    wait_for(lambda: clients.status(0, dev) == 403, 5, "node 0 denying it")
+    assert denies(c.dirs[0], dev)[-1] == ("revoked: phone reported lost", "revoked")
+    assert clients.status(1, dev) == 200  # honest: with Redis down, another node has no way to learn it
+    c.nodes[0].wait_output("applies on this node only until Redis", 10)
+    own_redis.start()  # empty (no persistence): what it knows now comes from the nodes
+    wait_for(lambda: clients.status(1, dev) == 403 and clients.status(2, dev) == 403, 15,
+             "nodes 1 and 2 denying it once Redis is back")
+    assert denies(c.dirs[1], dev)[-1] == ("revoked: phone reported lost", "revoked")
+    stored = redis_client.Redis.from_url(own_redis.url, decode_responses=True).hgetall("easgate:revocations")
+    assert list(stored) == [f"{dev.lower()}|alice"] and '"action":"revoke"' in stored[f"{dev.lower()}|alice"]
+    restore = easgate_argv("revoke", str(c.dirs[0] / "gateway.yaml"), "alice", dev, "--restore")
+    r = subprocess.run(restore, capture_output=True, text=True, env=ENV, timeout=30)
+    assert r.returncode == 0 and f"and Redis {own_redis.url}" in r.stdout and not r.stderr, r.stdout + r.stderr
+    wait_for(lambda: [clients.status(n, dev) for n in range(3)] == [200, 200, 200], 5, "every node allowing it again")

@@ -24,7 +24,7 @@ from test_mitmweb import start_web
 from easgate.authz.audit import AuditLog
 from easgate.authz.eas_deny import BLOCKED_STATUS
 from easgate.authz.policy import PolicyStore
-from easgate.authz.revocations import RevocationFile, append
+from easgate.authz.revocations import RevocationFile, RevocationTable, append, lookup, make_record
 from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
 from easgate.tools.standins import ExchangeStandIn
@@ -220,6 +220,33 @@ def test_revocation_file_follows_appends_restores_and_replacement(tmp_path):
     append(path, "bob", "X1", "new file")  # replaced: read from the start, the old state is gone
     rf.poll()
     assert rf.lookup("anyone", "Andr1") is None and rf.lookup("bob", "X1") is not None
+
+
+def test_the_later_record_decides_across_this_machines_file_and_the_clusters_table(tmp_path):
+    """What a gateway looks up: its file and what other nodes said (through Redis), the later record
+    per (device, user) winning; a restore is remembered so an older revoke cannot come back."""
+    path = tmp_path / "rev.jsonl"
+    append(path, "alice", IPHONE, "lost")
+    rf = RevocationFile(path)
+    rf.poll()
+    cluster = RevocationTable()
+    assert lookup("CONTOSO\\alice", IPHONE, rf.table, cluster).reason == "lost"
+    later = make_record("alice", IPHONE.lower(), "found", "restore", now=time.time() + 60)
+    assert cluster.apply(later, newest_wins=True) is not None
+    assert lookup("CONTOSO\\alice", IPHONE, rf.table, cluster) is None  # restored on another node, later
+    older = make_record("alice", IPHONE, "stale copy", "revoke", now=time.time() - 60)
+    assert cluster.apply(older, newest_wins=True) is None  # a node that was cut off pushes its old revoke
+    assert lookup("alice", IPHONE, rf.table, cluster) is None
+    tie = dict(later, action="revoke", reason="same millisecond")
+    assert cluster.apply(tie, newest_wins=True) is not None  # a revoke beats a restore of the same ms
+    assert lookup("alice", IPHONE, rf.table, cluster).reason == "same millisecond"
+    assert cluster.apply(make_record(None, "Andr1", "stolen"), newest_wins=True) is not None
+    assert lookup("bob", "ANDR1", rf.table, cluster) is not None and lookup("bob", IPHONE, rf.table, cluster) is None
+    # a line written before records carried ts is ordered by its time
+    with open(path, "a") as f:
+        f.write(json.dumps({"action": "restore", "user": "alice", "device_id": IPHONE, "reason": "",
+                            "time": "2020-01-01T00:00:00+0000"}) + "\n")
+    assert [r["ts"] for r in rf.poll_records()] == [1577836800000]
 
 
 def test_revoke_without_a_revocations_file_is_one_line(pki, exchange, mdm, tmp_path):

@@ -6,6 +6,7 @@ The cross-process proof is tests/test_cluster_e2e.py; these pin the rules one at
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import pytest
 import redis as redis_client
 
 from easgate.authz.cache import DecisionCache
+from easgate.authz.revocations import RevocationTable, lookup, make_record
 from easgate.core.decision import Decision
 from easgate.core.errors import ConfigError
 from easgate.gateway.config import load_config
@@ -178,6 +180,107 @@ async def test_redis_down_is_the_backend_alone_then_recovers(own_redis):
         assert s.down_since is None and s.counters["shared_misses"] >= 1
     finally:
         await s.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Revocation records: kept in Redis, published, re-synced
+
+
+class Node:
+    """What a gateway does with the cluster's revocation records (ActiveSyncGate.cluster_revocation)."""
+
+    def __init__(self, s: SharedCache, own: list[dict] = ()) -> None:
+        self.s, self.table, self.own = s, RevocationTable(), RevocationTable()
+        for r in own:
+            self.own.apply(r, newest_wins=False)
+        s.on_revocation.append(lambda r: self.table.apply(r, newest_wins=True))
+        s.known_revocations = lambda: [*self.own.all(), *self.table.all()]
+
+    def revoked(self, user: str = "CONTOSO\\alice", device: str = KEY[1]) -> bool:
+        return lookup(user, device, self.own, self.table) is not None  # as the gateway looks: the later record
+
+
+def revocation(action: str = "revoke", ts_s: float | None = None, user: str | None = "alice") -> dict:
+    return make_record(user, KEY[1], "phone reported lost", action, now=ts_s)
+
+
+async def test_a_revocation_record_reaches_every_node_and_one_started_later(nodes, redis_server):
+    a, b = Node(nodes()), Node(nodes())
+    await subscribed(a.s, b.s)
+    assert await a.s.put_revocation(revocation())
+    await until(lambda: b.revoked(), what="b knows the revocation")
+    assert not b.revoked("bob")  # it names alice, not every user of the device
+    stored = redis_client.Redis.from_url(redis_server.url, decode_responses=True).hgetall("easgate:revocations")
+    assert list(stored) == [f"{KEY[1].lower()}|alice"]
+    late = Node(nodes())  # a node that starts after the revocation
+    await late.s.ready()
+    assert late.revoked() and late.s.counters["revocation_syncs"] == 1
+
+
+async def test_the_later_record_wins_whatever_order_nodes_push_in(nodes):
+    """A restore made while a node was cut off is not undone when that node pushes its older revoke."""
+    old, new = revocation("revoke", ts_s=1000.0), revocation("restore", ts_s=2000.0)
+    a = Node(nodes())
+    await subscribed(a.s)
+    assert await a.s.put_revocation(new)
+    cut_off = Node(nodes(), own=[old])  # it knew only the revoke; on subscribing it pushes what it knows
+    await cut_off.s.ready()
+    assert not cut_off.revoked() and not a.revoked()
+    assert cut_off.s.counters["revocations_published"] == 0  # Redis kept the restore: nothing to tell anyone
+    again = revocation("revoke", ts_s=3000.0)  # and a later revoke beats that restore
+    assert await cut_off.s.put_revocation(again)
+    await until(lambda: a.revoked(), what="the later revoke on a")
+
+
+async def test_a_revocation_while_redis_is_down_is_pushed_when_it_is_back(own_redis):
+    s = SharedCache(own_redis.url, DecisionCache(300, 30, 1000), lock_ms=2000, retry_s=0.2)
+    other = SharedCache(own_redis.url, DecisionCache(300, 30, 1000), lock_ms=2000, retry_s=0.2)
+    a, b = Node(s), Node(other)
+    s.start(), other.start()
+    try:
+        await subscribed(s, other)
+        own_redis.kill()
+        rec = revocation()
+        a.own.apply(rec, newest_wins=False)  # the gateway applies it here first, whatever Redis does
+        t = time.monotonic()
+        assert not await s.put_revocation(rec)
+        assert time.monotonic() - t < 3 and s.counters["revocations_unsent"] == 1
+        own_redis.start()  # empty: TestRedis keeps nothing
+        await until(lambda: b.revoked(), 10, "the other node learning it once Redis is back")
+        assert redis_client.Redis.from_url(own_redis.url).hlen("easgate:revocations") == 1
+        assert s.counters["revocations_published"] == 1  # it went out on the channel once it was in
+    finally:
+        await s.close()
+        await other.close()
+
+
+async def test_garbage_revocation_records_in_redis_are_skipped(nodes, redis_server):
+    r = redis_client.Redis.from_url(redis_server.url)
+    r.hset("easgate:revocations", mapping={"x|*": "not a record", "y|*": '1|1|{"action": "allow", "device_id": "y"}'})
+    n = Node(nodes())
+    await n.s.ready()
+    assert n.s.counters["bad_revocations"] == 2
+    r.publish("easgate:events", '{"t": "revocation", "v": "1|1|[]"}')
+    await until(lambda: n.s.counters["bad_revocations"] == 3, what="the garbage event")
+    assert len(n.table) == 0
+
+
+def test_easgate_revoke_with_redis_and_no_file_writes_redis_and_says_when_it_cannot(own_redis, tmp_path, pki,
+                                                                                   exchange, mdm):
+    """A config with cache.redis but no revocations file: `easgate revoke` stores the record in Redis
+    (every node reads it there); with Redis down nothing is stored, and it says so in one line."""
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=SimpleNamespace(url="http://127.0.0.1:9/x"),
+                                cache={"redis": own_redis.url})
+    path = str(conftest.write_config(tmp_path, cfg))
+    r = subprocess.run(conftest.easgate_argv("revoke", path, "*", "Andr1", "--reason", "stolen"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith(f"revoked * on Andr1 in Redis {own_redis.url}: every node"), r
+    stored = redis_client.Redis.from_url(own_redis.url, decode_responses=True).hgetall("easgate:revocations")
+    assert list(stored) == ["andr1|*"] and '"reason":"stolen"' in stored["andr1|*"]
+    own_redis.kill()
+    r = subprocess.run(conftest.easgate_argv("revoke", path, "*", "Andr2"), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.startswith("easgate revoke: nothing stored: Redis ") and not r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("value, problem", [

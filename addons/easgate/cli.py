@@ -8,6 +8,7 @@ a proxy silently running without its gateway.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import platform
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from mitmproxy import version as mitmproxy_version
 
 from . import __version__
 from .authz.revocations import append as append_revocation
+from .authz.revocations import make_record
+from .authz.revocations import normalize as normalize_revocation
 from .connector import commands as connector_commands
 from .core.errors import ConfigError
 from .gateway.addon import with_listen
@@ -26,6 +29,7 @@ from .gateway.chain import make_addons, validate_config
 from .gateway.config import GatewayConfig, load_config
 from .gateway.metrics import WORKER_DIR_ENV, is_loopback
 from .gateway.metrics import parse_listen as parse_metrics_listen
+from .gateway.sharedcache import publish_revocation, redact_url
 from .runtime import workers
 from .runtime.aggregate import Aggregator, MetricsServer
 from .runtime.lean import (
@@ -313,28 +317,54 @@ def cmd_web(args) -> int:
 
 
 def cmd_revoke(args) -> int:
+    """Into this machine's revocation file (its workers follow it) and, with a shared cache, into Redis
+    at once: the cluster learns it even if no gateway runs here, and the operator sees whether it did.
+    The gateways here push the same record too (Redis keeps one copy), so a Redis that is down now
+    gets it when it is back."""
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(f"easgate: config error: {e}", file=sys.stderr)
         return 2
-    path = cfg.authorization.revocations if cfg.authorization else None
-    if path is None:
+    auth = cfg.authorization
+    path = auth.revocations if auth else None
+    url = auth.cache.redis if auth else None
+    if path is None and url is None:
         print(f"easgate revoke: {cfg.path}: authorization.revocations is not set; "
               "add e.g. 'revocations: revocations.jsonl' under authorization and restart the gateway", file=sys.stderr)
         return 2
     action = "restore" if args.restore else "revoke"
     user = None if args.user == "*" else args.user
-    try:
-        append_revocation(path, user, args.device_id, args.reason, action)
-    except OSError as e:
-        print(f"easgate revoke: cannot append to {path}: {e.strerror}", file=sys.stderr)
+    if path is not None:
+        try:
+            rec = append_revocation(path, user, args.device_id, args.reason, action)
+        except OSError as e:
+            print(f"easgate revoke: cannot append to {path}: {e.strerror}", file=sys.stderr)
+            return 2
+    else:
+        rec = make_record(user, args.device_id, args.reason, action)
+    done = "restored" if args.restore else "revoked"
+    where = [str(path)] if path is not None else []
+    redis_problem = None
+    if url is not None:
+        try:
+            asyncio.run(publish_revocation(url, normalize_revocation(rec)))
+            where.append(f"Redis {redact_url(url)}")
+        except Exception as e:  # noqa: BLE001 - any Redis trouble: said in one line, the file still holds it
+            redis_problem = f"Redis {redact_url(url)} unreachable ({type(e).__name__}: {e})"
+    if not where:
+        print(f"easgate revoke: nothing stored: {redis_problem}; try again when Redis answers, or set "
+              "authorization.revocations", file=sys.stderr)
         return 2
     if args.restore:
-        print(f"restored {args.user} on {args.device_id} in {path}: new requests are decided as before")
+        print(f"restored {args.user} on {args.device_id} in {' and '.join(where)}: new requests are decided as before")
     else:
-        print(f"revoked {args.user} on {args.device_id} in {path}: every worker denies it and closes "
-              "its held requests within a second")
+        print(f"revoked {args.user} on {args.device_id} in {' and '.join(where)}: every "
+              f"{'node' if url and not redis_problem else 'worker'} denies it and closes its held requests "
+              f"within {'5 seconds' if url and not redis_problem else 'a second'}")
+    if redis_problem:
+        print(f"easgate revoke: {done} on this machine only for now: {redis_problem}; the gateways here pass "
+              "it on when Redis answers", file=sys.stderr)
     return 0
 
 

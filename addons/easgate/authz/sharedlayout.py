@@ -11,8 +11,12 @@ Keys (``P`` is the prefix, ``easgate:`` by default):
 ``P d:<device>``    a hash per DeviceId (lower case): field ``<epoch>|<policy digest>|<user>|<DeviceId>`` ->
                     ``<expiry ms, Redis clock>|<decision JSON>``; field ``#v`` counts revocations
 ``P l:<device>|…``  the single-flight lock of one field: ``SET NX PX``, the holder's random token
+``P revocations``   a hash: field ``<device>|<user or *>`` (lower case) -> ``<ts ms>|<1 revoke, 0 restore>|<record
+                    JSON>``, the last revocation record (``authz/revocations.py``) of every revoked device,
+                    restores included; kept for good, so a node that starts later denies the device too
 ``P events``        the pub/sub channel: ``{"t": "device", "d": ID}`` (drop that device),
-                    ``{"t": "all"}`` (drop everything), ``{"t": "fill", "k": LOCK}`` (a lock ended)
+                    ``{"t": "all"}`` (drop everything), ``{"t": "fill", "k": LOCK}`` (a lock ended),
+                    ``{"t": "revocation", "v": VALUE}`` (a revocation record as the hash holds it)
 ==================  ==================================================================================
 
 Why a hash per device: a block names a device, not a user; one ``DEL``-like step forgets every
@@ -26,9 +30,11 @@ from __future__ import annotations
 import json
 
 from ..core.decision import SOURCES, Decision, Source
+from .revocations import entry_of, normalize
 
-__all__ = ["CLEAR_SCRIPT", "LOOKUP_SCRIPT", "REVOKE_SCRIPT", "STORE_SCRIPT", "SharedLayout", "decode_decision",
-           "decode_event", "encode_decision", "encode_event"]
+__all__ = ["CLEAR_SCRIPT", "LOOKUP_SCRIPT", "REVOCATION_SCRIPT", "REVOKE_SCRIPT", "STORE_SCRIPT", "SharedLayout",
+           "decode_decision", "decode_event", "decode_revocation", "encode_decision", "encode_event",
+           "encode_revocation", "revocation_field"]
 
 DEFAULT_PREFIX = "easgate:"
 REVOKED_KEEP_MS = 86_400_000  # how long a revoked device's #v outlives its decisions
@@ -84,6 +90,24 @@ return 0
 """
 
 
+#: KEYS: revocations hash. ARGV: field, ts, rank (1 revoke, 0 restore), value. Stores the record
+#: unless the one there is later (authz.revocations.order: ts, then a revoke beats a restore), so
+#: nodes pushing what they know in any order end with the same hash. -> 1 stored, 0 not.
+#: (Numbers, not string order: Redis compares Lua strings by the server's locale.)
+REVOCATION_SCRIPT = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+    local a = string.find(cur, '|', 1, true)
+    local cts = a and tonumber(string.sub(cur, 1, a - 1))
+    local crank = a and tonumber(string.sub(cur, a + 1, a + 1))
+    local nts, nrank = tonumber(ARGV[2]), tonumber(ARGV[3])
+    if cts and crank and (cts > nts or (cts == nts and crank >= nrank)) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+return 1
+"""
+
+
 class SharedLayout:
     """Key names under one prefix."""
 
@@ -91,6 +115,7 @@ class SharedLayout:
         self.prefix = prefix
         self.epoch = f"{prefix}epoch"
         self.channel = f"{prefix}events"
+        self.revocations = f"{prefix}revocations"
 
     def device(self, device_id: str) -> str:
         return f"{self.prefix}d:{device_id.strip().lower()}"
@@ -113,6 +138,27 @@ def decode_decision(s: str | bytes) -> Decision:
     return Decision(v["allow"], v["reason"], Source(v["source"]))
 
 
+def revocation_field(rec: dict) -> str:
+    """The hash field of a (normalized) revocation record: one per (device, user)."""
+    device, entry = entry_of(rec)
+    return f"{device}|{entry}"
+
+
+def encode_revocation(rec: dict) -> str:
+    """A (normalized) revocation record as the hash and the events carry it."""
+    return f"{rec['ts']}|{int(rec['action'] == 'revoke')}|{json.dumps(rec, separators=(',', ':'), sort_keys=True)}"
+
+
+def decode_revocation(value: str | bytes) -> dict:
+    """A revocation record read back from Redis, normalized; ValueError for anything else."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    parts = value.split("|", 2)
+    if len(parts) != 3:
+        raise ValueError("not a revocation record")
+    return normalize(json.loads(parts[2]))
+
+
 def encode_event(kind: str, **fields: str) -> str:
     return json.dumps({"t": kind, **fields}, separators=(",", ":"))
 
@@ -122,6 +168,6 @@ def decode_event(data: str | bytes) -> dict[str, str] | None:
         v = json.loads(data)
     except ValueError:
         return None
-    if not isinstance(v, dict) or v.get("t") not in ("device", "all", "fill"):
+    if not isinstance(v, dict) or v.get("t") not in ("device", "all", "fill", "revocation"):
         return None
     return {k: str(x) for k, x in v.items()}

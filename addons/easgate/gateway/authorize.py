@@ -40,8 +40,9 @@ from ..authz.commands import CommandRule, CommandRules, RateLimiter, device_stat
 from ..authz.engine import Engine
 from ..authz.policy import COMMAND_KEYS, Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
-from ..authz.revocations import RevocationFile
+from ..authz.revocations import RevocationFile, RevocationTable, make_record
 from ..authz.revocations import append as append_revocation
+from ..authz.revocations import lookup as lookup_revocation
 from ..core import keys
 from ..core.decision import INTERNAL_ERROR, Decision, Source
 from ..core.errors import ConfigError
@@ -148,6 +149,7 @@ class ActiveSyncGate:
         self._workdir: Path | None = None  # SQLite inventories of large policies
         self.holds = HeldRequests()
         self.revocations = RevocationFile(None)
+        self.cluster_revocations = RevocationTable()  # what the other nodes revoked (through Redis)
         self._holds_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.limiter = RateLimiter(())
@@ -195,11 +197,15 @@ class ActiveSyncGate:
             lock_ms = 2 * (auth.connector.timeout_ms if auth.connector else 1000) + 1000
             self.shared = SharedCache(auth.cache.redis, self.cache, lock_ms=lock_ms, digest=lambda: self._digest)
             self.shared.on_revoke.append(self.device_revoked)
+            self.shared.on_revocation.append(self.cluster_revocation)
+            self.shared.known_revocations = self.known_revocations
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
         self.limiter = RateLimiter(auth.commands.rate_limits if auth else ())
         self._rules_of = None
         self.revocations = revocations
+        if self.shared is None:  # without Redis, nothing but this machine's own revocations
+            self.cluster_revocations.clear()
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
 
@@ -214,6 +220,39 @@ class ActiveSyncGate:
         self.counters["devices_revoked"] += 1
         for h in list(self.holds.of_device(device_id)):
             self._spawn(self.reauthorize(h, "cluster revocation"))
+
+    def cluster_revocation(self, rec: dict) -> None:
+        """A revocation record from Redis (another node's, or this node's own coming back): in force
+        here at once if it is newer than what this node knew."""
+        r = self.cluster_revocations.apply(rec, newest_wins=True)
+        if r is None:
+            return
+        self.counters["cluster_revocations"] += 1
+        logger.info(f"easgate: {'revoked' if r['action'] == 'revoke' else 'restored'} {r['user'] or '*'} on "
+                    f"{r['device_id']} (from the cluster): {r['reason']}")
+        self.revocation_changed(r)
+
+    def known_revocations(self) -> list[dict]:
+        """Every revocation record this node knows: its own (file, command) and the cluster's."""
+        return [*self.revocations.table.all(), *self.cluster_revocations.all()]
+
+    def revocation(self, user: str | None, device_id: str | None):
+        """The revocation in force for this user and device, whoever made it."""
+        return lookup_revocation(user, device_id, self.revocations.table, self.cluster_revocations)
+
+    def revocation_changed(self, r: dict) -> None:
+        """A record came into force: a revoke drops the device's cached decisions and closes its held
+        requests (those of the users it names) at once; a restore needs nothing (the next request decides)."""
+        if r["action"] != "revoke":
+            return
+        self.counters["revocations"] += 1
+        dev = r["device_id"].lower()
+        if self.cache is not None:
+            self.cache.forget(lambda k: isinstance(k, tuple) and len(k) == 2 and str(k[1]).lower() == dev)
+        for h in list(self.holds.of_device(r["device_id"])):
+            found = self.revocation(h.ident.user, h.ident.device_id)
+            if found is not None:
+                self.close_held(h, Decision(False, f"revoked: {found.reason}", Source.REVOKED), "revocation")
 
     def _spawn(self, coro) -> None:
         try:
@@ -479,7 +518,9 @@ class ActiveSyncGate:
         if why is not None:
             return ident, Decision(False, why, Source.IDENTITY)
         # A revocation beats every list and the cache: it is the operator saying "now".
-        r = self.revocations.lookup(ident.user, ident.device_id)
+        if self.shared is not None:
+            await self.shared.ready()  # just started: the cluster's revocations first
+        r = self.revocation(ident.user, ident.device_id)
         if r is not None:
             return ident, Decision(False, f"revoked: {r.reason}", Source.REVOKED)
         # identity checks, lists, operator block, cache, connector | inventory, mode: authz/engine.py
@@ -653,11 +694,10 @@ class ActiveSyncGate:
 
     async def check_holds(self) -> None:
         """New revocations close what they name; held requests are re-authorized every allow_ttl_s."""
-        for r in self.revocations.poll():
-            self.counters["revocations"] += 1
-            for h in self.holds.of_device(r.device_id):
-                if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
-                    self.close_held(h, Decision(False, f"revoked: {r.reason}", Source.REVOKED), "revocation")
+        for r in self.revocations.poll_records():
+            self.revocation_changed(r)
+            if self.shared is not None:  # every node: through Redis (kept there if it is down meanwhile)
+                self._spawn(self.shared.put_revocation(r))
         every = max(self.auth.cache.allow_ttl_s, HOLD_TICK_S)
         for h in self.holds.due(every):
             self._spawn(self.reauthorize(h, "re-authorization"))
@@ -732,19 +772,33 @@ class ActiveSyncGate:
     @command.command("easgate.revoke")
     def revoke(self, user: str, device_id: str) -> str:
         """Deny USER (or * for any user) on DEVICEID from now on and close its held requests on every
-        worker (through authorization.revocations; without it, in this process only)."""
+        worker (through authorization.revocations; without it, in this process only) and, with a
+        shared cache on Redis, on every node."""
+        return self._revoke_command(user, device_id, "revoke")
+
+    @command.command("easgate.unrevoke")
+    def unrevoke(self, user: str, device_id: str) -> str:
+        """Lift a revocation of USER (or *) on DEVICEID, where easgate.revoke put it."""
+        return self._revoke_command(user, device_id, "restore")
+
+    def _revoke_command(self, user: str, device_id: str, action: str) -> str:
         user_or_any = None if user in ("", "*") else user
-        reason = "easgate.revoke"
+        reason = "easgate.revoke" if action == "revoke" else "easgate.unrevoke"
+        done = "revoked" if action == "revoke" else "restored"
         if self.revocations.path is not None:
-            append_revocation(self.revocations.path, user_or_any, device_id, reason)
+            # the file's followers (every worker here) apply it and pass it on to Redis
+            append_revocation(self.revocations.path, user_or_any, device_id, reason, action)
             where = f"every worker following {self.revocations.path}"
         else:
-            self.revocations.apply({"action": "revoke", "user": user_or_any, "device_id": device_id, "reason": reason})
-            for h in self.holds.of_device(device_id):
-                if self.revocations.lookup(h.ident.user, h.ident.device_id) is not None:
-                    self.close_held(h, Decision(False, f"revoked: {reason}", Source.REVOKED), "revocation")
+            r = self.revocations.table.apply(make_record(user_or_any, device_id, reason, action), newest_wins=False)
+            if r is not None:
+                self.revocation_changed(r)
+                if self.shared is not None:
+                    self._spawn(self.shared.put_revocation(r))
             where = "this process only (no authorization.revocations file configured)"
-        return f"revoked {user} on {device_id}: {where}"
+        if self.shared is not None:
+            where += f", and every node through Redis {self.shared.shown}"
+        return f"{done} {user} on {device_id}: {where}"
 
     @command.command("easgate.cache.clear")
     def cache_clear(self) -> str:
@@ -757,12 +811,13 @@ class ActiveSyncGate:
 
     @command.command("easgate.cluster.revoke")
     def cluster_revoke(self, device_id: str) -> str:
-        """Forget a device's decisions on every node at once (and end its held requests there)."""
+        """Forget a device's decisions on every node at once: its next request (and its held ones)
+        asks the connector again. Not a deny of its own: that is easgate.revoke."""
         if not self.shared:
             n = self.cache.forget(lambda k: k[1].lower() == device_id.strip().lower()) if self.cache else 0
             return f"{n} cached decisions of {device_id} dropped (no shared cache configured)"
         self._spawn(self.shared.revoke(device_id))
-        return f"{device_id} revoked on every node"
+        return f"cached decisions of {device_id} dropped on every node; its next request asks the connector"
 
     @command.command("easgate.explain")
     def explain(self, flows: Sequence[mflow.Flow]) -> str:

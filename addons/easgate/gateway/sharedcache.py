@@ -15,6 +15,14 @@ connector, ``easgate.cluster.revoke`` on any node) drops that device's local ent
 :attr:`SharedCache.on_revoke` hooks (held long polls end there); "all" (a policy reload, a
 cache clear) drops every local entry.
 
+Revocation records (``authz/revocations.py``: an operator's ``easgate.revoke``, ``easgate revoke``,
+a line in any node's revocation file) are kept in Redis for good (one hash, the later record per
+(device, user) wins) and published on the channel; :attr:`SharedCache.on_revocation` hooks apply
+them (the device is denied, its cached decisions dropped, its held long polls closed). Every
+(re)subscription pushes what this node knows (a revocation made while Redis was away, or all of
+them after Redis lost its data) and reads the whole hash back (what was revoked meanwhile, or
+before this node started).
+
 Redis down: every call has a short deadline; the first failure opens a circuit for ``retry_s``
 (local cache + connector only, as on one machine), counted and logged once per burst; the next
 call after it tries again, and a re-subscribed event channel drops the local cache (events may
@@ -29,20 +37,25 @@ import secrets
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ..authz.cache import DecisionCache
+from ..authz.revocations import order
 from ..authz.sharedlayout import (
     CLEAR_SCRIPT,
     LOOKUP_SCRIPT,
+    REVOCATION_SCRIPT,
     REVOKE_SCRIPT,
     STORE_SCRIPT,
     SharedLayout,
     decode_decision,
     decode_event,
+    decode_revocation,
     encode_decision,
     encode_event,
+    encode_revocation,
+    revocation_field,
 )
 from ..core.decision import Decision
 
@@ -55,7 +68,7 @@ except ImportError:  # the base install: Redis is optional
     aioredis = None  # type: ignore[assignment]
     RedisError = OSError  # type: ignore[assignment,misc]
 
-__all__ = ["EXTRA_HINT", "SharedCache", "redis_available"]
+__all__ = ["EXTRA_HINT", "SharedCache", "publish_revocation", "redact_url", "redis_available"]
 
 logger = logging.getLogger("easgate.cluster")
 
@@ -84,7 +97,7 @@ class SharedCache:
         if aioredis is None:
             raise RuntimeError(f"a shared cache on Redis needs the Redis client; {EXTRA_HINT}")
         self.url = url
-        self.shown = _redact(url)  # for the log: no password
+        self.shown = redact_url(url)  # for the log: no password
         self.local = local
         self.lock_ms = int(lock_ms)
         self.digest = digest
@@ -93,6 +106,10 @@ class SharedCache:
         self.retry_s = retry_s
         self.clock = clock
         self.on_revoke: list[Callable[[str], None]] = []  # hooks: held long polls of the device end
+        self.on_revocation: list[Callable[[dict], None]] = []  # hooks: a revocation record from the cluster
+        self.known_revocations: Callable[[], Iterable[dict]] = tuple  # what this node pushes on (re)subscribing
+        self._unsent: dict[str, dict] = {}  # field -> a record Redis could not be told yet
+        self._synced = asyncio.Event()  # the first read of the revocations hash was tried
         self.counters: Counter[str] = Counter()
         self.down_since: float | None = None
         self._retry_at = 0.0
@@ -105,6 +122,7 @@ class SharedCache:
         self._store = self.client.register_script(STORE_SCRIPT)
         self._revoke = self.client.register_script(REVOKE_SCRIPT)
         self._unlock = self.client.register_script(CLEAR_SCRIPT)
+        self._put = self.client.register_script(REVOCATION_SCRIPT)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -114,8 +132,19 @@ class SharedCache:
 
     async def _preload(self) -> None:
         """Load the scripts once (the first EVALSHA would otherwise cost a round trip more)."""
-        for script in (self._lookup, self._store, self._revoke, self._unlock):
+        for script in (self._lookup, self._store, self._revoke, self._unlock, self._put):
             await self._quiet("script load", lambda script=script: self.client.script_load(script.script))
+
+    async def ready(self) -> None:
+        """Until this node has read the cluster's revocations once (or tried, for at most two Redis
+        deadlines): a node that just started must not allow a device another node revoked."""
+        if self._listener is None or self._synced.is_set():
+            return
+        try:
+            async with asyncio.timeout(self.op_timeout_s * 2):
+                await self._synced.wait()
+        except TimeoutError:
+            pass
 
     async def close(self) -> None:
         if self._listener:
@@ -282,6 +311,73 @@ class SharedCache:
             return False
         return True
 
+    async def put_revocation(self, rec: dict) -> bool:
+        """Store a revocation record in Redis and tell every node; False if Redis could not be
+        told (the caller has applied it here already; it is pushed when Redis answers again)."""
+        try:
+            await self._push(rec, publish=False)
+        except Unavailable:
+            self._keep_unsent(rec)
+            return False
+        return True
+
+    async def _push(self, rec: dict, publish: bool) -> int:
+        """The record into the hash (unless a later one is there) and, if it went in (or
+        ``publish``: it went in earlier but its event may not have gone out), onto the channel."""
+        value = encode_revocation(rec)
+        stored = await self._call("revocation", lambda: self._put(
+            keys=[self.keys.revocations], args=[revocation_field(rec), rec["ts"], int(rec["action"] == "revoke"), value]))
+        if stored or publish:
+            await self._call("publish", lambda: self.client.publish(self.keys.channel,
+                                                                     encode_event("revocation", v=value)))
+            self.counters["revocations_published"] += 1
+        return int(stored or 0)
+
+    def _keep_unsent(self, rec: dict) -> None:
+        if not self._unsent:
+            logger.warning(f"easgate: a revocation ({rec['action']} {rec['user'] or '*'} on {rec['device_id']}) "
+                           f"applies on this node only until Redis {self.shown} answers; it is pushed then")
+        field = revocation_field(rec)
+        if field not in self._unsent or order(rec) > order(self._unsent[field]):
+            self._unsent[field] = rec
+        self.counters["revocations_unsent"] += 1
+
+    async def _push_unsent(self) -> None:
+        """What Redis could not be told, now, published even if another node stored it meanwhile."""
+        pending, self._unsent = self._unsent, {}
+        try:
+            while pending:
+                field, rec = next(iter(pending.items()))
+                await self._push(rec, publish=True)
+                del pending[field]
+        finally:
+            for field, rec in pending.items():  # Redis went away again: keep the rest for the next try
+                self._unsent.setdefault(field, rec)
+        logger.warning(f"easgate: revocations made while Redis {self.shown} was unreachable are in Redis now")
+
+    async def _sync_revocations(self) -> None:
+        """Push what this node knows (Redis keeps the later record), then apply what Redis holds."""
+        if self._unsent:
+            await self._push_unsent()
+        for rec in list(self.known_revocations()):
+            await self._push(rec, publish=False)
+        held = await self._call("revocations", lambda: self.client.hgetall(self.keys.revocations))
+        for value in (held or {}).values():
+            self._revocation(value)
+        self.counters["revocation_syncs"] += 1
+
+    def _revocation(self, value: Any) -> None:
+        try:
+            rec = decode_revocation(value)
+        except ValueError:
+            self.counters["bad_revocations"] += 1
+            return
+        for hook in list(self.on_revocation):
+            try:
+                hook(rec)
+            except Exception:
+                logger.exception("easgate: revocation hook failed")
+
     def _drop_device(self, device_id: str) -> None:
         dev = device_id.strip().lower()
         n = self.local.forget(lambda k: isinstance(k, tuple) and len(k) == 2 and str(k[1]).lower() == dev)
@@ -307,6 +403,8 @@ class SharedCache:
                 async with asyncio.timeout(self.op_timeout_s * 4):
                     await ps.subscribe(self.keys.channel)
                 await self._preload()  # also after a Redis restart: scripts do not survive it
+                await self._sync_revocations()
+                self._synced.set()
                 if lost:
                     n = self.local.clear()
                     logger.warning(f"easgate: Redis event channel back; {n} local decisions dropped "
@@ -317,12 +415,15 @@ class SharedCache:
                     msg = await ps.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         self._event(msg.get("data"))
+                    if self._unsent and self.up:
+                        await self._push_unsent()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as e:
-                if not lost:
+            except (RedisError, OSError, TimeoutError, Unavailable) as e:
+                if not lost and not isinstance(e, Unavailable):  # Unavailable: _call has recorded it
                     self._failed("events", e)
                 lost = True
+                self._synced.set()  # requests go on without the cluster's revocations, as without Redis
             finally:
                 try:
                     await ps.aclose()
@@ -346,6 +447,8 @@ class SharedCache:
                 self.local.clear()
             else:
                 self._drop_device(ev["d"])
+        elif ev["t"] == "revocation":
+            self._revocation(ev.get("v", ""))
         elif ev["t"] == "all":
             n = self.local.clear()
             logger.info(f"easgate: cluster-wide cache clear; {n} cached decisions dropped")
@@ -355,7 +458,28 @@ class SharedCache:
         return {**self.counters, "up": self.down_since is None}
 
 
-def _redact(url: str) -> str:
+async def publish_revocation(url: str, rec: dict, prefix: str = "easgate:",
+                             timeout_s: float = OP_TIMEOUT_S * 2) -> bool:
+    """One revocation record into Redis and onto the channel, from outside a gateway (``easgate
+    revoke``); False if Redis already held it (or a later one). Raises what Redis raises."""
+    if aioredis is None:
+        raise RuntimeError(f"a revocation in Redis needs the Redis client; {EXTRA_HINT}")
+    keys = SharedLayout(prefix)
+    client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                               retry=Retry(NoBackoff(), 0), decode_responses=True)
+    try:
+        async with asyncio.timeout(timeout_s * 2):
+            value = encode_revocation(rec)
+            stored = await client.register_script(REVOCATION_SCRIPT)(
+                keys=[keys.revocations], args=[revocation_field(rec), rec["ts"], int(rec["action"] == "revoke"), value])
+            if stored:
+                await client.publish(keys.channel, encode_event("revocation", v=value))
+            return bool(stored)
+    finally:
+        await client.aclose()
+
+
+def redact_url(url: str) -> str:
     p = urllib.parse.urlsplit(url)
     if p.password is None:
         return url
