@@ -19,6 +19,7 @@ from pathlib import Path
 from mitmproxy import version as mitmproxy_version
 
 from . import __version__
+from .authz.ratetable import RUN_DIR_ENV, run_dir_for
 from .authz.revocations import append as append_revocation
 from .authz.revocations import make_record
 from .authz.revocations import normalize as normalize_revocation
@@ -248,12 +249,16 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
         return None
 
     metrics = None
-    env: dict[str, str] = {}
+    # The run directory: what every worker of this supervisor shares (the rate-limit tables,
+    # authz/ratetable.py); private (0700), in memory when /dev/shm has room, gone when we stop.
+    run_dir = tempfile.mkdtemp(prefix="easgate-run-", dir=run_dir_for())
+    env: dict[str, str] = {RUN_DIR_ENV: run_dir}
     if value := metrics_option(args.mitmproxy_args or []):
         try:
             metrics = _aggregated_metrics(value)
         except SystemExit:
             reserved.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
             raise
         env[WORKER_DIR_ENV] = str(metrics.aggregator.dir)
     try:
@@ -261,6 +266,7 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
                                   check=check, env=env).run()
     finally:
         reserved.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
         if metrics is not None:
             metrics.stop()
             shutil.rmtree(metrics.aggregator.dir, ignore_errors=True)

@@ -246,6 +246,9 @@ def parse(commands: Node, rate_limits: Node) -> CommandRules:
             r.mapping({"name": "a name (in the audit log)", "requests": "requests per window",
                        "per_s": "window in seconds", "retry_after_s": "Retry-After (default: until the window has room)",
                        "commands": "only these commands (default: all)"}, required=("name", "requests", "per_s"))
+            lname = r.child("name").str() or ""
+            if any(lim.name == lname for lim in limits):
+                raise r.child("name").err(f"rate limit '{lname}' is defined twice", "give every limit its own name")
             per_s = r.child("per_s").num(60.0)
             if per_s <= 0:
                 raise r.child("per_s").err("must be above 0", "e.g. 60")

@@ -14,6 +14,8 @@ Keys (``P`` is the prefix, ``easgate:`` by default):
 ``P revocations``   a hash: field ``<device>|<user or *>`` (lower case) -> ``<ts ms>|<1 revoke, 0 restore>|<record
                     JSON>``, the last revocation record (``authz/revocations.py``) of every revoked device,
                     restores included; kept for good, so a node that starts later denies the device too
+``P r:<lim>:<h>``    a rate limit's sliding window of one (user, DeviceId) (``h``: a digest of both): a sorted
+                    set of request times (µs, Redis clock), trimmed to the window on every request
 ``P events``        the pub/sub channel: ``{"t": "device", "d": ID}`` (drop that device),
                     ``{"t": "all"}`` (drop everything), ``{"t": "fill", "k": LOCK}`` (a lock ended),
                     ``{"t": "revocation", "v": VALUE}`` (a revocation record as the hash holds it)
@@ -27,13 +29,14 @@ gateway clocks never need to agree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from ..core.decision import SOURCES, Decision, Source
 from .revocations import entry_of, normalize
 
-__all__ = ["CLEAR_SCRIPT", "LOOKUP_SCRIPT", "REVOCATION_SCRIPT", "REVOKE_SCRIPT", "STORE_SCRIPT", "SharedLayout",
-           "decode_decision", "decode_event", "decode_revocation", "encode_decision", "encode_event",
+__all__ = ["CLEAR_SCRIPT", "LOOKUP_SCRIPT", "RATE_SCRIPT", "REVOCATION_SCRIPT", "REVOKE_SCRIPT", "STORE_SCRIPT",
+           "SharedLayout", "decode_decision", "decode_event", "decode_revocation", "encode_decision", "encode_event",
            "encode_revocation", "revocation_field"]
 
 DEFAULT_PREFIX = "easgate:"
@@ -89,6 +92,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+#: KEYS: one window per limit that applies. ARGV: a unique member (token), then per key its window
+#: (µs) and its budget. The limits in order, as one process counts them: each one with room counts
+#: the request; the first one without stops there -> {0} allowed, or {index (1-based), µs until
+#: the oldest request in that window leaves it}. Times are the Redis server's: nodes' clocks never matter.
+RATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i, key in ipairs(KEYS) do
+    local win = tonumber(ARGV[2 * i])
+    local budget = tonumber(ARGV[2 * i + 1])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
+    if redis.call('ZCARD', key) >= budget then
+        local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        return {i, tonumber(oldest[2]) + win - now}
+    end
+    redis.call('ZADD', key, now, ARGV[1])
+    redis.call('PEXPIRE', key, math.ceil(win / 1000) + 1000)
+end
+return {0}
+"""
+
 
 #: KEYS: revocations hash. ARGV: field, ts, rank (1 revoke, 0 restore), value. Stores the record
 #: unless the one there is later (authz.revocations.order: ts, then a revoke beats a restore), so
@@ -119,6 +143,11 @@ class SharedLayout:
 
     def device(self, device_id: str) -> str:
         return f"{self.prefix}d:{device_id.strip().lower()}"
+
+    def rate(self, limit: str, user: str | None, device_id: str | None) -> str:
+        digest = hashlib.blake2b(f"{user or ''}\x00{device_id or ''}".encode("utf-8", "surrogatepass"),
+                                 digest_size=12).hexdigest()
+        return f"{self.prefix}r:{limit}:{digest}"
 
     def lock(self, device_id: str, field: str) -> str:
         return f"{self.prefix}l:{device_id.strip().lower()}|{field}"

@@ -36,7 +36,7 @@ from mitmproxy.contrib.wbxml.ASCommandResponse import ASCommandResponse
 
 from ..authz import eas_deny, identity, policyload
 from ..authz.cache import DecisionCache, cache_key
-from ..authz.commands import CommandRule, CommandRules, RateLimiter, device_state
+from ..authz.commands import CommandRule, CommandRules, device_state
 from ..authz.engine import Engine
 from ..authz.policy import COMMAND_KEYS, Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
@@ -54,6 +54,7 @@ from .audittrail import AuditTrail
 from .config import Authorization, GatewayConfig
 from .finalcheck import Ledger
 from .holds import Held, HeldRequests
+from .ratelimits import RateLimits
 from .respond import answer, drop
 from .shared import Current
 from .sharedcache import SharedCache
@@ -152,7 +153,7 @@ class ActiveSyncGate:
         self.cluster_revocations = RevocationTable()  # what the other nodes revoked (through Redis)
         self._holds_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.limiter = RateLimiter(())
+        self.limiter = RateLimits(())
         self._internal_logged = float("-inf")
         self._internal_suppressed = 0
         self.shared: SharedCache | None = None  # the Redis tier (docs/scaling.md), if configured
@@ -201,7 +202,9 @@ class ActiveSyncGate:
             self.shared.known_revocations = self.known_revocations
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
-        self.limiter = RateLimiter(auth.commands.rate_limits if auth else ())
+        self.limiter.close()
+        # one budget per device for every worker of this machine, or of the cluster with Redis
+        self.limiter = RateLimits(auth.commands.rate_limits if auth else (), self.shared)
         self._rules_of = None
         self.revocations = revocations
         if self.shared is None:  # without Redis, nothing but this machine's own revocations
@@ -449,7 +452,7 @@ class ActiveSyncGate:
         ident, d = await self.decide_device(flow)
         if not d.allow or ident is None or not self.command_rules():
             return ident, d
-        return ident, self.command_decision(flow, ident, d, count)
+        return ident, await self.command_decision(flow, ident, d, count)
 
     def command_rules(self) -> CommandRules:
         """The command rules and rate limits in force (the policy file's, else the config's)."""
@@ -459,7 +462,7 @@ class ActiveSyncGate:
             self.limiter.limits = self._rules.rate_limits  # counts of limits kept by name survive a reload
         return self._rules
 
-    def command_decision(self, flow: http.HTTPFlow, ident: identity.Identity, d: Decision, count: bool) -> Decision:
+    async def command_decision(self, flow: http.HTTPFlow, ident: identity.Identity, d: Decision, count: bool) -> Decision:
         rules = self.command_rules()
         rule: CommandRule | None = None
         if rules.rules:
@@ -472,7 +475,7 @@ class ActiveSyncGate:
             if ident.command == "ItemOperations" and rule.checks_attachments:
                 flow.metadata[keys.PENDING] = rule.name
         if count and rules.rate_limits:
-            hit = self.limiter.hit(cache_key(ident.user, ident.device_id), ident.command)
+            hit = await self.limiter.hit(cache_key(ident.user, ident.device_id), ident.command)
             if hit is not None:
                 lim, wait = hit
                 flow.metadata[keys.RULE] = lim.name
@@ -856,6 +859,7 @@ class ActiveSyncGate:
             "internal_errors": self.counters.get("internal_errors", 0),
             "audit_errors": self.counters.get("audit_errors", 0),
             "shared": self.shared.stats if self.shared else None,
+            "rate_limits": self.limiter.stats if self.limiter.limits else None,
             "policy": {"reloads": self.counters.get("policy_reloads", 0),
                        "reload_errors": self.counters.get("policy_reload_errors", 0),
                        "last_error": self.policy.last_error if self.policy else None},

@@ -45,6 +45,7 @@ from ..authz.revocations import order
 from ..authz.sharedlayout import (
     CLEAR_SCRIPT,
     LOOKUP_SCRIPT,
+    RATE_SCRIPT,
     REVOCATION_SCRIPT,
     REVOKE_SCRIPT,
     STORE_SCRIPT,
@@ -68,7 +69,7 @@ except ImportError:  # the base install: Redis is optional
     aioredis = None  # type: ignore[assignment]
     RedisError = OSError  # type: ignore[assignment,misc]
 
-__all__ = ["EXTRA_HINT", "SharedCache", "publish_revocation", "redact_url", "redis_available"]
+__all__ = ["EXTRA_HINT", "SharedCache", "Unavailable", "publish_revocation", "redact_url", "redis_available"]
 
 logger = logging.getLogger("easgate.cluster")
 
@@ -123,6 +124,7 @@ class SharedCache:
         self._revoke = self.client.register_script(REVOKE_SCRIPT)
         self._unlock = self.client.register_script(CLEAR_SCRIPT)
         self._put = self.client.register_script(REVOCATION_SCRIPT)
+        self._rate = self.client.register_script(RATE_SCRIPT)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -132,7 +134,7 @@ class SharedCache:
 
     async def _preload(self) -> None:
         """Load the scripts once (the first EVALSHA would otherwise cost a round trip more)."""
-        for script in (self._lookup, self._store, self._revoke, self._unlock, self._put):
+        for script in (self._lookup, self._store, self._revoke, self._unlock, self._put, self._rate):
             await self._quiet("script load", lambda script=script: self.client.script_load(script.script))
 
     async def ready(self) -> None:
@@ -286,6 +288,14 @@ class SharedCache:
         finally:
             if self._fills.get(lkey) is fut and fut.done():
                 del self._fills[lkey]
+
+    # -- rate limits (gateway/ratelimits.py) ---------------------------------------------------
+
+    async def rate_hit(self, keys: list[str], args: list[str | int]) -> list[int]:
+        """One request against the cluster-wide windows (``RATE_SCRIPT``); raises
+        :class:`Unavailable` when Redis does not answer (the caller counts on this machine)."""
+        r = await self._call("rate limit", lambda: self._rate(keys=keys, args=args))
+        return [int(x) for x in r]
 
     # -- revocations ---------------------------------------------------------------------------
 
