@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import redis as redis_client
+
 import conftest
 from conftest import GatewayProcess, easgate_argv, request, wait_for
 
@@ -53,13 +55,15 @@ def test_one_devices_budget_is_one_budget_across_two_workers(pki, exchange, mdm,
     try:
         sent: list[tuple[int, object]] = []
         served: dict[int, int] = {}
+
+        def workers_by_port() -> dict[int, int]:
+            return {int(m[2]): int(m[1]) for ln in list(g.lines) if (m := CONNECT.search(ln))}
+
         # at least three budgets' worth of requests, until both workers have served some of them
-        while len(sent) < 3 * BUDGET or set(served.get(p) for p, _ in sent) < {1, 2}:
+        while len(sent) < 3 * BUDGET or {served.get(p) for p, _ in sent} < {1, 2}:
             assert len(sent) < 60, f"the requests never reached both workers\n{g.output}"
             sent.append(sync(g.port, pki))
-            wait_for(lambda: sent[-1][0] in (served := {int(m[2]): int(m[1]) for ln in list(g.lines)
-                                                         if (m := CONNECT.search(ln))}), 5, "the connect line", g)
-            served = {int(m[2]): int(m[1]) for ln in list(g.lines) if (m := CONNECT.search(ln))}
+            served = wait_for(lambda: s if sent[-1][0] in (s := workers_by_port()) else None, 5, "the connect line", g)
         statuses = [r.status for _, r in sent]
         by_worker = {w: [r.status for p, r in sent if served[p] == w] for w in (1, 2)}
         # one budget for the device, not one per worker
@@ -78,3 +82,37 @@ def test_one_devices_budget_is_one_budget_across_two_workers(pki, exchange, mdm,
         assert other.status == 200
     finally:
         g.stop()
+
+
+def test_two_nodes_sharing_redis_share_the_budget_and_fall_back_when_redis_is_down(pki, exchange, mdm, tmp_path,
+                                                                                  own_redis):
+    cache = {"redis": own_redis.url}
+    a = start(limited(pki, exchange, mdm, tmp_path, cache=cache), tmp_path, workers=1, name="a.yaml")
+    b = start(limited(pki, exchange, mdm, tmp_path, cache=cache), tmp_path, workers=1, name="b.yaml")
+    try:
+        # the device's requests alternate between the two nodes: one budget for both
+        statuses = [sync(g.port, pki)[1].status for _ in range(BUDGET + 1) for g in (a, b)]
+        assert statuses.count(200) == BUDGET and set(statuses[BUDGET:]) == {503}, statuses
+        # Redis down: each node counts on its own (a fresh budget there), said once per burst, not per request
+        own_redis.kill()
+        local = [sync(a.port, pki)[1].status for _ in range(BUDGET + 2)]
+        assert local == [200] * BUDGET + [503] * 2, local
+        said = "rate limits are counted by this worker process until it is back"
+        a.wait_output(said, 5)
+        assert a.output.count(said) == 1, a.output
+        # back (empty: no persistence): once a request finds it, Redis counts for both nodes again
+        own_redis.start()
+
+        def recovered() -> bool:
+            if "rate limits are counted in Redis again" in a.output:
+                return True
+            sync(a.port, pki)  # the next request after the retry interval tries Redis again
+            return False
+
+        wait_for(recovered, 15, "Redis counting again", a)
+        redis_client.Redis.from_url(own_redis.url).flushall()
+        statuses = [sync(g.port, pki)[1].status for _ in range(BUDGET + 1) for g in (b, a)]
+        assert statuses.count(200) == BUDGET and set(statuses[BUDGET:]) == {503}, statuses
+    finally:
+        a.stop()
+        b.stop()
