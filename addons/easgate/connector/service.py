@@ -34,6 +34,9 @@ GET /services/ActiveSync/Version       ``{"product": "easgate-connector", "versi
 GET /services/ActiveSync/Log?limit=N   the last N decisions (newest first), like XNC's Log tab
 GET /health                            ``{"status": "ok", "devices": N, ...}``; 503 if the
                                        inventory cannot be read
+GET /services/easgate/changes          an easgate extension: the devices whose decision may have
+  ?since=N&instance=ID&wait=S          changed, long-polled by gateways (``connector/changes.py``,
+                                       wire format ``authz/changefeed.py``)
 =====================================  ==========================================================
 
 Bad requests get ``400 {"error": "...", "reason": "..."}``: missing ``user``/``url``, a ``url``
@@ -74,12 +77,14 @@ from typing import Any
 import h11
 
 from .. import __version__
-from ..authz import identity
+from ..authz import changefeed, identity
 from ..authz.audit import AuditLog
 from ..authz.engine import Engine, run_sync
 from ..authz.policy import Policy, PolicyError, PolicyStore
 from ..core.decision import Decision, one_line
 from ..core.errors import ConfigError
+from .changes import BadQuery, ChangeFeed
+from .changes import parse_query as parse_changes_query
 from .config import ConnectorConfig
 from .events import BlockEvents
 from .inventories import AnyInventory, open_inventory
@@ -102,10 +107,13 @@ SIMULATE = "/services/activesync/simulate"
 VERSION = "/services/activesync/version"
 LOG = "/services/activesync/log"
 HEALTH = "/health"
+CHANGES = changefeed.CHANGES_PATH.lower()
 PARAMS = {"user": "user", "agent": "agent", "ip": "ip", "url": "url", "resulttype": "resultType",
           "deviceid": "DeviceId", "devicetype": "DeviceType", "limit": "limit",
           # what the gateway verified (device binding, identity.user_from): not part of XNC's callout
-          "certdeviceid": "certDeviceId", "certuser": "certUser", "usersource": "userSource"}
+          "certdeviceid": "certDeviceId", "certuser": "certUser", "usersource": "userSource",
+          # a gateway following the change feed
+          "since": "since", "instance": "instance", "wait": "wait"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +273,7 @@ class ConnectorService:
         self.started = time.time()
         self._policy_checked = 0.0
         self.events: BlockEvents | None = None  # inventory changes -> the gateways' shared cache
+        self.feed = ChangeFeed()  # inventory changes -> gateways following /services/easgate/changes
         if self.policy_store and self.policy_store.policy.inventory:
             logger.warning(
                 f"easgate connector: the policy file {self.policy_store.path} lists "
@@ -293,11 +302,17 @@ class ConnectorService:
                 raise ConfigError(cfg.path, "redis", str(e))
         return service
 
-    def start_events(self) -> None:
-        """Publish the inventory's changes (blocking until its change feed listens)."""
+    def start_events(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Publish the inventory's changes (blocking until its change feed listens): to Redis if
+        configured, and to the change feed (for a SQLite inventory, ``ChangeFeed.follow`` reads them)."""
         watch = getattr(self.inventory, "watch", None)
-        if self.events is not None and watch is not None:
+        if watch is None:
+            return
+        if self.events is not None:
             watch(self.events.changed)
+        if loop is not None:
+            feed = self.feed
+            watch(lambda device_id: loop.call_soon_threadsafe(feed.changed, device_id))
 
     @property
     def policy(self) -> Policy:
@@ -347,7 +362,8 @@ class ConnectorService:
         key = urllib.parse.unquote(path).lower().rstrip("/") or "/"
         if key not in (AUTHORIZE, SIMULATE, VERSION, LOG, HEALTH):
             return _json(404, {"error": "not found", "reason": f"no endpoint {one_line(path, 80)}; use "
-                               "/services/ActiveSync/Authorize, /Simulate, /Version, /Log or /health"})
+                               "/services/ActiveSync/Authorize, /Simulate, /Version, /Log, /health or "
+                               f"{changefeed.CHANGES_PATH}"})
         if method not in ("GET", "HEAD"):
             return _json(405, {"error": "method not allowed", "reason": f"{method} is not supported; use GET"},
                          (("Allow", "GET, HEAD"),))
@@ -355,7 +371,8 @@ class ConnectorService:
             return _json(200, {"product": "easgate-connector", "version": __version__,
                                "protocol": "XNC ActiveSync callout",
                                "endpoints": ["/services/ActiveSync/Authorize", "/services/ActiveSync/Simulate",
-                                             "/services/ActiveSync/Version", "/services/ActiveSync/Log", "/health"]})
+                                             "/services/ActiveSync/Version", "/services/ActiveSync/Log", "/health",
+                                             changefeed.CHANGES_PATH]})
         if key == HEALTH:
             return self._health()
         params = parse_query(query)
@@ -374,9 +391,30 @@ class ConnectorService:
                            "policy_error": store.last_error if store else None,
                            "decision_log": str(self.log.path) if self.log.path else None,
                            "uptime_s": round(time.time() - self.started, 1), "counters": dict(self.counters),
+                           "changes": {"seq": self.feed.seq, "followers": self.feed.followers},
                            "events": None if self.events is None else {
                                "redis": self.events.url, "published": self.events.published,
                                "errors": self.events.errors}})
+
+    async def handle_async(self, method: str, target: str, peer: str = "") -> Reply:
+        """As :meth:`handle`, and the change feed, whose answer may wait for a change."""
+        path, _, query = target.partition("?")
+        if urllib.parse.unquote(path).lower().rstrip("/") != CHANGES:
+            return self.handle(method, target, peer)
+        if method.upper() not in ("GET", "HEAD"):
+            return _json(405, {"error": "method not allowed", "reason": f"{one_line(method, 20)} is not supported; "
+                               "use GET"}, (("Allow", "GET, HEAD"),))
+        try:
+            since, instance, wait_s = parse_changes_query(parse_query(query))
+        except (BadRequest, BadQuery) as e:
+            self.counters["bad_requests"] += 1
+            return _json(400, {"error": "bad request", "reason": str(e)})
+        changes = await self.feed.wait(since, instance, wait_s)
+        self.counters["changes_answers"] += 1
+        if changes.devices or changes.reset:
+            logger.info(f"easgate connector: told {peer} of changes: "
+                        f"{'reset' if changes.reset else ', '.join(changes.devices[:5])}")
+        return Reply(200, changefeed.encode(changes))
 
     def _log(self, p: dict[str, str]) -> Reply:
         limit = p.get("limit", "100")
@@ -442,13 +480,15 @@ class ConnectorServer:
         self.server = await asyncio.start_server(self._client, self.host, self.port, reuse_address=True)
         self.port = self.server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._every(FLUSH_SEEN_S, self._flush))]
-        await asyncio.to_thread(self.service.start_events)
+        self._tasks = [loop.create_task(self._every(FLUSH_SEEN_S, self._flush)),
+                       loop.create_task(self.service.feed.follow(self.service.inventory))]
+        await asyncio.to_thread(self.service.start_events, loop)
         return self.port
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        self.service.feed.close()
         if self.server:
             self.server.close()
         for w in list(self._conns):
@@ -501,7 +541,7 @@ class ConnectorServer:
                     return
                 method = event.method.decode("ascii", "replace")
                 target = event.target.decode("latin-1")
-                reply = self.service.handle(method, target, peer_s)
+                reply = await self.service.handle_async(method, target, peer_s)
                 await self._send(h, writer, method, reply)
                 if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                     return

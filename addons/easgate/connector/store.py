@@ -73,7 +73,7 @@ __all__ = [
     "parse_file",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id   TEXT    NOT NULL PRIMARY KEY COLLATE NOCASE,
@@ -87,6 +87,31 @@ CREATE TABLE IF NOT EXISTS devices (
     updated     TEXT    NOT NULL
 ) WITHOUT ROWID;
 """
+#: Version 2: every committed change a decision depends on, whoever wrote it (``easgate devices``, an
+#: import, sqlite3 by hand), leaves the DeviceId in ``changes``; the connector serves them to gateways
+#: (``/services/easgate/changes``) and prunes rows older than ``CHANGES_KEEP_S``. last_seen and
+#: updated alone are not changes (``flush_seen`` writes last_seen every second).
+CHANGES = (
+    """CREATE TABLE IF NOT EXISTS changes (
+        seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT    NOT NULL,
+        at        INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER))
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS devices_inserted AFTER INSERT ON devices BEGIN
+        INSERT INTO changes(device_id) VALUES (NEW.device_id);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS devices_deleted AFTER DELETE ON devices BEGIN
+        INSERT INTO changes(device_id) VALUES (OLD.device_id);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS devices_changed AFTER UPDATE OF device_id, user, managed, compliant, blocked
+        ON devices
+        WHEN OLD.user IS NOT NEW.user OR OLD.managed IS NOT NEW.managed OR OLD.compliant IS NOT NEW.compliant
+             OR OLD.blocked IS NOT NEW.blocked OR OLD.device_id IS NOT NEW.device_id
+    BEGIN
+        INSERT INTO changes(device_id) VALUES (NEW.device_id);
+    END""",
+)
+CHANGES_KEEP_S = 3600
 COLUMNS = ("device_id", "user", "device_type", "model", "managed", "compliant", "blocked", "last_seen", "updated")
 #: What an import file may say, with the header spellings MDM exports use.
 FIELD_ALIASES: dict[str, str] = {
@@ -189,9 +214,14 @@ def connect(path: Path, *, timeout_s: float = 5.0, create: bool = True) -> sqlit
         conn.execute("PRAGMA synchronous=NORMAL")
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
+            try:
+                for statement in (SCHEMA, *CHANGES):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         cols = [r[1] for r in conn.execute("PRAGMA table_info(devices)").fetchall()]
         if tuple(cols) != COLUMNS:
             raise InventoryError(f"{path}: table devices has columns {cols}, expected {list(COLUMNS)}; "
@@ -274,6 +304,29 @@ class Inventory:
             if self._count is None or self._count[0] != dv:
                 self._count = (dv, self.conn.execute("SELECT count(*) FROM devices").fetchone()[0])
             return self._count[1]
+
+    def changes_since(self, seq: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, DeviceId) of the changes committed after ``seq``, oldest first, at most ``limit``."""
+        with self.lock:
+            return self.conn.execute("SELECT seq, device_id FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                                     (seq, limit)).fetchall()
+
+    def last_change(self) -> int:
+        with self.lock:
+            return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+    def prune_changes(self, keep_s: int = CHANGES_KEEP_S, timeout_s: float = 0.2) -> int:
+        """Forget changes older than ``keep_s`` (on the writer connection: lookups never wait)."""
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = connect(self.path, create=False)
+            w = self._writer
+            w.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            try:
+                return w.execute("DELETE FROM changes WHERE at < CAST(strftime('%s', 'now') AS INTEGER) - ?",
+                                 (keep_s,)).rowcount
+            except sqlite3.OperationalError:
+                return 0
 
     def all(self, user: str | None = None) -> Iterator[Device]:
         with self.lock:
