@@ -59,7 +59,7 @@ from .respond import answer, drop
 from .shared import Current
 from .sharedcache import SharedCache
 from .tls import TlsOffload
-from .xnc import ConnectorClient, ConnectorError, to_decision
+from .xnc import ChangeFollower, ConnectorClient, ConnectorError, to_decision
 
 logger = logging.getLogger("easgate.authz")
 
@@ -157,6 +157,8 @@ class ActiveSyncGate:
         self._internal_logged = float("-inf")
         self._internal_suppressed = 0
         self.shared: SharedCache | None = None  # the Redis tier (docs/scaling.md), if configured
+        self.follower: ChangeFollower | None = None  # the connector's change feed, if configured
+        self._follow_task: asyncio.Task | None = None
         self._digest = "-"
         self._rules = CommandRules()
         self._rules_of: Policy | None = None  # the policy `_rules` were merged with
@@ -202,6 +204,11 @@ class ActiveSyncGate:
             self.shared.known_revocations = self.known_revocations
             if self._reload_task is not None:  # reconfigured while running
                 self.shared.start()
+        self._stop_following()
+        if auth and auth.connector and auth.connector.changes:
+            self.follower = ChangeFollower(auth.connector, self.connector_changed, self.connector_reset)
+            if self._holds_task is not None:  # reconfigured while running
+                self._follow_task = asyncio.get_running_loop().create_task(self.follower.run())
         self.limiter.close()
         # one budget per device for every worker of this machine, or of the cluster with Redis
         self.limiter = RateLimits(auth.commands.rate_limits if auth else (), self.shared)
@@ -211,6 +218,43 @@ class ActiveSyncGate:
             self.cluster_revocations.clear()
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
+
+    def _stop_following(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        if self.follower is not None:
+            self.follower.close()
+            self.follower = None
+
+    def connector_changed(self, devices: tuple[str, ...]) -> None:
+        """The connector's change feed names devices whose decision may have changed (an operator's
+        block, an unblock, a compliance change): their cached decisions go, and their held long
+        polls are decided again at once (a callout) and closed on a deny, within a poll of the block."""
+        for device_id in devices:
+            self.counters["connector_changes"] += 1
+            if self.shared is not None:  # every node forgets it; the revocation hook re-decides here
+                self._spawn(self.shared.revoke(device_id))
+                continue
+            d = device_id.strip().lower()
+            n = self.cache.forget(lambda k, d=d: isinstance(k, tuple) and str(k[1]).lower() == d) if self.cache else 0
+            held = list(self.holds.of_device(device_id))
+            if n or held:
+                logger.info(f"easgate: the connector says {device_id} changed; {n} cached decisions dropped, "
+                            f"{len(held)} held requests decided again")
+            for h in held:
+                self._spawn(self.reauthorize(h, "connector change"))
+
+    def connector_reset(self, why: str) -> None:
+        """Anything may have changed in the connector: forget every decision, decide every held request again."""
+        self.counters["connector_resets"] += 1
+        n = self.cache.clear() if self.cache else 0
+        if self.shared is not None:
+            self._spawn(self.shared.clear_all())
+        if n or len(self.holds):
+            logger.info(f"easgate: {why}; {n} cached decisions dropped, {len(self.holds)} held requests decided again")
+        if len(self.holds):
+            self._spawn(self.recheck_all("connector change"))
 
     def device_revoked(self, device_id: str) -> None:
         """A device was revoked cluster-wide (an operator's block seen by a connector,
@@ -280,6 +324,8 @@ class ActiveSyncGate:
             self.shared.start()
         if isinstance(self.connector, ConnectorClient):
             self._probe_task = loop.create_task(self._probe_connector(self.connector))
+        if self.follower is not None and self._follow_task is None:
+            self._follow_task = loop.create_task(self.follower.run())
 
     async def _probe_connector(self, client: ConnectorClient) -> None:
         """One line at start-up when the connector cannot be reached: until it can, every decision
@@ -294,6 +340,7 @@ class ActiveSyncGate:
         for t in (self._reload_task, self._probe_task, self._holds_task, *self._tasks):
             if t:
                 t.cancel()
+        self._stop_following()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -860,6 +907,7 @@ class ActiveSyncGate:
             "audit_errors": self.counters.get("audit_errors", 0),
             "shared": self.shared.stats if self.shared else None,
             "rate_limits": self.limiter.stats if self.limiter.limits else None,
+            "connector_changes": self.follower.stats if self.follower else None,
             "policy": {"reloads": self.counters.get("policy_reloads", 0),
                        "reload_errors": self.counters.get("policy_reload_errors", 0),
                        "last_error": self.policy.last_error if self.policy else None},

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..authz.binding import BindingRule, parse_binding
+from ..authz.changefeed import CHANGES_PATH
 from ..authz.commands import CommandRules
 from ..authz.commands import parse as parse_command_rules
 from ..authz.principal import IdentityConfig, parse_identity
@@ -161,6 +162,7 @@ class Connector:
     max_concurrency: int = 32
     ca: Path | None = None
     verify: bool = True
+    changes: str | None = None  # the connector's change feed the workers follow (authz/changefeed.py)
 
 
 @dataclass(frozen=True)
@@ -645,6 +647,20 @@ def _parse_match(m: Node) -> Match | None:
     )
 
 
+def _parse_changes(n: Node, connector: urllib.parse.SplitResult) -> str | None:
+    """`connector.changes`: true is the feed of the connector the callouts go to; a URL another one."""
+    v = n.value
+    if v is None or v is False:
+        return None
+    if v is True:
+        return urllib.parse.urlunsplit((connector.scheme, connector.netloc, CHANGES_PATH, "", ""))
+    u = urllib.parse.urlsplit(v) if isinstance(v, str) else None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname or u.query:
+        raise n.err(f"'{one_line(str(v), 80)}' is neither true nor an http(s) URL without a query",
+                    f"use true (the connector's {CHANGES_PATH}) or e.g. http://127.0.0.1:9080{CHANGES_PATH}")
+    return v
+
+
 def _parse_redis(n: Node) -> str | None:
     url = n.str()
     if url is None:
@@ -693,7 +709,9 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
     if c.value is not None:
         c.mapping({"url": "http(s)://host:port/services/ActiveSync/Authorize", "timeout_ms": "milliseconds",
                    "max_concurrency": "parallel callouts", "ca": "CA file for an https connector",
-                   "verify": "true | false"}, required=("url",))
+                   "verify": "true | false",
+                   "changes": "true (the connector's /services/easgate/changes) or its URL: learn of blocks at once"},
+                  required=("url",))
         url = c.child("url").str()
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -701,7 +719,8 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
                                      "e.g. http://127.0.0.1:9080/services/ActiveSync/Authorize")
         conn = Connector(url=url, timeout_ms=c.child("timeout_ms").int(2000, 1, 600_000),
                          max_concurrency=c.child("max_concurrency").int(32, 1, 10_000),
-                         ca=c.child("ca").path(base), verify=c.child("verify").bool(True))
+                         ca=c.child("ca").path(base), verify=c.child("verify").bool(True),
+                         changes=_parse_changes(c.child("changes"), u))
     if policy is None and conn is None:
         raise n.err("has neither a policy nor a connector", "add 'policy: policies/activesync-policy.yaml' or a connector")
     ch = n.child("cache")

@@ -21,15 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
+import logging
 import ssl
+import time
 import urllib.parse
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
 
+from ..authz import changefeed
 from ..core.decision import Decision, Source
 from .config import Connector
+
+logger = logging.getLogger("easgate.authz")
 
 MAX_ANSWER = 64 * 1024
 DENY_TOKENS = {"deny", "disallow", "block", "blocked", "denied"}
@@ -227,3 +235,109 @@ class ConnectorClient:
 
 def to_decision(answer: Answer) -> Decision:
     return Decision(answer.allow, answer.reason, Source.BLOCK if answer.blocked else Source.CONNECTOR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Following the connector's change feed (an easgate connector's /services/easgate/changes)
+
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+class ChangeFollower:
+    """Long-polls the connector's change feed (``authz/changefeed.py``) and hands what changed to
+    the gate: ``on_changes(device_ids)``, or ``on_reset(why)`` when anything may have changed (the
+    first answer, a connector restart, a follower too far behind).
+
+    Why: an operator's block in the connector reaches a cached allow, and a Ping held for up to
+    an hour, only at the next re-check (``allow_ttl_s``); following the feed, within a poll.
+
+    The connector down, or not an easgate connector: logged once per burst, retried with backoff
+    (``RETRY_FIRST_S`` doubling to ``RETRY_MAX_S``); meanwhile decisions go on as without the feed
+    (the callout and its fail mode decide; nothing here ever allows). Once back, the follower asks
+    from where it was: the connector answers what changed since, or a reset if it cannot know.
+    """
+
+    def __init__(self, cfg: Connector, on_changes: Callable[[tuple[str, ...]], None],
+                 on_reset: Callable[[str], None], *, wait_s: float = changefeed.WAIT_S) -> None:
+        assert cfg.changes
+        self.url = cfg.changes
+        # its own kept-alive connection: a long poll must not hold a callout's place
+        self.client = ConnectorClient(dataclasses.replace(cfg, url=cfg.changes, max_concurrency=1))
+        self.on_changes = on_changes
+        self.on_reset = on_reset
+        self.wait_s = wait_s
+        self.instance: str | None = None
+        self.seq: int | None = None
+        self.counters: Counter[str] = Counter()
+        self.down_since: float | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def run(self) -> None:
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                changes = await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever it was, the follower waits and asks again
+                self._failed(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            delay = RETRY_FIRST_S
+            self._ok()
+            self.apply(changes)
+
+    async def poll(self) -> changefeed.Changes:
+        """One long poll; raises on anything that is not an answer."""
+        target = changefeed.query(self.seq, self.instance, self.wait_s)
+        try:
+            async with asyncio.timeout(self.wait_s + self.client.timeout):
+                status, body = await self.client._get(target)
+        except TimeoutError:
+            raise ConnectorError(f"no answer within {self.wait_s + self.client.timeout:g}s")
+        if status != 200:
+            raise ConnectorError(f"answered HTTP {status}" + (" (not an easgate connector?)" if status == 404 else ""))
+        try:
+            return changefeed.decode(body)
+        except ValueError as e:
+            raise ConnectorError(str(e))
+
+    def apply(self, c: changefeed.Changes) -> None:
+        self.counters["answers"] += 1
+        if self.seq is None:
+            why = "first answer of the connector's change feed"  # decisions cached before it are unchecked
+        elif c.instance != self.instance:
+            why = "the connector restarted"
+        elif c.reset:
+            why = "the connector cannot say what changed since the last answer"
+        else:
+            why = None
+        self.instance, self.seq = c.instance, c.seq
+        if why is not None:
+            self.counters["resets"] += 1
+            self.on_reset(why)
+        elif c.devices:
+            self.counters["devices"] += len(c.devices)
+            self.on_changes(c.devices)
+
+    def _failed(self, e: BaseException) -> None:
+        self.counters["errors"] += 1
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            logger.warning(f"easgate: cannot follow the connector's changes at {self.url} "
+                           f"({type(e).__name__}: {e}); blocks reach cached decisions and held requests at their "
+                           f"next re-check (allow_ttl_s) until it answers; retrying")
+
+    def _ok(self) -> None:
+        if self.down_since is not None:
+            logger.warning(f"easgate: following the connector's changes at {self.url} again after "
+                           f"{time.monotonic() - self.down_since:.1f}s ({self.counters['errors']} failed polls so far)")
+            self.down_since = None
+
+    @property
+    def stats(self) -> dict:
+        return {"url": self.url, "up": self.down_since is None and self.seq is not None, **self.counters}
