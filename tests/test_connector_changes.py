@@ -11,17 +11,9 @@ import time
 import urllib.request
 
 import pytest
-from test_holds import (  # noqa: F401 - holding_exchange is a fixture
-    BASIC,
-    IPHONE,
-    SYNC,
-    assert_all_end_within,
-    audit,
-    hold_pings_on_every_worker,
-    holding_exchange,
-    start,
-    wait_for,
-)
+from test_holds import BASIC, IPHONE, SYNC, assert_all_end_within, audit, hold_pings_on_every_worker, start, wait_for
+
+from easgate.tools.standins import ExchangeStandIn
 
 import conftest
 from conftest import request
@@ -33,6 +25,13 @@ CONNECTOR_DOC = "docs/connector.md"
 START_CONNECTOR = ".venv/bin/easgate connector policies/connector.yaml"
 IMPORT = ".venv/bin/easgate devices -c policies/connector.yaml import policies/demo-inventory.csv"
 BLOCK = ".venv/bin/easgate devices -c policies/connector.yaml block ApplF17ABCDEF01"
+
+
+@pytest.fixture
+def holding_exchange(pki):
+    ex = ExchangeStandIn("holding-exchange", tls=(pki / "exchange.pem", pki / "exchange.key"), hold_s=60).start()
+    yield ex
+    ex.stop()
 
 
 @pytest.fixture

@@ -90,6 +90,8 @@ def describe_authorization(cfg: GatewayConfig) -> list[str]:
         ("connector", f"{c.url}  (timeout {c.timeout_ms} ms, at most {c.max_concurrency} at once"
                       + ("" if c.verify else ", certificate NOT verified") + ")"
          if c else "- (the policy's inventory and mode decide)"),
+        *([("connector changes", f"{c.changes}  (followed by every worker: blocks reach cached decisions and "
+                                 "held requests at once)")] if c and c.changes else []),
         ("on connector error", fail),
         ("cache", f"allow {a.cache.allow_ttl_s:g} s, deny {a.cache.deny_ttl_s:g} s, at most {a.cache.max_entries} entries"),
         ("denied", "connection dropped" if a.deny.action == "drop" else f"HTTP {a.deny.status}"),
