@@ -29,9 +29,10 @@ the gateway decodes once with a size bound and refuses when it cannot (gateway/a
 Device states come from the policy's inventory: `managed` (listed, compliant), `non-compliant`
 (listed, not compliant), `unknown` (not listed); `unmanaged` is unknown or non-compliant.
 
-Rate limits count the requests of one (user, DeviceId) per worker process in a sliding window of
-`per_s` seconds; past `requests` the request is answered 503 with Retry-After ([MS-ASHTTP]
-2.2.2.1.1), not forwarded.
+Rate limits count the requests of one (user, DeviceId) in a sliding window of `per_s` seconds;
+past `requests` the request is answered 503 with Retry-After ([MS-ASHTTP] 2.2.2.1.1), not
+forwarded. `RateLimiter` counts in one process; the workers of a machine share tables
+(`authz/ratetable.py`), the nodes of a cluster Redis (`gateway/ratelimits.py` picks).
 """
 
 from __future__ import annotations
