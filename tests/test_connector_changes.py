@@ -7,6 +7,7 @@ the operator's block as README.md writes it, a stand-in Exchange holding the Pin
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
 
@@ -16,7 +17,7 @@ from test_holds import BASIC, IPHONE, SYNC, assert_all_end_within, audit, hold_p
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
-from conftest import request
+from conftest import easgate_argv, request
 from doccommands import covers
 from docsite import make_site
 from docsite import wait_for as wait_for_output
@@ -110,3 +111,17 @@ def test_the_connector_down_is_logged_once_and_a_restarted_connector_resets_the_
         assert g.output.count(said) == 1, g.output  # once per outage, however many polls failed
     finally:
         g.stop()
+
+
+def test_connector_changes_in_the_config_check(pki, exchange, mdm, tmp_path):
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, policy=None)
+    cfg["authorization"]["connector"] = {"url": "http://127.0.0.1:9/services/ActiveSync/Authorize", "changes": True}
+    p = subprocess.run(easgate_argv("check", str(conftest.write_config(tmp_path, cfg))), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "connector changes   http://127.0.0.1:9/services/easgate/changes" in p.stdout, p.stdout
+    for bad in ("ftp://127.0.0.1/changes", "yes please", 7):
+        cfg["authorization"]["connector"]["changes"] = bad
+        p = subprocess.run(easgate_argv("check", str(conftest.write_config(tmp_path, cfg))), capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2 and "authorization.connector.changes" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

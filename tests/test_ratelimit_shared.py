@@ -91,8 +91,10 @@ def test_two_nodes_sharing_redis_share_the_budget_and_fall_back_when_redis_is_do
     b = start(limited(pki, exchange, mdm, tmp_path, cache=cache), tmp_path, workers=1, name="b.yaml")
     try:
         # the device's requests alternate between the two nodes: one budget for both
-        statuses = [sync(g.port, pki)[1].status for _ in range(BUDGET + 1) for g in (a, b)]
+        got = [sync(g.port, pki)[1] for _ in range(BUDGET + 1) for g in (a, b)]
+        statuses = [r.status for r in got]
         assert statuses.count(200) == BUDGET and set(statuses[BUDGET:]) == {503}, statuses
+        assert all(3500 <= int(r.headers["Retry-After"]) <= 3600 for r in got[BUDGET:])  # the oldest leaves the window
         # Redis down: each node counts on its own (a fresh budget there), said once per burst, not per request
         own_redis.kill()
         local = [sync(a.port, pki)[1].status for _ in range(BUDGET + 2)]

@@ -41,10 +41,11 @@ class Changes:
 
 
 def query(since: int | None, instance: str | None, wait_s: float = WAIT_S) -> str:
+    """The query string of a follower's request (the path is the configured URL's)."""
     params: dict[str, str] = {"wait": f"{wait_s:g}"}
     if since is not None and instance:
         params.update(since=str(since), instance=instance)
-    return f"{CHANGES_PATH}?{urllib.parse.urlencode(params)}"
+    return urllib.parse.urlencode(params)
 
 
 def encode(c: Changes) -> bytes:

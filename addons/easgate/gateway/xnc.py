@@ -293,7 +293,7 @@ class ChangeFollower:
 
     async def poll(self) -> changefeed.Changes:
         """One long poll; raises on anything that is not an answer."""
-        target = changefeed.query(self.seq, self.instance, self.wait_s)
+        target = f"{self.client.path}?{changefeed.query(self.seq, self.instance, self.wait_s)}"
         try:
             async with asyncio.timeout(self.wait_s + self.client.timeout):
                 status, body = await self.client._get(target)
