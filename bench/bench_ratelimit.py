@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT / "addons"))
 from easgate.authz.cache import DecisionCache  # noqa: E402
 from easgate.authz.commands import RateLimit, RateLimiter  # noqa: E402
 from easgate.authz.ratetable import MachineRateLimits  # noqa: E402
+from easgate.gateway.ratelimits import RateLimits  # noqa: E402
+from easgate.gateway.sharedcache import SharedCache  # noqa: E402
+from easgate.tools.clusterservers import TestRedis  # noqa: E402
 
 LIMITS = (RateLimit("per-device", 120, 60.0, None),)
 
@@ -48,10 +51,6 @@ def _hammer(directory: str, stop) -> None:
 async def redis_us(n: int, devices: int) -> float | None:
     if shutil.which("redis-server") is None:
         return None
-    from easgate.gateway.ratelimits import RateLimits
-    from easgate.gateway.sharedcache import SharedCache
-    from easgate.tools.clusterservers import TestRedis
-
     r = TestRedis().start()
     try:
         shared = SharedCache(r.url, DecisionCache(300, 30, 1000), lock_ms=2000)
