@@ -6,17 +6,20 @@ budget in any window; Retry-After always lets the next request through)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from easgate import cli
 from easgate.authz.changefeed import MAX_DEVICES, decode
 from easgate.authz.commands import RateLimit
-from easgate.authz.ratetable import STEPS, MachineRateLimits
+from easgate.authz.ratetable import STEPS, MachineRateLimits, make_run_dir
 from easgate.connector.changes import ChangeFeed
 from easgate.connector.inventories import open_inventory
 from easgate.connector.service import ConnectorService, ConnectorThread
@@ -158,3 +161,17 @@ def test_a_full_neighbourhood_forgets_the_device_seen_least_recently(tmp_path):
     assert table.hit(("u", "dev8"), None) is None  # a ninth device: dev0 is forgotten for it
     assert table.hit(("u", "dev0"), None) is None  # so dev0 starts again (as the per-process limiter forgets)
     assert table.hit(("u", "dev7"), None) is not None  # recent devices keep their count
+
+
+def test_run_directories_of_supervisors_that_are_gone_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"easgate-run-{dead.pid}-abc123"
+    live = tmp_path / f"easgate-run-{os.getpid()}-def456"
+    other = tmp_path / "easgate-run-notapid"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "rate-x.tbl").write_bytes(b"x")
+    mine = Path(make_run_dir(str(tmp_path)))
+    assert mine.name.startswith(f"easgate-run-{os.getpid()}-") and oct(mine.stat().st_mode & 0o777) == "0o700"
+    assert not stale.exists() and live.exists() and other.exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 from mitmproxy import version as mitmproxy_version
 
 from . import __version__
-from .authz.ratetable import RUN_DIR_ENV, run_dir_for
+from .authz.ratetable import RUN_DIR_ENV, make_run_dir
 from .authz.revocations import append as append_revocation
 from .authz.revocations import make_record
 from .authz.revocations import normalize as normalize_revocation
@@ -253,7 +253,7 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
     metrics = None
     # The run directory: what every worker of this supervisor shares (the rate-limit tables,
     # authz/ratetable.py); private (0700), in memory when /dev/shm has room, gone when we stop.
-    run_dir = tempfile.mkdtemp(prefix="easgate-run-", dir=run_dir_for())
+    run_dir = make_run_dir()
     env: dict[str, str] = {RUN_DIR_ENV: run_dir}
     if value := metrics_option(args.mitmproxy_args or []):
         try:

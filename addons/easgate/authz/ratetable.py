@@ -40,6 +40,8 @@ import hashlib
 import math
 import mmap
 import os
+import re
+import shutil
 import struct
 import tempfile
 import time
@@ -48,9 +50,10 @@ from pathlib import Path
 
 from .commands import RateLimit
 
-__all__ = ["MachineRateLimits", "RUN_DIR_ENV", "TableUnavailable", "run_dir_for"]
+__all__ = ["MachineRateLimits", "RUN_DIR_ENV", "TableUnavailable", "make_run_dir", "run_dir_for"]
 
 RUN_DIR_ENV = "EASGATE_RUN_DIR"
+RUN_DIR_NAME = re.compile(r"easgate-run-(\d+)-\w+")
 MAGIC = b"EASGRT01"
 HEADER = 64  # bytes: magic, per_s (f64), steps (u32), slots (u32), padding
 STEPS = 64  # counters per slot: the current step and 63 before it
@@ -75,6 +78,31 @@ def run_dir_for(size_hint: int = 64 << 20) -> str:
     except OSError:
         pass
     return tempfile.gettempdir()
+
+
+def make_run_dir(base: str | None = None) -> str:
+    """The supervisor's private run directory (0700), named after its pid. Directories that
+    supervisors which are gone left behind (killed with SIGKILL: no clean-up ran) are removed first:
+    on /dev/shm they would hold their tables in memory until the next boot."""
+    base = base or run_dir_for()
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        entries = []
+    for e in entries:
+        m = RUN_DIR_NAME.fullmatch(e.name)
+        if not m:
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_uid != uid or not e.is_dir(follow_symlinks=False):
+                continue
+            os.kill(int(m[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(e.path, ignore_errors=True)
+        except OSError:
+            continue  # alive but not ours to signal, or gone meanwhile
+    return tempfile.mkdtemp(prefix=f"easgate-run-{os.getpid()}-", dir=base)
 
 
 def key_hash(key: tuple) -> int:
