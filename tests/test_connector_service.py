@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -513,3 +514,45 @@ def test_callout_values_outside_ms_ashttp_or_disagreeing_are_denied(client, user
     doc = json.loads(body)
     assert (status, doc["result"], doc["source"]) == (200, "Deny", "identity"), doc
     assert fragment in doc["reason"]
+
+
+@pytest.mark.parametrize("on_error", ["deny", "allow"])
+def test_an_allow_whose_decision_log_line_cannot_be_written_is_a_deny(tmp_path, on_error):
+    """The decision log is on a full disk (a symlink to /dev/full): with decision_log_on_error deny
+    (the default) the real connector answers Deny and /health 503 once the writer has failed; with
+    allow it keeps answering Allow. No allow goes out with its line silently lost."""
+    Inventory(tmp_path / "devices.db").add("ApplF17ABCDEF01", "alice")
+    (tmp_path / "d.jsonl").symlink_to("/dev/full")
+    cfg = tmp_path / "connector.yaml"
+    cfg.write_text("listen: {host: 127.0.0.1, port: 0}\ninventory: devices.db\ndecision_log: d.jsonl\n"
+                   + ("" if on_error == "deny" else "decision_log_on_error: allow\n"))
+    p = subprocess.Popen([sys.executable, "-m", "easgate.cli", "connector", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        for line in p.stdout:
+            if m := re.search(r"listening at http://127\.0\.0\.1:(\d+)", line):
+                port = int(m[1])
+                break
+        else:
+            raise AssertionError("the connector did not start")
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        first = json.loads(authorize(c, "alice", "ApplF17ABCDEF01")[2])
+        assert first["result"] == "Allow"  # queued: the writer has not failed yet, and keeps the line
+        deadline = time.monotonic() + 10
+        while True:  # the writer thread finds out the disk is full
+            status, _, body = get(c, "/health")
+            health = json.loads(body)
+            if not health.get("decision_log_writable", True) or status == 503:
+                break
+            assert time.monotonic() < deadline, health
+        doc = json.loads(authorize(c, "alice", "ApplF17ABCDEF01")[2])
+        if on_error == "deny":
+            assert status == 503 and "decision log cannot be written" in health["reason"]
+            assert doc["result"] == "Deny" and doc["source"] == "audit"
+            assert "decision_log_on_error=deny" in doc["reason"]
+        else:
+            assert status == 200 and doc["result"] == "Allow"
+        c.close()
+    finally:
+        p.kill()
+        p.wait()

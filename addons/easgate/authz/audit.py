@@ -131,9 +131,10 @@ class AuditLog:
 
     def __init__(self, path: Path | None, *, on_error: str = "deny", queue_lines: int = QUEUE_LINES,
                  retry_s: float = RETRY_S, max_value_chars: int = MAX_VALUE_CHARS,
-                 write_timeout_s: float = 1.0) -> None:
+                 write_timeout_s: float = 1.0, name: str = "audit log", on_error_key: str = "audit.on_error") -> None:
         self.path = path
         self.on_error = on_error
+        self.name, self.on_error_key = name, on_error_key  # how refusals and the outage log call it
         self.retry_s = retry_s
         self.max_value_chars = max_value_chars
         self.write_timeout_s = write_timeout_s
@@ -189,7 +190,7 @@ class AuditLog:
         if self.on_error != "deny" or self.can_accept():
             return None
         why = self._failing or ("a write is hanging" if self._stalled else "queue full")
-        return f"audit log cannot be written ({why}); denied by audit.on_error=deny"
+        return f"{self.name} cannot be written ({why}); denied by {self.on_error_key}=deny"
 
     def refused(self) -> None:
         """Count a request denied because it could not be audited (for the outage's summary)."""
@@ -385,9 +386,9 @@ class AuditLog:
         try:
             self._fd = self._open()
         except OSError as e:  # the write that follows retries and reports it
-            logger.warning(f"easgate: audit log {self.path}: cannot reopen: {e.strerror or e}")
+            logger.warning(f"easgate: {self.name} {self.path}: cannot reopen: {e.strerror or e}")
             return
-        logger.info(f"easgate: audit log {self.path} reopened")
+        logger.info(f"easgate: {self.name} {self.path} reopened")
 
     # -- outages: logged once when they start, once when they end --------------------------------
 
@@ -404,9 +405,10 @@ class AuditLog:
             self._outage, self._outage_kind, self._outage_start = why, kind, time.monotonic()
             self._outage_lost = self._outage_refused = 0
         self.stats["outages"] += 1
-        then = ("ActiveSync requests are denied until it is" if self.on_error == "deny"
-                else "requests still go through (audit.on_error=allow); lines queue up and are lost once the queue is full")
-        logger.error(f"easgate: audit log {self.path} cannot be written: {why}; {then}")
+        then = ("requests that would be allowed are denied until it is" if self.on_error == "deny"
+                else f"requests still go through ({self.on_error_key}=allow); lines queue up and are lost once the "
+                "queue is full")
+        logger.error(f"easgate: {self.name} {self.path} cannot be written: {why}; {then}")
 
     def _end_outage(self) -> None:
         with self._lock:
@@ -415,5 +417,5 @@ class AuditLog:
             why, took = self._outage, time.monotonic() - self._outage_start
             lost, refused = self._outage_lost, self._outage_refused
             self._outage = self._outage_kind = None
-        logger.warning(f"easgate: audit log {self.path} is written again after {took:.1f}s ({why}); "
+        logger.warning(f"easgate: {self.name} {self.path} is written again after {took:.1f}s ({why}); "
                        f"{lost} lines lost, {refused} requests denied meanwhile")

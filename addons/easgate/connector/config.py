@@ -17,6 +17,7 @@ class ConnectorConfig:
     policy: Path | None
     decision_log: Path | None
     redis: str | None = None  # publish inventory changes as block events (connector/events.py)
+    decision_log_on_error: str = "deny"  # an allow whose log line cannot be written: deny, or allow anyway
 
 
 CONFIG_KEYS = {
@@ -25,6 +26,7 @@ CONFIG_KEYS = {
                  "or postgresql://user:pw@host/db to share it between connectors (easgate[cluster])",
     "policy": "a policy file like policies/activesync-policy.yaml (mode and allow/deny lists)",
     "decision_log": "a JSON-lines file, one line per decision",
+    "decision_log_on_error": "deny (default: an allow whose line cannot be written is a Deny) or allow",
     "redis": "redis://host:6379/0: publish inventory changes to the gateways' shared cache "
              "(needs a postgresql:// inventory; easgate[cluster])",
 }
@@ -59,6 +61,8 @@ def load_connector_config(path: str | Path) -> ConnectorConfig:
         if not isinstance(inv, str):
             raise rn.err("block events come from a PostgreSQL inventory's change feed",
                          "use inventory: postgresql://... or remove redis")
+    on_error = root.child("decision_log_on_error").str("deny", choices=("deny", "allow")) or "deny"
     return ConnectorConfig(path=path, host=host, port=port, inventory=inv,
                            policy=root.child("policy").path(base),
-                           decision_log=root.child("decision_log").path(base, must_exist=False), redis=redis_url)
+                           decision_log=root.child("decision_log").path(base, must_exist=False), redis=redis_url,
+                           decision_log_on_error=on_error)

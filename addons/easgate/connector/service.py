@@ -81,7 +81,7 @@ from ..authz import changefeed, identity
 from ..authz.audit import AuditLog
 from ..authz.engine import Engine, run_sync
 from ..authz.policy import Policy, PolicyError, PolicyStore
-from ..core.decision import Decision, one_line
+from ..core.decision import Decision, Source, one_line
 from ..core.errors import ConfigError
 from .changes import BadQuery, ChangeFeed
 from .changes import parse_query as parse_changes_query
@@ -291,7 +291,8 @@ class ConnectorService:
         except InventoryError as e:
             raise ConfigError(cfg.path, "inventory", str(e))
         try:
-            log = AuditLog(cfg.decision_log)
+            log = AuditLog(cfg.decision_log, on_error=cfg.decision_log_on_error, name="decision log",
+                           on_error_key="decision_log_on_error")
         except ConfigError as e:
             raise ConfigError(cfg.path, "decision_log", e.problem, e.fix)
         service = cls(inv, policy, log)
@@ -385,11 +386,14 @@ class ConnectorService:
             n = self.inventory.count()
         except (sqlite3.Error, InventoryError) as e:
             return _json(503, {"status": "error", "reason": f"inventory {self.inventory.path} unreadable: {e}"})
+        if why := self.log.must_deny():  # every allow is refused: a balancer should try another connector
+            return _json(503, {"status": "error", "reason": why})
         store = self.policy_store
         return _json(200, {"status": "ok", "version": __version__, "devices": n, "inventory": str(self.inventory.path),
                            "policy": str(store.path) if store else None, "mode": self.policy.mode,
                            "policy_error": store.last_error if store else None,
                            "decision_log": str(self.log.path) if self.log.path else None,
+                           "decision_log_writable": self.log.can_accept(),
                            "uptime_s": round(time.time() - self.started, 1), "counters": dict(self.counters),
                            "changes": {"seq": self.feed.seq, "followers": self.feed.followers},
                            "events": None if self.events is None else {
@@ -435,6 +439,11 @@ class ConnectorService:
             self._policy_checked = now
             self.check_policy()
         decision, row = decide(self.policy, self.inventory, ident)
+        if decision.allow and not simulate and (why := self.log.must_deny()):
+            # An allow whose line cannot be written is not given (decision_log_on_error: deny): the
+            # decision log is the connector's record of every device it let through.
+            self.log.refused()
+            decision = Decision(False, why, Source.AUDIT)
         ms = (time.perf_counter() - start) * 1000
         result = "Allow" if decision.allow else "Deny"
         self.counters[f"{'simulate' if simulate else 'authorize'}_{decision.verdict}"] += 1
@@ -450,7 +459,13 @@ class ConnectorService:
             for key, name in (("certDeviceId", "cert_device_id"), ("certUser", "cert_user"), ("userSource", "user_source")):
                 if p.get(key):
                     record[name] = p[key]
-            self.log.write(record)
+            if not self.log.submit(record) and decision.allow and self.log.on_error == "deny":
+                # The queue filled between the check above and now: the line is lost, so no allow.
+                self.log.refused()
+                decision = Decision(False, "decision log cannot be written (queue full); denied by "
+                                    "decision_log_on_error=deny", Source.AUDIT)
+                result = "Deny"
+                record.update(decision="deny", reason=decision.reason, decided_by=decision.source)
             self.recent.append(record)
         if rtype.lower() == "text":
             return Reply(200, result.encode(), "text/plain; charset=utf-8")
