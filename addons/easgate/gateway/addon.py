@@ -384,7 +384,10 @@ class UpstreamPools:
         name = flow.metadata.get(keys.ROUTE)
         if not name:
             return
-        pool = self.current.config.pools[self.current.config.route(name).pool]
+        try:
+            pool = self.current.config.pools[self.current.config.route(name).pool]
+        except KeyError:  # a reload removed the route or its pool: FinalCheck refuses the request
+            return
         cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command") or flow.request.query.get("Cmd")
         timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
         # kept off flow.metadata, which is saved with the flow

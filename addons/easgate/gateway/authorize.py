@@ -423,7 +423,10 @@ class ActiveSyncGate:
         if flow.response or flow.error:
             return
         name = flow.metadata.get(keys.ROUTE)
-        if not name or self.current.config.route(name).authorize != "activesync":
+        try:
+            if not name or self.current.config.route(name).authorize != "activesync":
+                return
+        except KeyError:  # routed on a config a reload replaced: FinalCheck denies it, audited
             return
         start = time.perf_counter()
         try:
@@ -491,7 +494,10 @@ class ActiveSyncGate:
     def enforced(self, flow: http.HTTPFlow) -> bool:
         """False on a route in shadow mode (`enforce: false`): decide and record, never act."""
         name = flow.metadata.get(keys.ROUTE)
-        return not name or self.current.config.route(name).enforce
+        try:
+            return not name or self.current.config.route(name).enforce
+        except KeyError:  # a reload removed the route while its request was decided: enforce
+            return True
 
     async def decide(self, flow: http.HTTPFlow, count: bool = True) -> tuple[identity.Identity | None, Decision]:
         """The device decision, then (for an allowed device) the command rules and rate limits.

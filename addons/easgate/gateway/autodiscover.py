@@ -97,7 +97,10 @@ class RedirectRewrite:
         name = flow.metadata.get(keys.ROUTE)
         if not name or flow.response is None or self.current.config is None:
             return None
-        return self.current.config.route(name).rewrite_redirects
+        try:
+            return self.current.config.route(name).rewrite_redirects
+        except KeyError:  # a reload removed the route while the request was in flight
+            return None
 
     @staticmethod
     def _client_host(flow: http.HTTPFlow) -> str:

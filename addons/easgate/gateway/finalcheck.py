@@ -125,7 +125,10 @@ class FinalCheck:
         if name is None:
             return "the request was not routed, or was re-pointed after routing"
         cfg = self.current.config
-        route = cfg.route(name) if cfg is not None else None
+        try:
+            route = cfg.route(name) if cfg is not None else None
+        except KeyError:  # a reload removed it while the request was decided
+            route = None
         if route is None:
             return f"unknown route {name}"
         if route.authorize and not ledger.allowed(flow):

@@ -1,0 +1,98 @@
+"""Adversarial review of the round after 72aaa5e: each test is a finding, shown against a real
+gateway process (docs/security.md names each one)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from conftest import GatewayProcess, easgate_argv, request, wait_for, write_config
+from conftest import authz_config as make_authz_config
+
+DEV = "ApplF17ABCDEF01"
+SYNC = f"/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId={DEV}&DeviceType=iPhone"
+
+
+class HeldConnector(ThreadingHTTPServer):
+    """An XNC connector that answers Allow only when `release` is set: a decision kept in flight."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HeldConnectorHandler)
+        self.asked = threading.Semaphore(0)
+        self.release = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/services/ActiveSync/Authorize"
+
+
+class _HeldConnectorHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv: HeldConnector = self.server  # type: ignore[assignment]
+        srv.asked.release()
+        srv.release.wait(30)
+        body = json.dumps({"result": "Allow"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def audit_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_a_route_renamed_by_a_reload_while_its_request_is_decided_is_a_deny_audited(pki, exchange, mdm, tmp_path):
+    """A reload (SIGHUP) renames the ActiveSync route while a request routed on it waits for the
+    connector. Before: the gate's `enforce` and the final check raised KeyError on the vanished
+    route name (two tracebacks), the request was killed with no audit line at all. Now: a deny
+    (`internal error`), answered and audited, and Exchange never sees it."""
+    conn = HeldConnector()
+    try:
+        cfg = make_authz_config(pki, exchange, mdm, tmp_path)
+        cfg["authorization"]["connector"] = {"url": conn.url, "timeout_ms": 20000}
+        path = write_config(tmp_path, cfg)
+        g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+        try:
+            out: dict = {}
+
+            def sync() -> None:
+                try:
+                    out["status"] = request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00", timeout=30).status
+                except Exception as e:  # noqa: BLE001
+                    out["error"] = repr(e)
+
+            t = threading.Thread(target=sync, daemon=True)
+            t.start()
+            assert conn.asked.acquire(timeout=20), "the connector was never asked\n" + g.output
+            cfg["routes"][0]["name"] = "eas"  # the same route, renamed
+            write_config(tmp_path, cfg)
+            g.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reload complete" in g.output, 30, "the reload", g)
+            conn.release.set()
+            t.join(30)
+            assert out.get("status") == 403, (out, g.output)
+            assert not [r for r in exchange.requests() if "Cmd=Sync" in r["path"]]
+            lines = wait_for(lambda: [a for a in audit_lines(tmp_path / "audit.jsonl")
+                                      if a.get("decision") == "deny"], 10, "the deny's audit line", g)
+            assert [(a["decision"], a["source"]) for a in audit_lines(tmp_path / "audit.jsonl")] == [
+                ("allow", "connector"), ("deny", "internal")]  # decided, then refused on the new config
+            assert "Traceback" not in g.output, g.output
+        finally:
+            conn.release.set()
+            g.stop()
+    finally:
+        conn.shutdown()
+        conn.server_close()
