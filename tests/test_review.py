@@ -96,3 +96,32 @@ def test_a_route_renamed_by_a_reload_while_its_request_is_decided_is_a_deny_audi
     finally:
         conn.shutdown()
         conn.server_close()
+
+
+def test_a_node_restarting_with_many_revocations_denies_what_the_cluster_revoked_from_its_first_request(
+        pki, exchange, mdm, tmp_path, own_redis):
+    """Another node revoked DEV (in Redis only). This node's own revocation file holds 20,000
+    records (every device blocked over the years: `easgate devices block --revocations`). Before:
+    on starting, the node pushed each of its records to Redis, one round trip each, *before* reading
+    the cluster's hash; its first requests waited at most 2 s for that read, then were decided
+    without the cluster's revocations: DEV was allowed (200) for seconds. Now the hash is read
+    first, and DEV is denied from the first request."""
+    from easgate.authz.revocations import make_record
+    from easgate.gateway.sharedcache import publish_revocation
+
+    lines = [json.dumps(make_record(None, f"Blocked{i:06d}", "blocked in the connector inventory", now=1.7e9))
+             for i in range(20_000)]
+    (tmp_path / "revocations.jsonl").write_text("\n".join(lines) + "\n")
+    import asyncio
+
+    assert asyncio.run(publish_revocation(own_redis.url, make_record("alice", DEV, "phone reported lost")))
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
+                            revocations=str(tmp_path / "revocations.jsonl"), cache={"redis": own_redis.url})
+    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
+                                    "--workers", "1")).wait_ready()
+    try:
+        assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403, g.output
+        assert [(a["decision"], a["reason"]) for a in audit_lines(tmp_path / "audit.jsonl")][:1] == [
+            ("deny", "revoked: phone reported lost")]
+    finally:
+        g.stop()

@@ -366,15 +366,18 @@ class SharedCache:
         logger.warning(f"easgate: revocations made while Redis {self.shown} was unreachable are in Redis now")
 
     async def _sync_revocations(self) -> None:
-        """Push what this node knows (Redis keeps the later record), then apply what Redis holds."""
-        if self._unsent:
-            await self._push_unsent()
-        for rec in list(self.known_revocations()):
-            await self._push(rec, publish=False)
+        """Apply what Redis holds, then push what this node knows (Redis keeps the later record).
+        The read comes first: a node that just started answers only after it (`ready`), and
+        pushing thousands of records one round trip each would outlast that wait."""
         held = await self._call("revocations", lambda: self.client.hgetall(self.keys.revocations))
         for value in (held or {}).values():
             self._revocation(value)
         self.counters["revocation_syncs"] += 1
+        self._synced.set()
+        if self._unsent:
+            await self._push_unsent()
+        for rec in list(self.known_revocations()):
+            await self._push(rec, publish=False)
 
     def _revocation(self, value: Any) -> None:
         try:
