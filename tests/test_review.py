@@ -3,11 +3,20 @@ gateway process (docs/security.md names each one)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import redis
+from test_mitmweb import start_web
+
+from easgate.authz.revocations import make_record
+from easgate.gateway.sharedcache import publish_revocation
 
 from conftest import GatewayProcess, easgate_argv, request, wait_for, write_config
 from conftest import authz_config as make_authz_config
@@ -85,7 +94,7 @@ def test_a_route_renamed_by_a_reload_while_its_request_is_decided_is_a_deny_audi
             t.join(30)
             assert out.get("status") == 403, (out, g.output)
             assert not [r for r in exchange.requests() if "Cmd=Sync" in r["path"]]
-            lines = wait_for(lambda: [a for a in audit_lines(tmp_path / "audit.jsonl")
+            wait_for(lambda: [a for a in audit_lines(tmp_path / "audit.jsonl")
                                       if a.get("decision") == "deny"], 10, "the deny's audit line", g)
             assert [(a["decision"], a["source"]) for a in audit_lines(tmp_path / "audit.jsonl")] == [
                 ("allow", "connector"), ("deny", "internal")]  # decided, then refused on the new config
@@ -106,14 +115,9 @@ def test_a_node_restarting_with_many_revocations_denies_what_the_cluster_revoked
     the cluster's hash; its first requests waited at most 2 s for that read, then were decided
     without the cluster's revocations: DEV was allowed (200) for seconds. Now the hash is read
     first, and DEV is denied from the first request."""
-    from easgate.authz.revocations import make_record
-    from easgate.gateway.sharedcache import publish_revocation
-
     lines = [json.dumps(make_record(None, f"Blocked{i:06d}", "blocked in the connector inventory", now=1.7e9))
              for i in range(20_000)]
     (tmp_path / "revocations.jsonl").write_text("\n".join(lines) + "\n")
-    import asyncio
-
     assert asyncio.run(publish_revocation(own_redis.url, make_record("alice", DEV, "phone reported lost")))
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
                             revocations=str(tmp_path / "revocations.jsonl"), cache={"redis": own_redis.url})
@@ -123,5 +127,43 @@ def test_a_node_restarting_with_many_revocations_denies_what_the_cluster_revoked
         assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403, g.output
         assert [(a["decision"], a["reason"]) for a in audit_lines(tmp_path / "audit.jsonl")][:1] == [
             ("deny", "revoked: phone reported lost")]
+    finally:
+        g.stop()
+
+
+def test_an_operators_revoke_after_a_restore_stamped_by_a_clock_ahead_is_in_force(
+        pki, exchange, mdm, tmp_path, own_redis):
+    """Another node, its clock 60 s ahead, restored DEV; then an operator revokes DEV, with
+    `easgate.revoke` on a node (mitmweb) and with `easgate revoke` (the CLI, file and Redis).
+    Before: each revoke was stamped with its own clock, older than the restore, so the restore
+    won everywhere: DEV kept getting 200 while both said "revoked". Now a revoke made after a
+    record this node (or Redis) knows is stamped after it, and is in force."""
+    ahead = make_record("alice", DEV, "easgate.unrevoke", "restore", now=time.time() + 60)
+    assert asyncio.run(publish_revocation(own_redis.url, ahead))
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
+                            cache={"redis": own_redis.url})
+    proc, w = start_web(write_config(tmp_path, cfg))
+    try:
+        assert request(proc.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
+        assert w.command("easgate.revoke", "alice", DEV).startswith(f"revoked alice on {DEV}")
+        assert request(proc.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403
+        assert w.command("easgate.unrevoke", "alice", DEV).startswith(f"restored alice on {DEV}")
+        assert request(proc.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
+    finally:
+        proc.stop()
+
+    # the CLI, on a machine whose gateways follow a revocation file, with the same restore ahead in Redis
+    redis.Redis.from_url(own_redis.url).delete("easgate:revocations")
+    assert asyncio.run(publish_revocation(own_redis.url, ahead))
+    cfg["authorization"]["revocations"] = str(tmp_path / "revocations.jsonl")
+    path = write_config(tmp_path, cfg, "node.yaml")
+    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+    try:
+        assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
+        r = subprocess.run(easgate_argv("revoke", str(path), "alice", DEV, "--reason", "phone reported lost"),
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "every node denies it" in r.stdout, r.stdout + r.stderr
+        wait_for(lambda: request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403, 5,
+                 "the revoke in force", g)
     finally:
         g.stop()

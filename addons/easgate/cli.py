@@ -14,14 +14,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mitmproxy import version as mitmproxy_version
 
 from . import __version__
 from .authz.ratetable import RUN_DIR_ENV, make_run_dir
+from .authz.revocations import RevocationFile, entry_of, make_record, stamp_after
 from .authz.revocations import append as append_revocation
-from .authz.revocations import make_record
 from .authz.revocations import normalize as normalize_revocation
 from .connector import commands as connector_commands
 from .core.errors import ConfigError
@@ -30,7 +31,7 @@ from .gateway.chain import make_addons, validate_config
 from .gateway.config import GatewayConfig, load_config
 from .gateway.metrics import WORKER_DIR_ENV, is_loopback
 from .gateway.metrics import parse_listen as parse_metrics_listen
-from .gateway.sharedcache import publish_revocation, redact_url
+from .gateway.sharedcache import publish_revocation, redact_url, stored_revocation
 from .runtime import workers
 from .runtime.aggregate import Aggregator, MetricsServer
 from .runtime.lean import (
@@ -343,18 +344,32 @@ def cmd_revoke(args) -> int:
         return 2
     action = "restore" if args.restore else "revoke"
     user = None if args.user == "*" else args.user
+    # stamped after the record for it in the file and in Redis, whatever clock stamped those: the
+    # operator's latest word is the one in force
+    known: list[dict | None] = []
+    redis_problem = None
+    draft = normalize_revocation(make_record(user, args.device_id, args.reason, action))
+    if path is not None:
+        local = RevocationFile(path)
+        local.poll_records()
+        known.append(local.table.of_device(draft["device_id"]).get(entry_of(draft)[1]))
+    if url is not None:
+        try:
+            known.append(asyncio.run(stored_revocation(url, draft)))
+        except Exception as e:  # noqa: BLE001 - any Redis trouble: said in one line, the file still holds it
+            redis_problem = f"Redis {redact_url(url)} unreachable ({type(e).__name__}: {e})"
+    now = stamp_after(time.time(), *known)
     if path is not None:
         try:
-            rec = append_revocation(path, user, args.device_id, args.reason, action)
+            rec = append_revocation(path, user, args.device_id, args.reason, action, now)
         except OSError as e:
             print(f"easgate revoke: cannot append to {path}: {e.strerror}", file=sys.stderr)
             return 2
     else:
-        rec = make_record(user, args.device_id, args.reason, action)
+        rec = make_record(user, args.device_id, args.reason, action, now)
     done = "restored" if args.restore else "revoked"
     where = [str(path)] if path is not None else []
-    redis_problem = None
-    if url is not None:
+    if url is not None and redis_problem is None:
         try:
             asyncio.run(publish_revocation(url, normalize_revocation(rec)))
             where.append(f"Redis {redact_url(url)}")

@@ -35,7 +35,7 @@ from .users import user_matches
 logger = logging.getLogger(__name__)
 
 __all__ = ["Revocation", "RevocationFile", "RevocationTable", "append", "entry_of", "lookup", "make_record", "normalize",
-           "order"]
+           "order", "stamp_after"]
 
 ACTIONS = ("revoke", "restore")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
@@ -60,9 +60,18 @@ def make_record(user: str | None, device_id: str, reason: str, action: str = "re
             "time": time.strftime(TIME_FORMAT, time.localtime(now)), "ts": int(now * 1000)}
 
 
-def append(path: Path, user: str | None, device_id: str, reason: str, action: str = "revoke") -> dict:
+def stamp_after(now: float, *known: dict | None) -> float:
+    """``now`` (seconds), or 1 ms after the latest of ``known`` (records of one device and user)
+    when that is later: an operator's new record must win over every record already seen for it,
+    whatever the clock of the node that stamped those (a restore from a node whose clock runs ahead)."""
+    latest = max((r["ts"] for r in known if r is not None), default=-1)
+    return max(now, (latest + 1.5) / 1000)
+
+
+def append(path: Path, user: str | None, device_id: str, reason: str, action: str = "revoke",
+           now: float | None = None) -> dict:
     """Append one revocation (or restore) line; O_APPEND keeps concurrent writers' lines whole."""
-    rec = make_record(user, device_id, reason, action)
+    rec = make_record(user, device_id, reason, action, now)
     line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

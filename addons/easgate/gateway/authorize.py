@@ -40,7 +40,7 @@ from ..authz.commands import CommandRule, CommandRules, device_state
 from ..authz.engine import Engine
 from ..authz.policy import COMMAND_KEYS, Policy, PolicyError, PolicyStore
 from ..authz.principal import Principal
-from ..authz.revocations import RevocationFile, RevocationTable, make_record
+from ..authz.revocations import RevocationFile, RevocationTable, make_record, stamp_after
 from ..authz.revocations import append as append_revocation
 from ..authz.revocations import lookup as lookup_revocation
 from ..core import keys
@@ -841,12 +841,17 @@ class ActiveSyncGate:
         user_or_any = None if user in ("", "*") else user
         reason = "easgate.revoke" if action == "revoke" else "easgate.unrevoke"
         done = "revoked" if action == "revoke" else "restored"
+        # stamped after every record known for it here, so that it is the one in force
+        dev, who = device_id.lower(), (user_or_any or "*").lower()
+        now = stamp_after(time.time(), self.revocations.table.of_device(dev).get(who),
+                          self.cluster_revocations.of_device(dev).get(who))
         if self.revocations.path is not None:
             # the file's followers (every worker here) apply it and pass it on to Redis
-            append_revocation(self.revocations.path, user_or_any, device_id, reason, action)
+            append_revocation(self.revocations.path, user_or_any, device_id, reason, action, now)
             where = f"every worker following {self.revocations.path}"
         else:
-            r = self.revocations.table.apply(make_record(user_or_any, device_id, reason, action), newest_wins=False)
+            r = self.revocations.table.apply(make_record(user_or_any, device_id, reason, action, now),
+                                             newest_wins=False)
             if r is not None:
                 self.revocation_changed(r)
                 if self.shared is not None:

@@ -69,7 +69,8 @@ except ImportError:  # the base install: Redis is optional
     aioredis = None  # type: ignore[assignment]
     RedisError = OSError  # type: ignore[assignment,misc]
 
-__all__ = ["EXTRA_HINT", "SharedCache", "Unavailable", "publish_revocation", "redact_url", "redis_available"]
+__all__ = ["EXTRA_HINT", "SharedCache", "Unavailable", "publish_revocation", "redact_url", "redis_available",
+           "stored_revocation"]
 
 logger = logging.getLogger("easgate.cluster")
 
@@ -490,6 +491,25 @@ async def publish_revocation(url: str, rec: dict, prefix: str = "easgate:",
             return bool(stored)
     finally:
         await client.aclose()
+
+
+async def stored_revocation(url: str, rec: dict, prefix: str = "easgate:",
+                            timeout_s: float = OP_TIMEOUT_S * 2) -> dict | None:
+    """The record Redis holds for the device and user of ``rec`` (None: none, or one that does not
+    parse), from outside a gateway (``easgate revoke`` stamps its own after it). Raises what Redis raises."""
+    if aioredis is None:
+        raise RuntimeError(f"a revocation in Redis needs the Redis client; {EXTRA_HINT}")
+    client = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                               retry=Retry(NoBackoff(), 0), decode_responses=True)
+    try:
+        async with asyncio.timeout(timeout_s * 2):
+            value = await client.hget(SharedLayout(prefix).revocations, revocation_field(rec))
+    finally:
+        await client.aclose()
+    try:
+        return decode_revocation(value) if value else None
+    except ValueError:
+        return None
 
 
 def redact_url(url: str) -> str:
