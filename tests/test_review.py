@@ -167,3 +167,21 @@ def test_an_operators_revoke_after_a_restore_stamped_by_a_clock_ahead_is_in_forc
                  "the revoke in force", g)
     finally:
         g.stop()
+
+
+def test_a_revocation_made_in_mitmweb_survives_a_config_reload(pki, exchange, mdm, tmp_path):
+    """mitmweb without a revocation file: `easgate.revoke` acts in its own process. The operator
+    then loads a changed gateway config (mitmweb's options: easgate_config). Before: the reload
+    built an empty revocation table and the revoked device was allowed again (200). Now the
+    process's own revocations carry over, as the file's do."""
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}})
+    proc, w = start_web(write_config(tmp_path, cfg))
+    try:
+        assert w.command("easgate.revoke", "alice", DEV).startswith(f"revoked alice on {DEV}: this process only")
+        assert request(proc.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403
+        cfg["authorization"]["deny"] = {"status": 451}  # any change; the same config under another name would do too
+        w.call("PUT", "/options", {"easgate_config": str(write_config(tmp_path, cfg, "changed.yaml"))})
+        proc.wait_output("changed.yaml: 2 routes")
+        assert request(proc.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 451
+    finally:
+        proc.stop()

@@ -213,6 +213,8 @@ class ActiveSyncGate:
         # one budget per device for every worker of this machine, or of the cluster with Redis
         self.limiter = RateLimits(auth.commands.rate_limits if auth else (), self.shared)
         self._rules_of = None
+        if revocations.path is None and self.revocations.path is None:
+            revocations = self.revocations  # this process's own (easgate.revoke without a file) stay in force
         self.revocations = revocations
         if self.shared is None:  # without Redis, nothing but this machine's own revocations
             self.cluster_revocations.clear()
