@@ -185,3 +185,19 @@ def test_a_revocation_made_in_mitmweb_survives_a_config_reload(pki, exchange, md
         assert request(proc.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 451
     finally:
         proc.stop()
+
+
+def test_a_redis_url_redis_cannot_use_is_one_line_not_a_half_applied_config(pki, exchange, mdm, tmp_path):
+    """`cache.redis` with a port out of range (a typo) or a bad option passed the config check, then
+    the Redis client refused it while the gate swapped its state in: after the other parts had
+    swapped theirs (routes, TLS) and before the config in force was updated (a mixed config), with
+    a traceback and no line naming the key. Now `easgate check` and `easgate run` say it in one line."""
+    for url in ("redis://127.0.0.1:99999/0", "redis://127.0.0.1:6379/0?socket_timeout=soon"):
+        cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block"}, cache={"redis": url})
+        path = write_config(tmp_path, cfg)
+        for argv in (easgate_argv("check", str(path)),
+                     easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")):
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            out = r.stdout + r.stderr
+            assert r.returncode == 2 and "Traceback" not in out, (argv, out)
+            assert f"{path}: authorization.cache.redis:" in out and "not a Redis URL" in out, out

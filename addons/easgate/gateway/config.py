@@ -670,6 +670,12 @@ def _parse_redis(n: Node) -> str | None:
         raise n.err(f"'{one_line(url, 80)}' is not a Redis URL", "e.g. redis://10.0.0.5:6379/0, or rediss:// for TLS")
     if importlib.util.find_spec("redis") is None:
         raise n.err("a shared cache on Redis needs the Redis client", "pip install 'easgate[cluster]'")
+    try:  # what the client would refuse when the gate builds it (a port out of range, a bad option)
+        u.port  # noqa: B018 - raises ValueError for a port that is not one
+        importlib.import_module("redis.asyncio").from_url(url)  # parses only; connects to nothing
+    except ValueError as e:
+        raise n.err(f"'{one_line(url, 80)}' is not a Redis URL: {one_line(str(e), 120)}",
+                    "e.g. redis://10.0.0.5:6379/0, or rediss:// for TLS") from None
     return url
 
 
