@@ -201,3 +201,20 @@ def test_a_redis_url_redis_cannot_use_is_one_line_not_a_half_applied_config(pki,
             out = r.stdout + r.stderr
             assert r.returncode == 2 and "Traceback" not in out, (argv, out)
             assert f"{path}: authorization.cache.redis:" in out and "not a Redis URL" in out, out
+
+
+def test_a_connector_the_gate_cannot_build_is_one_line(pki, exchange, mdm, tmp_path):
+    """As above for the connector: a `ca` file that is not PEM, a URL whose port is out of range.
+    Both passed the config check and failed in the gate's swap, with a traceback."""
+    (tmp_path / "junk-ca.pem").write_text("not a certificate\n")
+    for conn, key in (({"url": "https://127.0.0.1:9443/services/ActiveSync/Authorize", "ca": "junk-ca.pem"}, "ca"),
+                      ({"url": "http://127.0.0.1:99999/services/ActiveSync/Authorize"}, "url")):
+        cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block"})
+        cfg["authorization"]["connector"] = conn
+        path = write_config(tmp_path, cfg)
+        for argv in (easgate_argv("check", str(path)),
+                     easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")):
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            out = r.stdout + r.stderr
+            assert r.returncode == 2 and "Traceback" not in out, (argv, out)
+            assert f"{path}: authorization.connector.{key}:" in out, out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
+import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -720,12 +721,24 @@ def _parse_authorization(n: Node, base: Path) -> Authorization:
                   required=("url",))
         url = c.child("url").str()
         u = urllib.parse.urlsplit(url)
+        try:
+            u.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError as e:
+            raise c.child("url").err(f"'{url}' is not an http(s) URL: {e}",
+                                     "e.g. http://127.0.0.1:9080/services/ActiveSync/Authorize") from None
         if u.scheme not in ("http", "https") or not u.hostname:
             raise c.child("url").err(f"'{url}' is not an http(s) URL",
                                      "e.g. http://127.0.0.1:9080/services/ActiveSync/Authorize")
+        ca = c.child("ca").path(base)
+        if ca is not None:
+            try:  # what the gate's connector client loads when the config is swapped in
+                ssl.create_default_context(cafile=str(ca))
+            except ssl.SSLError as e:
+                raise c.child("ca").err(f"{ca} holds no CA certificate ({e.reason or e})",
+                                        "give a PEM file with the CA that issued the connector's certificate") from None
         conn = Connector(url=url, timeout_ms=c.child("timeout_ms").int(2000, 1, 600_000),
                          max_concurrency=c.child("max_concurrency").int(32, 1, 10_000),
-                         ca=c.child("ca").path(base), verify=c.child("verify").bool(True),
+                         ca=ca, verify=c.child("verify").bool(True),
                          changes=_parse_changes(c.child("changes"), u))
     if policy is None and conn is None:
         raise n.err("has neither a policy nor a connector", "add 'policy: policies/activesync-policy.yaml' or a connector")
