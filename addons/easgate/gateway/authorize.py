@@ -146,6 +146,7 @@ class ActiveSyncGate:
         self.observers: list[Callable[[http.HTTPFlow, Decision, float], None]] = []
         self.engine = Engine(self._policy)
         self._reload_task: asyncio.Task | None = None
+        self._running = False  # mitmproxy's `running` came: a reload starts what it newly needs
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
         self.holds = HeldRequests()
@@ -202,12 +203,12 @@ class ActiveSyncGate:
             self.shared.on_revoke.append(self.device_revoked)
             self.shared.on_revocation.append(self.cluster_revocation)
             self.shared.known_revocations = self.known_revocations
-            if self._reload_task is not None:  # reconfigured while running
+            if self._running:  # reconfigured while running: the replaced one was listening
                 self.shared.start()
         self._stop_following()
         if auth and auth.connector and auth.connector.changes:
             self.follower = ChangeFollower(auth.connector, self.connector_changed, self.connector_reset)
-            if self._holds_task is not None:  # reconfigured while running
+            if self._running:  # reconfigured while running
                 self._follow_task = asyncio.get_running_loop().create_task(self.follower.run())
         self.limiter.close()
         # one budget per device for every worker of this machine, or of the cluster with Redis
@@ -220,6 +221,8 @@ class ActiveSyncGate:
             self.cluster_revocations.clear()
         self.engine = Engine(self._policy, self._connector_lookup if self.connector else None, self.cache,
                              self.shared)
+        if self._running:
+            self._start_watchers()
 
     def _stop_following(self) -> None:
         if self._follow_task is not None:
@@ -317,17 +320,23 @@ class ActiveSyncGate:
                           "Milliseconds between checks of the policy files for a replaced file (tests shorten it).")
 
     def running(self) -> None:
+        self._running = True
+        self._start_watchers()
+        if self.shared:
+            self.shared.start()
+        if isinstance(self.connector, ConnectorClient):
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_connector(self.connector))
+        if self.follower is not None and self._follow_task is None:
+            self._follow_task = asyncio.get_running_loop().create_task(self.follower.run())
+
+    def _start_watchers(self) -> None:
+        """The policy watcher and the held-request/revocation-file watcher, once each, as soon as
+        there is something to watch (also when a reload is the first config to give it)."""
         loop = asyncio.get_running_loop()
         if self.policy and self._reload_task is None:
             self._reload_task = loop.create_task(self._watch_policy())
         if self.auth and self._holds_task is None:
             self._holds_task = loop.create_task(self._watch_holds())
-        if self.shared:
-            self.shared.start()
-        if isinstance(self.connector, ConnectorClient):
-            self._probe_task = loop.create_task(self._probe_connector(self.connector))
-        if self.follower is not None and self._follow_task is None:
-            self._follow_task = loop.create_task(self.follower.run())
 
     async def _probe_connector(self, client: ConnectorClient) -> None:
         """One line at start-up when the connector cannot be reached: until it can, every decision
