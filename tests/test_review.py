@@ -245,3 +245,30 @@ def test_after_a_reload_a_connector_only_node_still_hears_the_clusters_revocatio
                  "the revocation in force on the reloaded node", g)
     finally:
         g.stop()
+
+
+def test_junk_nested_json_in_redis_does_not_deafen_a_node(pki, exchange, mdm, tmp_path, own_redis):
+    """Something writes deeply nested JSON into Redis: as an event on the channel, and as a
+    revocation record a node reads when it (re)subscribes. Before: json raised RecursionError,
+    which is not a ValueError: it ended the node's listener for good (no more cluster revocations
+    or blocks, every first request waiting 2 s). Now junk is skipped and counted, and a
+    revocation made afterwards on another machine is in force within 5 s."""
+    junk = "[" * 100_000 + "]" * 100_000
+    r = redis.Redis.from_url(own_redis.url)
+    r.hset("easgate:revocations", "junk|*", f"1|1|{junk}")
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
+                            cache={"redis": own_redis.url})
+    path = write_config(tmp_path, cfg)
+    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+    try:
+        assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
+        wait_for(lambda: r.pubsub_numsub("easgate:events")[0][1] >= 1, 10, "the node listening", g)
+        r.publish("easgate:events", junk)
+        cli = subprocess.run(easgate_argv("revoke", str(path), "alice", DEV, "--reason", "phone reported lost"),
+                             capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        wait_for(lambda: request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403, 5,
+                 "the revocation in force after the junk", g)
+        assert "Traceback" not in g.output, g.output
+    finally:
+        g.stop()

@@ -185,7 +185,10 @@ def decode_revocation(value: str | bytes) -> dict:
     parts = value.split("|", 2)
     if len(parts) != 3:
         raise ValueError("not a revocation record")
-    return normalize(json.loads(parts[2]))
+    try:
+        return normalize(json.loads(parts[2]))
+    except RecursionError:  # nested deeper than json reads: junk like any other
+        raise ValueError("not a revocation record") from None
 
 
 def encode_event(kind: str, **fields: str) -> str:
@@ -195,7 +198,7 @@ def encode_event(kind: str, **fields: str) -> str:
 def decode_event(data: str | bytes) -> dict[str, str] | None:
     try:
         v = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
         return None
     if not isinstance(v, dict) or v.get("t") not in ("device", "all", "fill", "revocation"):
         return None

@@ -438,6 +438,11 @@ class SharedCache:
                     self._failed("events", e)
                 lost = True
                 self._synced.set()  # requests go on without the cluster's revocations, as without Redis
+            except Exception as e:  # noqa: BLE001 - anything else must not end the listening for good
+                logger.error(f"easgate: Redis event channel: {type(e).__name__}: {e}; subscribing again")
+                self.counters["listener_errors"] += 1
+                lost = True
+                self._synced.set()
             finally:
                 try:
                     await ps.aclose()
