@@ -272,3 +272,25 @@ def test_junk_nested_json_in_redis_does_not_deafen_a_node(pki, exchange, mdm, tm
         assert "Traceback" not in g.output, g.output
     finally:
         g.stop()
+
+
+def test_a_junk_line_in_the_revocation_file_does_not_swallow_the_revocation_after_it(pki, exchange, mdm, tmp_path):
+    """One write appends a line of deeply nested JSON and then a real revocation. Before: the
+    RecursionError was not caught as a line that does not parse, the read had already moved past
+    both lines, and the revocation after the junk was never applied (200 until a restart). Now the
+    junk is skipped with one warning and the device is denied within 5 s."""
+    revocations = tmp_path / "revocations.jsonl"
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
+                            revocations=str(revocations))
+    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
+                                    "--workers", "1")).wait_ready()
+    try:
+        assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
+        junk = "[" * 100_000 + "]" * 100_000
+        with open(revocations, "a") as f:
+            f.write(junk + "\n" + json.dumps(make_record("alice", DEV, "phone reported lost")) + "\n")
+        wait_for(lambda: request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403, 5,
+                 "the revocation after the junk line in force", g)
+        g.wait_output("skipped a line that is not a revocation")
+    finally:
+        g.stop()

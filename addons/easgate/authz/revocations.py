@@ -221,7 +221,7 @@ class RevocationFile:
                 continue
             try:
                 r = self.table.apply(json.loads(raw), newest_wins=False)
-            except ValueError:  # also json's JSONDecodeError
+            except (ValueError, RecursionError):  # also json's JSONDecodeError; nested deeper than json reads
                 logger.warning(f"easgate: {self.path}: skipped a line that is not a revocation: {raw[:80]!r}")
                 continue
             if r is not None:
