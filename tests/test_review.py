@@ -303,3 +303,24 @@ def test_a_junk_line_in_the_revocation_file_does_not_swallow_the_revocation_afte
         g.wait_output("skipped a line that is not a revocation")
     finally:
         g.stop()
+
+
+def test_a_command_name_with_terminal_escapes_is_shown_escaped_in_easgate_replay(pki, exchange, mdm, tmp_path):
+    """A client sends `Cmd=` with an ESC sequence that erases the terminal line (an unknown
+    command: denied). The gateway records the flow; an operator replays the capture. Before: the
+    replay table printed the command raw, so the row could erase itself on the operator's terminal
+    (and OSC sequences could retitle it or write the clipboard). Now it is escaped."""
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}})
+    path = write_config(tmp_path, cfg)
+    flows = tmp_path / "flows.mitm"
+    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1", "--",
+                                    "-w", str(flows))).wait_ready()
+    try:
+        evil = f"/Microsoft-Server-ActiveSync?Cmd=%1B%5B2K%0D&User=alice&DeviceId={DEV}&DeviceType=iPhone"
+        assert request(g.port, "POST", evil, pki, body=b"\x03\x01\x6a\x00").status == 403
+    finally:
+        g.stop()
+    r = subprocess.run(easgate_argv("replay", str(flows), "--config", str(path)), capture_output=True, text=True,
+                       timeout=60)
+    assert "\x1b" not in r.stdout + r.stderr, repr(r.stdout + r.stderr)
+    assert "\\x1b[2K\\r" in r.stdout, r.stdout

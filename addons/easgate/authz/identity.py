@@ -48,6 +48,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
+from ..core.decision import one_line
+
 __all__ = [
     "COMMAND_CODES",
     "LEGACY_PLAIN_COMMANDS",
@@ -676,8 +678,8 @@ def _parse_request(method: str, scheme: str, host: str, path: str, headers, clie
             cmd = p.get("cmd")
             if cmd:
                 command = _COMMAND_BY_LOWER.get(cmd.lower())
-                if command is None:
-                    command = cmd if len(cmd) <= MAX_VALUE_CHARS else None
+                if command is None:  # denied; named as sent, escaped (it reaches terminals and mitmweb)
+                    command = one_line(cmd, MAX_VALUE_CHARS) if len(cmd) <= MAX_VALUE_CHARS else None
                     errors.append(f"unknown command {_clip(cmd)}")
             elif "cmd" in p and cmd is None:
                 check_cmd = False

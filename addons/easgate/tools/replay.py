@@ -80,6 +80,7 @@ from ..authz import identity
 from ..authz.audit import AuditLog
 from ..authz.policy import PolicyError, PolicyStore
 from ..core import keys
+from ..core.decision import one_line
 from ..core.errors import ConfigError
 from ..core.net import parse_port, split_hostport
 from ..gateway.authorize import ActiveSyncGate, command_key_conflict
@@ -590,7 +591,7 @@ def live_differs(r: Result) -> bool:
 
 
 def _cell(v, width: int) -> str:
-    s = "-" if v in (None, "") else str(v)
+    s = "-" if v in (None, "") else one_line(v)  # a capture's values are a client's: no terminal escapes
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
