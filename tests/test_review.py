@@ -4,8 +4,10 @@ gateway process (docs/security.md names each one)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -16,9 +18,10 @@ import redis
 from test_mitmweb import start_web
 
 from easgate.authz.revocations import make_record
+from easgate.authz.wbxml import E, wbxml
 from easgate.gateway.sharedcache import publish_revocation
 
-from conftest import GatewayProcess, easgate_argv, request, wait_for, write_config
+from conftest import GatewayProcess, client_context, easgate_argv, request, wait_for, write_config
 from conftest import authz_config as make_authz_config
 
 DEV = "ApplF17ABCDEF01"
@@ -324,3 +327,53 @@ def test_a_command_name_with_terminal_escapes_is_shown_escaped_in_easgate_replay
                        timeout=60)
     assert "\x1b" not in r.stdout + r.stderr, repr(r.stdout + r.stderr)
     assert "\\x1b[2K\\r" in r.stdout, r.stdout
+
+
+def test_an_itemoperations_body_the_gate_cannot_read_whole_never_reaches_exchange(pki, exchange, mdm, tmp_path):
+    """Under a rule refusing attachments, an ItemOperations that fetches an attachment, sent so the
+    gate cannot read it as it stands: chunked (no Content-Length), gzip-encoded, over 64 KiB, and
+    with both Content-Length and chunked. Each is refused; none reaches Exchange (raw TLS socket)."""
+    fetch = wbxml(E("ItemOperations:ItemOperations", E("ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+                                                         E("AirSyncBase:FileReference", "5%3a1%3a0"))))
+    cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "permit"},
+                            commands={"rules": [{"name": "no-attachments", "deny": ["attachments"]}]})
+    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
+                                    "--workers", "1")).wait_ready()
+    ctx = client_context(pki)
+    head = (f"POST /Microsoft-Server-ActiveSync?Cmd=ItemOperations&User=alice&DeviceId={DEV}&DeviceType=iPhone "
+            "HTTP/1.1\r\nHost: mail.example.test\r\nMS-ASProtocolVersion: 14.1\r\n"
+            "Content-Type: application/vnd.ms-sync.wbxml\r\n")
+    chunked = f"{len(fetch):x}\r\n".encode() + fetch + b"\r\n0\r\n\r\n"
+    zipped = gzip.compress(fetch)
+    big = fetch + b"\x00" * 70_000
+    cases = {
+        "chunked": (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunked,
+        "gzip": (head + f"Content-Encoding: gzip\r\nContent-Length: {len(zipped)}\r\n\r\n").encode() + zipped,
+        "big": (head + f"Content-Length: {len(big)}\r\n\r\n").encode() + big,
+        "both": (head + f"Content-Length: {len(chunked)}\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + chunked,
+    }
+    try:
+        for name, raw in cases.items():
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port), timeout=10),
+                                 server_hostname="mail.example.test") as s:
+                s.sendall(raw)
+                answer = b""
+                try:
+                    while b"\r\n\r\n" not in answer:
+                        data = s.recv(65536)
+                        if not data:
+                            break
+                        answer += data
+                except OSError:
+                    pass
+            status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b"(closed)"
+            assert status in (b"400", b"403", b"(closed)"), (name, answer[:200])
+        assert not [r for r in exchange.requests() if "ItemOperations" in r["path"]], exchange.requests()
+        # the same route, rule and socket path let a mail fetch with a Content-Length through
+        mail = wbxml(E("ItemOperations:ItemOperations", E("ItemOperations:Fetch", E("ItemOperations:Store", "Mailbox"),
+                                                            E("AirSync:CollectionId", "5"), E("AirSync:ServerId", "5:1"))))
+        ok = request(g.port, "POST", f"/Microsoft-Server-ActiveSync?Cmd=ItemOperations&User=alice&DeviceId={DEV}"
+                     "&DeviceType=iPhone", pki, headers={"MS-ASProtocolVersion": "14.1"}, body=mail)
+        assert ok.headers.get("X-Upstream") == "exchange", (ok.status, ok.body[:200])
+    finally:
+        g.stop()
