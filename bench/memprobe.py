@@ -3,7 +3,9 @@
 Started with `PYTHONTRACEMALLOC=1` (or `EASGATE_MEMPROBE_TRACE=1`) it also records Python
 allocations; the snapshot goes to $EASGATE_MEMPROBE_OUT.N (N counts signals), a JSON summary next to it:
 RSS, glibc's malloc in-use bytes (mallinfo2: OpenSSL's buffers and structures live there), and the
-number of live objects of the classes a held connection is made of.
+number of live objects of the classes a held connection is made of. With EASGATE_MEMPROBE_TRIM=1 it
+then calls glibc's malloc_trim(0) and writes RSS again (`rss_trimmed`): what RSS over malloc is slack
+that the allocator can give back.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class MemProbe:
         keep = {k: v for k, v in types.items() if v >= 100}
         summary = {"rss": rss(), "malloc": malloc_in_use(), "types": keep,
                    "traced": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None}
+        if os.environ.get("EASGATE_MEMPROBE_TRIM"):
+            try:
+                ctypes.CDLL(None).malloc_trim(0)
+                summary["rss_trimmed"] = rss()
+            except (OSError, AttributeError):
+                pass
         if tracemalloc.is_tracing():
             tracemalloc.take_snapshot().dump(f"{out}.{self.n}.snap")
         with open(f"{out}.{self.n}.json", "w") as f:
