@@ -388,7 +388,10 @@ class UpstreamPools:
             pool = self.current.config.pools[self.current.config.route(name).pool]
         except KeyError:  # a reload removed the route or its pool: FinalCheck refuses the request
             return
-        cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command") or flow.request.query.get("Cmd")
+        cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command")
+        path = flow.request.data.path
+        if not cmd and (b"Cmd" in path or b"%" in path):  # parse the query only if it can name one
+            cmd = flow.request.query.get("Cmd")
         timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
         # kept off flow.metadata, which is saved with the flow
         self.timers[flow.id] = asyncio.get_running_loop().call_later(

@@ -216,13 +216,18 @@ def screen_http1_heads(screen: Callable[[bytes, tuple | None], bytes | None]) ->
 def answer_before_continue() -> None:
     """mitmproxy 12.3 sends `100 Continue` after requestheaders even when an addon already set the
     response: the client then uploads its whole body to be told no. Send that response at once
-    instead, without the 100, and close the connection (a body sent anyway is not read)."""
+    instead, without the 100, and close the connection (a body sent anyway is not read). Requests
+    that arrive without an Expect header (no addon of the gateway adds one) skip the check."""
     cls = http_layers.HttpStream
     original = cls.state_wait_for_request_headers
     if getattr(original, "_easgate", False):
         return
 
     def state_wait_for_request_headers(self, event):
+        if "expect" not in getattr(getattr(event, "request", None), "headers", ()):
+            # No Expect header, no 100 Continue to hold back: mitmproxy's own generator, delegated
+            # to in C instead of every command passing through the loop below.
+            return (yield from original(self, event))
         gen = original(self, event)
         held = False
         reply = None
