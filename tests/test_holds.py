@@ -6,14 +6,18 @@ stand-in Exchange holding the Pings, real TLS clients."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shlex
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ from easgate.authz.audit import AuditLog
 from easgate.authz.eas_deny import BLOCKED_STATUS
 from easgate.authz.policy import PolicyStore
 from easgate.authz.revocations import RevocationFile, RevocationTable, append, lookup, make_record
+from easgate.runtime.aggregate import Document
 from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
 from easgate.tools.standins import ExchangeStandIn
@@ -192,6 +197,105 @@ def test_held_ping_is_reauthorized_every_allow_ttl_and_closed_when_the_connector
         assert closed[0]["trigger"] == "re-authorization" and closed[0]["source"] == "connector"
     finally:
         g.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A held Ping on the memory-lean path (mitmcompat's small layer queues, both TLS sides releasing
+# their buffers while idle): still answered intact, visible, re-authorized, and ended by a deny
+
+
+class _TlsHoldingExchange(ThreadingHTTPServer):
+    """HTTPS Exchange stand-in: each Ping waits for `release`, then gets a 100 KB answer (several
+    TLS records, so the released buffers must be allocated again) whose digest is in a header."""
+
+    daemon_threads = True
+    BODY = bytes(range(256)) * 400
+
+    def __init__(self, pki: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _TlsHoldingHandler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(pki / "exchange.pem", pki / "exchange.key")
+        self.socket = ctx.wrap_socket(self.socket, server_side=True)
+        self.release = threading.Event()
+        self.waiting = threading.Semaphore(0)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _TlsHoldingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if "Cmd=Ping" in self.path:
+            self.server.waiting.release()
+            self.server.release.wait(60)
+        body = self.server.BODY
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Digest", hashlib.sha256(body).hexdigest())
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_held_ping_on_the_lean_path_is_answered_intact_reauthorized_and_ended_by_a_deny(
+        pki, mdm, tmp_path, connector):
+    exchange = _TlsHoldingExchange(pki)
+    connector.allowed = {IPHONE}
+    cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=connector,
+                                cache={"allow_ttl_s": 1, "deny_ttl_s": 1})
+    path = conftest.write_config(tmp_path, cfg)
+    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1", "--",
+                                    "--set", "easgate_metrics=127.0.0.1:0"))
+    try:
+        g.wait_ready(30)
+        mport = int(wait_for(lambda: re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", g.output), 10,
+                             "the metrics line", g)[1])
+
+        def held() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+                samples = Document.parse(r.read().decode()).samples
+            return samples.get(("easgate_long_polls_held", '{route="activesync",command="Ping"}'), 0)
+
+        answered: list = []
+        t = threading.Thread(target=lambda: answered.append(request(
+            g.port, "POST", PING, pki, headers=BASIC, body=b"\x03\x01\x6a\x00", timeout=60)), daemon=True)
+        t.start()
+        assert exchange.waiting.acquire(timeout=20), g.output
+        assert held() == 1  # visible while held
+        calls = len(connector.calls)
+        wait_for(lambda: len(connector.calls) >= calls + 2, 10, "re-authorizations of the held Ping", g)
+        assert t.is_alive()  # re-authorized (allowed again), still held
+        exchange.release.set()
+        t.join(20)
+        r = answered[0]
+        assert r.status == 200 and len(r.body) == len(exchange.BODY)
+        assert hashlib.sha256(r.body).hexdigest() == r.headers["X-Digest"]
+        wait_for(lambda: held() == 0, 10, "the gauge to drop", g)
+
+        # a second Ping, held, then the connector says Deny: re-authorization ends it
+        exchange.release.clear()
+        ping = HeldPing(g.port, pki)
+        assert exchange.waiting.acquire(timeout=20), g.output
+        t0 = time.monotonic()
+        connector.allowed = set()
+        assert_all_end_within([ping], t0, g)
+        closed = wait_for(lambda: [a for a in audit(tmp_path) if a.get("event") == "held request closed"], 5, "audit", g)
+        assert closed[0]["trigger"] == "re-authorization"
+    finally:
+        g.stop()
+        exchange.stop()
 
 
 # ---------------------------------------------------------------------------------------------
