@@ -19,6 +19,19 @@ bench_scale.py: an HTTP MDM and an HTTPS Exchange):
 * `easgate-1`, `easgate-2`: `easgate run --workers 1|2` with the ActiveSync route authorized
   (policy file, decision cache, audit line) and the MDM route with the client-certificate header.
 
+Variants of `lean-bare` and `easgate-N` (any combination, e.g. `easgate-1@abc1234+uvloop`):
+
+* `@REF`: that commit's code (a `git worktree` of REF in the run's temporary directory, its
+  `addons/` first on PYTHONPATH), e.g. the commit before a change, side by side with this tree.
+* `+uvloop`: on uvloop's event loop (`EASGATE_EVENT_LOOP=uvloop`; `pip install uvloop` in the venv).
+* `+py3.13`: under Python 3.13, from the venv named by `--py313-venv` (default `.venv-py3.13`:
+  `~/.pyenv/versions/3.13.0/bin/python -m venv .venv-py3.13 && .venv-py3.13/bin/pip install -c
+  constraints.txt -e .`).
+
+easgate's own share of CPU per request is each `easgate-1` variant against the `lean-bare` with the
+same `@REF`/`+` suffixes: `--contenders lean-bare easgate-1 lean-bare+uvloop easgate-1+uvloop
+easgate-1@abc1234 --skip handshakes resumption memory` is the request-path comparison alone.
+
 Modes (each contender idle while another is measured; rounds alternate; medians):
 
 1. `keepalive`: wrk -t1 -c32, MDM GET and cached ActiveSync POST: CPU seconds of the contender's
@@ -141,6 +154,34 @@ def rsa_gateway(pki: Path) -> Path:
     return out
 
 
+class Variant:
+    """What a contender name asks for: `base[@REF][+uvloop][+py3.13]`."""
+
+    def __init__(self, name: str) -> None:
+        head, *flags = name.split("+")
+        self.base, _, self.ref = head.partition("@")
+        self.uvloop = "uvloop" in flags
+        self.py313 = "py3.13" in flags
+        unknown = set(flags) - {"uvloop", "py3.13"}
+        if unknown:
+            raise SystemExit(f"bench_all: unknown variant {'+'.join(sorted(unknown))} in {name}")
+        self.suffix = name[len(self.base):]  # what a lean-bare of the same kind carries
+
+    def env(self, worktrees: dict[str, Path]) -> dict[str, str]:
+        env = {}
+        if self.uvloop:
+            env["EASGATE_EVENT_LOOP"] = "uvloop"
+        if self.ref:
+            env["PYTHONPATH"] = str(worktrees[self.ref] / "addons")
+        return env
+
+    def root(self, worktrees: dict[str, Path]) -> Path:
+        return worktrees[self.ref] if self.ref else ROOT
+
+    def bin(self, py313: Path) -> Path:
+        return py313 / "bin" if self.py313 else bs.BIN
+
+
 class Contender:
     """One thing under test: its processes and the ports of its MDM and ActiveSync routes."""
 
@@ -155,11 +196,18 @@ class Contender:
             p.stop()
 
 
+WORKTREES: dict[str, Path] = {}  # REF -> a worktree of it (made by main())
+PY313 = ROOT / ".venv-py3.13"
+
+
 def start_contenders(d: Path, pki: Path, mdm: int, exchange: int, cert: Path, names: list[str]) -> dict[str, Contender]:
     out: dict[str, Contender] = {}
     mdm_url, ex_url = f"http://127.0.0.1:{mdm}", f"https://127.0.0.1:{exchange}"
     tag = cert.stem
     for name in names:
+        v = Variant(name)
+        env, bindir, root = v.env(WORKTREES), v.bin(PY313), v.root(WORKTREES)
+        ctag = re.sub(r"[^A-Za-z0-9.-]", "_", f"{name}-{tag}")
         if name == "nginx":
             port = bs.free_port()
             conf = d / f"nginx-gw-{tag}.conf"
@@ -167,22 +215,23 @@ def start_contenders(d: Path, pki: Path, mdm: int, exchange: int, cert: Path, na
             p = bs.Proc("nginx-gw", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(d)])
             wait_port(port)
             out[name] = Contender(name, [p], port, port)
-        elif name in ("mitmdump", "lean-bare"):
+        elif v.base in ("mitmdump", "lean-bare"):
             procs = []
             for up in (mdm_url, ex_url):
-                argv = ([str(bs.BIN / "mitmdump"), "--set", "flow_detail=0"] if name == "mitmdump"
-                        else [bs.PY, str(ROOT / "bench" / "lean_bare.py")])
+                argv = ([str(bindir / "mitmdump"), "--set", "flow_detail=0"] if v.base == "mitmdump"
+                        else [str(bindir / "python"), str(root / "bench" / "lean_bare.py")])
                 argv += ["--mode", f"reverse:{up}@127.0.0.1:0", "--certs", f"*={cert}", "--set", "ssl_insecure=true",
-                         "--set", f"confdir={d / ('conf-' + name)}"]
-                procs.append(bs.Proc(name, argv))
+                         "--set", f"confdir={d / ('conf-' + ctag)}"]
+                procs.append(bs.Proc(name, argv, env=env))
             ports = [p.wait_listening(1) for p in procs]
             out[name] = Contender(name, procs, ports[0], ports[1])
         else:  # easgate-N
-            workers = name.split("-")[1]
-            cfg = bs.gateway_config(d, pki, mdm_url, ex_url, f"{name}-{tag}")
+            workers = v.base.split("-")[1]
+            cfg = bs.gateway_config(d, pki, mdm_url, ex_url, ctag)
             text = cfg.read_text().replace(str(pki / "gateway-full.pem"), str(cert))
             cfg.write_text(text)
-            p = bs.Proc(name, [str(bs.BIN / "easgate"), "run", str(cfg), "--workers", workers, "--grace", "1"])
+            p = bs.Proc(name, [str(bindir / "python"), "-m", "easgate.cli", "run", str(cfg), "--workers", workers,
+                               "--grace", "1"], env=env)
             port = p.wait_listening(int(workers))
             out[name] = Contender(name, [p], port, port)
     return out
@@ -333,12 +382,17 @@ def report(args, commit: str, dirty: bool, ka, hs, res, mem, started: float) -> 
             o.append(f"| {route} | " + " | ".join(
                 f"{ka[(n, route)]['cpu_per_1k']:.3f} s ({ka[(n, route)]['rps']:,.0f})" for n in names) + " |")
         o.append("")
-        base = "lean-bare"
-        if base in names and "easgate-1" in names:
+        for n in names:
+            v = Variant(n)
+            base = "lean-bare" + v.suffix if ("lean-bare" + v.suffix) in names else "lean-bare"
+            if not v.base.startswith("easgate-") or base not in names:
+                continue
+            shares = []
             for route in ("mdm", "activesync"):
-                share = ka[("easgate-1", route)]["cpu_per_1k"] / max(1e-9, ka[(base, route)]["cpu_per_1k"]) - 1
-                o.append(f"- easgate's own share on the {route} route: {share:+.0%} CPU per request over the lean "
-                         f"master without its addons (target: <= +15%).")
+                share = ka[(n, route)]["cpu_per_1k"] / max(1e-9, ka[(base, route)]["cpu_per_1k"]) - 1
+                shares.append(f"{share:+.0%} on the {route} route")
+            o.append(f"- `{n}`: easgate's own share of CPU per request over `{base}` (the same lean master without "
+                     f"easgate's addons): {', '.join(shares)} (target: <= +15%).")
         o.append("")
     if hs:
         o += [f"New TLS connections (`openssl s_time`, {args.clients} clients, {args.hs_seconds:g} s each, one GET "
@@ -374,7 +428,27 @@ def report(args, commit: str, dirty: bool, ka, hs, res, mem, started: float) -> 
     return "\n".join(o)
 
 
+class worktrees:
+    """`git worktree`s of the `@REF` variants' commits under `d`, removed again at the end."""
+
+    def __init__(self, d: Path, refs: set[str]) -> None:
+        self.d, self.refs = d, refs
+
+    def __enter__(self) -> None:
+        for ref in sorted(self.refs):
+            wt = self.d / f"at-{re.sub(r'[^A-Za-z0-9.-]', '_', ref)}"
+            subprocess.run(["git", "worktree", "add", "--detach", str(wt), ref], cwd=ROOT, check=True,
+                           capture_output=True)
+            WORKTREES[ref] = wt
+
+    def __exit__(self, *exc) -> None:
+        for wt in WORKTREES.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+        WORKTREES.clear()
+
+
 def main() -> int:
+    global PY313
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10, help="seconds per wrk measurement")
     ap.add_argument("--rounds", type=int, default=3)
@@ -384,6 +458,7 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--contenders", nargs="+", default=["nginx", "mitmdump", "lean-bare", "easgate-1", "easgate-2"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["keepalive", "handshakes", "resumption", "memory"])
+    ap.add_argument("--py313-venv", type=Path, default=ROOT / ".venv-py3.13", help="the venv of the +py3.13 variants")
     ap.add_argument("--smoke", action="store_true", help="tiny durations, to see that it runs")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md (clean tree only)")
     args = ap.parse_args()
@@ -398,10 +473,16 @@ def main() -> int:
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench_all: needs {tool} (apt-get install wrk nginx-light openssl)", file=sys.stderr)
             return 2
+    variants = [Variant(n) for n in args.contenders]
+    PY313 = args.py313_venv.resolve()
+    if any(v.py313 for v in variants) and not (PY313 / "bin" / "python").exists():
+        print(f"bench_all: +py3.13 needs a Python 3.13 venv at {PY313} (see this script's docstring)", file=sys.stderr)
+        return 2
     raise_fd_limit()
     started = time.monotonic()
     ka = hs = res = mem = None
-    with tempfile.TemporaryDirectory(prefix="easgate-bench-all-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="easgate-bench-all-") as tmp, worktrees(d=Path(tmp), refs={
+            v.ref for v in variants if v.ref}):
         d = Path(tmp)
         pki = d / "pki"
         generate_pki(pki)
@@ -425,7 +506,7 @@ def main() -> int:
                     for c in s.values():
                         c.stop()
                 mem = {}
-                for name in [n for n in args.contenders if n in ("nginx", "mitmdump", "easgate-1")]:
+                for name in [n for n in args.contenders if Variant(n).base in ("nginx", "mitmdump", "easgate-1")]:
                     one = start_contenders(d, pki, mdm, hold.port, pki / "gateway-full.pem", [name])[name]
                     try:
                         mem[name] = held_memory(one, pki, args.pings, hold)

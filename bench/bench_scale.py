@@ -76,11 +76,11 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], cwd: Path | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], cwd: Path | None = None, env: dict | None = None) -> None:
         self.name = name
         self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, text=True, errors="replace",
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self.lines: list[str] = []
         self.ports: list[int] = []
         self.listening = threading.Event()

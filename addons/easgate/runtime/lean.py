@@ -453,9 +453,34 @@ def run_master(master_factory: Callable[[options.Options], master.Master], argum
         return 0
 
     try:
-        return asyncio.run(main())
+        factory = event_loop_factory()
+    except ConfigError as e:
+        print(f"easgate: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(main(), loop_factory=factory)
     except SystemExit as e:  # ErrorCheck exits on startup errors
         return e.code if isinstance(e.code, int) else 1
+
+
+LOOP_ENV = "EASGATE_EVENT_LOOP"
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `easgate run` serves on: asyncio's own (the default), or uvloop's with
+    EASGATE_EVENT_LOOP=uvloop (an optional extra: `pip install easgate[uvloop]`). Benchmark
+    switch first (bench/bench_all.py compares both); see docs/scaling.md for what it measured."""
+    which = os.environ.get(LOOP_ENV, "").strip().lower() or "asyncio"
+    if which == "asyncio":
+        return None
+    if which != "uvloop":
+        raise ConfigError("environment", LOOP_ENV, f"unknown event loop {which!r}", "use asyncio (the default) or uvloop")
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError("environment", LOOP_ENV, "uvloop is not installed",
+                          "pip install 'easgate[uvloop]', or unset EASGATE_EVENT_LOOP") from None
+    return uvloop.new_event_loop
 
 
 async def reload_in_place(m: master.Master) -> None:
