@@ -327,6 +327,16 @@ def bad_host(req: http.Request) -> str | None:
     return None
 
 
+def request_command(flow: http.HTTPFlow) -> str | None:
+    """The ActiveSync command of a request: the identity's, else the query's `Cmd` (parsed only when
+    the path can carry one: mitmproxy builds a whole query view for each look-up)."""
+    cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command")
+    if cmd:
+        return cmd
+    path = flow.request.data.path
+    return flow.request.query.get("Cmd") if b"Cmd" in path or b"%" in path else None
+
+
 class UpstreamPools:
     """Upstream connections: only to pool servers, with each pool's TLS trust, SNI and timeouts."""
 
@@ -388,10 +398,7 @@ class UpstreamPools:
             pool = self.current.config.pools[self.current.config.route(name).pool]
         except KeyError:  # a reload removed the route or its pool: FinalCheck refuses the request
             return
-        cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command")
-        path = flow.request.data.path
-        if not cmd and (b"Cmd" in path or b"%" in path):  # parse the query only if it can name one
-            cmd = flow.request.query.get("Cmd")
+        cmd = request_command(flow)
         timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
         # kept off flow.metadata, which is saved with the flow
         self.timers[flow.id] = asyncio.get_running_loop().call_later(

@@ -30,6 +30,7 @@ class FlowLimit:
     def __init__(self) -> None:
         self.evicted = 0
         self._warned = False
+        self.limit = 0  # easgate_max_flows, kept here: an option read per request costs a deepcopy
 
     def load(self, loader) -> None:
         loader.add_option("easgate_max_flows", int, 0,
@@ -40,6 +41,7 @@ class FlowLimit:
         if "easgate_max_flows" in updated:
             if ctx.options.easgate_max_flows < 0:
                 raise exceptions.OptionsError("easgate_max_flows must be 0 (no limit) or more")
+            self.limit = ctx.options.easgate_max_flows
             self.trim()
 
     def requestheaders(self, flow) -> None:
@@ -53,7 +55,9 @@ class FlowLimit:
 
     def trim(self) -> int:
         """Remove the oldest finished flows past the bound; returns how many were removed."""
-        limit = ctx.options.easgate_max_flows if "easgate_max_flows" in ctx.options else 0
+        limit = self.limit
+        if not limit:
+            return 0
         view = ctx.master.addons.get("view") if ctx.master else None
         if not limit or view is None:
             return 0

@@ -39,7 +39,7 @@ from mitmproxy import ctx, exceptions, http
 from .. import __version__
 from ..core import keys, net
 from ..core.decision import Decision
-from .addon import ContentSwitch, UpstreamPools
+from .addon import ContentSwitch, UpstreamPools, request_command
 from .audittrail import AuditTrail
 from .authorize import ActiveSyncGate
 from .http1 import StrictRequests
@@ -272,7 +272,7 @@ class Metrics:
         route = flow.metadata.get(keys.ROUTE)
         if not route:
             return
-        cmd = (flow.metadata.get(keys.IDENTITY) or {}).get("command") or flow.request.query.get("Cmd")
+        cmd = request_command(flow)
         self.upstream[flow.id] = (route, cmd if cmd in UpstreamPools.LONG_POLL_COMMANDS else None)
 
     def response(self, flow: http.HTTPFlow) -> None:
