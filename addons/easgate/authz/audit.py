@@ -153,6 +153,7 @@ class AuditLog:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0
         self._handled = 0
+        self._pending: dict = {}  # event loop -> lines of its current iteration, not yet handed over
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
         self._writing = False  # the writer thread runs (set before it starts, cleared when it ends)
@@ -221,6 +222,11 @@ class AuditLog:
         logger.debug(line)
         return line
 
+    def _hand_over(self, loop) -> None:
+        batch = self._pending.pop(loop, None)
+        if batch:
+            self._queue.put(batch)
+
     def _enqueue(self, item) -> None:
         with self._lock:
             self._queued += 1
@@ -232,7 +238,20 @@ class AuditLog:
             self.stats["queue_full"] += 1
             self._lost(f"{self.queue_lines} lines queued, the sink is not keeping up")
             return False
-        self._enqueue((line, fut))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: straight to the writer
+            self._enqueue((line, fut))
+        else:
+            # On an event loop, the lines of one loop iteration go to the writer together, at its
+            # end: one wake-up of the writer thread for all of them instead of one per line.
+            with self._lock:
+                self._queued += 1
+            pending = self._pending.get(loop)
+            if pending is None:
+                pending = self._pending[loop] = []
+                loop.call_soon(self._hand_over, loop)
+            pending.append((line, fut))
         if self._outage_kind == "queue" and self._failing is None and not self._stalled:
             self._end_outage()
         return True
@@ -285,12 +304,25 @@ class AuditLog:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued line is written (tests, shutdown); False on timeout."""
+        self._hand_over_here()
         deadline = time.monotonic() + timeout
         while self._queued > self._handled and time.monotonic() < deadline:
             time.sleep(0.005)
         return self._queued <= self._handled
 
+    def _hand_over_here(self) -> None:
+        """Hand over what this thread's loop (or a loop that no longer runs) has pending: never
+        the list of a loop running in another thread, which may still be adding to it."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for loop in list(self._pending):
+            if loop is here or not loop.is_running():
+                self._hand_over(loop)
+
     def close(self, timeout: float = 2.0) -> None:
+        self._hand_over_here()
         t = self._thread
         if t is not None and t.is_alive():
             self._enqueue(_STOP)
@@ -353,18 +385,22 @@ class AuditLog:
                 self._do_reopen()
                 self._task_done()
                 continue
-            batch = [item]  # what is waiting goes out in one write (one O_APPEND write: never interleaved)
-            size = len(item[0])
+            # what is waiting goes out in one write (one O_APPEND write: never interleaved); an
+            # item is one (line, future) or a list of them (one event-loop iteration's lines)
+            batch = list(item) if isinstance(item, list) else [item]
+            size = sum(len(x[0]) for x in batch)
             while len(batch) < BATCH_LINES and size < BATCH_BYTES:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if not isinstance(more, tuple):
+                if isinstance(more, tuple):
+                    more = [more]
+                elif not isinstance(more, list):
                     nxt = more
                     break
-                batch.append(more)
-                size += len(more[0])
+                batch.extend(more)
+                size += sum(len(x[0]) for x in more)
             self._resolve_all(batch, self._write_until_done(batch))
             self._task_done(len(batch))
 
