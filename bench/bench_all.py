@@ -43,6 +43,9 @@ Modes (each contender idle while another is measured; rounds alternate; medians)
 3. `resumption`: one full handshake with `openssl s_client -sess_out`, then 20 reconnects with
    `-sess_in`: how many resumed (TLS 1.2 and 1.3).
 4. `memory`: N held ActiveSync Pings (an HTTPS upstream that holds each Ping): RSS per held Ping.
+5. `breakdown`: for each `easgate-1` variant of this Python (this tree, `@REF`), where a held Ping's
+   memory goes (bench_memory.py: RSS, malloc in use, after malloc_trim, tracemalloc by owner, live
+   objects), side by side: `--contenders lean-bare easgate-1@REF easgate-1` shows a change's effect.
 
 Not a test: nothing here asserts; it reports.
 """
@@ -63,6 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_memory as bm  # noqa: E402  (where a held Ping's memory goes)
 import bench_scale as bs  # noqa: E402  (the processes, nginx upstreams, wrk and held-Ping helpers)
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -457,7 +461,10 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4, help="parallel openssl s_time clients")
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--contenders", nargs="+", default=["nginx", "mitmdump", "lean-bare", "easgate-1", "easgate-2"])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["keepalive", "handshakes", "resumption", "memory"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["keepalive", "handshakes", "resumption", "memory", "breakdown"])
+    ap.add_argument("--breakdown-pings", type=int, default=1000,
+                    help="held Pings per easgate-1 variant for the memory breakdown (tracemalloc pass: 300)")
     ap.add_argument("--py313-venv", type=Path, default=ROOT / ".venv-py3.13", help="the venv of the +py3.13 variants")
     ap.add_argument("--smoke", action="store_true", help="tiny durations, to see that it runs")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md (clean tree only)")
@@ -481,6 +488,7 @@ def main() -> int:
     raise_fd_limit()
     started = time.monotonic()
     ka = hs = res = mem = None
+    breakdown = ""
     with tempfile.TemporaryDirectory(prefix="easgate-bench-all-") as tmp, worktrees(d=Path(tmp), refs={
             v.ref for v in variants if v.ref}):
         d = Path(tmp)
@@ -513,6 +521,23 @@ def main() -> int:
                     finally:
                         one.stop()
                     print(f"  memory {name:10} {mem[name]['per_ping_kb']:.1f} KB per held Ping", file=sys.stderr, flush=True)
+            # where a held Ping's memory goes, for each easgate-1 variant of this Python (this tree, @REF)
+            mvs = [Variant(n) for n in args.contenders if Variant(n).base == "easgate-1" and not Variant(n).py313
+                   and not Variant(n).uvloop]
+            if "breakdown" not in args.skip and mvs:
+                for s in sets.values():
+                    for c in s.values():
+                        c.stop()
+                variants = [bm.Variant(f"easgate-1{v.suffix}", WORKTREES[v.ref] / "addons" if v.ref else None,
+                                       git("rev-parse", "--short", v.ref or "HEAD")) for v in mvs]
+                bres = {}
+                n_plain, n_traced = (50, 30) if args.smoke else (args.breakdown_pings, min(300, args.breakdown_pings))
+                for traced in (False, True):
+                    for v in variants:
+                        bres[(v.name, "traced" if traced else "plain")] = bm.measure(
+                            v, d, pki, hold, n_traced if traced else n_plain, traced)
+                        print(f"  breakdown {v.name} {'traced' if traced else 'plain'} done", file=sys.stderr, flush=True)
+                breakdown = bm.report(variants, bres, n_plain)
         finally:
             for s in sets.values():
                 for c in s.values():
@@ -520,6 +545,8 @@ def main() -> int:
             hold.stop()
             upstreams.stop()
     text = report(args, commit, dirty, ka, hs, res, mem, started)
+    if breakdown:
+        text += "\n" + breakdown
     print(text)
     if args.write:
         results = ROOT / "bench" / "RESULTS.md"

@@ -29,9 +29,9 @@ from easgate.authz.audit import AuditLog
 from easgate.authz.eas_deny import BLOCKED_STATUS
 from easgate.authz.policy import PolicyStore
 from easgate.authz.revocations import RevocationFile, RevocationTable, append, lookup, make_record
-from easgate.runtime.aggregate import Document
 from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
+from easgate.runtime.aggregate import Document
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest

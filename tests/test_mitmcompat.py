@@ -15,8 +15,8 @@ import sys
 from mitmproxy import connection
 from mitmproxy.addons import proxyserver, tlsconfig
 from mitmproxy.proxy import commands, context, events, layer, mode_servers, server
-from mitmproxy.test import taddons
 from mitmproxy.proxy.layers.http import HttpStream, _http1
+from mitmproxy.test import taddons
 from OpenSSL import SSL
 
 from easgate.gateway import mitmcompat

@@ -468,8 +468,10 @@ LOOP_ENV = "EASGATE_EVENT_LOOP"
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop `easgate run` serves on: asyncio's own (the default), or uvloop's with
-    EASGATE_EVENT_LOOP=uvloop (an optional extra: `pip install easgate[uvloop]`). Benchmark
-    switch first (bench/bench_all.py compares both); see docs/scaling.md for what it measured."""
+    EASGATE_EVENT_LOOP=uvloop when uvloop is installed. A benchmark switch (bench/bench_all.py's
+    `+uvloop` variants), not a product option: measured side by side, uvloop did not lower the CPU
+    per request of the lean master or of easgate (the cost is in mitmproxy's and easgate's Python,
+    not in the loop), so uvloop is no dependency."""
     which = os.environ.get(LOOP_ENV, "").strip().lower() or "asyncio"
     if which == "asyncio":
         return None
