@@ -31,6 +31,7 @@ mitmweb and the connector's answers show:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from enum import StrEnum
 
 __all__ = ["SOURCES", "Decision", "Source", "one_line"]
@@ -86,7 +87,7 @@ class Decision:
         """The same verdict and reason, attributed to ``source`` (e.g. ``Source.CACHE``)."""
         if source == self.source:
             return self
-        return replace(self, source=Source(source))
+        return _with_source(self, Source(source))
 
     @property
     def verdict(self) -> str:
@@ -98,3 +99,10 @@ class Decision:
 
 #: Every error raised while deciding becomes this decision (audited and counted by the gateway).
 INTERNAL_ERROR = Decision(False, "internal error", Source.INTERNAL)
+
+
+@lru_cache(maxsize=4096)
+def _with_source(d: Decision, source: Source) -> Decision:
+    # Every cache hit re-tags its decision: the same few decisions, again and again (an equal
+    # Decision is interchangeable: frozen, compared by value).
+    return replace(d, source=source)

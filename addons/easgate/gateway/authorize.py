@@ -126,6 +126,24 @@ def certified(ident: identity.Identity) -> dict[str, str]:
     return extra
 
 
+class HeaderIndex:
+    """A request's headers by name, indexed in one pass; `get_all` answers as mitmproxy's
+    Headers.get_all does (ASCII case-insensitive names, values decoded utf-8/surrogateescape),
+    without scanning every field for each name asked."""
+
+    __slots__ = ("_by_name",)
+
+    def __init__(self, headers: http.Headers) -> None:
+        by_name: dict[bytes, list[bytes]] = {}
+        for k, v in headers.fields:
+            by_name.setdefault(k.lower(), []).append(v)
+        self._by_name = by_name
+
+    def get_all(self, name: str) -> list[str]:
+        values = self._by_name.get(name.encode("utf-8", "surrogateescape").lower(), ())
+        return [v.decode("utf-8", "surrogateescape") for v in values]
+
+
 class ActiveSyncGate:
     """Decides on routes that say `authorize: activesync`; nothing else touches those flows after it."""
 
@@ -569,7 +587,8 @@ class ActiveSyncGate:
             return None, Decision(False, f"host {host} not covered by applies_to", Source.FILTER)
         if method not in at.methods:
             return None, Decision(False, f"method {method} not covered by applies_to", Source.FILTER)
-        ident = identity.parse_request(method, "https", req.host_header or "", req.path, req.headers,
+        headers = HeaderIndex(req.headers)  # identity and principal ask for five headers: one pass
+        ident = identity.parse_request(method, "https", req.host_header or "", req.path, headers,
                                        flow.client_conn.peername[0] if flow.client_conn.peername else "")
         if ident.error:
             return ident, Decision(False, ident.error, Source.IDENTITY)
@@ -579,7 +598,7 @@ class ActiveSyncGate:
         # DeviceId is the certificate's (device_binding): authz/principal.py, authz/binding.py.
         cert = self.tls.verdict(flow.client_conn)
         ident, why = await self.principal.establish(
-            ident, req.headers.get_all("authorization"),
+            ident, headers.get_all("authorization"),
             base64.b64decode(cert.der_b64) if cert.verified and cert.der_b64 else None, cert.reason,
             self.current.config.route(flow.metadata[keys.ROUTE]).device_binding)
         if why is not None:
