@@ -31,8 +31,8 @@ mitmweb and the connector's answers show:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from enum import StrEnum
+from functools import lru_cache
 
 __all__ = ["SOURCES", "Decision", "Source", "one_line"]
 
