@@ -69,8 +69,8 @@ def area(filename: str) -> str:
 
 
 class Variant:
-    def __init__(self, name: str, addons: Path | None, commit: str) -> None:
-        self.name, self.addons, self.commit = name, addons, commit
+    def __init__(self, name: str, addons: Path | None, commit: str, env: dict | None = None) -> None:
+        self.name, self.addons, self.commit, self.env = name, addons, commit, env or {}
 
 
 def dump(pid: int, out: str, n: int, timeout: float = 120) -> dict:
@@ -99,6 +99,7 @@ def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced:
         env["EASGATE_MEMPROBE_TRACE"] = "1"
     if v.addons is not None:
         env["PYTHONPATH"] = str(v.addons)
+    env.update(v.env)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -176,16 +177,16 @@ def report(variants: list[Variant], res: dict, n: int) -> str:
             ("malloc in use (glibc mallinfo2: OpenSSL, large Python objects)", "plain", "malloc"),
             ("Python objects (tracemalloc)", "traced", "traced")]
     for label, kind, key in rows:
-        o.append(f"| {label} | " + " | ".join(kb(res[(v.name, kind)].get(key)) for v in variants) + " |")
+        o.append(f"| {label} | " + " | ".join(kb(res.get((v.name, kind), {}).get(key)) for v in variants) + " |")
     o.append("| Pings held (plain / traced pass) | " + " | ".join(
-        f"{res[(v.name, 'plain')]['held']:,} / {res[(v.name, 'traced')]['held']:,}" for v in variants) + " |")
+        f"{res[(v.name, 'plain')]['held']:,} / {res.get((v.name, 'traced'), {}).get('held', 0):,}" for v in variants) + " |")
     o += ["", "Python objects by who asked for them (tracemalloc: the innermost frame outside the standard "
           "library; `asyncio` itself when no other code is on the stack, e.g. accepting a connection):", "",
           "| area | " + " | ".join(names) + " |", "|---|" + "---:|" * len(variants)]
-    areas = sorted({a for v in variants for a in res[(v.name, "traced")].get("areas", {})},
-                   key=lambda a: -res[(variants[0].name, "traced")].get("areas", {}).get(a, 0))
+    areas = sorted({a for v in variants for a in res.get((v.name, "traced"), {}).get("areas", {})},
+                   key=lambda a: -res.get((variants[0].name, "traced"), {}).get("areas", {}).get(a, 0))
     for a in areas:
-        o.append(f"| {a} | " + " | ".join(kb(res[(v.name, "traced")]["areas"].get(a, 0)) for v in variants) + " |")
+        o.append(f"| {a} | " + " | ".join(kb(res.get((v.name, "traced"), {}).get("areas", {}).get(a, 0)) for v in variants) + " |")
     o += ["", "Live objects per held Ping (gc, classes with >= 0.5 per Ping in any variant):", "",
           "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(variants)]
     classes = sorted({t for v in variants for t, c in res[(v.name, "plain")]["types"].items() if c >= 0.5},
@@ -194,7 +195,7 @@ def report(variants: list[Variant], res: dict, n: int) -> str:
         o.append(f"| `{t}` | " + " | ".join(f"{res[(v.name, 'plain')]['types'].get(t, 0):.1f}" for v in variants) + " |")
     for v in variants:
         o += ["", f"Top allocation sites, {v.name} (tracemalloc, per held Ping):", ""]
-        o += [f"- `{line}`: {size:,.0f} B" for line, size in res[(v.name, "traced")].get("lines", {}).items()]
+        o += [f"- `{line}`: {size:,.0f} B" for line, size in res.get((v.name, "traced"), {}).get("lines", {}).items()]
     return "\n".join(o)
 
 
@@ -203,6 +204,8 @@ def main() -> int:
     ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="commit to compare against (default: %(default)s)")
     ap.add_argument("--pings", type=int, default=1000)
     ap.add_argument("--traced-pings", type=int, default=300, help="Pings for the tracemalloc pass (slow)")
+    ap.add_argument("--uvloop", action="store_true", help="also this tree on uvloop's event loop (EASGATE_EVENT_LOOP)")
+    ap.add_argument("--no-traced", action="store_true", help="skip the (slow) tracemalloc pass")
     args = ap.parse_args()
     raise_fd_limit()
     head = git("rev-parse", "--short", "HEAD") + (" + uncommitted" if git("status", "--porcelain", "addons") else "")
@@ -213,12 +216,14 @@ def main() -> int:
         try:
             variants = [Variant("baseline", wt / "addons", git("rev-parse", "--short", args.baseline)),
                         Variant("this tree", None, head)]
+            if args.uvloop:
+                variants.append(Variant("this tree+uvloop", None, head, {"EASGATE_EVENT_LOOP": "uvloop"}))
             pki = d / "pki"
             generate_pki(pki)
             hold = bs.HoldServer(d, pki)
             res = {}
             try:
-                for traced in (False, True):
+                for traced in (False,) if args.no_traced else (False, True):
                     for v in variants:
                         res[(v.name, "traced" if traced else "plain")] = r = measure(
                             v, d, pki, hold, args.traced_pings if traced else args.pings, traced)
