@@ -67,7 +67,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_memory as bm  # noqa: E402  (where a held Ping's memory goes)
-import bench_scale as bs  # noqa: E402  (the processes, nginx upstreams, wrk and held-Ping helpers)
+import bench_scale as bs  # noqa: E402
+import benchlib  # noqa: E402  (the processes, nginx upstreams, wrk and held-Ping helpers)
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
@@ -471,7 +472,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         args.duration, args.rounds, args.hs_seconds, args.hs_rounds, args.pings = 1, 1, 1, 1, 50
-    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain"))
+    commit, dirty = git("rev-parse", "--short", "HEAD"), benchlib.dirty()
     if args.write and (dirty or args.smoke):
         print("bench_all: --write needs a clean tree (commit first) and no --smoke: RESULTS.md names the commit "
               "its numbers come from", file=sys.stderr)
@@ -549,9 +550,7 @@ def main() -> int:
         text += "\n" + breakdown
     print(text)
     if args.write:
-        results = ROOT / "bench" / "RESULTS.md"
-        with open(results, "a") as f:
-            f.write("\n" + text + "\n")
+        benchlib.append(text, "bench_all")
     return 0
 
 

@@ -21,7 +21,8 @@ def commit() -> str:
 
 
 def dirty() -> bool:
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+    """Tracked files changed, RESULTS.md aside (the sections a run of several scripts appends)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/RESULTS.md"))
 
 
 def refuse_dirty_write(write: bool, script: str) -> None:
