@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # noqa: E402  (bench/ is the script's directory: first on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
@@ -89,7 +91,8 @@ def main(n: int, devices: int) -> str:
     if redis is not None:
         rows.append(("Redis (`RATE_SCRIPT`, loopback, one round trip)", redis))
     out = [f"## bench_ratelimit.py: cost of one rate-limit count ({time.strftime('%Y-%m-%d')}, "
-           f"{platform.processor() or platform.machine()}, Python {platform.python_version()})", "",
+           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, easgate at "
+           f"{benchlib.commit()})", "",
            f"{n} requests over {devices} devices, one limit of 120 requests per 60 s.", "",
            "| store | µs per request |", "|---|---|"]
     out += [f"| {name} | {us:.1f} |" for name, us in rows]
@@ -102,8 +105,8 @@ if __name__ == "__main__":
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--write", action="store_true", help="append the section to bench/RESULTS.md")
     a = ap.parse_args()
+    benchlib.refuse_dirty_write(a.write, "bench_ratelimit")
     text = main(a.n, a.devices)
     print(text)
     if a.write:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+        benchlib.append(text, "bench_ratelimit")
