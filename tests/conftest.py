@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -31,6 +30,18 @@ sys.path.insert(0, str(ROOT / "addons"))
 from easgate.tools import clusterservers, realstack
 from easgate.tools.pki import generate_pki
 from easgate.tools.standins import ExchangeStandIn, MdmStandIn
+
+from support.procs import (  # noqa: F401 - the launcher, re-exported for the tests that import it from here
+    LISTEN_RE,
+    WORKER_LISTEN_RE,
+    ConnectorProcess,
+    GatewayProcess,
+    easgate_argv,
+    launch,
+    mitmdump_argv,
+    run_argv,
+    wait_for,
+)
 
 HOSTNAME = "mail.example.test"
 
@@ -197,112 +208,38 @@ def write_config(tmp_path: Path, cfg: dict, name: str = "gateway.yaml") -> Path:
     return p
 
 
-LISTEN_RE = re.compile(r"[Rr]everse proxy to \S+ listening at \[?([0-9.:a-f*]*)\]?:(\d+)")
-
-
-class GatewayProcess:
-    """A real gateway process; its output is collected in `lines`."""
-
-    def __init__(self, argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> None:
-        e = dict(os.environ, PYTHONUNBUFFERED="1")
-        e.update(env or {})
-        self.argv = argv
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, errors="replace")
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._ready = threading.Event()
-        self._more = threading.Condition()
-        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
-        self._pump_thread.start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            with self._more:
-                self.lines.append(line.rstrip("\n"))
-                self._more.notify_all()
-            m = LISTEN_RE.search(line)
-            if m and self.port is None:
-                self.port = int(m[2])
-                self._ready.set()
-        self._ready.set()
-        with self._more:
-            self._more.notify_all()
-
-    def wait_line(self, pred, timeout: float = 10) -> str:
-        """Wait for an output line for which pred(line) holds; returns it."""
-        found: list[str] = []
-
-        def seen() -> bool:
-            found[:] = [ln for ln in self.lines if pred(ln)][:1]
-            return bool(found) or not self._pump_thread.is_alive()
-
-        with self._more:
-            self._more.wait_for(seen, timeout)
-        assert found, f"no matching line in the gateway's output within {timeout}s:\n{self.output}"
-        return found[0]
-
-    def wait_output(self, text: str, timeout: float = 10) -> str:
-        """Wait until `text` appears in the output (a log line may follow the response it is about)."""
-        with self._more:
-            if not self._more.wait_for(lambda: text in self.output or not self._pump_thread.is_alive(), timeout):
-                raise AssertionError(f"{text!r} not in the gateway's output within {timeout}s:\n{self.output}")
-        assert text in self.output, f"{text!r} not in the gateway's output (it exited):\n{self.output}"
-        return self.output
-
-    def wait_ready(self, timeout: float = 20) -> GatewayProcess:
-        self._ready.wait(timeout)
-        if self.port is None:
-            self.stop()
-            raise AssertionError("gateway did not start:\n" + self.output)
-        return self
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_exit(self, timeout: float = 20) -> int:
-        rc = self.proc.wait(timeout)
-        self._pump_thread.join(5)  # the output up to the end
-        return rc
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._pump_thread.join(5)
-        return self.proc.returncode
-
-
-def easgate_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "easgate.cli", *args]
-
-
 @pytest.fixture
 def start_gateway(tmp_path):
-    """start_gateway(cfg_dict_or_path, via="easgate"|"mitmdump", extra=[...]) -> running GatewayProcess."""
+    """start_gateway(cfg_dict_or_path, via="easgate"|"mitmdump", extra=[...], workers=1) -> a running
+    GatewayProcess, stopped after the test. workers > 1 waits until every worker serves.
+    EASGATE_MASTER=full|lean and EASGATE_WORKERS=N run the suite another way."""
     procs: list[GatewayProcess] = []
 
-    def start(cfg, via: str = "easgate", extra: list[str] | None = None, wait: bool = True) -> GatewayProcess:
+    def start(cfg, via: str = "easgate", extra: list[str] | tuple[str, ...] = (), wait: bool = True,
+              workers: int | None = None, env: dict | None = None) -> GatewayProcess:
         path = cfg if isinstance(cfg, Path) else write_config(tmp_path, cfg)
-        if via == "easgate":  # EASGATE_MASTER=full|lean and EASGATE_WORKERS=N run the suite another way
-            master = ["--full"] if os.environ.get("EASGATE_MASTER") == "full" else []
-            argv = easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers",
-                                os.environ.get("EASGATE_WORKERS", "1"), *master, "--", *(extra or []))
-        else:
-            argv = [str(Path(sys.executable).parent / via), "-s", str(ROOT / "addons" / "gateway.py"), "--set", "server=false",
-                    "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0", *(extra or [])]
-        g = GatewayProcess(argv)
+        g = launch(path, via, extra or (), wait=False, workers=workers, env=env)
         procs.append(g)
-        return g.wait_ready() if wait else g
+        return g.serving() if wait else g
 
     yield start
     for p in procs:
         p.stop()
+
+
+@pytest.fixture
+def start_connector():
+    """start_connector(config, *args) -> a running `easgate connector` (ConnectorProcess), stopped after the test."""
+    procs: list[ConnectorProcess] = []
+
+    def start(config: Path, *args: str, env: dict | None = None, wait: bool = True) -> ConnectorProcess:
+        c = ConnectorProcess(ConnectorProcess.argv(config, *args), env=env)
+        procs.append(c)
+        return c.wait_ready(30) if wait else c
+
+    yield start
+    for c in procs:
+        c.stop()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,16 +369,6 @@ def held_exchange():
     s.stop()
 
 
-
-
-def wait_for(pred, timeout: float, what: str, g: GatewayProcess | None = None):
-    """Poll pred() until it returns something true (returned), or fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not (v := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{g.output if g else ''}")
-        time.sleep(0.05)
-    return v
 
 
 # ------------------------------------------------------------------------------------------------

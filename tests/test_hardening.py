@@ -50,9 +50,10 @@ from conftest import (
     authz_config,
     base_config,
     client_context,
-    easgate_argv,
     https_connection,
+    launch,
     request,
+    wait_for,
     write_config,
 )
 from support.client import statuses as parse_statuses
@@ -69,14 +70,6 @@ def sync_path(device: str, cmd: str = "Sync") -> str:
 
 def read_audit(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(pred, timeout: float, what: str, g: GatewayProcess | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\n{g.output[-3000:]}" if g else ""))
-        time.sleep(0.1)
 
 
 def timed(fn, *a, **kw):
@@ -283,7 +276,8 @@ def test_policy_file_replaced_by_broken_ones_under_load(start_gateway, pki, exch
     broken version (not per check), and a good version takes effect."""
     good = {"mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice"}]}
     cfg = authz_config(pki, exchange, mdm, tmp_path, policy=good, cache={"allow_ttl_s": 0, "deny_ttl_s": 0})
-    g = start_gateway(cfg)
+    # checked every 100 ms instead of 2 s; the debug log says when each check is done
+    g = start_gateway(cfg, extra=["--set", "easgate_policy_poll_ms=100", "--set", "termlog_verbosity=debug"])
     policy = tmp_path / "policy.yaml"
     reopened = good | {"inventory": good["inventory"] + [{"device_id": "ApplNEW0001", "owner": "alice"}]}
 
@@ -306,7 +300,9 @@ def test_policy_file_replaced_by_broken_ones_under_load(start_gateway, pki, exch
         for n, (what, act) in enumerate(broken, 1):
             act()
             wait_for(lambda: errors() >= n, 8, f"the reload error for the {what} policy", g)
-        time.sleep(2.5)  # one more check of the same broken file: no second error
+        checks = sum("policy check" in l for l in g.lines)
+        wait_for(lambda: sum("policy check" in l for l in g.lines) >= checks + 3, 8, "more checks", g)
+        # more checks of the same broken file: no second error (asserted below)
         good_since = time.monotonic()
         replace(yaml.safe_dump(reopened).encode())
         wait_for(lambda: any(s == 200 for _, s in load.seen["ApplNEW0001"][-3:]), 8, "the good policy", g)
@@ -325,8 +321,7 @@ def test_audit_log_not_writable_at_startup_stops_it(pki, exchange, mdm, tmp_path
     (tmp_path / "plain-file").write_text("x")
     cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block"})
     cfg["audit_log"] = str(tmp_path) if where == "a directory" else str(tmp_path / "plain-file" / "audit.jsonl")
-    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
-                                    "--workers", "1"))
+    g = launch(write_config(tmp_path, cfg), workers=1, wait=False)
     rc = g.wait_exit(30)
     assert rc != 0 and g.port is None, g.output
     assert "audit_log" in g.output and "cannot write" in g.output, g.output
@@ -804,10 +799,7 @@ def hostile_gateway(pki, tmp_path_factory):
         {"mode": "block", "inventory": [{"device_id": ALLOWED_DEV, "owner": ALLOWED_USER, "compliant": True}]}))
     cfg["authorization"] = {"policy": str(tmp / "policy.yaml")}
     cfg["audit_log"] = str(tmp / "audit.jsonl")
-    argv = easgate_argv("run", str(write_config(tmp, cfg)), "--listen", "127.0.0.1:0",
-                        "--workers", os.environ.get("EASGATE_WORKERS", "1"),
-                        *(["--full"] if os.environ.get("EASGATE_MASTER") == "full" else []))
-    g = GatewayProcess(argv).wait_ready()
+    g = launch(write_config(tmp, cfg))
     yield g, ex, md, tmp / "audit.jsonl", client_context(pki)
     g.stop()
     ex.stop()
