@@ -210,15 +210,16 @@ def write_config(tmp_path: Path, cfg: dict, name: str = "gateway.yaml") -> Path:
 
 @pytest.fixture
 def start_gateway(tmp_path):
-    """start_gateway(cfg_dict_or_path, via="easgate"|"mitmdump", extra=[...], workers=1) -> a running
-    GatewayProcess, stopped after the test. workers > 1 waits until every worker serves.
-    EASGATE_MASTER=full|lean and EASGATE_WORKERS=N run the suite another way."""
+    """start_gateway(cfg_dict_or_path, *run_args, via="easgate"|"mitmdump"|"mitmweb", extra=[...],
+    workers=N, wait=True) -> a running GatewayProcess (support.procs.launch), stopped after the test.
+    With workers > 1 it waits until every worker serves. EASGATE_MASTER=full|lean and
+    EASGATE_WORKERS=N run the suite another way."""
     procs: list[GatewayProcess] = []
 
-    def start(cfg, via: str = "easgate", extra: list[str] | tuple[str, ...] = (), wait: bool = True,
+    def start(cfg, *args: str, via: str = "easgate", extra: list[str] | tuple[str, ...] = (), wait: bool = True,
               workers: int | None = None, env: dict | None = None) -> GatewayProcess:
         path = cfg if isinstance(cfg, Path) else write_config(tmp_path, cfg)
-        g = launch(path, via, extra or (), wait=False, workers=workers, env=env)
+        g = launch(path, *args, via=via, extra=extra or (), wait=False, workers=workers, env=env)
         procs.append(g)
         return g.serving() if wait else g
 

@@ -24,56 +24,30 @@ from conftest import (
     GatewayProcess,
     base_config,
     client_context,
-    easgate_argv,
     https_connection,
     request,
+    wait_for,
     write_config,
 )
 
 AS_SYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 AS_PING = "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
-WORKER_LISTEN = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
 CONNECT = re.compile(r"^\[w(\d+)\]\[[\d:.]+\]\[127\.0\.0\.1:(\d+)\] client connect")
 
 
 @pytest.fixture
-def procs():
-    started: list[GatewayProcess] = []
-
-    def start(cfg_path: Path, *args: str, extra: tuple[str, ...] = ()) -> GatewayProcess:
-        if "--workers" not in args:
-            args = ("--workers", "1", *args)
-        if os.environ.get("EASGATE_MASTER") == "full":  # the suite's switch, as in conftest.start_gateway
-            args = (*args, "--full")
-        g = GatewayProcess(easgate_argv("run", str(cfg_path), "--listen", "127.0.0.1:0", *args, "--", *extra))
-        started.append(g)
-        return g
-
-    yield start
-    for g in started:
-        g.stop()
-
-
-def wait_for(pred, timeout: float = 20, what: str = "", g: GatewayProcess | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n" + (g.output if g else ""))
-        time.sleep(0.05)
+def procs(start_gateway):
+    """procs(cfg_path, *run_args, extra=()) -> a one-worker gateway, not waited for (the test waits)."""
+    return lambda cfg_path, *args, extra=(): start_gateway(cfg_path, *args, extra=extra, workers=1, wait=False)
 
 
 def worker_ports(g: GatewayProcess) -> dict[int, int]:
-    return {int(m[1]): int(m[2]) for line in g.lines if (m := WORKER_LISTEN.search(line))}
+    return g.worker_ports()
 
 
-def start_workers(procs, cfg_path: Path, n: int = 2, *args: str) -> GatewayProcess:
-    g = procs(cfg_path, "--workers", str(n), *args)
-    wait_for(lambda: len(worker_ports(g)) == n and "workers serving" in g.output, 30, f"{n} workers", g)
-    g.port = next(iter(worker_ports(g).values()))
-    return g
+def start_workers(start_gateway, cfg_path: Path, n: int = 2, *args: str) -> GatewayProcess:
+    """N workers on one port, all serving; g.port is that port."""
+    return start_gateway(cfg_path, *args, workers=n)
 
 
 def served_by(g: GatewayProcess, local_ports: list[int]) -> dict[int, int]:
@@ -97,8 +71,8 @@ def one_request(port: int, pki: Path, path: str = "/enroll") -> tuple[int, int]:
 # Workers
 
 
-def test_two_workers_share_one_port_and_both_serve(procs, pki, exchange, mdm, tmp_path):
-    g = start_workers(procs, write_config(tmp_path, base_config(pki, exchange, mdm)))
+def test_two_workers_share_one_port_and_both_serve(start_gateway, pki, exchange, mdm, tmp_path):
+    g = start_workers(start_gateway, write_config(tmp_path, base_config(pki, exchange, mdm)))
     ports = worker_ports(g)
     assert set(ports) == {1, 2} and len(set(ports.values())) == 1  # port 0 became one port for both
     results = [one_request(g.port, pki) for _ in range(40)]
@@ -115,8 +89,8 @@ def test_two_workers_share_one_port_and_both_serve(procs, pki, exchange, mdm, tm
             os.kill(pid, 0)
 
 
-def test_a_killed_worker_is_restarted_and_the_port_stays_served(procs, pki, exchange, mdm, tmp_path):
-    g = start_workers(procs, write_config(tmp_path, base_config(pki, exchange, mdm)))
+def test_a_killed_worker_is_restarted_and_the_port_stays_served(start_gateway, pki, exchange, mdm, tmp_path):
+    g = start_workers(start_gateway, write_config(tmp_path, base_config(pki, exchange, mdm)))
     pid = int(re.search(r"worker 1 started \(pid (\d+)\)", g.output)[1])
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: f"worker 1 (pid {pid}) killed by SIGKILL" in g.output, 10, "the crash log line", g)
@@ -130,10 +104,10 @@ def test_a_killed_worker_is_restarted_and_the_port_stays_served(procs, pki, exch
     assert set(served_by(g, [p for _, p in results]).values()) == {1, 2}
 
 
-def test_sigterm_lets_a_request_in_flight_finish(procs, pki, mdm, tmp_path):
+def test_sigterm_lets_a_request_in_flight_finish(start_gateway, pki, mdm, tmp_path):
     slow = ExchangeStandIn("slow-exchange", tls=(pki / "exchange.pem", pki / "exchange.key"), hold_s=2).start()
     try:
-        g = start_workers(procs, write_config(tmp_path, base_config(pki, slow, mdm)), 2, "--grace", "10")
+        g = start_workers(start_gateway, write_config(tmp_path, base_config(pki, slow, mdm)), 2, "--grace", "10")
         out: dict = {}
 
         def ping():
@@ -179,11 +153,11 @@ def resumptions(port: int, pki: Path, version: ssl.TLSVersion, cert: str | None,
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLS1.2", "TLS1.3"])
-def test_tls_sessions_resume_on_every_worker_and_certificates_are_verified_again(procs, pki, exchange, mdm, tmp_path,
+def test_tls_sessions_resume_on_every_worker_and_certificates_are_verified_again(start_gateway, pki, exchange, mdm, tmp_path,
                                                                                  version):
     cfg = base_config(pki, exchange, mdm)
     cfg["tls"]["client_certs"]["on_invalid"] = "untrusted"  # a rogue certificate gets through, unverified
-    g = start_workers(procs, write_config(tmp_path, cfg))
+    g = start_workers(start_gateway, write_config(tmp_path, cfg))
     good = resumptions(g.port, pki, version, "device-iphone")
     assert good[0][0] is False and good[0][1] == 200 and good[0][2]  # the full handshake
     assert [(reused, status) for reused, status, _, _ in good[1:]] == [(True, 200)] * 20

@@ -182,14 +182,15 @@ class GatewayProcess(ServerProcess):
         return {int(m[1]): int(m[2]) for line in list(self.lines) if (m := WORKER_LISTEN_RE.search(line))}
 
 
-def launch(config: Path, via: str = "easgate", extra: Sequence[str] = (), wait: bool = True,
+def launch(config: Path, *args: str, via: str = "easgate", extra: Sequence[str] = (), wait: bool = True,
            workers: int | None = None, env: dict | None = None) -> GatewayProcess:
-    """Start a gateway on CONFIG: `easgate run` (via="easgate"; workers=None: EASGATE_WORKERS or 1) or
-    the gateway script in mitmdump/mitmweb (via="mitmdump"/"mitmweb"). wait: until it serves (with
-    N workers, until all N serve). The caller stops it (conftest's start_gateway does)."""
+    """Start a gateway on CONFIG: `easgate run CONFIG ARGS -- EXTRA` (via="easgate"; workers=None:
+    EASGATE_WORKERS or 1) or the gateway script in mitmdump/mitmweb (via="mitmdump"/"mitmweb", with
+    EXTRA). wait: until it serves (with N workers, until all N serve). The caller stops it (conftest's
+    start_gateway does)."""
     if via == "easgate":
         n = workers if workers is not None else int(os.environ.get("EASGATE_WORKERS", "1"))
-        argv = run_argv(config, workers=n, extra=extra)
+        argv = run_argv(config, *args, workers=n, extra=extra)
     else:
         n = 1
         argv = mitmdump_argv(config, extra=extra, tool=via)
