@@ -45,10 +45,10 @@ from .store import (
     utcnow,
 )
 
-try:
-    import psycopg
-except ImportError:  # the base install: PostgreSQL is optional
-    psycopg = None  # type: ignore[assignment]
+# The driver is imported by require_psycopg(), when a postgresql:// inventory is opened: every easgate
+# process imports this module (the CLI does), and psycopg's ~60 ms would be paid by each gateway,
+# check and replay that never talks to PostgreSQL. It is optional: the base install has no psycopg.
+psycopg: Any = None
 
 __all__ = ["CHANNEL", "PgInventory", "redact"]
 
@@ -107,8 +107,13 @@ def redact(url: str) -> str:
 
 
 def require_psycopg() -> None:
+    global psycopg
     if psycopg is None:
-        raise InventoryError(f"a postgresql:// inventory needs the PostgreSQL driver; {EXTRA_HINT}")
+        try:
+            import psycopg as driver
+        except ImportError:
+            raise InventoryError(f"a postgresql:// inventory needs the PostgreSQL driver; {EXTRA_HINT}") from None
+        psycopg = driver
 
 
 class PgInventory:
