@@ -24,6 +24,8 @@ from conftest import (
     curl,
     easgate_argv,
     https_connection,
+    launch,
+    mitmdump_argv,
     request,
     write_config,
 )
@@ -41,9 +43,13 @@ def mdm_cert_headers(mdm) -> list[list[str]]:
             if h[0].lower().replace("-", "").replace("_", "") == "nsclientcert"]
 
 
-@pytest.fixture
-def gw(start_gateway, pki, exchange, mdm):
-    return start_gateway(base_config(pki, exchange, mdm))
+@pytest.fixture(scope="module")
+def gw(pki, exchange, mdm, tmp_path_factory):
+    """One gateway with the base config for the tests that only send it requests (the stand-ins'
+    logs are emptied before each test): a process start each saved."""
+    g = launch(write_config(tmp_path_factory.mktemp("gw"), base_config(pki, exchange, mdm)))
+    yield g
+    g.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,9 +468,7 @@ def test_bad_config_stops_startup(pki, exchange, mdm, tmp_path, case):
         assert len(lines) == 1, p.stderr
         assert str(path) in lines[0] and key in lines[0] and text in lines[0]
     # the plain mitmproxy way fails too, and does not stay up as a plain proxy
-    g = GatewayProcess([str(ROOT / ".venv/bin/mitmdump") if (ROOT / ".venv/bin/mitmdump").exists() else "mitmdump",
-                        "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", f"easgate_config={path}",
-                        "--set", "easgate_listen=127.0.0.1:0"])
+    g = GatewayProcess(mitmdump_argv(path))
     try:
         assert g.wait_exit(30) != 0
     finally:
@@ -505,8 +509,7 @@ def test_the_script_way_never_listens_as_a_forward_proxy(pki, exchange, mdm, tmp
     except OSError:
         pass  # something else holds 8080 already: the same condition for the gateway
     try:
-        g = GatewayProcess([str(ROOT / ".venv/bin/mitmdump"), "-s", str(ROOT / "addons/gateway.py"), "--set",
-                            "server=false", "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0"])
+        g = GatewayProcess(mitmdump_argv(path))
         try:
             g.wait_ready()
             r = request(g.port, "GET", "/enroll", pki, cert="device-iphone")
