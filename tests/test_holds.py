@@ -35,7 +35,7 @@ from easgate.runtime.aggregate import Document
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
-from conftest import GatewayProcess, easgate_argv, request
+from conftest import GatewayProcess, easgate_argv, launch, request, wait_for
 from doccommands import covers, doc_command
 from support.holding import HoldingUpstream
 
@@ -56,15 +56,6 @@ def documented_revoke() -> list[str]:
     """The `easgate revoke` command of docs/scaling.md, as written (run with this suite's easgate)."""
     argv = shlex.split(doc_command(*REVOKE_DOC))
     return [str(Path(sys.executable).parent / argv[0]), *argv[1:]]
-
-
-def wait_for(pred, timeout: float, what: str, g: GatewayProcess | None = None):
-    deadline = time.monotonic() + timeout
-    while not (v := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n" + (g.output if g else ""))
-        time.sleep(0.05)
-    return v
 
 
 def audit(tmp_path: Path) -> list[dict]:
@@ -103,12 +94,7 @@ class HeldPing:
 
 
 def start(cfg: dict, tmp_path: Path, workers: int) -> GatewayProcess:
-    path = conftest.write_config(tmp_path, cfg)
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", str(workers)))
-    g.wait_ready(30)
-    if workers > 1:
-        g.wait_output("workers serving", 30)
-    return g
+    return launch(conftest.write_config(tmp_path, cfg), workers=workers)
 
 
 def hold_pings_on_every_worker(g: GatewayProcess, pki: Path, exchange, workers: int) -> list[HeldPing]:

@@ -20,10 +20,9 @@ import pytest
 
 from easgate.tools.pki import generate_pki
 
-from conftest import GatewayProcess, HeldPingExchange, base_config, easgate_argv, request, wait_for, write_config
+from conftest import GatewayProcess, HeldPingExchange, base_config, launch, request, wait_for, write_config
 
 PING = "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
-WORKER_LISTEN = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
 
 
 @pytest.fixture
@@ -58,12 +57,7 @@ def reload_config(pki: Path, exchange, mdm, tmp_path: Path, cert_pki: Path) -> P
 
 
 def start(cfg: Path, workers: int) -> GatewayProcess:
-    g = GatewayProcess(easgate_argv("run", str(cfg), "--listen", "127.0.0.1:0", "--workers", str(workers)))
-    if workers == 1:
-        return g.wait_ready(30)
-    wait_for(lambda: "workers serving" in g.output, 40, "the workers", g)
-    g.port = int(WORKER_LISTEN.search(next(l for l in g.lines if WORKER_LISTEN.search(l)))[2])
-    return g
+    return launch(cfg, workers=workers)
 
 
 def hold_a_ping(g: GatewayProcess, pki: Path, exchange: HeldPingExchange) -> tuple[threading.Thread, dict]:
@@ -134,11 +128,8 @@ def test_new_workers_that_cannot_start_leave_the_old_ones_serving(pki, mdm, held
     cfg = reload_config(pki, held_exchange, mdm, tmp_path, pki)
     home = tmp_path / "home"
     (home / ".mitmproxy").mkdir(parents=True)
-    g = GatewayProcess(easgate_argv("run", str(cfg), "--listen", "127.0.0.1:0", "--workers", "2"),
-                       env={"HOME": str(home)})
+    g = launch(cfg, workers=2, env={"HOME": str(home)})
     try:
-        wait_for(lambda: "workers serving" in g.output, 40, "the workers", g)
-        g.port = int(WORKER_LISTEN.search(next(l for l in g.lines if WORKER_LISTEN.search(l)))[2])
         pids = set(re.findall(r"worker \d started \(pid (\d+)\)", g.output))
         (home / ".mitmproxy" / "config.yaml").write_text("easgate_metrics: notaport\n")
         g.proc.send_signal(signal.SIGHUP)

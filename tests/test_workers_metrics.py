@@ -14,18 +14,17 @@ import urllib.request
 from easgate.runtime.aggregate import Document
 
 from conftest import (
-    GatewayProcess,
     authz_config,
     base_config,
     easgate_argv,
     https_connection,
+    launch,
     request,
     wait_for,
     write_config,
 )
 
 CONNECT = re.compile(r"^\[w(\d+)\]\[[\d:.]+\]\[127\.0\.0\.1:(\d+)\] client connect")
-WORKER_LISTEN = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
 METRICS_AT = re.compile(r"easgate: metrics at http://127\.0\.0\.1:(\d+)/metrics \(all workers\)")
 PING = "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 SYNC = "/Microsoft-Server-ActiveSync?Cmd=FolderSync&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
@@ -43,11 +42,8 @@ def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):
     cfg["pools"]["exchange"] = {"servers": [held_exchange.url]}
     path = write_config(tmp_path, cfg)
     # the first example of docs/operations.md, with two workers and free ports
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "2", "--",
-                                    "--set", "easgate_metrics=127.0.0.1:0"))
+    g = launch(path, workers=2, extra=["--set", "easgate_metrics=127.0.0.1:0"])
     try:
-        wait_for(lambda: "2 workers serving" in g.output, 40, "the workers", g)
-        g.port = int(WORKER_LISTEN.search(next(l for l in g.lines if WORKER_LISTEN.search(l)))[2])
         mport = int(wait_for(lambda: METRICS_AT.search(g.output), 5, "the metrics line", g)[1])
 
         # requests on new connections: the kernel spreads them over both workers
