@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from test_mitmweb import start_web
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
-from conftest import easgate_argv, https_connection, request
+from conftest import ConnectorProcess, easgate_argv, https_connection, request, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
@@ -46,36 +45,13 @@ def sync_path(device: str) -> str:
     return f"/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId={device}&DeviceType=iPhone"
 
 
-def wait_for(cond, timeout: float, what: str):
-    """Poll `cond` until it holds (at least once, even with no time left)."""
-    end = time.monotonic() + timeout
-    while True:
-        if v := cond():
-            return v
-        if time.monotonic() >= end:
-            raise AssertionError(f"{what} not within {timeout:.1f}s")
-        time.sleep(0.02)
-
-
-class Connector:
-    """A real `easgate connector` process; restartable on the same port."""
+class Connector(ConnectorProcess):
+    """A real `easgate connector` process (the shared launcher); restartable on the same port."""
 
     def __init__(self, cfg: Path, port: int = 0) -> None:
         self.cfg = cfg
-        self.proc = subprocess.Popen([sys.executable, "-m", "easgate.cli", "connector", str(cfg), "--listen",
-                                      f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=ENV)
-        lines = []
-        for line in self.proc.stdout:
-            lines.append(line)
-            if m := re.search(r"listening at http://127\.0\.0\.1:(\d+)", line):
-                self.port = int(m[1])
-                break
-        else:
-            raise AssertionError("connector did not start:\n" + "".join(lines))
-        self.lines = lines
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.port}/services/ActiveSync/Authorize"
+        super().__init__(ConnectorProcess.argv(cfg, "--listen", f"127.0.0.1:{port}"), env=ENV)
+        self.wait_ready(30)
 
     def callouts(self) -> int:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -86,23 +62,9 @@ class Connector:
             c.close()
         return counters.get("authorize_allow", 0) + counters.get("authorize_deny", 0)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
     def restart(self) -> Connector:
         self.kill()
         return Connector(self.cfg, self.port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

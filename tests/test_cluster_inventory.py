@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -27,6 +26,8 @@ from easgate.connector.pgstore import PgInventory, redact
 from easgate.connector.store import ImportFileError, Inventory, InventoryError
 from easgate.core.errors import ConfigError
 from easgate.tools.clusterservers import TestPostgres
+
+from conftest import ConnectorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
@@ -214,20 +215,12 @@ def test_missing_cluster_extra_is_one_line_naming_the_pip_command(tmp_path):
 # Two `easgate connector` processes, one inventory
 
 
-class ConnectorProcess:
+class Connector(ConnectorProcess):
+    """A real `easgate connector` process (the shared launcher) that asks for decisions."""
+
     def __init__(self, cfg: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "easgate.cli", "connector", str(cfg)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-        self.lines: list[str] = []
-        self.port = 0
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r"listening at http://127\.0\.0\.1:(\d+)", line):
-                self.port = int(m[1])
-                break
-        else:
-            raise AssertionError("connector did not start:\n" + "".join(self.lines))
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        super().__init__(ConnectorProcess.argv(cfg), env=ENV)
+        self.wait_ready(30)
 
     def authorize(self, user: str, device: str) -> tuple[int, dict]:
         url = f"https://mail.example.test/Microsoft-Server-ActiveSync?Cmd=Ping&User={user}&DeviceId={device}&DeviceType=iPhone"
@@ -242,22 +235,13 @@ class ConnectorProcess:
         finally:
             c.close()
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
 
 def test_two_connectors_serve_one_postgresql_inventory(pg_url, tmp_path, capsys):
     assert cli.main(["devices", "--db", pg_url, "add", "ApplF17ABCDEF01", "--user", "alice"]) == 0
     cfg = write(tmp_path, "connector.yaml", f"listen: {{host: 127.0.0.1, port: 0}}\ninventory: {pg_url}\n")
-    a, b = ConnectorProcess(cfg), ConnectorProcess(cfg)
+    a, b = Connector(cfg), Connector(cfg)
     try:
-        assert "1 devices in postgresql://" in "".join(a.lines)
+        assert "1 devices in postgresql://" in a.output
         for c in (a, b):
             status, body = c.authorize("alice", "ApplF17ABCDEF01")
             assert (status, body["result"], body["reason"]) == (200, "Allow", "device ApplF17ABCDEF01 managed and compliant")

@@ -34,6 +34,8 @@ from easgate.gateway.xnc import (
     parse_answer,
 )
 
+from conftest import ConnectorProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "https://mail.example.test"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "addons"))
@@ -428,33 +430,23 @@ def test_easgate_connector_command(tmp_path):
     cfg = tmp_path / "connector.yaml"
     cfg.write_text("listen: {host: 127.0.0.1, port: 0}\ninventory: devices.db\n"
                    f"policy: {ROOT / 'policies' / 'activesync-policy.yaml'}\ndecision_log: logs/d.jsonl\n")
-    p = subprocess.Popen([sys.executable, "-m", "easgate.cli", "connector", str(cfg)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=ENV)
+    p = ConnectorProcess(ConnectorProcess.argv(cfg), env=ENV).wait_ready(30)
     try:
-        lines = []
-        for line in p.stdout:
-            lines.append(line)
-            if m := re.search(r"listening at http://127\.0\.0\.1:(\d+)", line):
-                port = int(m[1])
-                break
-        else:
-            raise AssertionError("".join(lines))
+        line = p.wait_line(lambda ln: "listening at" in ln)
         assert "1 devices in" in line
-        assert any("ignores them" in ln for ln in lines)  # the policy file's inventory is not used
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert any("ignores them" in ln for ln in p.lines)  # the policy file's inventory is not used
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
         assert json.loads(authorize(c, "alice", "ApplF17ABCDEF01")[2])["result"] == "Allow"
         c.close()
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(10) == 0
-        assert "stopped" in p.stdout.read()
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.wait_exit(10) == 0
+        assert "stopped" in p.output
         with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection(("127.0.0.1", p.port), timeout=1).close()
         assert json.loads((tmp_path / "logs" / "d.jsonl").read_text())["decision"] == "allow"
         assert Inventory(tmp_path / "devices.db").get("ApplF17ABCDEF01").last_seen is not None  # flushed on stop
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        p.kill()
 
 
 @pytest.mark.parametrize("text, message", [
