@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from easgate.authz.audit import encode, safe_text
 
-from conftest import ROOT, GatewayProcess, authz_config, easgate_argv, https_connection, request, write_config
+from conftest import ROOT, authz_config, easgate_argv, https_connection, launch, request, write_config
 from doccommands import covers, doc_command
 
 AS = "/Microsoft-Server-ActiveSync"
@@ -233,11 +233,9 @@ def test_sighup_reopens_the_audit_log_in_every_worker(pki, exchange, mdm, tmp_pa
     """logrotate: `mv audit.jsonl audit.jsonl.1`, then SIGHUP to easgate (a graceful reload: new
     workers open the log afresh, the old ones hand over). New lines go to a new audit.jsonl."""
     cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [IPHONE]}})
-    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
-                                    "--workers", "2"))
+    g = launch(write_config(tmp_path, cfg), workers=2, wait=False)
     try:
-        g.wait_ready(60)
-        wait_for(lambda: count(g, "workers serving") == 1, 30, "both workers", g)
+        g.serving(60)
         assert post(g, pki, IPHONE, **{"User-Agent": "before"}).status == 200
         log = tmp_path / "audit.jsonl"
         os.rename(log, tmp_path / "audit.jsonl.1")

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, FakeConnector, GatewayProcess, authz_config, easgate_argv, request, write_config
+from conftest import (
+    ROOT,
+    FakeConnector,
+    GatewayProcess,
+    authz_config,
+    launch,
+    mitmdump_argv,
+    request,
+    write_config,
+)
 
 FAULTS = str(ROOT / "tests" / "support" / "faults.py")
 HEADERS = {"Authorization": "Basic " + base64.b64encode(b"alice:secret").decode(),
@@ -75,8 +84,7 @@ def policy_gw(pki, exchange, mdm, tmp_path_factory):
     cfg = authz_config(pki, exchange, mdm, d, policy={"mode": "block", "inventory": inv},
                        cache={"allow_ttl_s": 300, "deny_ttl_s": 30})
     # bodies over 64 KiB are streamed: mitmproxy sends the head upstream right after requestheaders
-    g = GatewayProcess(easgate_argv("run", str(write_config(d, cfg)), "--listen", "127.0.0.1:0", "--workers", "1",
-                                    "--", "-s", FAULTS, "--set", "stream_large_bodies=64k")).wait_ready()
+    g = launch(write_config(d, cfg), workers=1, extra=["-s", FAULTS, "--set", "stream_large_bodies=64k"])
     yield Gw(g, pki, d / "audit.jsonl")
     g.stop()
 
@@ -87,10 +95,7 @@ def connector_gw(pki, exchange, mdm, tmp_path_factory):
     conn = FakeConnector()
     conn.allowed = {device(""), device("Connector")}
     cfg = authz_config(pki, exchange, mdm, d, connector=conn)
-    exe = Path(__import__("sys").executable).parent / "mitmdump"
-    g = GatewayProcess([str(exe), "-s", str(ROOT / "addons" / "gateway.py"), "-s", FAULTS, "--set", "server=false",
-                        "--set", f"easgate_config={write_config(d, cfg)}", "--set", "easgate_listen=127.0.0.1:0"]
-                       ).wait_ready()
+    g = GatewayProcess(mitmdump_argv(write_config(d, cfg), FAULTS)).wait_ready()
     yield Gw(g, pki, d / "audit.jsonl")
     g.stop()
     conn.stop()

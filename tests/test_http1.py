@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 import ssl
@@ -28,7 +27,7 @@ from easgate.core.errors import ConfigError
 from easgate.gateway import http1
 from easgate.gateway.config import Limits, parse_config
 
-from conftest import HOSTNAME, GatewayProcess, base_config, client_context, easgate_argv, write_config
+from conftest import HOSTNAME, base_config, client_context, launch, write_config
 from support.client import send_raw, statuses
 from support.corpus import ALLOWED, DENIED, Case, generated_cases, hostile_cases, pipelined_cases, request
 from support.models import MODELS
@@ -50,11 +49,7 @@ def gw(pki, tmp_path_factory):
     cfg["authorization"] = {"policy": str(tmp / "policy.yaml")}
     cfg["audit_log"] = str(tmp / "audit.jsonl")
     cfg["limits"] = LIMITS
-    argv = easgate_argv("run", str(write_config(tmp, cfg)), "--listen", "127.0.0.1:0",
-                        "--workers", os.environ.get("EASGATE_WORKERS", "1"),
-                        *(["--full"] if os.environ.get("EASGATE_MASTER") == "full" else []),
-                        "--", "--set", "easgate_metrics=127.0.0.1:0")
-    g = GatewayProcess(argv).wait_ready()
+    g = launch(write_config(tmp, cfg), extra=["--set", "easgate_metrics=127.0.0.1:0"])
     yield g, ex, md, tmp / "audit.jsonl", client_context(pki)
     g.stop()
     ex.stop()

@@ -24,7 +24,14 @@ from easgate.authz.identity import encode_binary_query
 from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
 
-from conftest import ROOT, FakeConnector, GatewayProcess, authz_config, easgate_argv, request, write_config
+from conftest import (
+    ROOT,
+    FakeConnector,
+    authz_config,
+    launch,
+    request,
+    write_config,
+)
 
 HEADERS = {"Authorization": "Basic " + base64.b64encode(b"alice:secret").decode(),
            "User-Agent": "Apple-iPhone14C2/2008.420", "MS-ASProtocolVersion": "16.1"}
@@ -56,8 +63,7 @@ def fake(pki, exchange, mdm, tmp_path_factory):
     e = Env()
     e.conn = FakeConnector()  # answers Allow only for DeviceIds in .allowed, exactly (case-sensitive)
     cfg = authz_config(pki, exchange, mdm, d, connector=e.conn, cache={"allow_ttl_s": 300, "deny_ttl_s": 300})
-    e.gw = GatewayProcess(easgate_argv("run", str(write_config(d, cfg)), "--listen", "127.0.0.1:0",
-                                       "--workers", "1")).wait_ready()
+    e.gw = launch(write_config(d, cfg), workers=1)
     e.audit, e.pki = d / "audit.jsonl", pki
     yield e
     e.gw.stop()
@@ -134,8 +140,7 @@ def easgate_connector(pki, exchange, mdm, tmp_path_factory):
     policy = {"mode": "block", "allow": {"devices": ["ApplLOST00000001", "ApplOPEN00000001"],
                                          "device_types": ["WindowsMail"]}}
     cfg = authz_config(pki, exchange, mdm, d, policy=policy, connector=url)
-    e.gw = GatewayProcess(easgate_argv("run", str(write_config(d, cfg)), "--listen", "127.0.0.1:0",
-                                       "--workers", "1")).wait_ready()
+    e.gw = launch(write_config(d, cfg), workers=1)
     e.audit, e.pki = d / "audit.jsonl", pki
     yield e
     e.gw.stop()
