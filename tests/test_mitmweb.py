@@ -15,7 +15,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -28,10 +27,10 @@ from easgate.authz.identity import encode_binary_query
 from easgate.tools.capture import E, wbxml
 
 from conftest import (
-    ROOT,
     GatewayProcess,
     base_config,
     easgate_argv,
+    mitmdump_argv,
     request,
     write_config,
 )
@@ -124,8 +123,7 @@ def start_web(cfg: Path, *sets: str, via: str = "easgate") -> tuple[GatewayProce
     if via == "easgate":
         argv = easgate_argv("web", str(cfg), "--listen", "127.0.0.1:0", "--", *opts)
     else:
-        argv = [str(Path(sys.executable).parent / "mitmweb"), "-s", str(ROOT / "addons" / "gateway.py"), "--set", "server=false",
-                "--set", f"easgate_config={cfg}", "--set", "easgate_listen=127.0.0.1:0", *opts]
+        argv = mitmdump_argv(cfg, extra=opts, tool="mitmweb")
     proc = GatewayProcess(argv).wait_ready()
     try:
         return proc, Web(proc)

@@ -28,7 +28,7 @@ from easgate.tools.realclient import EasClient
 from easgate.tools.realstack import ATTACHMENT, ATTACHMENT_NAME, MAX_PING_S, SEED_SUBJECT, USERS
 
 import conftest
-from conftest import GatewayProcess, easgate_argv, write_config
+from conftest import launch, write_config
 
 ALICE, BOB, CAROL = USERS
 MANAGED = "REALEASIPHONE01"  # alice's managed device (in the policy inventory)
@@ -58,8 +58,7 @@ class Gateway:
         self.dir = d
         self.flows_file = d / "flows.mitm"
         path = write_config(d, cfg)
-        self.proc = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1",
-                                                "--full", "--", "-w", str(self.flows_file))).wait_ready()
+        self.proc = launch(path, "--full", workers=1, extra=["-w", str(self.flows_file)])
         self.port = self.proc.port
 
     def audit(self) -> list[dict]:

@@ -21,7 +21,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -46,7 +45,7 @@ from easgate.gateway.config import Revocation, TrustedCa, load_config
 from easgate.gateway.tls import INVALID, VERIFIED, ClientCertVerifier, TlsOffload
 from easgate.tools.pki import DEVICE_URI_PREFIX, generate_pki, load_cert, revoke
 
-from conftest import ROOT, GatewayProcess, base_config, curl, easgate_argv, write_config
+from conftest import ROOT, GatewayProcess, base_config, curl, easgate_argv, mitmdump_argv, write_config
 
 NOW = lambda: datetime.datetime.now(datetime.UTC)
 
@@ -288,9 +287,7 @@ def world(tmp_path_factory, pki, exchange, mdm):
         path = write_config(tmp, c, f"{name}.yaml")
         flows = tmp / f"{name}.flows"
         # one process (`easgate run` may start several workers, each with its own OCSP cache)
-        gws[name] = GatewayProcess([str(Path(sys.executable).parent / "mitmdump"), "-s", str(ROOT / "addons" / "gateway.py"), "--set", "server=false",
-                                    "--set", f"easgate_config={path}", "--set", "easgate_listen=127.0.0.1:0",
-                                    "-w", str(flows)])
+        gws[name] = GatewayProcess(mitmdump_argv(path, extra=["-w", str(flows)]))
         gws[name].flows = flows
     for g in gws.values():
         g.wait_ready()
