@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from easgate.tools import realstack
 
 from doccommands import covers
+from support.procs import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed
@@ -82,22 +81,10 @@ def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
     args = ["--dir", str(tmp_path / "state"), "--port", str(busy_port)]
     # "make demo" is the README's first command; Ctrl-C in a terminal signals the whole process group
     argv = demo_argv(*args) if via == "easgate" else ["make", "--no-print-directory", "demo", f"DEMO_ARGS={shlex.join(args)}"]
-    p = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in p.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    demo = ServerProcess(argv, env=ENV, new_session=True)
+    lines = demo.lines
     try:
-        assert ready.wait(60), "".join(lines)
-        out = "".join(lines)
+        out = demo.wait_output("Ctrl-C stops everything", 60)
         assert f"port {busy_port} is busy" in out
         ports = ports_of(out)
         assert ports["gateway"] != busy_port and all(listening(pt) for pt in ports.values())
@@ -120,19 +107,14 @@ def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
         r = subprocess.run(shlex.split(devices[0]), cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stdout + r.stderr
 
-        os.killpg(p.pid, signal.SIGINT)
+        os.killpg(demo.proc.pid, signal.SIGINT)
         # the demo exits 0; make itself then dies of the SIGINT it got, as make does in a terminal
-        assert p.wait(30) == (0 if via == "easgate" else -signal.SIGINT)
-        deadline = time.time() + 5
-        while time.time() < deadline and "nothing left listening" not in "".join(lines):
-            time.sleep(0.05)
-        assert "nothing left listening" in "".join(lines)
+        assert demo.proc.wait(30) == (0 if via == "easgate" else -signal.SIGINT)
+        demo.wait_output("nothing left listening", 5)
         assert not [n for n, pt in ports.items() if listening(pt)]
     finally:
         busy.close()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        demo.kill()
 
 
 @covers("README.md", ".venv/bin/easgate demo --real")
@@ -145,22 +127,11 @@ def test_real_demo_as_the_readme_says(tmp_path):
             pytest.fail(msg)
         pytest.skip(msg)
     assert ".venv/bin/easgate demo --real\n" in (ROOT / "README.md").read_text()
-    p = subprocess.Popen([str(Path(sys.executable).parent / "easgate"), "demo", "--real"], cwd=tmp_path, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in p.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    demo = ServerProcess([str(Path(sys.executable).parent / "easgate"), "demo", "--real"], cwd=tmp_path, env=ENV,
+                         new_session=True)
+    lines = demo.lines
     try:
-        assert ready.wait(120), "".join(lines)
-        out = "".join(lines)
+        out = demo.wait_output("Ctrl-C stops everything", 120)
         assert "SOGo ActiveSync behind nginx" in out
         base = re.search(r"state in (/\S+)", out)[1]
         cmds = [ln.strip() for ln in lines if " -m easgate.tools.realclient " in ln]
@@ -174,14 +145,9 @@ def test_real_demo_as_the_readme_says(tmp_path):
         r = subprocess.run(shlex.split(ipad), capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "HTTP 403 to Cmd=Provision" in r.stderr, r.stdout + r.stderr
 
-        os.killpg(p.pid, signal.SIGINT)
-        assert p.wait(60) == 0
-        deadline = time.time() + 5
-        while time.time() < deadline and "nothing left listening" not in "".join(lines):
-            time.sleep(0.05)
-        assert "nothing left listening" in "".join(lines), "".join(lines[-10:])
+        os.killpg(demo.proc.pid, signal.SIGINT)
+        assert demo.proc.wait(60) == 0
+        demo.wait_output("nothing left listening", 5)
         assert not Path(base).exists()
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        demo.kill()

@@ -71,12 +71,13 @@ class ServerProcess:
     port_group = 2
     what = "process"
 
-    def __init__(self, argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> None:
+    def __init__(self, argv: list[str], cwd: Path = ROOT, env: dict | None = None, new_session: bool = False) -> None:
+        """new_session: a process group of its own (as a terminal gives a command, for Ctrl-C: os.killpg)."""
         e = dict(os.environ, PYTHONUNBUFFERED="1")
         e.update(env or {})
         self.argv = argv
         self.proc = subprocess.Popen(argv, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, errors="replace")
+                                     stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=new_session)
         self.lines: list[str] = []
         self.port: int | None = None
         self._ready = threading.Event()
