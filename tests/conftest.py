@@ -1,25 +1,20 @@
-"""Shared fixtures: a throw-away PKI, real stand-in upstreams, and real gateway processes.
+"""Shared fixtures: a throw-away PKI, real stand-in upstreams, a steerable connector, real gateway
+and connector processes, and the real servers (SOGo stack, PostgreSQL, Redis) once per session.
 
-End-to-end tests start `easgate run` (or plain `mitmdump -s addons/gateway.py`) as a subprocess on
-127.0.0.1 port 0, read the port from mitmproxy's "listening at" log line, and talk to it with real
-TLS clients (Python's ssl, curl).
+The code behind them is the support package (tests/support/): `procs` is the one launcher of real
+easgate processes (`start_gateway` and `start_connector` below use it: `easgate run` or plain
+`mitmdump -s addons/gateway.py` on 127.0.0.1 port 0, the port read from the "listening at" line),
+`client` the HTTPS clients (Python's ssl, curl, raw TLS), `standins` the connector and Exchange
+stand-ins a test steers. The names tests import from here are re-exported from there.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import re
-import socket
-import ssl
-import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -31,6 +26,14 @@ from easgate.tools import clusterservers, realstack
 from easgate.tools.pki import generate_pki
 from easgate.tools.standins import ExchangeStandIn, MdmStandIn
 
+from support.client import (  # noqa: F401 - re-exported for the tests that import them from here
+    HOSTNAME,
+    Response,
+    client_context,
+    curl,
+    https_connection,
+    request,
+)
 from support.procs import (  # noqa: F401 - the launcher, re-exported for the tests that import it from here
     LISTEN_RE,
     WORKER_LISTEN_RE,
@@ -42,8 +45,7 @@ from support.procs import (  # noqa: F401 - the launcher, re-exported for the te
     run_argv,
     wait_for,
 )
-
-HOSTNAME = "mail.example.test"
+from support.standins import FakeConnector, HeldPingExchange  # noqa: F401 - re-exported
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +70,7 @@ def mdm():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_upstreams(request):
+def _fresh_upstreams(request):  # noqa: F811 - pytest's request, not support.client.request
     """Each test starts with empty request logs on the shared stand-ins."""
     for name in ("exchange", "mdm"):
         if name in request.fixturenames:
@@ -76,80 +78,6 @@ def _fresh_upstreams(request):
             with s.lock:
                 s.seen.clear()
     yield
-
-
-# ------------------------------------------------------------------------------------------------
-# A connector stand-in whose behaviour a test sets: it counts calls and can misbehave on purpose.
-
-
-class FakeConnector(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ConnectorHandler)
-        self.allowed: set[str] = set()  # DeviceIds answered with Allow
-        self.behaviour = "normal"  # normal | slow | garbage | error500 | reject400 | close | hang
-        self.delay_s = 0.0
-        self.calls: list[dict] = []
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/services/ActiveSync/Authorize"
-
-    def stop(self) -> None:
-        """Down for real: no listener and no kept-alive connection left."""
-        self.shutdown()
-        self.server_close()
-        with self.lock:
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class _ConnectorHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.lock:
-            self.server.conns.append(self.connection)
-
-    def log_message(self, *a) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        srv: FakeConnector = self.server  # type: ignore[assignment]
-        q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
-        with srv.lock:
-            srv.calls.append(q)
-        b = srv.behaviour
-        if srv.delay_s:
-            time.sleep(srv.delay_s)
-        if b == "hang":
-            time.sleep(30)
-        if b == "close":
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"res")
-            self.close_connection = True
-            return
-        if b == "error500":
-            body, status = b"internal error", 500
-        elif b == "reject400":
-            body, status = b'{"error": "bad request", "reason": "agent too long"}', 400
-        elif b == "garbage":
-            body, status = b"<html>Allowed?</html>", 200
-        else:
-            result = "Allow" if q.get("DeviceId") in srv.allowed else "Deny"
-            body, status = json.dumps({"result": result}).encode(), 200
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 @pytest.fixture
@@ -247,59 +175,6 @@ def start_connector():
 # Clients
 
 
-def client_context(pki: Path, cert: str | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki / "public-ca.pem"))
-    if cert:
-        ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
-    return ctx
-
-
-class Response:
-    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self):
-        return json.loads(self.body)
-
-
-def request(port: int, method: str, path: str, pki: Path, *, cert: str | None = None, headers: dict | list | None = None,
-            body: bytes | None = None, conn: http.client.HTTPSConnection | None = None, timeout: float = 15) -> Response:
-    """One HTTPS request to the gateway with SNI and Host mail.example.test. Pass conn to reuse a
-    keep-alive connection (from https_connection)."""
-    c = conn or https_connection(port, pki, cert, timeout)
-    c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    c.putheader("Host", f"{HOSTNAME}:{port}")
-    items = headers.items() if isinstance(headers, dict) else (headers or [])
-    for k, v in items:
-        c.putheader(k, v)
-    if body is not None:
-        c.putheader("Content-Length", str(len(body)))
-    c.endheaders(body)
-    r = c.getresponse()
-    data = r.read()
-    out = Response(r.status, r.headers, data)
-    if conn is None:
-        c.close()
-    return out
-
-
-def https_connection(port: int, pki: Path, cert: str | None = None, timeout: float = 15) -> http.client.HTTPSConnection:
-    ctx = client_context(pki, cert)
-    c = http.client.HTTPSConnection(HOSTNAME, port, context=ctx, timeout=timeout)
-    # connect to loopback but verify and send SNI for the public name
-    c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname=HOSTNAME)
-    return c
-
-
-def curl(port: int, path: str, pki: Path, *args: str, cert: str | None = None, timeout: int = 15) -> subprocess.CompletedProcess:
-    argv = ["curl", "-sS", "--max-time", str(timeout), "--cacert", str(pki / "public-ca.pem"),
-            "--resolve", f"{HOSTNAME}:{port}:127.0.0.1", "-o", "-", "-w", "\n%{http_code}"]
-    if cert:
-        argv += ["--cert", str(pki / f"{cert}.pem"), "--key", str(pki / f"{cert}.key")]
-    argv += [*args, f"https://{HOSTNAME}:{port}{path}"]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
-
-
 # ------------------------------------------------------------------------------------------------
 # The real ActiveSync server stack (SOGo + Dovecot + PostgreSQL + memcached + nginx), once per session
 
@@ -322,45 +197,6 @@ def real_stack(pki):
 
 # ------------------------------------------------------------------------------------------------
 # A held long poll, released by the test (reload and metrics tests)
-
-
-class HeldPingExchange(ThreadingHTTPServer):
-    """A plain-HTTP Exchange whose Pings wait until the test releases them (no fixed sleeps)."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _HeldPingHandler)
-        self.release = threading.Event()
-        self.pings_waiting = threading.Semaphore(0)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.release.set()
-        self.shutdown()
-        self.server_close()
-
-
-class _HeldPingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if "Cmd=Ping" in self.path:
-            self.server.pings_waiting.release()
-            self.server.release.wait(60)
-        body = b"pong"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 @pytest.fixture
@@ -400,7 +236,7 @@ def postgres_server():
 
 
 @pytest.fixture
-def pg_url(postgres_server, request) -> str:
+def pg_url(postgres_server, request) -> str:  # noqa: F811 - pytest's request
     """A fresh, empty database for one test."""
     name = "t_" + re.sub(r"[^a-z0-9]", "_", request.node.name.lower())[:40] + f"_{os.getpid()}_{time.monotonic_ns() % 10**6}"
     return postgres_server.create_database(name)
