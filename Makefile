@@ -12,4 +12,4 @@ lint: venv
 	cd addons && ../.venv/bin/lint-imports --config ../.importlinter
 	cd addons && ../.venv/bin/mypy --config-file ../pyproject.toml -p easgate.core -p easgate.authz
 test: venv tools lint
-	.venv/bin/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)

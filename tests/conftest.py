@@ -258,3 +258,21 @@ def own_redis():
     r = clusterservers.TestRedis().start()
     yield r
     r.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Test order for `make test` (pytest-xdist --dist loadfile --no-loadscope-reorder): xdist hands out
+# whole files in collection order, two per worker ahead. The files that take longest go first, so
+# that the two workers finish together instead of one running test_deploy.py or a cluster test
+# alone at the end (longest-first scheduling). Refresh the list from a run with --durations=0.
+
+SLOW_FILES_FIRST = (
+    "test_deploy.py", "test_cluster_e2e.py", "test_captures.py", "test_gateway_e2e.py", "test_docs_commands.py",
+    "test_authz_e2e.py", "test_hardening.py", "test_audit.py", "test_scale.py", "test_holds.py",
+    "test_cli_answers.py", "test_readme.py", "test_identity_e2e.py", "test_demo.py", "test_reload.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
