@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from easgate.authz.audit import encode, safe_text
 
-from conftest import ROOT, authz_config, easgate_argv, https_connection, launch, request, write_config
+from conftest import ROOT, authz_config, easgate_argv, https_connection, launch, request, wait_for, write_config
 from doccommands import covers, doc_command
 
 AS = "/Microsoft-Server-ActiveSync"
@@ -51,14 +51,6 @@ def post(g, pki, device: str, **headers):
 
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
-
-
-def wait_for(pred, timeout: float, what: str, g=None) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\n{g.output[-3000:]}" if g else ""))
-        time.sleep(0.02)
 
 
 def count(g, text: str) -> int:

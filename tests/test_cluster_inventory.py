@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -27,19 +26,10 @@ from easgate.connector.store import ImportFileError, Inventory, InventoryError
 from easgate.core.errors import ConfigError
 from easgate.tools.clusterservers import TestPostgres
 
-from conftest import ConnectorProcess
+from conftest import ConnectorProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
-
-
-def wait_for(cond, timeout: float = 5.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if v := cond():
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -104,11 +94,11 @@ def test_a_change_by_one_connector_is_seen_by_the_others_next_lookup_and_notifie
         assert b.get("dev1").blocked is False
         a.set_blocked("DEV1", True)
         assert b.get("dev1").blocked is True  # the very next lookup, no reload
-        wait_for(lambda: seen == ["dev1", "dev1"], what="two notifications")
+        wait_for(lambda: seen == ["dev1", "dev1"], 5, "two notifications")
         a.touch("dev1")
         a.flush_seen()  # last_seen only: nothing a decision depends on, no notification
         a.remove("dev1")
-        wait_for(lambda: len(seen) == 3, what="the removal's notification")
+        wait_for(lambda: len(seen) == 3, 5, "the removal's notification")
         assert seen == ["dev1", "dev1", "dev1"]
     finally:
         a.close()
@@ -125,7 +115,7 @@ def test_server_restart_is_an_unreadable_inventory_then_recovers_without_restart
         seen: list[str] = []
         inv.watch(seen.append, retry_s=0.1)
         inv.add("d1", "alice")
-        wait_for(lambda: "d1" in seen, what="notification")
+        wait_for(lambda: "d1" in seen, 5, "notification")
         pg.proc.send_signal(signal.SIGINT)
         pg.proc.wait(20)
         with pytest.raises(InventoryError, match=re.escape(redact(url))):

@@ -518,16 +518,9 @@ def test_an_allow_whose_decision_log_line_cannot_be_written_is_a_deny(tmp_path, 
     cfg = tmp_path / "connector.yaml"
     cfg.write_text("listen: {host: 127.0.0.1, port: 0}\ninventory: devices.db\ndecision_log: d.jsonl\n"
                    + ("" if on_error == "deny" else "decision_log_on_error: allow\n"))
-    p = subprocess.Popen([sys.executable, "-m", "easgate.cli", "connector", str(cfg)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=ENV)
+    p = ConnectorProcess(ConnectorProcess.argv(cfg), env=ENV).wait_ready(30)
     try:
-        for line in p.stdout:
-            if m := re.search(r"listening at http://127\.0\.0\.1:(\d+)", line):
-                port = int(m[1])
-                break
-        else:
-            raise AssertionError("the connector did not start")
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
         first = json.loads(authorize(c, "alice", "ApplF17ABCDEF01")[2])
         assert first["result"] == "Allow"  # queued: the writer has not failed yet, and keeps the line
         deadline = time.monotonic() + 10
@@ -547,4 +540,3 @@ def test_an_allow_whose_decision_log_line_cannot_be_written_is_a_deny(tmp_path, 
         c.close()
     finally:
         p.kill()
-        p.wait()
