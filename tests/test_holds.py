@@ -242,8 +242,7 @@ def test_held_ping_on_the_lean_path_is_answered_intact_reauthorized_and_ended_by
     cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=connector,
                                 cache={"allow_ttl_s": 1, "deny_ttl_s": 1})
     path = conftest.write_config(tmp_path, cfg)
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1", "--",
-                                    "--set", "easgate_metrics=127.0.0.1:0"))
+    g = launch(path, workers=1, extra=["--set", "easgate_metrics=127.0.0.1:0"], wait=False)
     try:
         g.wait_ready(30)
         mport = int(wait_for(lambda: re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", g.output), 10,

@@ -21,8 +21,8 @@ from easgate.authz.revocations import make_record
 from easgate.authz.wbxml import E, wbxml
 from easgate.gateway.sharedcache import publish_revocation
 
-from conftest import GatewayProcess, client_context, easgate_argv, request, wait_for, write_config
 from conftest import authz_config as make_authz_config
+from conftest import client_context, easgate_argv, launch, request, wait_for, write_config
 
 DEV = "ApplF17ABCDEF01"
 SYNC = f"/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId={DEV}&DeviceType=iPhone"
@@ -85,7 +85,7 @@ def test_a_route_renamed_by_a_reload_while_its_request_is_decided_is_a_deny_audi
         cfg = make_authz_config(pki, exchange, mdm, tmp_path)
         cfg["authorization"]["connector"] = {"url": conn.url, "timeout_ms": 20000}
         path = write_config(tmp_path, cfg)
-        g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+        g = launch(path, workers=1)
         try:
             out: dict = {}
 
@@ -133,8 +133,7 @@ def test_a_node_restarting_with_many_revocations_denies_what_the_cluster_revoked
     assert asyncio.run(publish_revocation(own_redis.url, make_record("alice", DEV, "phone reported lost")))
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
                             revocations=str(tmp_path / "revocations.jsonl"), cache={"redis": own_redis.url})
-    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
-                                    "--workers", "1")).wait_ready()
+    g = launch(write_config(tmp_path, cfg), workers=1)
     try:
         assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 403, g.output
         assert [(a["decision"], a["reason"]) for a in audit_lines(tmp_path / "audit.jsonl")][:1] == [
@@ -169,7 +168,7 @@ def test_an_operators_revoke_after_a_restore_stamped_by_a_clock_ahead_is_in_forc
     assert asyncio.run(publish_revocation(own_redis.url, ahead))
     cfg["authorization"]["revocations"] = str(tmp_path / "revocations.jsonl")
     path = write_config(tmp_path, cfg, "node.yaml")
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+    g = launch(path, workers=1)
     try:
         assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
         r = subprocess.run(easgate_argv("revoke", str(path), "alice", DEV, "--reason", "phone reported lost"),
@@ -242,7 +241,7 @@ def test_after_a_reload_a_connector_only_node_still_hears_the_clusters_revocatio
     connector.allowed.add(DEV)
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, connector=connector, cache={"redis": own_redis.url})
     path = write_config(tmp_path, cfg)
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+    g = launch(path, workers=1)
     try:
         assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
         g.proc.send_signal(signal.SIGHUP)
@@ -271,7 +270,7 @@ def test_junk_nested_json_in_redis_does_not_deafen_a_node(pki, exchange, mdm, tm
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
                             cache={"redis": own_redis.url})
     path = write_config(tmp_path, cfg)
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1")).wait_ready()
+    g = launch(path, workers=1)
     try:
         assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
         wait_for(lambda: r.pubsub_numsub("easgate:events")[0][1] >= 1, 10, "the node listening", g)
@@ -294,8 +293,7 @@ def test_a_junk_line_in_the_revocation_file_does_not_swallow_the_revocation_afte
     revocations = tmp_path / "revocations.jsonl"
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}},
                             revocations=str(revocations))
-    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
-                                    "--workers", "1")).wait_ready()
+    g = launch(write_config(tmp_path, cfg), workers=1)
     try:
         assert request(g.port, "POST", SYNC, pki, body=b"\x03\x01\x6a\x00").status == 200
         junk = "[" * 100_000 + "]" * 100_000
@@ -316,8 +314,7 @@ def test_a_command_name_with_terminal_escapes_is_shown_escaped_in_easgate_replay
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [DEV]}})
     path = write_config(tmp_path, cfg)
     flows = tmp_path / "flows.mitm"
-    g = GatewayProcess(easgate_argv("run", str(path), "--listen", "127.0.0.1:0", "--workers", "1", "--",
-                                    "-w", str(flows))).wait_ready()
+    g = launch(path, workers=1, extra=["-w", str(flows)])
     try:
         evil = f"/Microsoft-Server-ActiveSync?Cmd=%1B%5B2K%0D&User=alice&DeviceId={DEV}&DeviceType=iPhone"
         assert request(g.port, "POST", evil, pki, body=b"\x03\x01\x6a\x00").status == 403
@@ -337,8 +334,7 @@ def test_an_itemoperations_body_the_gate_cannot_read_whole_never_reaches_exchang
                                                          E("AirSyncBase:FileReference", "5%3a1%3a0"))))
     cfg = make_authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "permit"},
                             commands={"rules": [{"name": "no-attachments", "deny": ["attachments"]}]})
-    g = GatewayProcess(easgate_argv("run", str(write_config(tmp_path, cfg)), "--listen", "127.0.0.1:0",
-                                    "--workers", "1")).wait_ready()
+    g = launch(write_config(tmp_path, cfg), workers=1)
     ctx = client_context(pki)
     head = (f"POST /Microsoft-Server-ActiveSync?Cmd=ItemOperations&User=alice&DeviceId={DEV}&DeviceType=iPhone "
             "HTTP/1.1\r\nHost: mail.example.test\r\nMS-ASProtocolVersion: 14.1\r\n"
