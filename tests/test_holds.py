@@ -10,14 +10,12 @@ import hashlib
 import json
 import re
 import shlex
-import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from easgate.runtime.aggregate import Document
 from easgate.tools.standins import ExchangeStandIn
 
 import conftest
-from conftest import GatewayProcess, easgate_argv, launch, request, wait_for
+from conftest import GatewayProcess, HeldPingExchange, easgate_argv, launch, request, wait_for
 from doccommands import covers, doc_command
 from support.holding import HoldingUpstream
 
@@ -190,54 +188,14 @@ def test_held_ping_is_reauthorized_every_allow_ttl_and_closed_when_the_connector
 # their buffers while idle): still answered intact, visible, re-authorized, and ended by a deny
 
 
-class _TlsHoldingExchange(ThreadingHTTPServer):
-    """HTTPS Exchange stand-in: each Ping waits for `release`, then gets a 100 KB answer (several
-    TLS records, so the released buffers must be allocated again) whose digest is in a header."""
-
-    daemon_threads = True
-    BODY = bytes(range(256)) * 400
-
-    def __init__(self, pki: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _TlsHoldingHandler)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(pki / "exchange.pem", pki / "exchange.key")
-        self.socket = ctx.wrap_socket(self.socket, server_side=True)
-        self.release = threading.Event()
-        self.waiting = threading.Semaphore(0)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.server_address[1]}"
-
-    def stop(self) -> None:
-        self.release.set()
-        self.shutdown()
-        self.server_close()
-
-
-class _TlsHoldingHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if "Cmd=Ping" in self.path:
-            self.server.waiting.release()
-            self.server.release.wait(60)
-        body = self.server.BODY
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Digest", hashlib.sha256(body).hexdigest())
-        self.end_headers()
-        self.wfile.write(body)
+# an HTTPS Exchange whose Pings wait for `release`, then get a 100 KB answer (several TLS records, so
+# the released buffers must be allocated again) whose digest is in a header
+BIG_BODY = bytes(range(256)) * 400
 
 
 def test_held_ping_on_the_lean_path_is_answered_intact_reauthorized_and_ended_by_a_deny(
         pki, mdm, tmp_path, connector):
-    exchange = _TlsHoldingExchange(pki)
+    exchange = HeldPingExchange(tls=(pki / "exchange.pem", pki / "exchange.key"), body=BIG_BODY)
     connector.allowed = {IPHONE}
     cfg = conftest.authz_config(pki, exchange, mdm, tmp_path, connector=connector,
                                 cache={"allow_ttl_s": 1, "deny_ttl_s": 1})
@@ -257,7 +215,7 @@ def test_held_ping_on_the_lean_path_is_answered_intact_reauthorized_and_ended_by
         t = threading.Thread(target=lambda: answered.append(request(
             g.port, "POST", PING, pki, headers=BASIC, body=b"\x03\x01\x6a\x00", timeout=60)), daemon=True)
         t.start()
-        assert exchange.waiting.acquire(timeout=20), g.output
+        assert exchange.pings_waiting.acquire(timeout=20), g.output
         assert held() == 1  # visible while held
         calls = len(connector.calls)
         wait_for(lambda: len(connector.calls) >= calls + 2, 10, "re-authorizations of the held Ping", g)
@@ -265,14 +223,14 @@ def test_held_ping_on_the_lean_path_is_answered_intact_reauthorized_and_ended_by
         exchange.release.set()
         t.join(20)
         r = answered[0]
-        assert r.status == 200 and len(r.body) == len(exchange.BODY)
+        assert r.status == 200 and len(r.body) == len(BIG_BODY)
         assert hashlib.sha256(r.body).hexdigest() == r.headers["X-Digest"]
         wait_for(lambda: held() == 0, 10, "the gauge to drop", g)
 
         # a second Ping, held, then the connector says Deny: re-authorization ends it
         exchange.release.clear()
         ping = HeldPing(g.port, pki)
-        assert exchange.waiting.acquire(timeout=20), g.output
+        assert exchange.pings_waiting.acquire(timeout=20), g.output
         t0 = time.monotonic()
         connector.allowed = set()
         assert_all_end_within([ping], t0, g)

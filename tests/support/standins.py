@@ -4,11 +4,14 @@ Exchange and MDM stand-ins are the product's: easgate.tools.standins.) Fixtures:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -83,19 +86,27 @@ class _ConnectorHandler(BaseHTTPRequestHandler):
 
 
 class HeldPingExchange(ThreadingHTTPServer):
-    """A plain-HTTP Exchange whose Pings wait until the test releases them (no fixed sleeps)."""
+    """An Exchange whose Pings wait until the test releases them (no fixed sleeps): plain HTTP, or
+    TLS with tls=(certificate, key). Every answer is `body`, its SHA-256 in an X-Digest header."""
 
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None, body: bytes = b"pong") -> None:
         super().__init__(("127.0.0.1", 0), _HeldPingHandler)
+        self.scheme = "http"
+        if tls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(tls[0], tls[1])
+            self.socket = ctx.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
+        self.body = body
         self.release = threading.Event()
         self.pings_waiting = threading.Semaphore(0)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
     def stop(self) -> None:
         self.release.set()
@@ -114,8 +125,9 @@ class _HeldPingHandler(BaseHTTPRequestHandler):
         if "Cmd=Ping" in self.path:
             self.server.pings_waiting.release()
             self.server.release.wait(60)
-        body = b"pong"
+        body = self.server.body
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Digest", hashlib.sha256(body).hexdigest())
         self.end_headers()
         self.wfile.write(body)
