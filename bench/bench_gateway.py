@@ -282,7 +282,8 @@ def start_easgate(cfg: Path, *args: str) -> Proc:
 
 def start_script(cfg: Path) -> Proc:
     port = free_port()
-    return _wait_port(Proc("mitmdump -s", [str(BIN / "mitmdump"), "-q", "-s", str(ROOT / "addons" / "gateway.py"),
+    return _wait_port(Proc("mitmdump -s", [str(BIN / "mitmdump"), "-q", "--set", "server=false",
+                                           "-s", str(ROOT / "addons" / "gateway.py"),
                                            "--set", f"easgate_config={cfg}",
                                            "--set", f"easgate_listen=127.0.0.1:{port}"]), port)
 
