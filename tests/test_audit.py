@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,20 @@ def test_audit_log_on_a_full_disk(start_gateway, pki, exchange, mdm, tmp_path, o
     assert not [l for l in g.lines if "Traceback" in l]
 
 
+def drainer(reader: int, got: bytearray) -> Callable[[], bool]:
+    """What the FIFO's reader has for us, appended to ``got`` without blocking (True: for wait_for)."""
+    def drain() -> bool:
+        while True:
+            try:
+                chunk = os.read(reader, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return True
+            got.extend(chunk)
+    return drain
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
 def test_audit_pipe_nobody_reads_denies_then_recovers(start_gateway, pki, exchange, mdm, tmp_path):
     """The audit log is a pipe to a log shipper that stopped reading: writes block (the pipe's
@@ -145,16 +160,7 @@ def test_audit_pipe_nobody_reads_denies_then_recovers(start_gateway, pki, exchan
     assert time.monotonic() - t0 < 5
     assert count(g, "cannot be written") == 1, [l for l in g.lines if "audit" in l]
     got = bytearray()
-
-    def drain() -> bool:
-        while True:
-            try:
-                chunk = os.read(reader, 65536)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return True
-            got.extend(chunk)
+    drain = drainer(reader, got)
 
     wait_for(lambda: drain() and count(g, "is written again") == 1, 10, "the recovery", g)
     assert post(g, pki, IPHONE).status == 200
@@ -182,16 +188,7 @@ def test_audit_pipe_reader_going_away_and_coming_back(start_gateway, pki, exchan
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     got = bytearray()
-
-    def drain() -> bool:
-        while True:
-            try:
-                chunk = os.read(reader, 65536)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return True
-            got.extend(chunk)
+    drain = drainer(reader, got)
 
     cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block", "allow": {"devices": [IPHONE]}})
     g = start_gateway(cfg)

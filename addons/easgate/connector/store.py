@@ -315,13 +315,18 @@ class Inventory:
         with self.lock:
             return self.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
 
+    def _writer_conn(self, timeout_s: float) -> sqlite3.Connection:
+        """The background writes' own connection (opened once; call with ``_writer_lock`` held), so
+        lookups never wait on them; ``timeout_s``: how long a write may wait for another writer."""
+        if self._writer is None:
+            self._writer = connect(self.path, create=False)
+        self._writer.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        return self._writer
+
     def prune_changes(self, keep_s: int = CHANGES_KEEP_S, timeout_s: float = 0.2) -> int:
         """Forget changes older than ``keep_s`` (on the writer connection: lookups never wait)."""
         with self._writer_lock:
-            if self._writer is None:
-                self._writer = connect(self.path, create=False)
-            w = self._writer
-            w.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            w = self._writer_conn(timeout_s)
             try:
                 return w.execute("DELETE FROM changes WHERE at < CAST(strftime('%s', 'now') AS INTEGER) - ?",
                                  (keep_s,)).rowcount
@@ -392,10 +397,7 @@ class Inventory:
         if not batch:
             return 0
         with self._writer_lock:
-            if self._writer is None:
-                self._writer = connect(self.path, create=False)
-            w = self._writer
-            w.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            w = self._writer_conn(timeout_s)
             try:
                 w.execute("BEGIN IMMEDIATE")
                 cur = w.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?",
