@@ -38,6 +38,7 @@ from support.procs import (  # noqa: F401 - the launcher, re-exported for the te
     LISTEN_RE,
     WORKER_LISTEN_RE,
     ConnectorProcess,
+    ForkServer,
     GatewayProcess,
     easgate_argv,
     launch,
@@ -46,6 +47,18 @@ from support.procs import (  # noqa: F401 - the launcher, re-exported for the te
     wait_for,
 )
 from support.standins import FakeConnector, HeldPingExchange  # noqa: F401 - re-exported
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server(tmp_path_factory):
+    """The session's fork server (support/zygote.py): every easgate/mitmdump/mitmweb a test starts
+    forks from a process that has imported them once. EASGATE_TEST_FORK=0: each one execs."""
+    if os.environ.get("EASGATE_TEST_FORK") == "0":
+        yield None
+        return
+    server = ForkServer(tmp_path_factory.mktemp("fork")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

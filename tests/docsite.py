@@ -21,6 +21,7 @@ from pathlib import Path
 
 from conftest import ROOT, GatewayProcess
 from doccommands import doc_command
+from support.procs import FORKEXEC, forking
 
 VENV = Path(sys.executable).parent.parent
 
@@ -85,12 +86,34 @@ def wait_for(g: GatewayProcess, pattern: str, timeout: float = 30) -> re.Match:
     raise AssertionError(f"no {pattern!r} in:\n{g.output}")
 
 
+def link_venv(dest: Path) -> None:
+    """`.venv` of the copy: the checkout's, except that with the fork server (support/procs.py) its
+    `bin/easgate`, `bin/mitmdump` and `bin/mitmweb` run through it (support/forkexec.py), as a test's
+    own easgate processes do."""
+    if not forking():
+        dest.symlink_to(VENV)
+        return
+    dest.mkdir()
+    for entry in VENV.iterdir():
+        if entry.name != "bin":
+            (dest / entry.name).symlink_to(entry)
+    (dest / "bin").mkdir()
+    shim = FORKEXEC.read_text()
+    for entry in (VENV / "bin").iterdir():
+        target = dest / "bin" / entry.name
+        if entry.name in ("easgate", "mitmdump", "mitmweb"):
+            target.write_text(f"#!{VENV / 'bin' / 'python'} -SI\n" + shim)
+            target.chmod(0o755)
+        else:
+            target.symlink_to(entry)
+
+
 def make_site(tmp_path: Path) -> Site:
     d = tmp_path / "site"
     d.mkdir()
     shutil.copytree(ROOT / "policies", d / "policies")
     shutil.copytree(ROOT / "tests" / "captures", d / "tests" / "captures")
-    (d / ".venv").symlink_to(VENV)
+    link_venv(d / ".venv")
     (d / "addons").symlink_to(ROOT / "addons")
     home = tmp_path / "home"
     (home / ".mitmproxy").mkdir(parents=True)

@@ -1,6 +1,11 @@
 """The one launcher of real easgate processes for the tests: gateways (`easgate run`, `easgate web`,
 plain `mitmdump -s addons/gateway.py`) and connectors (`easgate connector`).
 
+Python programs (`easgate`, `mitmdump`, `mitmweb`) start through the fork server (zygote.py,
+started once per test session by conftest): `easgate_argv()` and `mitmdump_argv()` name
+forkexec.py, which hands the run to a process that has already imported easgate and mitmproxy.
+Each program is still a real process of its own; EASGATE_TEST_FORK=0 execs every one instead.
+
 A process's output is pumped into `lines` by a thread; `wait_ready()` waits for its "listening at"
 line (the port, as it binds port 0), `wait_line()`/`wait_output()` for anything else. Nothing here
 sleeps on a fixed time: every wait polls a condition until a deadline. Use it through the conftest
@@ -23,6 +28,9 @@ from typing import TypeVar
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GATEWAY_SCRIPT = ROOT / "addons" / "gateway.py"
+FORKEXEC = Path(__file__).resolve().parent / "forkexec.py"
+ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
+FORK_KILL = signal.SIGRTMIN + 1  # forkexec.py: SIGKILL the program, then die of it
 
 # mitmproxy's "Reverse proxy to ... listening at HOST:PORT" (a worker's line carries a [wN] prefix)
 LISTEN_RE = re.compile(r"[Rr]everse proxy to \S+ listening at \[?([0-9.:a-f*]*)\]?:(\d+)")
@@ -44,8 +52,53 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str = "", proc: Server
         time.sleep(0.05)
 
 
+def forking() -> bool:
+    return os.environ.get("EASGATE_TEST_FORK") != "0"
+
+
+def program_argv(prog: str, *args: str) -> list[str]:
+    """`easgate ARGS` (as `python -m easgate.cli`), `mitmdump ARGS` or `mitmweb ARGS`: through the
+    fork server unless EASGATE_TEST_FORK=0."""
+    if forking():
+        return [sys.executable, "-SI", str(FORKEXEC), prog, *args]
+    if prog == "easgate":
+        return [sys.executable, "-m", "easgate.cli", *args]
+    return [str(BIN / prog), *args]
+
+
 def easgate_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "easgate.cli", *args]
+    return program_argv("easgate", *args)
+
+
+class ForkServer:
+    """The fork server of one test session (one per xdist worker): EASGATE_TEST_ZYGOTE names its
+    socket for every forkexec.py started after `start()`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = directory / "zygote.sock"
+        self.log = directory / "zygote.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ForkServer:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, str(ZYGOTE), str(self.socket)], cwd=ROOT, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == b"ready", f"the fork server did not start: {self.log.read_text()}"
+        os.environ["EASGATE_TEST_ZYGOTE"] = str(self.socket)
+        return self
+
+    def stop(self) -> None:
+        os.environ.pop("EASGATE_TEST_ZYGOTE", None)
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # EOF: it returns
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def run_argv(config: Path | str, *args: str, workers: int | None = 1, extra: Sequence[str] = ()) -> list[str]:
@@ -59,7 +112,7 @@ def run_argv(config: Path | str, *args: str, workers: int | None = 1, extra: Seq
 def mitmdump_argv(config: Path | str, *scripts: Path | str, extra: Sequence[str] = (), tool: str = "mitmdump") -> list[str]:
     """Plain `mitmdump -s addons/gateway.py [-s SCRIPT...] --set easgate_config=CONFIG` on a free port."""
     s = [a for script in scripts for a in ("-s", str(script))]
-    return [str(BIN / tool), "-s", str(GATEWAY_SCRIPT), *s, "--set", "server=false",
+    return [*program_argv(tool), "-s", str(GATEWAY_SCRIPT), *s, "--set", "server=false",
             "--set", f"easgate_config={config}", "--set", "easgate_listen=127.0.0.1:0", *extra]
 
 
@@ -138,10 +191,16 @@ class ServerProcess:
     def kill(self) -> int:
         """Down at once, without a graceful stop (a crash, an OOM kill)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self._sigkill()
         rc = self.proc.wait()
         self._pump_thread.join(5)
         return rc
+
+    def _sigkill(self) -> None:
+        if self.argv[1:3] == ["-SI", str(FORKEXEC)]:
+            self.proc.send_signal(FORK_KILL)  # the forked program, not only its stand-in (forkexec.py)
+        else:
+            self.proc.kill()
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -149,7 +208,7 @@ class ServerProcess:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._sigkill()
                 self.proc.wait()
         self._pump_thread.join(5)
         return self.proc.returncode
