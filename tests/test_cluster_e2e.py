@@ -15,7 +15,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -34,7 +33,7 @@ import conftest
 from conftest import ConnectorProcess, easgate_argv, https_connection, request, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 BASIC = {"Authorization": "Basic " + base64.b64encode(b"CONTOSO\\alice:secret").decode(),
          "User-Agent": "Apple-iPhone14C2/2008.420", "MS-ASProtocolVersion": "16.1"}
 N_DEVICES = 100
@@ -71,7 +70,7 @@ class Connector(ConnectorProcess):
 def inventory(pg_url, tmp_path):
     rows = "\n".join(f"Dev{i:03d},alice,{'yes' if f'Dev{i:03d}' in BLOCKED else 'no'}" for i in range(N_DEVICES))
     (tmp_path / "mdm.csv").write_text("device_id,user,blocked\n" + rows + "\n")
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", pg_url, "import",
+    r = subprocess.run([*easgate_argv(), "devices", "--db", pg_url, "import",
                         str(tmp_path / "mdm.csv")], capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     return pg_url
@@ -179,7 +178,7 @@ def test_a_block_reaches_every_node_within_five_seconds_without_a_ttl(cluster, r
     dev = "Dev001"
     assert clients.status(0, dev) == 200 and clients.status(1, dev) == 200  # cached on two nodes (TTL 300 s)
     assert sum(x.callouts() for x in c.connectors) == 1
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", inventory, "block", dev],
+    r = subprocess.run([*easgate_argv(), "devices", "--db", inventory, "block", dev],
                        capture_output=True, text=True, env=ENV, timeout=30)  # an operator, on any machine
     assert r.returncode == 0, r.stderr
     committed = time.monotonic()  # the block is in PostgreSQL: from here, 5 s for every node
@@ -227,7 +226,7 @@ def test_a_block_ends_held_pings_on_two_nodes_within_five_seconds(cluster, redis
         pings = [HeldPing(c.nodes[n], pki, dev) for n in (0, 1)]
         wait_for(lambda: len([r for r in holding.requests() if "Cmd=Ping" in r["path"]]) == 2, 20,
                  "both Pings held at Exchange")
-        r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", inventory, "block", dev],
+        r = subprocess.run([*easgate_argv(), "devices", "--db", inventory, "block", dev],
                            capture_output=True, text=True, env=ENV, timeout=30)
         assert r.returncode == 0, r.stderr
         committed = time.monotonic()

@@ -12,7 +12,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -34,7 +33,7 @@ from easgate.gateway.xnc import (
     parse_answer,
 )
 
-from conftest import ConnectorProcess
+from conftest import ConnectorProcess, easgate_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "https://mail.example.test"
@@ -314,7 +313,7 @@ async def test_the_gateways_connector_client_against_it(conn_env):
 
 
 def devices_cli(db: Path, *args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", str(db), *args],
+    r = subprocess.run([*easgate_argv(), "devices", "--db", str(db), *args],
                        capture_output=True, text=True, timeout=30, env=ENV)
     assert r.returncode == 0, r.stderr
 
@@ -462,7 +461,7 @@ def test_connector_config_errors_name_file_key_and_fix(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
         load_connector_config(cfg)
     assert str(e.value).startswith(f"{cfg}: ") and message in str(e.value)
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "connector", str(cfg)], capture_output=True, text=True,
+    r = subprocess.run([*easgate_argv(), "connector", str(cfg)], capture_output=True, text=True,
                        timeout=30, env=ENV) if message.startswith("listen.prot") else None
     if r is not None:
         assert r.returncode == 2 and "config error" in r.stderr and message in r.stderr

@@ -16,7 +16,7 @@ import pytest
 from easgate.tools import realstack
 
 from doccommands import covers
-from support.procs import ServerProcess
+from support.procs import ServerProcess, easgate_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed
@@ -25,7 +25,7 @@ STARTED = re.compile(r"^\s+(gateway|exchange|mdm|connector)\s+https?://[^:]+:(\d
 
 
 def demo_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "easgate.cli", "demo", *args]
+    return [*easgate_argv(), "demo", *args]
 
 
 def ports_of(output: str) -> dict[str, int]:

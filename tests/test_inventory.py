@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from easgate.connector.store import (
     InventoryError,
     device_decision,
 )
+
+from conftest import easgate_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -340,9 +340,8 @@ def test_cli_import_reports_lines_and_exit_codes(tmp_path, capsys):
 def test_demo_inventory_file_imports_cleanly(tmp_path):
     """policies/demo-inventory.csv is what the demo loads: as an installed command, end to end."""
     db = tmp_path / "d.db"
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", str(db), "import",
-                        str(ROOT / "policies" / "demo-inventory.csv")], capture_output=True, text=True, timeout=30,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "addons")})
+    r = subprocess.run(easgate_argv("devices", "--db", str(db), "import", str(ROOT / "policies" / "demo-inventory.csv")),
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     got = devices(db)
     assert got["ApplF17ABCDEF01"][:1] + got["ApplF17ABCDEF01"][3:] == ("alice", 1, 1, 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from easgate.tools.netscaler.lexer import NsSyntaxError, logical_lines, tokenize
 from easgate.tools.netscaler.reasoning import decide
 from easgate.tools.pki import cert_b64_der, load_cert
 
-from conftest import ROOT, request
+from conftest import ROOT, easgate_argv, request
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 POC = FIX / "netscaler-poc.conf"
@@ -32,7 +31,7 @@ def words(line: str) -> list[str]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "easgate.cli", *args], capture_output=True, text=True,
+    return subprocess.run([*easgate_argv(), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
 
 
@@ -511,7 +510,7 @@ def test_poc_imports_checks_and_behaves_like_netscaler(pki, exchange, mdm, conne
 def test_a_public_ip_of_every_address_keeps_the_lb_vserver_reports(tmp_path):
     """`--set PUBLIC-IP=0.0.0.0` (listen on every address) must not hide that the MDM lb vservers
     listen on their own ports (lines 10 and 11 of the PoC): 0.0.0.0 with a port is addressable."""
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "import-netscaler", str(POC), "--set", "PUBLIC-IP=0.0.0.0"],
+    r = subprocess.run([*easgate_argv(), "import-netscaler", str(POC), "--set", "PUBLIC-IP=0.0.0.0"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     for line in (10, 11):
         assert f":{line}:" in r.stderr and "listens on its own address 0.0.0.0" in r.stderr, r.stderr

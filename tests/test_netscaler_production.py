@@ -8,7 +8,6 @@ import base64
 import http.client
 import socket
 import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from easgate.gateway.config import parse_config
 from easgate.tools.netscaler import Options, import_netscaler
 from easgate.tools.pki import cert_b64_der, load_cert
 
-from conftest import ROOT, request
+from conftest import ROOT, easgate_argv, request
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 PROD = FIX / "netscaler-xm10-exchange2016.conf"
@@ -35,7 +34,7 @@ LINE = {
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "easgate.cli", *args], capture_output=True, text=True,
+    return subprocess.run([*easgate_argv(), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +23,9 @@ from easgate.connector.service import ConnectorService, ConnectorThread
 from easgate.connector.store import Inventory
 
 from conftest import (
-    ROOT,
     FakeConnector,
     authz_config,
+    easgate_argv,
     launch,
     request,
     write_config,
@@ -148,9 +146,7 @@ def easgate_connector(pki, exchange, mdm, tmp_path_factory):
 
 
 def devices_cli(db: Path, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "addons"))
-    r = subprocess.run([sys.executable, "-m", "easgate.cli", "devices", "--db", str(db), *args],
-                       capture_output=True, text=True, timeout=30, env=env)
+    r = subprocess.run(easgate_argv("devices", "--db", str(db), *args), capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
 
 
