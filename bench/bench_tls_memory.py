@@ -162,8 +162,8 @@ def upstream_side(pki: Path, variant: str):
         mitmcompat.verify_upstream_name(conn, "exchange.internal")
         conn.set_alpn_protos([b"http/1.1"])
         conn.set_connect_state()
-        if "x25519" in variant:
-            SSL._lib.SSL_set1_curves_list(conn._ssl, b"X25519")
+        if "two-shares" not in variant and "late" not in variant:
+            mitmcompat.one_key_share(conn)  # tls_start_server: no ML-KEM key share kept
         if "late" not in variant:
             mitmcompat.release_buffers(conn)  # tls_start_server, before the handshake
         if "noticket" in variant:
@@ -197,9 +197,9 @@ VARIANTS = {
     "client-tls12": lambda pki: client_side(pki, "tls12"),
     "client-rebio": lambda pki: client_side(pki, "rebio"),
     "upstream-late": lambda pki: upstream_side(pki, "late"),
+    "upstream-two-shares": lambda pki: upstream_side(pki, "two-shares"),
     "upstream": lambda pki: upstream_side(pki, ""),
     "upstream-tls12": lambda pki: upstream_side(pki, "tls12"),
-    "upstream-x25519": lambda pki: upstream_side(pki, "x25519"),
     "upstream-noticket": lambda pki: upstream_side(pki, "noticket"),
     "upstream-rebio": lambda pki: upstream_side(pki, "rebio"),
 }

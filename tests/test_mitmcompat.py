@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import ssl
 import sys
 
+import pytest
 from mitmproxy import connection
 from mitmproxy.addons import proxyserver, tlsconfig
 from mitmproxy.proxy import commands, context, events, layer, mode_servers, server
@@ -188,6 +190,66 @@ def test_release_buffers_sets_the_mode_on_one_connection():
     conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
     mitmcompat.release_buffers(conn)
     assert SSL._lib.SSL_set_mode(conn._ssl, 0) & SSL.MODE_RELEASE_BUFFERS  # SSL_set_mode returns the mode
+
+
+def _handshake_any(client: SSL.Connection, server) -> None:
+    """Run a TLS handshake between a pyOpenSSL client and a pyOpenSSL or stdlib-ssl server (memory BIOs)."""
+    py = isinstance(server, tuple)  # (ssl.SSLObject, incoming MemoryBIO, outgoing MemoryBIO)
+    for _ in range(10):
+        for conn in (client, server[0] if py else server):
+            try:
+                conn.do_handshake()
+            except (SSL.WantReadError, ssl.SSLWantReadError):
+                pass
+        try:
+            data = client.bio_read(65535)
+        except SSL.WantReadError:
+            data = b""
+        server[1].write(data) if py else (data and server.bio_write(data))
+        try:
+            back = server[2].read() if py else server.bio_read(65535)
+        except SSL.WantReadError:
+            back = b""
+        if back:
+            client.bio_write(back)
+    assert client.get_protocol_version_name() == "TLSv1.3"
+
+
+def _group(conn: SSL.Connection) -> str:
+    return SSL._ffi.string(SSL._lib.SSL_get0_group_name(conn._ssl)).decode()
+
+
+def test_one_key_share_still_gets_a_post_quantum_group_from_an_upstream_that_prefers_it(pki):
+    """The gateway's upstream ClientHello carries one key share (X25519), not the ML-KEM one OpenSSL
+    would keep for the connection's life; an upstream that prefers X25519MLKEM768 still gets it."""
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    if not mitmcompat.one_key_share(client):
+        pytest.skip("this OpenSSL (before 3.5) has no group tuples nor X25519MLKEM768")
+    client.set_connect_state()
+    try:
+        client.do_handshake()
+    except SSL.WantReadError:
+        pass
+    hello = client.bio_read(65535)
+    assert len(hello) < 600, f"a ClientHello of {len(hello)} bytes still carries the ML-KEM key share"
+    sctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    sctx.use_certificate_chain_file(str(pki / "exchange.pem"))
+    sctx.use_privatekey_file(str(pki / "exchange.key"))
+    server = SSL.Connection(sctx)
+    server.set_accept_state()
+    server.bio_write(hello)
+    _handshake_any(client, server)
+    assert _group(client) == "X25519MLKEM768"  # after a HelloRetryRequest
+
+    # an upstream without ML-KEM (the stdlib's OpenSSL here, or Schannel): X25519 at once
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    assert mitmcompat.one_key_share(client)
+    client.set_connect_state()
+    pctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pctx.load_cert_chain(str(pki / "exchange.pem"), str(pki / "exchange.key"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    _handshake_any(client, (pctx.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing))
+    assert _group(client) in ("X25519", "x25519")
 
 
 def test_an_upstream_that_closes_before_answering_ends_in_handle_protocol_error():

@@ -473,6 +473,7 @@ class UpstreamPools:
         # (3.2+) gives a record layer the mode it has when the layer is made, and the one that writes
         # application data is made during the handshake (set later, it kept a 16 KB write buffer).
         mitmcompat.release_buffers(conn)
+        mitmcompat.one_key_share(conn)  # no ML-KEM key kept for an upstream that does not use it
         sni = pool.sni or up.host
         server.sni = sni
         mitmcompat.verify_upstream_name(conn, sni)

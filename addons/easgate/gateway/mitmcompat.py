@@ -389,8 +389,28 @@ def verify_upstream_name(conn: SSL.Connection, sni: str) -> None:
 
 
 def release_buffers(conn: SSL.Connection) -> None:
-    """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only)."""
+    """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only). Before the
+    handshake: OpenSSL 3.2+ gives a record layer the mode it has when the layer is made."""
     SSL._lib.SSL_set_mode(conn._ssl, SSL.MODE_RELEASE_BUFFERS)  # type: ignore[attr-defined]
+
+
+# OpenSSL 3.5+'s default groups (ssl/t1_lib.c DEFAULT_GROUP_LIST), in the same order and tuples, with
+# the key share (`*`) on X25519 only instead of on X25519MLKEM768 and X25519. Relies on: the cffi
+# binding's SSL_set1_curves_list (SSL_set1_groups_list) and OpenSSL >= 3.5's group list syntax.
+ONE_KEY_SHARE_GROUPS = b"?X25519MLKEM768 / ?*X25519:?secp256r1 / ?X448:?secp384r1:?secp521r1 / ?ffdhe2048:?ffdhe3072"
+
+
+def one_key_share(conn: SSL.Connection) -> bool:
+    """Send one key share (X25519) in this client connection's ClientHello, still offering every
+    default group, X25519MLKEM768 first. OpenSSL keeps the private half of each key share it sent
+    for the life of the connection: the ML-KEM-768 one is 7.7 KB, for an hour on a held Ping's
+    upstream. An upstream that prefers X25519MLKEM768 still gets it (after a HelloRetryRequest, one
+    round trip); one that does not (Exchange on Schannel, OpenSSL before 3.5) never uses it anyway.
+    False, and the defaults kept, where this OpenSSL does not know the syntax (before 3.5)."""
+    if SSL._lib.SSL_set1_curves_list(conn._ssl, ONE_KEY_SHARE_GROUPS) == 1:  # type: ignore[attr-defined]
+        return True
+    SSL._lib.ERR_clear_error()  # type: ignore[attr-defined]
+    return False
 
 
 # -- the listener -----------------------------------------------------------------------------
