@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_memory.py                       # HEAD vs the baseline commit (~3 min)
     .venv/bin/python bench/bench_memory.py --baseline abc1234 --pings 2000
+    .venv/bin/python bench/bench_memory.py --baseline main --also 1234abc --no-tree   # commits only
 
 Each variant is `easgate run --workers 1` (bench_scale.py's gateway config) with `-s bench/memprobe.py`
 in front of an asyncio HTTPS upstream that holds every `Cmd=Ping`. The baseline runs the same .venv
@@ -206,16 +207,22 @@ def main() -> int:
     ap.add_argument("--traced-pings", type=int, default=300, help="Pings for the tracemalloc pass (slow)")
     ap.add_argument("--uvloop", action="store_true", help="also this tree on uvloop's event loop (EASGATE_EVENT_LOOP)")
     ap.add_argument("--no-traced", action="store_true", help="skip the (slow) tracemalloc pass")
+    ap.add_argument("--also", nargs="*", default=[], metavar="REF",
+                    help="more commits side by side, each from its own worktree (e.g. the steps of a branch)")
+    ap.add_argument("--no-tree", action="store_true", help="leave this tree out (only --baseline and --also)")
     args = ap.parse_args()
     raise_fd_limit()
     head = git("rev-parse", "--short", "HEAD") + (" + uncommitted" if git("status", "--porcelain", "addons") else "")
     with tempfile.TemporaryDirectory(prefix="easgate-bench-mem-") as tmp:
         d = Path(tmp)
-        wt = d / "baseline"
-        git("worktree", "add", "--detach", str(wt), args.baseline)
+        trees = [(d / f"ref{i}", ref) for i, ref in enumerate([args.baseline, *args.also])]
+        for wt, ref in trees:
+            git("worktree", "add", "--detach", str(wt), ref)
         try:
-            variants = [Variant("baseline", wt / "addons", git("rev-parse", "--short", args.baseline)),
-                        Variant("this tree", None, head)]
+            variants = [Variant("baseline" if i == 0 else ref, wt / "addons", git("rev-parse", "--short", ref))
+                        for i, (wt, ref) in enumerate(trees)]
+            if not args.no_tree:
+                variants.append(Variant("this tree", None, head))
             if args.uvloop:
                 variants.append(Variant("this tree+uvloop", None, head, {"EASGATE_EVENT_LOOP": "uvloop"}))
             pki = d / "pki"
@@ -233,7 +240,8 @@ def main() -> int:
             finally:
                 hold.stop()
         finally:
-            git("worktree", "remove", "--force", str(wt))
+            for wt, _ in trees:
+                git("worktree", "remove", "--force", str(wt))
     print(report(variants, res, args.pings))
     return 0
 

@@ -18,6 +18,7 @@ from mitmproxy import connection
 from mitmproxy.addons import proxyserver, tlsconfig
 from mitmproxy.proxy import commands, context, events, layer, mode_servers, server
 from mitmproxy.proxy.layers.http import HttpStream, _http1
+from mitmproxy.proxy.layers.tls import TLSLayer
 from mitmproxy.test import taddons
 from OpenSSL import SSL
 
@@ -250,6 +251,36 @@ def test_one_key_share_still_gets_a_post_quantum_group_from_an_upstream_that_pre
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     _handshake_any(client, (pctx.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing))
     assert _group(client) in ("X25519", "x25519")
+
+
+def test_fresh_bios_after_a_handshake_keep_the_connection_working(pki):
+    """mitmproxy's TLS layer gets two new memory BIOs once a handshake is done (the old ones keep
+    the size of the handshake's flights); the connection must go on as before, both ways."""
+    mitmcompat.install()
+    assert getattr(TLSLayer.receive_handshake_data, "_easgate", False), "the fresh BIOs were not installed"
+    assert "return True, None" in inspect.getsource(inspect.unwrap(
+        TLSLayer.receive_handshake_data.__closure__[0].cell_contents))
+    sctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    sctx.use_certificate_chain_file(str(pki / "gateway-full.pem"))
+    sctx.use_privatekey_file(str(pki / "gateway-full.pem"))
+    server, client = SSL.Connection(sctx), SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    server.set_accept_state()
+    client.set_connect_state()
+    _handshake(server, client)
+    old = server._into_ssl, server._from_ssl
+    assert mitmcompat.fresh_bios(server) and mitmcompat.fresh_bios(client)
+    assert (server._into_ssl, server._from_ssl) != old
+    for a, b in ((client, server), (server, client)):
+        a.sendall(b"x" * 40_000)
+        b.bio_write(a.bio_read(65536))
+        got = b""
+        while len(got) < 40_000:
+            got += b.recv(65536)
+        assert got == b"x" * 40_000
+    client.sendall(b"pending")
+    server.bio_write(client.bio_read(65536))
+    assert not mitmcompat.fresh_bios(server), "a BIO with unread bytes must be kept"
+    assert server.recv(100) == b"pending"
 
 
 def test_an_upstream_that_closes_before_answering_ends_in_handle_protocol_error():

@@ -52,6 +52,7 @@ def install() -> None:
     _client_handshake_failure_reason()
     _answer_held_requests()
     _small_layer_queues()
+    _fresh_bios_after_handshake()
 
 
 # -- memory per connection --------------------------------------------------------------------
@@ -85,6 +86,49 @@ class _LayerCollections:
 def _small_layer_queues() -> None:
     if not isinstance(getattr(proxy_layer, "collections", None), _LayerCollections):
         proxy_layer.collections = _LayerCollections()  # type: ignore[attr-defined]
+
+
+# Relies on: pyOpenSSL's Connection made without a socket keeping its two memory BIOs in _into_ssl and
+# _from_ssl (bio_write/bio_read/bio_shutdown use them, SSL_free frees them), and the cffi binding's
+# BIO_new, BIO_s_mem, BIO_get_mem_data and SSL_set_bio (which frees the BIOs it replaces); and
+# mitmproxy's TLSLayer.receive_handshake_data returning (True, None) once the handshake is done and
+# what it produced (tickets, the first bytes of data) has been read out of the BIOs.
+
+
+def fresh_bios(conn: SSL.Connection) -> bool:
+    """Give an in-memory pyOpenSSL connection two new (empty) memory BIOs, when nothing is pending in
+    either. A memory BIO keeps the largest buffer it ever needed: after a handshake that is the
+    whole server flight (certificate chain) on one side and the ClientHello on the other, ~3 KB per
+    connection that nothing uses again while a Ping is held."""
+    lib, ffi = SSL._lib, SSL._ffi  # type: ignore[attr-defined]
+    into, out = conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
+    if into is None or out is None or lib.BIO_get_mem_data(into, ffi.NULL) or lib.BIO_get_mem_data(out, ffi.NULL):
+        return False
+    new_into, new_out = lib.BIO_new(lib.BIO_s_mem()), lib.BIO_new(lib.BIO_s_mem())
+    if new_into == ffi.NULL or new_out == ffi.NULL:
+        for b in (new_into, new_out):
+            if b != ffi.NULL:
+                lib.BIO_free(b)
+        return False
+    lib.SSL_set_bio(conn._ssl, new_into, new_out)  # type: ignore[attr-defined]
+    conn._into_ssl, conn._from_ssl = new_into, new_out  # type: ignore[attr-defined]
+    return True
+
+
+def _fresh_bios_after_handshake() -> None:
+    cls = tls_layers.TLSLayer
+    original = cls.receive_handshake_data
+    if getattr(original, "_easgate", False):
+        return
+
+    def receive_handshake_data(self, data):
+        done = yield from original(self, data)
+        if done[0] and getattr(self, "tls", None) is not None:
+            fresh_bios(self.tls)
+        return done
+
+    receive_handshake_data._easgate = True  # type: ignore[attr-defined]
+    cls.receive_handshake_data = receive_handshake_data
 
 
 def _client_handshake_failure_reason() -> None:
