@@ -340,3 +340,65 @@ def test_layers_queue_their_paused_events_in_a_small_queue():
         list(lay.handle_event(events.OpenConnectionCompleted(cmds[0], None)))
     assert seen == ["Start", "DataReceived", "DataReceived"]
     assert not lay._paused_event_queue
+
+
+def test_asyncio_transports_streams_and_locks_queue_in_small_queues():
+    """mitmcompat swaps the deques asyncio makes per connection (the socket transport's write
+    buffer, the stream protocol's drain waiters, Lock and Event waiters) for lists: 4.5 KB per held
+    Ping. Relies on those modules using `collections` for deque() only, and on every method called
+    on those queues being one a SmallQueue has; then checked with real sockets: 8 MB through a
+    transport whose peer reads slowly (partial sends: popleft/appendleft), and waiters in order."""
+    import asyncio
+    import hashlib
+    import os
+
+    mitmcompat.install()
+    allowed = {n for n in dir(mitmcompat.SmallQueue) if not n.startswith("_")}
+    queues = {asyncio.selector_events: (r"self\._buffer", r"\bbuffer"), asyncio.streams: (r"self\._drain_waiters",),
+              asyncio.locks: (r"self\._waiters",)}
+    for module, names in queues.items():
+        src = inspect.getsource(module)
+        uses = re.findall(r"\bcollections\.(\w+)\b(?! import)", src)
+        assert set(uses) == {"deque"}, f"{module.__name__} uses more of `collections` than deque: {uses}"
+        called = {m for n in names for m in re.findall(n + r"\.(\w+)\(", src)}
+        assert called <= allowed, f"{module.__name__} calls {called - allowed} on a queue SmallQueue replaces"
+        assert isinstance(module.collections, type(mitmcompat.SMALL_QUEUE_MODULES[0].collections))
+
+    async def scenario() -> None:
+        payload = os.urandom(8 << 20)
+        got = hashlib.sha256()
+        done = asyncio.Event()
+        assert isinstance(done._waiters, mitmcompat.SmallQueue)
+
+        async def serve(reader, writer) -> None:
+            n = 0
+            while n < len(payload):
+                chunk = await reader.read(65536)
+                got.update(chunk)
+                n += len(chunk)
+                await asyncio.sleep(0)  # a slow reader: the sender's socket fills up
+            writer.close()
+            done.set()
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*srv.sockets[0].getsockname()[:2])
+        assert isinstance(writer.transport._buffer, mitmcompat.SmallQueue)
+        for i in range(0, len(payload), 100_000):
+            writer.write(payload[i:i + 100_000])  # no drain: the transport's buffer queues
+        await writer.drain()
+        await done.wait()
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
+        writer.close()
+        srv.close()
+
+        lock, order = asyncio.Lock(), []
+
+        async def take(i: int) -> None:
+            async with lock:
+                order.append(i)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(take(i) for i in range(5)))
+        assert order == [0, 1, 2, 3, 4] and isinstance(lock._waiters, mitmcompat.SmallQueue)
+
+    asyncio.run(scenario())

@@ -12,6 +12,9 @@ changes one fails loudly there instead of silently here.
 from __future__ import annotations
 
 import asyncio
+import asyncio.locks
+import asyncio.selector_events
+import asyncio.streams
 import collections
 import ctypes
 import ipaddress
@@ -59,23 +62,34 @@ def install() -> None:
 # Relies on: mitmproxy.proxy.layer using its module global `collections` for one thing only,
 # `collections.deque()` in Layer.__init__ (the `_paused_event_queue`), and that queue being used
 # with append, popleft, iteration and truth tests only (layer.py, layers/http/__init__.py).
+# And on asyncio's selector_events, streams and locks using their `collections` global only for
+# `collections.deque()` at run time (the socket transport's write buffer, a stream protocol's drain
+# waiters, the waiters of Lock, Event, Condition, Semaphore), each used with append, appendleft,
+# popleft, extend, remove, clear, iteration, islice, len and truth tests (tests/test_mitmcompat.py
+# checks every method called on them); selector_events' `_buffer_factory = collections.deque`
+# (datagram transports) is bound at import and keeps the real deque.
 
 
 class SmallQueue(list):
     """A deque's append/popleft on a list: 56 bytes empty instead of a deque's 760.
 
-    Each mitmproxy layer has a queue for the events that arrive while it waits for a hook; it is
-    almost always empty, and a held ActiveSync Ping keeps 9 layers for up to an hour. popleft is
-    O(n), and n is the handful of events that arrive during one hook."""
+    Each mitmproxy layer has a queue for the events that arrive while it waits for a hook, each
+    asyncio socket transport a write buffer, each stream protocol, Lock and Event a list of waiters:
+    almost always empty, and a held ActiveSync Ping keeps 9 layers, 2 transports, 2 protocols, a
+    Lock and an Event for up to an hour (6 of them deques: 4.5 KB). popleft is O(n), and n is the
+    handful of events, chunks waiting for a full socket or waiters queued at one time."""
 
     __slots__ = ()
 
     def popleft(self):
         return self.pop(0)
 
+    def appendleft(self, item) -> None:
+        self.insert(0, item)
 
-class _LayerCollections:
-    """What layer.py sees as `collections`: the real module, with `deque` replaced."""
+
+class _SmallCollections:
+    """What a patched module sees as `collections`: the real module, with `deque` replaced."""
 
     deque = SmallQueue
 
@@ -83,9 +97,13 @@ class _LayerCollections:
         return getattr(collections, name)
 
 
+SMALL_QUEUE_MODULES = (proxy_layer, asyncio.selector_events, asyncio.streams, asyncio.locks)
+
+
 def _small_layer_queues() -> None:
-    if not isinstance(getattr(proxy_layer, "collections", None), _LayerCollections):
-        proxy_layer.collections = _LayerCollections()  # type: ignore[attr-defined]
+    for module in SMALL_QUEUE_MODULES:
+        if not isinstance(getattr(module, "collections", None), _SmallCollections):
+            module.collections = _SmallCollections()  # type: ignore[attr-defined]
 
 
 # Relies on: pyOpenSSL's Connection made without a socket keeping its two memory BIOs in _into_ssl and
