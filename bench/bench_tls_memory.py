@@ -147,6 +147,34 @@ def client_side(pki: Path, variant: str):
     return one
 
 
+def client_side_pq(pki: Path, variant: str):
+    """The client-facing connection against a phone whose TLS offers X25519MLKEM768 (OpenSSL 3.5+'s
+    defaults, as recent iOS and Android do): the gateway's OpenSSL picks it."""
+    cfg = TlsConfig(certificate=pki / "gateway-full.pem", key=None,
+                    client_certs=ClientCerts(mode="optional", ca=(pki / "device-ca.pem", pki / "root-ca.pem")))
+    ctx, _ = build_client_context(cfg)
+    peer_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+
+    def one():
+        conn = SSL.Connection(ctx)
+        conn.set_accept_state()
+        peer = SSL.Connection(peer_ctx)
+        peer.set_connect_state()
+        for _ in range(10):
+            for a, b in ((peer, conn), (conn, peer)):
+                step_ossl(a)
+                pump(ossl_out(a), b.bio_write)
+        read_all_ossl(conn)
+        group = SSL._ffi.string(SSL._lib.SSL_get0_group_name(conn._ssl)).decode()
+        assert group == "X25519MLKEM768", group
+        assert mitmcompat.fresh_bios(conn)
+        peer.sendall(REQUEST)
+        pump(ossl_out(peer), conn.bio_write)
+        assert read_all_ossl(conn) == REQUEST
+        return conn
+    return one
+
+
 def upstream_side(pki: Path, variant: str):
     """The upstream connection (gateway = TLS client), as addon.UpstreamPools.tls_start_server makes it."""
     max_version = net_tls.Version.TLS1_2 if variant.endswith("tls12") else net_tls.Version.UNBOUNDED
@@ -189,6 +217,7 @@ VARIANTS = {
     "client-keep-bios": lambda pki: client_side(pki, "keep-bios"),
     "client": lambda pki: client_side(pki, ""),
     "client-tls12": lambda pki: client_side(pki, "tls12"),
+    "client-pq-phone": lambda pki: client_side_pq(pki, ""),
     "upstream-late": lambda pki: upstream_side(pki, "late"),
     "upstream-two-shares": lambda pki: upstream_side(pki, "two-shares-keep-bios"),
     "upstream-keep-bios": lambda pki: upstream_side(pki, "keep-bios"),
