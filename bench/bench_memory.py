@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_memory.py                       # HEAD vs the baseline commit (~3 min)
     .venv/bin/python bench/bench_memory.py --baseline abc1234 --pings 2000
+    .venv/bin/python bench/bench_memory.py --baseline main --also 1234abc --no-tree   # commits only
 
 Each variant is `easgate run --workers 1` (bench_scale.py's gateway config) with `-s bench/memprobe.py`
 in front of an asyncio HTTPS upstream that holds every `Cmd=Ping`. The baseline runs the same .venv
@@ -69,8 +70,10 @@ def area(filename: str) -> str:
 
 
 class Variant:
-    def __init__(self, name: str, addons: Path | None, commit: str, env: dict | None = None) -> None:
+    def __init__(self, name: str, addons: Path | None, commit: str, env: dict | None = None,
+                 http_upstream: bool = False) -> None:
         self.name, self.addons, self.commit, self.env = name, addons, commit, env or {}
+        self.http_upstream = http_upstream  # an http:// Exchange pool: no upstream TLS
 
 
 def dump(pid: int, out: str, n: int, timeout: float = 120) -> dict:
@@ -92,7 +95,7 @@ def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced:
         time.sleep(0.2)
     time.sleep(1)  # the hold server reports every 0.5 s
     tag = f"{v.name}-{'traced' if traced else 'plain'}"
-    cfg = bs.gateway_config(d, pki, "http://127.0.0.1:9", f"https://127.0.0.1:{hold.port}", tag)
+    cfg = bs.gateway_config(d, pki, "http://127.0.0.1:9", hold.url, tag)
     out = str(d / f"probe-{tag}")
     env = {"EASGATE_MEMPROBE_OUT": out, "EASGATE_MEMPROBE_TRIM": "1"}
     if traced:
@@ -206,34 +209,48 @@ def main() -> int:
     ap.add_argument("--traced-pings", type=int, default=300, help="Pings for the tracemalloc pass (slow)")
     ap.add_argument("--uvloop", action="store_true", help="also this tree on uvloop's event loop (EASGATE_EVENT_LOOP)")
     ap.add_argument("--no-traced", action="store_true", help="skip the (slow) tracemalloc pass")
+    ap.add_argument("--also", nargs="*", default=[], metavar="REF",
+                    help="more commits side by side, each from its own worktree (e.g. the steps of a branch)")
+    ap.add_argument("--no-tree", action="store_true", help="leave this tree out (only --baseline and --also)")
+    ap.add_argument("--http-upstream", action="store_true",
+                    help="also this tree with an http:// Exchange pool (a trusted network): no upstream TLS")
     args = ap.parse_args()
     raise_fd_limit()
     head = git("rev-parse", "--short", "HEAD") + (" + uncommitted" if git("status", "--porcelain", "addons") else "")
     with tempfile.TemporaryDirectory(prefix="easgate-bench-mem-") as tmp:
         d = Path(tmp)
-        wt = d / "baseline"
-        git("worktree", "add", "--detach", str(wt), args.baseline)
+        trees = [(d / f"ref{i}", ref) for i, ref in enumerate([args.baseline, *args.also])]
+        for wt, ref in trees:
+            git("worktree", "add", "--detach", str(wt), ref)
         try:
-            variants = [Variant("baseline", wt / "addons", git("rev-parse", "--short", args.baseline)),
-                        Variant("this tree", None, head)]
+            variants = [Variant("baseline" if i == 0 else ref, wt / "addons", git("rev-parse", "--short", ref))
+                        for i, (wt, ref) in enumerate(trees)]
+            if not args.no_tree:
+                variants.append(Variant("this tree", None, head))
             if args.uvloop:
                 variants.append(Variant("this tree+uvloop", None, head, {"EASGATE_EVENT_LOOP": "uvloop"}))
+            if args.http_upstream:
+                variants.append(Variant("this tree (http upstream)", None, head, http_upstream=True))
             pki = d / "pki"
             generate_pki(pki)
-            hold = bs.HoldServer(d, pki)
+            holds = {False: bs.HoldServer(d, pki)}
+            if args.http_upstream:
+                holds[True] = bs.HoldServer(d, pki, tls=False)
             res = {}
             try:
                 for traced in (False,) if args.no_traced else (False, True):
                     for v in variants:
                         res[(v.name, "traced" if traced else "plain")] = r = measure(
-                            v, d, pki, hold, args.traced_pings if traced else args.pings, traced)
+                            v, d, pki, holds[v.http_upstream], args.traced_pings if traced else args.pings, traced)
                         print(f"  {v.name:10} {'traced' if traced else 'plain':6} held {r['held']} rss "
                               f"{r.get('rss', 0) / 1024:.1f} KB malloc {r.get('malloc', 0) / 1024:.1f} KB traced "
                               f"{(r.get('traced') or 0) / 1024:.1f} KB", file=sys.stderr, flush=True)
             finally:
-                hold.stop()
+                for hold in holds.values():
+                    hold.stop()
         finally:
-            git("worktree", "remove", "--force", str(wt))
+            for wt, _ in trees:
+                git("worktree", "remove", "--force", str(wt))
     print(report(variants, res, args.pings))
     return 0
 

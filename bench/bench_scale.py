@@ -370,8 +370,10 @@ async def report():
         print(f"held {held} served {served}", flush=True)
         await asyncio.sleep(0.5)
 async def main():
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx = None
+    if cert != "-":  # "-": plain HTTP (an http:// pool on a trusted network)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
     srv = await asyncio.start_server(handle, "127.0.0.1", port, ssl=ctx, backlog=4096)
     print("ready", flush=True)
     await report()
@@ -380,12 +382,13 @@ asyncio.run(main())
 
 
 class HoldServer:
-    def __init__(self, d: Path, pki: Path) -> None:
+    def __init__(self, d: Path, pki: Path, tls: bool = True) -> None:
         self.port = free_port()
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         script = d / "hold_server.py"
         script.write_text(HOLD_SERVER)
-        self.proc = subprocess.Popen([PY, str(script), str(self.port), str(pki / "exchange.pem"),
-                                      str(pki / "exchange.key")], stdout=subprocess.PIPE, text=True)
+        cert, key = (str(pki / "exchange.pem"), str(pki / "exchange.key")) if tls else ("-", "-")
+        self.proc = subprocess.Popen([PY, str(script), str(self.port), cert, key], stdout=subprocess.PIPE, text=True)
         self.held = 0
         first = self.proc.stdout.readline()
         assert first.strip() == "ready", first

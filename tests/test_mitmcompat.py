@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import ssl
 import sys
 
+import pytest
 from mitmproxy import connection
 from mitmproxy.addons import proxyserver, tlsconfig
 from mitmproxy.proxy import commands, context, events, layer, mode_servers, server
 from mitmproxy.proxy.layers.http import HttpStream, _http1
+from mitmproxy.proxy.layers.tls import TLSLayer
 from mitmproxy.test import taddons
 from OpenSSL import SSL
 
@@ -190,6 +193,96 @@ def test_release_buffers_sets_the_mode_on_one_connection():
     assert SSL._lib.SSL_set_mode(conn._ssl, 0) & SSL.MODE_RELEASE_BUFFERS  # SSL_set_mode returns the mode
 
 
+def _handshake_any(client: SSL.Connection, server) -> None:
+    """Run a TLS handshake between a pyOpenSSL client and a pyOpenSSL or stdlib-ssl server (memory BIOs)."""
+    py = isinstance(server, tuple)  # (ssl.SSLObject, incoming MemoryBIO, outgoing MemoryBIO)
+    for _ in range(10):
+        for conn in (client, server[0] if py else server):
+            try:
+                conn.do_handshake()
+            except (SSL.WantReadError, ssl.SSLWantReadError):
+                pass
+        try:
+            data = client.bio_read(65535)
+        except SSL.WantReadError:
+            data = b""
+        server[1].write(data) if py else (data and server.bio_write(data))
+        try:
+            back = server[2].read() if py else server.bio_read(65535)
+        except SSL.WantReadError:
+            back = b""
+        if back:
+            client.bio_write(back)
+    assert client.get_protocol_version_name() == "TLSv1.3"
+
+
+def _group(conn: SSL.Connection) -> str:
+    return SSL._ffi.string(SSL._lib.SSL_get0_group_name(conn._ssl)).decode()
+
+
+def test_one_key_share_still_gets_a_post_quantum_group_from_an_upstream_that_prefers_it(pki):
+    """The gateway's upstream ClientHello carries one key share (X25519), not the ML-KEM one OpenSSL
+    would keep for the connection's life; an upstream that prefers X25519MLKEM768 still gets it."""
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    if not mitmcompat.one_key_share(client):
+        pytest.skip("this OpenSSL (before 3.5) has no group tuples nor X25519MLKEM768")
+    client.set_connect_state()
+    try:
+        client.do_handshake()
+    except SSL.WantReadError:
+        pass
+    hello = client.bio_read(65535)
+    assert len(hello) < 600, f"a ClientHello of {len(hello)} bytes still carries the ML-KEM key share"
+    sctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    sctx.use_certificate_chain_file(str(pki / "exchange.pem"))
+    sctx.use_privatekey_file(str(pki / "exchange.key"))
+    server = SSL.Connection(sctx)
+    server.set_accept_state()
+    server.bio_write(hello)
+    _handshake_any(client, server)
+    assert _group(client) == "X25519MLKEM768"  # after a HelloRetryRequest
+
+    # an upstream without ML-KEM (the stdlib's OpenSSL here, or Schannel): X25519 at once
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    assert mitmcompat.one_key_share(client)
+    client.set_connect_state()
+    pctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pctx.load_cert_chain(str(pki / "exchange.pem"), str(pki / "exchange.key"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    _handshake_any(client, (pctx.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing))
+    assert _group(client) in ("X25519", "x25519")
+
+
+def test_fresh_bios_after_a_handshake_keep_the_connection_working(pki):
+    """mitmproxy's TLS layer gets two new memory BIOs once a handshake is done (the old ones keep
+    the size of the handshake's flights); the connection must go on as before, both ways."""
+    mitmcompat.install()
+    assert getattr(TLSLayer.receive_handshake_data, "_easgate", False), "the fresh BIOs were not installed"
+    assert "return True, None" in inspect.getsource(inspect.unwrap(
+        TLSLayer.receive_handshake_data.__closure__[0].cell_contents))
+    sctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    sctx.use_certificate_chain_file(str(pki / "gateway-full.pem"))
+    sctx.use_privatekey_file(str(pki / "gateway-full.pem"))
+    server, client = SSL.Connection(sctx), SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    server.set_accept_state()
+    client.set_connect_state()
+    _handshake(server, client)
+    old = server._into_ssl, server._from_ssl
+    assert mitmcompat.fresh_bios(server) and mitmcompat.fresh_bios(client)
+    assert (server._into_ssl, server._from_ssl) != old
+    for a, b in ((client, server), (server, client)):
+        a.sendall(b"x" * 40_000)
+        b.bio_write(a.bio_read(65536))
+        got = b""
+        while len(got) < 40_000:
+            got += b.recv(65536)
+        assert got == b"x" * 40_000
+    client.sendall(b"pending")
+    server.bio_write(client.bio_read(65536))
+    assert not mitmcompat.fresh_bios(server), "a BIO with unread bytes must be kept"
+    assert server.recv(100) == b"pending"
+
+
 def test_an_upstream_that_closes_before_answering_ends_in_handle_protocol_error():
     """answer_held resets the upstream of a held request and answers it in handle_protocol_error: the
     upstream's close must reach the stream there as a ResponseProtocolError, in the states checked,
@@ -247,3 +340,65 @@ def test_layers_queue_their_paused_events_in_a_small_queue():
         list(lay.handle_event(events.OpenConnectionCompleted(cmds[0], None)))
     assert seen == ["Start", "DataReceived", "DataReceived"]
     assert not lay._paused_event_queue
+
+
+def test_asyncio_transports_streams_and_locks_queue_in_small_queues():
+    """mitmcompat swaps the deques asyncio makes per connection (the socket transport's write
+    buffer, the stream protocol's drain waiters, Lock and Event waiters) for lists: 4.5 KB per held
+    Ping. Relies on those modules using `collections` for deque() only, and on every method called
+    on those queues being one a SmallQueue has; then checked with real sockets: 8 MB through a
+    transport whose peer reads slowly (partial sends: popleft/appendleft), and waiters in order."""
+    import asyncio
+    import hashlib
+    import os
+
+    mitmcompat.install()
+    allowed = {n for n in dir(mitmcompat.SmallQueue) if not n.startswith("_")}
+    queues = {asyncio.selector_events: (r"self\._buffer", r"\bbuffer"), asyncio.streams: (r"self\._drain_waiters",),
+              asyncio.locks: (r"self\._waiters",)}
+    for module, names in queues.items():
+        src = inspect.getsource(module)
+        uses = re.findall(r"\bcollections\.(\w+)\b(?! import)", src)
+        assert set(uses) == {"deque"}, f"{module.__name__} uses more of `collections` than deque: {uses}"
+        called = {m for n in names for m in re.findall(n + r"\.(\w+)\(", src)}
+        assert called <= allowed, f"{module.__name__} calls {called - allowed} on a queue SmallQueue replaces"
+        assert isinstance(module.collections, type(mitmcompat.SMALL_QUEUE_MODULES[0].collections))
+
+    async def scenario() -> None:
+        payload = os.urandom(8 << 20)
+        got = hashlib.sha256()
+        done = asyncio.Event()
+        assert isinstance(done._waiters, mitmcompat.SmallQueue)
+
+        async def serve(reader, writer) -> None:
+            n = 0
+            while n < len(payload):
+                chunk = await reader.read(65536)
+                got.update(chunk)
+                n += len(chunk)
+                await asyncio.sleep(0)  # a slow reader: the sender's socket fills up
+            writer.close()
+            done.set()
+
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*srv.sockets[0].getsockname()[:2])
+        assert isinstance(writer.transport._buffer, mitmcompat.SmallQueue)
+        for i in range(0, len(payload), 100_000):
+            writer.write(payload[i:i + 100_000])  # no drain: the transport's buffer queues
+        await writer.drain()
+        await done.wait()
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
+        writer.close()
+        srv.close()
+
+        lock, order = asyncio.Lock(), []
+
+        async def take(i: int) -> None:
+            async with lock:
+                order.append(i)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(take(i) for i in range(5)))
+        assert order == [0, 1, 2, 3, 4] and isinstance(lock._waiters, mitmcompat.SmallQueue)
+
+    asyncio.run(scenario())

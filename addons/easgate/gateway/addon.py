@@ -453,13 +453,6 @@ class UpstreamPools:
         if entry is not None:
             self.switch.balancer.mark_up(entry[1], entry[0])
 
-    def tls_established_server(self, data) -> None:
-        """Free the read/write buffers of idle upstream connections too, as the client side does: a
-        held Ping's Exchange connection is idle for up to an hour. Only once the handshake is done:
-        set on the context, it broke handshakes with servers that send TLS 1.3 tickets."""
-        if data.ssl_conn is not None:
-            mitmcompat.release_buffers(data.ssl_conn)
-
     def tls_start_server(self, tls_start) -> None:
         server = tls_start.conn
         entry = self.by_address.get(server.address[:2]) if server.address else None
@@ -475,6 +468,12 @@ class UpstreamPools:
             client_cert=None, legacy_server_connect=False,
         )
         conn = SSL.Connection(ssl_ctx)
+        # Free the read/write buffers of idle upstream connections, as the client side does: a held
+        # Ping's Exchange connection is idle for up to an hour. Set before the handshake: OpenSSL
+        # (3.2+) gives a record layer the mode it has when the layer is made, and the one that writes
+        # application data is made during the handshake (set later, it kept a 16 KB write buffer).
+        mitmcompat.release_buffers(conn)
+        mitmcompat.one_key_share(conn)  # no ML-KEM key kept for an upstream that does not use it
         sni = pool.sni or up.host
         server.sni = sni
         mitmcompat.verify_upstream_name(conn, sni)

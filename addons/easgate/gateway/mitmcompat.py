@@ -12,6 +12,9 @@ changes one fails loudly there instead of silently here.
 from __future__ import annotations
 
 import asyncio
+import asyncio.locks
+import asyncio.selector_events
+import asyncio.streams
 import collections
 import ctypes
 import ipaddress
@@ -52,29 +55,41 @@ def install() -> None:
     _client_handshake_failure_reason()
     _answer_held_requests()
     _small_layer_queues()
+    _fresh_bios_after_handshake()
 
 
 # -- memory per connection --------------------------------------------------------------------
 # Relies on: mitmproxy.proxy.layer using its module global `collections` for one thing only,
 # `collections.deque()` in Layer.__init__ (the `_paused_event_queue`), and that queue being used
 # with append, popleft, iteration and truth tests only (layer.py, layers/http/__init__.py).
+# And on asyncio's selector_events, streams and locks using their `collections` global only for
+# `collections.deque()` at run time (the socket transport's write buffer, a stream protocol's drain
+# waiters, the waiters of Lock, Event, Condition, Semaphore), each used with append, appendleft,
+# popleft, extend, remove, clear, iteration, islice, len and truth tests (tests/test_mitmcompat.py
+# checks every method called on them); selector_events' `_buffer_factory = collections.deque`
+# (datagram transports) is bound at import and keeps the real deque.
 
 
 class SmallQueue(list):
     """A deque's append/popleft on a list: 56 bytes empty instead of a deque's 760.
 
-    Each mitmproxy layer has a queue for the events that arrive while it waits for a hook; it is
-    almost always empty, and a held ActiveSync Ping keeps 9 layers for up to an hour. popleft is
-    O(n), and n is the handful of events that arrive during one hook."""
+    Each mitmproxy layer has a queue for the events that arrive while it waits for a hook, each
+    asyncio socket transport a write buffer, each stream protocol, Lock and Event a list of waiters:
+    almost always empty, and a held ActiveSync Ping keeps 9 layers, 2 transports, 2 protocols, a
+    Lock and an Event for up to an hour (6 of them deques: 4.5 KB). popleft is O(n), and n is the
+    handful of events, chunks waiting for a full socket or waiters queued at one time."""
 
     __slots__ = ()
 
     def popleft(self):
         return self.pop(0)
 
+    def appendleft(self, item) -> None:
+        self.insert(0, item)
 
-class _LayerCollections:
-    """What layer.py sees as `collections`: the real module, with `deque` replaced."""
+
+class _SmallCollections:
+    """What a patched module sees as `collections`: the real module, with `deque` replaced."""
 
     deque = SmallQueue
 
@@ -82,9 +97,56 @@ class _LayerCollections:
         return getattr(collections, name)
 
 
+SMALL_QUEUE_MODULES = (proxy_layer, asyncio.selector_events, asyncio.streams, asyncio.locks)
+
+
 def _small_layer_queues() -> None:
-    if not isinstance(getattr(proxy_layer, "collections", None), _LayerCollections):
-        proxy_layer.collections = _LayerCollections()  # type: ignore[attr-defined]
+    for module in SMALL_QUEUE_MODULES:
+        if not isinstance(getattr(module, "collections", None), _SmallCollections):
+            module.collections = _SmallCollections()  # type: ignore[attr-defined]
+
+
+# Relies on: pyOpenSSL's Connection made without a socket keeping its two memory BIOs in _into_ssl and
+# _from_ssl (bio_write/bio_read/bio_shutdown use them, SSL_free frees them), and the cffi binding's
+# BIO_new, BIO_s_mem, BIO_get_mem_data and SSL_set_bio (which frees the BIOs it replaces); and
+# mitmproxy's TLSLayer.receive_handshake_data returning (True, None) once the handshake is done and
+# what it produced (tickets, the first bytes of data) has been read out of the BIOs.
+
+
+def fresh_bios(conn: SSL.Connection) -> bool:
+    """Give an in-memory pyOpenSSL connection two new (empty) memory BIOs, when nothing is pending in
+    either. A memory BIO keeps the largest buffer it ever needed: after a handshake that is the
+    whole server flight (certificate chain) on one side and the ClientHello on the other, ~3 KB per
+    connection that nothing uses again while a Ping is held."""
+    lib, ffi = SSL._lib, SSL._ffi  # type: ignore[attr-defined]
+    into, out = conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
+    if into is None or out is None or lib.BIO_get_mem_data(into, ffi.NULL) or lib.BIO_get_mem_data(out, ffi.NULL):
+        return False
+    new_into, new_out = lib.BIO_new(lib.BIO_s_mem()), lib.BIO_new(lib.BIO_s_mem())
+    if new_into == ffi.NULL or new_out == ffi.NULL:
+        for b in (new_into, new_out):
+            if b != ffi.NULL:
+                lib.BIO_free(b)
+        return False
+    lib.SSL_set_bio(conn._ssl, new_into, new_out)  # type: ignore[attr-defined]
+    conn._into_ssl, conn._from_ssl = new_into, new_out  # type: ignore[attr-defined]
+    return True
+
+
+def _fresh_bios_after_handshake() -> None:
+    cls = tls_layers.TLSLayer
+    original = cls.receive_handshake_data
+    if getattr(original, "_easgate", False):
+        return
+
+    def receive_handshake_data(self, data):
+        done = yield from original(self, data)
+        if done[0] and getattr(self, "tls", None) is not None:
+            fresh_bios(self.tls)
+        return done
+
+    receive_handshake_data._easgate = True  # type: ignore[attr-defined]
+    cls.receive_handshake_data = receive_handshake_data
 
 
 def _client_handshake_failure_reason() -> None:
@@ -389,8 +451,28 @@ def verify_upstream_name(conn: SSL.Connection, sni: str) -> None:
 
 
 def release_buffers(conn: SSL.Connection) -> None:
-    """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only)."""
+    """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only). Before the
+    handshake: OpenSSL 3.2+ gives a record layer the mode it has when the layer is made."""
     SSL._lib.SSL_set_mode(conn._ssl, SSL.MODE_RELEASE_BUFFERS)  # type: ignore[attr-defined]
+
+
+# OpenSSL 3.5+'s default groups (ssl/t1_lib.c DEFAULT_GROUP_LIST), in the same order and tuples, with
+# the key share (`*`) on X25519 only instead of on X25519MLKEM768 and X25519. Relies on: the cffi
+# binding's SSL_set1_curves_list (SSL_set1_groups_list) and OpenSSL >= 3.5's group list syntax.
+ONE_KEY_SHARE_GROUPS = b"?X25519MLKEM768 / ?*X25519:?secp256r1 / ?X448:?secp384r1:?secp521r1 / ?ffdhe2048:?ffdhe3072"
+
+
+def one_key_share(conn: SSL.Connection) -> bool:
+    """Send one key share (X25519) in this client connection's ClientHello, still offering every
+    default group, X25519MLKEM768 first. OpenSSL keeps the private half of each key share it sent
+    for the life of the connection: the ML-KEM-768 one is 7.7 KB, for an hour on a held Ping's
+    upstream. An upstream that prefers X25519MLKEM768 still gets it (after a HelloRetryRequest, one
+    round trip); one that does not (Exchange on Schannel, OpenSSL before 3.5) never uses it anyway.
+    False, and the defaults kept, where this OpenSSL does not know the syntax (before 3.5)."""
+    if SSL._lib.SSL_set1_curves_list(conn._ssl, ONE_KEY_SHARE_GROUPS) == 1:  # type: ignore[attr-defined]
+        return True
+    SSL._lib.ERR_clear_error()  # type: ignore[attr-defined]
+    return False
 
 
 # -- the listener -----------------------------------------------------------------------------
