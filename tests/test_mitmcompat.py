@@ -247,3 +247,28 @@ def test_layers_queue_their_paused_events_in_a_small_queue():
         list(lay.handle_event(events.OpenConnectionCompleted(cmds[0], None)))
     assert seen == ["Start", "DataReceived", "DataReceived"]
     assert not lay._paused_event_queue
+
+
+def test_hooks_run_inline_in_a_copy_of_server_event_that_matches_the_installed_one():
+    """mitmcompat.run_hooks_inline replaces ConnectionHandler.server_event with a copy of mitmproxy
+    12.3.1's that runs hooks through the addon manager's start_hook instead of one task each. Any
+    change to the original, to hook_task or to ProxyConnectionHandler.handle_hook (what start_hook
+    and _finish_hook reproduce) fails here: compare mitmcompat._dispatch and FastAddonManager.start_hook
+    with the new source, then update the digests."""
+    import hashlib
+
+    mitmcompat.run_hooks_inline()
+    patched = server.ConnectionHandler.server_event
+    assert getattr(patched, "_easgate", False)
+    digests = {
+        "server_event": inspect.unwrap(patched),
+        "hook_task": server.ConnectionHandler.hook_task,
+        "handle_hook": mode_servers.ProxyConnectionHandler.handle_hook,
+    }
+    got = {k: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16] for k, f in digests.items()}
+    assert got == {"server_event": "a2b42657ebe8bf6d", "hook_task": "9ac7970160526268",
+                   "handle_hook": "9f8b52fd798203c9"}
+    # the eager task factory is what made a hook's functions run where the command was handled
+    from mitmproxy import master
+
+    assert "set_eager_task_factory()" in inspect.getsource(master.Master.run)
