@@ -272,3 +272,38 @@ def test_hooks_run_inline_in_a_copy_of_server_event_that_matches_the_installed_o
     from mitmproxy import master
 
     assert "set_eager_task_factory()" in inspect.getsource(master.Master.run)
+
+
+def test_session_reused_tells_a_resumed_handshake_from_a_full_one(pki):
+    """UpstreamPools resumes upstream TLS sessions (set_session/get_session) and asks
+    mitmcompat.session_reused (SSL_session_reused through the cffi binding) whether a handshake did."""
+    assert hasattr(SSL._lib, "SSL_session_reused")
+    server_ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_ctx.use_certificate_chain_file(str(pki / "exchange.pem"))
+    server_ctx.use_privatekey_file(str(pki / "exchange.key"))
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+
+    def handshake(session=None) -> SSL.Connection:
+        c, s = SSL.Connection(client_ctx), SSL.Connection(server_ctx)
+        c.set_connect_state()
+        s.set_accept_state()
+        if session is not None:
+            c.set_session(session)
+        for _ in range(10):  # memory BIOs: shuttle bytes until both sides are done
+            for a, b in ((c, s), (s, c)):
+                try:
+                    a.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    b.bio_write(a.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        s.send(b"x")  # TLS 1.3 tickets come after the handshake: read them
+        c.bio_write(s.bio_read(65536))
+        assert c.recv(1) == b"x"
+        return c
+
+    first = handshake()
+    assert not mitmcompat.session_reused(first)
+    assert mitmcompat.session_reused(handshake(first.get_session()))

@@ -479,6 +479,12 @@ def verify_upstream_name(conn: SSL.Connection, sni: str) -> None:
     SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
 
 
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether the handshake resumed the session set with set_session (SSL_session_reused; pyOpenSSL
+    has set_session and get_session but not this)."""
+    return bool(SSL._lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
+
+
 def release_buffers(conn: SSL.Connection) -> None:
     """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only)."""
     SSL._lib.SSL_set_mode(conn._ssl, SSL.MODE_RELEASE_BUFFERS)  # type: ignore[attr-defined]
