@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import typing
 
 from mitmproxy import connection
 from mitmproxy.addons import proxyserver, tlsconfig
@@ -307,3 +308,34 @@ def test_session_reused_tells_a_resumed_handshake_from_a_full_one(pki):
     first = handshake()
     assert not mitmcompat.session_reused(first)
     assert mitmcompat.session_reused(handshake(first.get_session()))
+
+
+def test_options_are_read_without_copying_immutable_values():
+    """mitmcompat returns str/int/bool/float/bytes/None option values without mitmproxy's deep copy
+    (every `ctx.options.x` made one, two for a default); anything else is still a copy. Relies on
+    optmanager._Option.current and .default as in mitmproxy 12.3.1 (digests)."""
+    import hashlib
+
+    from mitmproxy import optmanager
+
+    mitmcompat.install()
+    current = optmanager._Option.current
+    assert getattr(current, "_easgate", False)
+    digests = {k: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16]
+               for k, f in (("current", inspect.unwrap(current)), ("default", optmanager._Option.default.fget))}
+    assert digests == {"current": "6859c2d9c826806e", "default": "cfc9882b8960757d"}
+    assert set(optmanager._Option.__slots__) >= {"value", "_default"}
+
+    o = optmanager.OptManager()
+    o.add_option("n", int, 3, "")
+    o.add_option("s", str, "x", "")
+    o.add_option("seq", typing.Sequence[str], ["a"], "")
+    assert (o.n, o.s) == (3, "x")
+    o.update(n=5)
+    assert o.n == 5
+    got = o.seq
+    got.append("b")  # a copy: the option is not changed through it
+    assert o.seq == ["a"]
+    o.update(seq=["c"])
+    o.seq.append("d")
+    assert o.seq == ["c"]
