@@ -97,10 +97,9 @@ def test_upstream_tls_sessions_are_resumed_after_one_verified_full_handshake(
     up = sserver(version)
     g = start_gateway(upstream_config(pki, exchange, mdm, up.url))
     v = "TLSv1.3" if version == "-tls1_3" else "TLSv1.2"
-    seen = handshakes(g.port, pki, 4)
-    # the first is a full, verified handshake; the server may decline a session now and then (it
-    # gets a full handshake again), but reconnects mostly resume
-    assert seen[0] == f"New {v}" and seen[1:].count(f"Reused {v}") >= 2, seen
+    # the first is a full, verified handshake; every reconnect resumes (mitmproxy closes upstream
+    # connections without close_notify: OpenSSL's mark on such a session must not stick)
+    assert handshakes(g.port, pki, 6) == [f"New {v}"] + [f"Reused {v}"] * 5
     assert "Addon error" not in g.output and "Traceback" not in g.output
 
 
@@ -113,8 +112,7 @@ def test_an_upstream_that_no_longer_verifies_after_a_reload_is_not_reached_with_
     cfg = upstream_config(pki, exchange, mdm, up.url)
     path = write_config(tmp_path, cfg)
     g = start_gateway(path)
-    seen = handshakes(g.port, pki, 3)
-    assert seen[0] == "New TLSv1.3" and "Reused TLSv1.3" in seen[1:], seen
+    assert handshakes(g.port, pki, 2) == ["New TLSv1.3", "Reused TLSv1.3"]
     write_config(tmp_path, upstream_config(pki, exchange, mdm, up.url, ca="rogue-ca.pem"))
     g.proc.send_signal(signal.SIGHUP)
     g.wait_output("reload complete")
@@ -125,5 +123,4 @@ def test_an_upstream_that_no_longer_verifies_after_a_reload_is_not_reached_with_
     write_config(tmp_path, cfg)
     g.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: g.output.count("reload complete") == 2, 10, "the second reload", g)
-    seen = handshakes(g.port, pki, 4)
-    assert seen[0] == "New TLSv1.3" and "Reused TLSv1.3" in seen[1:], seen
+    assert handshakes(g.port, pki, 2) == ["New TLSv1.3", "Reused TLSv1.3"]

@@ -524,7 +524,14 @@ class UpstreamPools:
 
     def server_disconnected(self, data) -> None:
         self.keep_session(data.server)
-        self.tls_conns.pop(data.server, None)
+        entry = self.tls_conns.pop(data.server, None)
+        if entry is not None and entry[4] is not None and not data.server.error:
+            # mitmproxy closes an upstream connection without close_notify when its client goes;
+            # OpenSSL would then mark the session not resumable when the connection is freed (its
+            # TLS 1.0 rule for truncated connections), which the session kept above shares: every
+            # few reconnects got a full handshake. A connection that ended in an error or a fatal
+            # alert keeps that mark (nginx does the same, SSL_set_shutdown before SSL_free).
+            entry[2].set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
 
     def keep_session(self, server: connection.Server) -> None:
         """Keep the session of an established upstream TLS connection for the next connection to
