@@ -39,7 +39,9 @@ Modes (each contender idle while another is measured; rounds alternate; medians)
 2. `handshakes`: `openssl s_time` clients (blocking, one handshake at a time each: no client spins
    on pending handshakes), new TLS connection per request (`-new`, full handshakes) and resumed
    ones (`-reuse`), TLS 1.2 and 1.3: connections/s and the contender's CPU per 1,000 connections;
-   for nginx and easgate-1 also with an RSA-2048 gateway certificate instead of ECDSA P-256.
+   for nginx and easgate-1 also with an RSA-2048 gateway certificate instead of ECDSA P-256. The
+   clients' own CPU per connection is reported too: it bounds what 2 workers can gain on 2 cores
+   (`--pin-clients CPUS` runs them under taskset).
 3. `resumption`: one full handshake with `openssl s_client -sess_out`, then 20 reconnects with
    `-sess_in`: how many resumed (TLS 1.2 and 1.3).
 4. `memory`: N held ActiveSync Pings (an HTTPS upstream that holds each Ping): RSS per held Ping.
@@ -56,6 +58,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -286,17 +289,29 @@ def keepalive(cs: dict[str, Contender], d: Path, duration: float, rounds: int) -
 # 2. handshakes with openssl s_time
 
 
-def s_time(port: int, pki: Path, seconds: float, mode: str, version: str, clients: int) -> int:
-    """Connections completed by `clients` parallel `openssl s_time` processes in `seconds`."""
+PIN_CLIENTS = ""  # --pin-clients: the CPUs (taskset -c) the openssl s_time clients run on
+CLIENT_CPU: dict[str, list[float]] = {}  # contender -> the clients' own CPU seconds per connection
+
+
+def s_time(port: int, pki: Path, seconds: float, mode: str, version: str, clients: int, name: str = "") -> int:
+    """Connections completed by `clients` parallel `openssl s_time` processes in `seconds` (their own
+    CPU per connection goes to CLIENT_CPU[name])."""
     argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-CAfile",
             str(pki / "public-ca.pem"), f"-{version}", f"-{mode}", "-time", str(max(1, int(seconds))),
             "-www", MDM_PATH]
+    if PIN_CLIENTS:
+        argv = ["taskset", "-c", PIN_CLIENTS, *argv]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(clients)]
     total = 0
     for p in procs:
         out = p.communicate()[0]
         m = re.search(r"(\d+) connections in [\d.]+s", out)
         total += int(m[1]) if m else 0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if name and total:
+        cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+        CLIENT_CPU.setdefault(name, []).append(cpu / total)
     return total
 
 
@@ -311,7 +326,8 @@ def handshakes(sets: dict[str, dict[str, Contender]], pki: Path, seconds: float,
                             continue  # the certificate only matters for full handshakes
                         pids = c.pids()
                         c0, t0 = bs.cpu_seconds(pids), time.monotonic()
-                        n = s_time(c.mdm_port, pki, seconds, mode, version, clients)
+                        n = s_time(c.mdm_port, pki, seconds, mode, version, clients,
+                                   name if (cert, version, mode) == ("ecdsa", "tls1_3", "new") else "")
                         el = time.monotonic() - t0
                         cpu = bs.cpu_seconds(pids) - c0
                         results.setdefault((name, cert, version, mode), []).append(
@@ -414,6 +430,15 @@ def report(args, commit: str, dirty: bool, ka, hs, res, mem, started: float) -> 
         if ("easgate-2", "ecdsa", "tls1_3", "new") in hs and ("easgate-1", "ecdsa", "tls1_3", "new") in hs:
             r = hs[("easgate-2", "ecdsa", "tls1_3", "new")]["cps"] / max(1e-9, hs[("easgate-1", "ecdsa", "tls1_3", "new")]["cps"])
             o += ["", f"- 2 workers / 1 worker, full TLS 1.3 handshakes: {r:.2f}x (target: >= 1.4x)."]
+            if "easgate-2" in CLIENT_CPU:
+                c = statistics.median(CLIENT_CPU["easgate-2"]) * 1000
+                g = hs[("easgate-2", "ecdsa", "tls1_3", "new")]["cpu_per_1k"]
+                o += [f"- The load generator shares the cores: `openssl s_time` itself used {c:.2f} s of CPU per 1,000 "
+                      f"connections against easgate-2's {g:.2f} s, so on {os.cpu_count()} cores 2 workers can do at most "
+                      f"{os.cpu_count() / (c + g) * 1000:,.0f} connections/s ({os.cpu_count()} / (client + gateway CPU per "
+                      f"connection)) and 1 worker {1000 / hs[('easgate-1', 'ecdsa', 'tls1_3', 'new')]['cpu_per_1k']:,.0f} "
+                      f"(one core): a ceiling of {os.cpu_count() * hs[('easgate-1', 'ecdsa', 'tls1_3', 'new')]['cpu_per_1k'] / (c + g):.2f}x."
+                      + (f" Clients pinned to CPUs {PIN_CLIENTS}." if PIN_CLIENTS else "")]
         if ("nginx", "ecdsa", "tls1_3", "new") in hs and ("easgate-1", "ecdsa", "tls1_3", "new") in hs:
             per_core = hs[("nginx", "ecdsa", "tls1_3", "new")]["cpu_per_1k"] / max(1e-9, hs[("easgate-1", "ecdsa", "tls1_3", "new")]["cpu_per_1k"])
             o += [f"- easgate / nginx on new connections per core (CPU per connection): {per_core:.2f}x (target: >= 0.25x)."]
@@ -453,13 +478,17 @@ class worktrees:
 
 
 def main() -> int:
-    global PY313
+    global PY313, PIN_CLIENTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10, help="seconds per wrk measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hs-seconds", type=float, default=8, help="seconds per s_time measurement")
     ap.add_argument("--hs-rounds", type=int, default=1)
-    ap.add_argument("--clients", type=int, default=4, help="parallel openssl s_time clients")
+    ap.add_argument("--clients", type=int, default=8,
+                    help="parallel openssl s_time clients (each does one handshake at a time: 4 left a 2-worker "
+                         "gateway idle between handshakes, 1.17 of 2 cores busy at ecd4888)")
+    ap.add_argument("--pin-clients", default="", metavar="CPUS",
+                    help="run the openssl s_time clients on these CPUs (taskset -c, e.g. 0)")
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--contenders", nargs="+", default=["nginx", "mitmdump", "lean-bare", "easgate-1", "easgate-2"])
     ap.add_argument("--skip", nargs="*", default=[],
@@ -470,6 +499,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny durations, to see that it runs")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md (clean tree only)")
     args = ap.parse_args()
+    PIN_CLIENTS = args.pin_clients
     if args.smoke:
         args.duration, args.rounds, args.hs_seconds, args.hs_rounds, args.pings = 1, 1, 1, 1, 50
     commit, dirty = git("rev-parse", "--short", "HEAD"), benchlib.dirty()

@@ -12,6 +12,7 @@ import inspect
 import re
 import ssl
 import sys
+import typing
 
 import pytest
 from mitmproxy import connection
@@ -402,3 +403,94 @@ def test_asyncio_transports_streams_and_locks_queue_in_small_queues():
         assert order == [0, 1, 2, 3, 4] and isinstance(lock._waiters, mitmcompat.SmallQueue)
 
     asyncio.run(scenario())
+
+
+def test_hooks_run_inline_in_a_copy_of_server_event_that_matches_the_installed_one():
+    """mitmcompat.run_hooks_inline replaces ConnectionHandler.server_event with a copy of mitmproxy
+    12.3.1's that runs hooks through the addon manager's start_hook instead of one task each. Any
+    change to the original, to hook_task or to ProxyConnectionHandler.handle_hook (what start_hook
+    and _finish_hook reproduce) fails here: compare mitmcompat._dispatch and FastAddonManager.start_hook
+    with the new source, then update the digests."""
+    import hashlib
+
+    mitmcompat.run_hooks_inline()
+    patched = server.ConnectionHandler.server_event
+    assert getattr(patched, "_easgate", False)
+    digests = {
+        "server_event": inspect.unwrap(patched),
+        "hook_task": server.ConnectionHandler.hook_task,
+        "handle_hook": mode_servers.ProxyConnectionHandler.handle_hook,
+    }
+    got = {k: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16] for k, f in digests.items()}
+    assert got == {"server_event": "a2b42657ebe8bf6d", "hook_task": "9ac7970160526268",
+                   "handle_hook": "9f8b52fd798203c9"}
+    # the eager task factory is what made a hook's functions run where the command was handled
+    from mitmproxy import master
+
+    assert "set_eager_task_factory()" in inspect.getsource(master.Master.run)
+
+
+def test_session_reused_tells_a_resumed_handshake_from_a_full_one(pki):
+    """UpstreamPools resumes upstream TLS sessions (set_session/get_session) and asks
+    mitmcompat.session_reused (SSL_session_reused through the cffi binding) whether a handshake did."""
+    assert hasattr(SSL._lib, "SSL_session_reused")
+    server_ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_ctx.use_certificate_chain_file(str(pki / "exchange.pem"))
+    server_ctx.use_privatekey_file(str(pki / "exchange.key"))
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+
+    def handshake(session=None) -> SSL.Connection:
+        c, s = SSL.Connection(client_ctx), SSL.Connection(server_ctx)
+        c.set_connect_state()
+        s.set_accept_state()
+        if session is not None:
+            c.set_session(session)
+        for _ in range(10):  # memory BIOs: shuttle bytes until both sides are done
+            for a, b in ((c, s), (s, c)):
+                try:
+                    a.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    b.bio_write(a.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        s.send(b"x")  # TLS 1.3 tickets come after the handshake: read them
+        c.bio_write(s.bio_read(65536))
+        assert c.recv(1) == b"x"
+        return c
+
+    first = handshake()
+    assert not mitmcompat.session_reused(first)
+    assert mitmcompat.session_reused(handshake(first.get_session()))
+
+
+def test_options_are_read_without_copying_immutable_values():
+    """mitmcompat returns str/int/bool/float/bytes/None option values without mitmproxy's deep copy
+    (every `ctx.options.x` made one, two for a default); anything else is still a copy. Relies on
+    optmanager._Option.current and .default as in mitmproxy 12.3.1 (digests)."""
+    import hashlib
+
+    from mitmproxy import optmanager
+
+    mitmcompat.install()
+    current = optmanager._Option.current
+    assert getattr(current, "_easgate", False)
+    digests = {k: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16]
+               for k, f in (("current", inspect.unwrap(current)), ("default", optmanager._Option.default.fget))}
+    assert digests == {"current": "6859c2d9c826806e", "default": "cfc9882b8960757d"}
+    assert set(optmanager._Option.__slots__) >= {"value", "_default"}
+
+    o = optmanager.OptManager()
+    o.add_option("n", int, 3, "")
+    o.add_option("s", str, "x", "")
+    o.add_option("seq", typing.Sequence[str], ["a"], "")
+    assert (o.n, o.s) == (3, "x")
+    o.update(n=5)
+    assert o.n == 5
+    got = o.seq
+    got.append("b")  # a copy: the option is not changed through it
+    assert o.seq == ["a"]
+    o.update(seq=["c"])
+    o.seq.append("d")
+    assert o.seq == ["c"]

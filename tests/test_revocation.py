@@ -587,7 +587,9 @@ async def test_hook_checks_and_a_reload_keeps_the_answer(tmp_path, pki):
     chain = [load_cert(pki / "device-iphone.pem"), load_cert(pki / "device-ca.pem")]
     t = _offload(tmp_path, pki, "optional")
     c = _Client(*chain)
-    await t.tls_established_client(type("TlsData", (), {"conn": c})())
+    lookup = t.tls_established_client(type("TlsData", (), {"conn": c})())
+    assert lookup is not None and c not in t.verdicts  # the revocation lookup is left to await
+    await lookup
     assert t.verdict(c).reason == "verified; not revoked (CRL)"  # the demo CRL is empty, no AIA
     assert t.revocation_stats["checks"] == 1 and t.revocation_stats["good"] == 1
     # a reload to mandatory: the connection keeps its answer, no new lookup
@@ -596,7 +598,8 @@ async def test_hook_checks_and_a_reload_keeps_the_answer(tmp_path, pki):
     # a connection that had no answer (revocation was off) is not verified under mandatory
     t = _offload(tmp_path, pki, "off")
     c = _Client(*chain)
-    await t.tls_established_client(type("TlsData", (), {"conn": c})())
+    assert t.tls_established_client(type("TlsData", (), {"conn": c})()) is None  # nothing to await: decided
+    assert t.verdicts[c][1].reason == "verified"
     t.apply(load_config(_offload_cfg(tmp_path, pki, "mandatory")))
     v = t.verdict(c)
     assert (v.status, v.reason) == (INVALID, "revocation not checked (the connection predates a config reload)")

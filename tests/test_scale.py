@@ -459,3 +459,85 @@ def test_fast_addon_manager_dispatches_like_mitmproxys():
             logging.getLogger().removeHandler(handler)
 
     asyncio.run(main())
+
+
+def test_a_connections_hook_runs_at_once_and_only_what_awaits_is_left_to_a_task():
+    """FastAddonManager.start_hook, which mitmcompat.run_hooks_inline calls for every hook a
+    connection's layers start: synchronous functions run at once, in mitmproxy's order and with its
+    error handling, and nothing is left to await; from the first function that returns an awaitable
+    on, the rest is returned, to run in order when awaited; a flow intercepted by a hook is not done
+    with it until it is resumed."""
+    import asyncio
+    import logging
+
+    from mitmproxy import exceptions, options
+    from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
+    from mitmproxy.test import tflow
+
+    from easgate.runtime.lean import LeanMaster
+
+    calls: list[str] = []
+
+    class Sync:
+        def __init__(self, name, fail=False, halt=False, intercept=False):
+            self.name, self.fail, self.halt, self.intercept = name, fail, halt, intercept
+            self.addons = []
+
+        def requestheaders(self, flow):
+            calls.append(self.name)
+            if self.fail:
+                raise ValueError("boom")
+            if self.halt:
+                raise exceptions.AddonHalt()
+            if self.intercept:
+                flow.intercept()
+
+    class Async(Sync):
+        async def requestheaders(self, flow):
+            await asyncio.sleep(0)
+            calls.append(self.name)
+
+    async def main():
+        m = LeanMaster(options.Options(), with_termlog=False)
+        parent = Sync("parent")
+        parent.addons = [Sync("child-fails", fail=True), Sync("child-skipped")]
+        m.addons.add(Sync("first"), parent, Sync("after-error"))
+        errors: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda r: errors.append(r.getMessage())
+        logging.getLogger().addHandler(handler)
+        try:
+            assert m.addons.start_hook(HttpRequestHeadersHook(tflow.tflow())) is None
+            assert calls == ["first", "parent", "child-fails", "after-error"]
+            assert any("Addon error: boom" in e for e in errors)
+
+            calls.clear()
+            m.addons.add(Async("awaits"), Sync("after-await"))
+            rest = m.addons.start_hook(HttpRequestHeadersHook(tflow.tflow()))
+            assert rest is not None and calls == ["first", "parent", "child-fails", "after-error"]
+            await rest
+            assert calls[-2:] == ["awaits", "after-await"]
+
+            calls.clear()
+            m.addons.add(Sync("intercepts", intercept=True))
+            f = tflow.tflow()
+            rest = m.addons.start_hook(HttpRequestHeadersHook(f))
+            task = asyncio.ensure_future(rest)
+            await asyncio.wait_for(asyncio.shield(_until(lambda: calls[-1:] == ["intercepts"])), 5)
+            assert not task.done() and f.intercepted
+            f.resume()
+            await asyncio.wait_for(task, 5)
+
+            calls.clear()
+            halting = LeanMaster(options.Options(), with_termlog=False)
+            halting.addons.add(Sync("halts", halt=True), Async("never"))
+            assert halting.addons.start_hook(HttpRequestHeadersHook(tflow.tflow())) is None
+            assert calls == ["halts"]
+        finally:
+            logging.getLogger().removeHandler(handler)
+
+    async def _until(cond):
+        while not cond():
+            await asyncio.sleep(0)
+
+    asyncio.run(main())

@@ -15,6 +15,8 @@ import difflib
 import functools
 import logging
 import re
+import time
+import weakref
 from collections.abc import Callable
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -44,6 +46,11 @@ logger = logging.getLogger("easgate")
 PLACEHOLDER_TARGET = "http://127.0.0.1:9"  # never contacted: every request is routed or answered
 # how a connect cancelled by connect_timeout_s reads in server.error ("easgate: no connection within 5s")
 CONNECT_TIMEOUT = "easgate: no connection within"
+# How long an upstream TLS session may be resumed after the full handshake that verified the
+# server's certificate (nginx's ssl_session_timeout default): a replaced or revoked upstream
+# certificate is checked again within this time. One full handshake per upstream server, worker
+# and 5 minutes costs nothing.
+UPSTREAM_SESSION_MAX_AGE_S = 300.0
 
 
 def forced_options(cfg: GatewayConfig) -> dict:
@@ -340,11 +347,20 @@ def request_command(flow: http.HTTPFlow) -> str | None:
 class UpstreamPools:
     """Upstream connections: only to pool servers, with each pool's TLS trust, SNI and timeouts."""
 
-    def __init__(self, current: Current, switch: ContentSwitch) -> None:
+    def __init__(self, current: Current, switch: ContentSwitch, clock: Callable[[], float] = time.monotonic) -> None:
         self.current = current  # the config in force: a route's pool and timeouts
         self.switch = switch  # its balancer learns which servers are down
         self.by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
         self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.clock = clock
+        # Upstream TLS sessions to resume, see tls_start_server: (address, SNI, CA, verify) ->
+        # (session, when the full handshake that verified the server was made)
+        self.sessions: dict[tuple, tuple[SSL.Session, float]] = {}
+        # live upstream TLS connections: server -> [config generation, session key, SSL connection,
+        # when the session offered was verified (None: none offered), when this one was verified]
+        self.tls_conns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.generation = 0
+        self.resumed = 0  # upstream handshakes that resumed a session (for tests and metrics)
 
     def prepare(self, cfg: GatewayConfig) -> Callable[[], None]:
         by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
@@ -360,6 +376,8 @@ class UpstreamPools:
 
         def swap() -> None:
             self.by_address = by_address
+            self.sessions = {}  # a session is only resumed under the settings that verified it
+            self.generation += 1  # and connections made before this reload keep theirs to themselves
         return swap
 
     def apply(self, cfg: GatewayConfig) -> None:
@@ -405,6 +423,8 @@ class UpstreamPools:
             timeout, self._response_timeout, flow, pool, timeout)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.server_conn.tls_established:
+            self.keep_session(flow.server_conn)
         # A streamed response (a big attachment) may take long by design: its headers are the answer.
         # Otherwise the timer runs until the whole response is in, so an upstream that stalls
         # after its headers is cut too.
@@ -453,6 +473,18 @@ class UpstreamPools:
         if entry is not None:
             self.switch.balancer.mark_up(entry[1], entry[0])
 
+    def tls_established_server(self, data) -> None:
+        """Record whether the upstream session was resumed (the buffers are released before the
+        handshake, in tls_start_server)."""
+        entry = self.tls_conns.get(data.conn)
+        if entry is not None:
+            # a resumed session inherits the verification (and the age) of the session it resumed
+            reused = entry[3] is not None and mitmcompat.session_reused(entry[2])
+            entry[4] = entry[3] if reused else self.clock()
+            self.resumed += reused
+            if data.ssl_conn is not None and data.ssl_conn.get_protocol_version_name() != "TLSv1.3":
+                self.keep_session(data.conn)  # complete now (TLS 1.3: see keep_session)
+
     def tls_start_server(self, tls_start) -> None:
         server = tls_start.conn
         entry = self.by_address.get(server.address[:2]) if server.address else None
@@ -478,5 +510,42 @@ class UpstreamPools:
         server.sni = sni
         mitmcompat.verify_upstream_name(conn, sni)
         conn.set_alpn_protos([b"http/1.1"])
+        # Resume the last session with this server under these very settings (nginx's
+        # proxy_ssl_session_reuse): an abbreviated handshake instead of a full one per client
+        # connection. The session's certificate was verified, against this CA and this name, on the
+        # full handshake that made it, at most UPSTREAM_SESSION_MAX_AGE_S ago; a server that declines
+        # it gets a full handshake, verified as always.
+        key = (up.host, up.port, sni, str(pool.ca) if pool.ca else None, pool.verify)
+        offered = None
+        cached = self.sessions.pop(key, None)  # each session offered once (RFC 8446, C.4)
+        if cached is not None and self.clock() - cached[1] < UPSTREAM_SESSION_MAX_AGE_S:
+            conn.set_session(cached[0])
+            offered = cached[1]
+        self.tls_conns[server] = [self.generation, key, conn, offered, None]
         conn.set_connect_state()
         tls_start.ssl_conn = conn
+
+    def server_disconnected(self, data) -> None:
+        self.keep_session(data.server)
+        entry = self.tls_conns.pop(data.server, None)
+        if entry is not None and entry[4] is not None and not data.server.error:
+            # mitmproxy closes an upstream connection without close_notify when its client goes;
+            # OpenSSL would then mark the session not resumable when the connection is freed (its
+            # TLS 1.0 rule for truncated connections), which the session kept above shares: every
+            # few reconnects got a full handshake. A connection that ended in an error or a fatal
+            # alert keeps that mark (nginx does the same, SSL_set_shutdown before SSL_free).
+            entry[2].set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+
+    def keep_session(self, server: connection.Server) -> None:
+        """Keep the session of an established upstream TLS connection for the next connection to
+        that server. A TLS 1.3 server sends its session tickets after the handshake, so this is done
+        when its response arrives (before the client has it, and so before it can reconnect)."""
+        entry = self.tls_conns.get(server)
+        if entry is None:
+            return
+        generation, key, conn, _, verified_at = entry
+        if verified_at is None or generation != self.generation:
+            return  # no handshake completed, or made under a config since reloaded
+        session = conn.get_session()
+        if session is not None and self.clock() - verified_at < UPSTREAM_SESSION_MAX_AGE_S:
+            self.sessions[key] = (session, verified_at)

@@ -27,7 +27,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import command, ctx, http
@@ -448,15 +448,21 @@ class ActiveSyncGate:
 
     # -- the hook -------------------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    # The hooks return what is left to await, or None: a request on a route without authorization
+    # needs no task of its own (FastAddonManager.start_hook).
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error:
-            return
+            return None
         name = flow.metadata.get(keys.ROUTE)
         try:
             if not name or self.current.config.route(name).authorize != "activesync":
-                return
+                return None
         except KeyError:  # routed on a config a reload replaced: FinalCheck denies it, audited
-            return
+            return None
+        return self._authorize(flow)
+
+    async def _authorize(self, flow: http.HTTPFlow) -> None:
         start = time.perf_counter()
         try:
             ident, decision = await self.decide(flow)
@@ -485,10 +491,13 @@ class ActiveSyncGate:
                                    f"checked for attachments (command rule {rule})", Source.COMMAND)
         return None
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         pending = flow.metadata.get(keys.PENDING)
         if not isinstance(pending, tuple) or flow.response or flow.error:
-            return
+            return None
+        return self._decide_on_body(flow, pending)
+
+    async def _decide_on_body(self, flow: http.HTTPFlow, pending: tuple) -> None:
         del flow.metadata[keys.PENDING]
         ident, start = pending
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 from mitmproxy import flow as mflow
@@ -106,11 +107,14 @@ class FinalCheck:
         self.gate = gate  # answers a refusal as a deny; None: the refused flow is dropped
         self.refused = 0
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        await self._check(flow, last=False)
+    # The hooks return the refusal for mitmproxy to await, or None when the request passes: a
+    # request that passes needs no task of its own (FastAddonManager.start_hook).
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        await self._check(flow, last=True)
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self._check(flow, last=False)
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self._check(flow, last=True)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.ledger.forget(flow)
@@ -135,30 +139,43 @@ class FinalCheck:
             return "no allow decision for this request"
         return None
 
-    async def _check(self, flow: http.HTTPFlow, last: bool) -> None:
+    def _check(self, flow: http.HTTPFlow, last: bool) -> Awaitable[None] | None:
+        """None when the flow may go on (or is answered already); else its refusal, to await."""
         if not flow.live:
-            return  # a flow read from a file (offline replay): nothing is sent anywhere
+            return None  # a flow read from a file (offline replay): nothing is sent anywhere
         try:
             if flow.response is not None or flow.error is not None:
                 self.ledger.forget(flow)
-                return
+                return None
             if not last and keys.PENDING in flow.metadata:
-                return  # decided on its body in the gate's `request` hook, checked again there (last)
+                return None  # decided on its body in the gate's `request` hook, checked again there (last)
             why = self.why_not(flow)
             if why is None:
                 if last:
                     self.ledger.forget(flow)
-                return
+                return None
             self.refused += 1
             self.ledger.forget(flow)
-            gate = self.gate
-            if gate is not None:
-                await gate.fail_closed(flow, why, time.perf_counter())
+            if self.gate is None:
+                drop(flow)
+                return None
+            return self._refuse(flow, why, self.gate)
+        except Exception:
+            self._kill(flow)
+            return None
+
+    async def _refuse(self, flow: http.HTTPFlow, why: str, gate: FailClosed) -> None:
+        try:
+            await gate.fail_closed(flow, why, time.perf_counter())
             if flow.response is None and flow.error is None:
                 drop(flow)
         except Exception:
-            logger.exception("easgate: the final check failed; dropping the request")
-            try:
-                flow.kill()
-            except Exception:
-                flow.error = flow.error or mflow.Error(mflow.Error.KILLED_MESSAGE)
+            self._kill(flow)
+
+    @staticmethod
+    def _kill(flow: http.HTTPFlow) -> None:
+        logger.exception("easgate: the final check failed; dropping the request")
+        try:
+            flow.kill()
+        except Exception:
+            flow.error = flow.error or mflow.Error(mflow.Error.KILLED_MESSAGE)

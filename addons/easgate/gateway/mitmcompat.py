@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 
 from cryptography.hazmat.bindings import _rust
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, ctx, http, optmanager
 from mitmproxy.addons.tlsconfig import DEFAULT_HOSTFLAGS
 from mitmproxy.net.http import http1, status_codes
-from mitmproxy.proxy import commands, events, mode_servers
+from mitmproxy.proxy import commands, events, mode_servers, server
 from mitmproxy.proxy import layer as proxy_layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tls as tls_layers
@@ -37,6 +37,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage, ResponseHeaders, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.utils import asyncio_utils
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ossl_ffi
 from OpenSSL._util import lib as _ossl_lib
@@ -56,6 +57,7 @@ def install() -> None:
     _answer_held_requests()
     _small_layer_queues()
     _fresh_bios_after_handshake()
+    _options_without_copies()
 
 
 # -- memory per connection --------------------------------------------------------------------
@@ -147,6 +149,32 @@ def _fresh_bios_after_handshake() -> None:
 
     receive_handshake_data._easgate = True  # type: ignore[attr-defined]
     cls.receive_handshake_data = receive_handshake_data
+
+
+# -- reading options --------------------------------------------------------------------------
+# Relies on: optmanager._Option.current() returning copy.deepcopy of `value`, or of `_default` when
+# `value` is `optmanager.unset` (the `default` property deep-copies too), and OptManager.__getattr__
+# calling it on every `ctx.options.x` (mitmproxy 12.3.1; digests checked by tests/test_mitmcompat.py).
+
+_IMMUTABLE = frozenset({str, int, bool, float, bytes, type(None)})
+
+
+def _options_without_copies() -> None:
+    """Every `ctx.options.x` read deep-copies the value (twice while it is the default): 21 reads,
+    40 deep copies per new connection, ~3% of its CPU. A str, int, bool, float, bytes or None can't
+    be changed through the copy, so it is returned as is; anything else is still copied."""
+    cls = optmanager._Option
+    if getattr(cls.current, "_easgate", False):
+        return
+    original = cls.current
+
+    def current(self):
+        v = self._default if self.value is optmanager.unset else self.value
+        return v if type(v) in _IMMUTABLE else original(self)
+
+    current._easgate = True  # type: ignore[attr-defined]
+    current.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.current = current  # type: ignore[method-assign]
 
 
 def _client_handshake_failure_reason() -> None:
@@ -382,6 +410,96 @@ def _answer_held_requests() -> None:
     cls.handle_protocol_error = handle_protocol_error
 
 
+# -- hooks without a task per hook -----------------------------------------------------------
+# Relies on: server.ConnectionHandler.server_event as in mitmproxy 12.3.1 (its source is checked by
+# tests/test_mitmcompat.py: the dispatch below is a copy of it), hook_task (the hook, then
+# HookCompleted for a blocking one) and ProxyConnectionHandler.handle_hook (the lifecycle event with
+# the watchdog disarmed, then waiting for an intercepted flow's resume).
+
+
+def run_hooks_inline() -> None:
+    """Run each hook a connection's layers start right where mitmproxy would spawn a task for it,
+    when the master's addon manager can (`addons.start_hook(hook)`: runs the hook's functions now
+    and returns None when all is done, or what is left to await). A blocking hook's HookCompleted
+    is then handled in the same pass, under the same lock.
+
+    Why: mitmproxy spawns a task per hook (13 per connection: client_connected, next_layer x2,
+    tls_clienthello, tls_start_client, ... client_disconnected), and its HookCompleted waits for the
+    event lock the spawning pass holds, i.e. one more loop iteration per hook. With the eager task
+    factory a hook's functions already ran at that point: only when they ran is unchanged, the task,
+    lock wait and loop turn are gone. A hook whose functions await (an authorization callout, a
+    revocation check) or whose flow is intercepted still goes through a task, as before."""
+    cls = server.ConnectionHandler
+    if getattr(cls.server_event, "_easgate", False):
+        return
+    original = cls.server_event
+
+    async def server_event(self, event: events.Event) -> None:
+        start_hook = getattr(getattr(getattr(self, "master", None), "addons", None), "start_hook", None)
+        if start_hook is None:
+            return await original(self, event)
+        async with self._server_event_lock:
+            queue = collections.deque((event,))
+            while queue:
+                event = queue.popleft()
+                self.timeout_watchdog.register_activity()
+                try:
+                    for command in self.layer.handle_event(event):
+                        if isinstance(command, commands.StartHook):
+                            rest = start_hook(command)
+                            if rest is not None:
+                                asyncio_utils.create_task(_finish_hook(self, command, rest),
+                                                          name=f"handle_hook({command.name})", keep_ref=True,
+                                                          client=self.client.peername)
+                            elif command.blocking:
+                                queue.append(events.HookCompleted(command))
+                        else:
+                            _dispatch(self, command)
+                except Exception:
+                    self.log("mitmproxy has crashed!", logging.ERROR, exc_info=True)
+
+    server_event._easgate = True  # type: ignore[attr-defined]
+    server_event.__wrapped__ = original  # type: ignore[attr-defined]  (what tests/test_mitmcompat.py checks)
+    cls.server_event = server_event  # type: ignore[method-assign]
+
+
+async def _finish_hook(handler, hook: commands.StartHook, rest) -> None:
+    with handler.timeout_watchdog.disarm():
+        await rest
+    if hook.blocking:
+        await handler.server_event(events.HookCompleted(hook))
+
+
+def _dispatch(self, command: commands.Command) -> None:
+    """ConnectionHandler.server_event's handling of every command but StartHook (mitmproxy 12.3.1)."""
+    if isinstance(command, commands.OpenConnection):
+        assert command.connection not in self.transports
+        handler = asyncio_utils.create_task(
+            self.open_connection(command), name=f"server connection handler {command.connection.address}",
+            keep_ref=False, client=self.client.peername)
+        self.transports[command.connection] = server.ConnectionIO(handler=handler)
+    elif isinstance(command, commands.RequestWakeup):
+        task = asyncio_utils.create_task(self.wakeup(command), name=f"wakeup timer ({command.delay:.1f}s)",
+                                         keep_ref=False, client=self.client.peername)
+        assert task is not None
+        self.wakeup_timer.add(task)
+    elif isinstance(command, commands.ConnectionCommand) and command.connection not in self.transports:
+        pass  # The connection has already been closed.
+    elif isinstance(command, commands.SendData):
+        writer = self.transports[command.connection].writer
+        assert writer
+        if not writer.is_closing():
+            writer.write(command.data)
+    elif isinstance(command, commands.CloseTcpConnection):
+        self.close_connection(command.connection, command.half_close)
+    elif isinstance(command, commands.CloseConnection):
+        self.close_connection(command.connection, False)
+    elif isinstance(command, commands.Log):
+        self.log(command.message, command.level)
+    else:
+        raise RuntimeError(f"Unexpected command: {command}")
+
+
 # -- connections ------------------------------------------------------------------------------
 # Relies on: Proxyserver.connections (client id -> ConnectionHandler), ConnectionHandler.transports
 # (Connection -> ConnectionIO with .handler, the connect task, and .writer, an asyncio StreamWriter).
@@ -448,6 +566,12 @@ def verify_upstream_name(conn: SSL.Connection, sni: str) -> None:
     else:
         ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
     SSL._openssl_assert(ok == 1)  # type: ignore[attr-defined]
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether the handshake resumed the session set with set_session (SSL_session_reused; pyOpenSSL
+    has set_session and get_session but not this)."""
+    return bool(SSL._lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
 
 
 def release_buffers(conn: SSL.Connection) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,9 +341,10 @@ def _accept_for_python_check(conn, cert, errno, depth, ok) -> bool:
 class TlsOffload:
     """Serves the operator's certificate and records one client-certificate verdict per connection.
 
-    The verdict is made in the async `tls_established_client` hook, which mitmproxy awaits before it
-    reads the connection's first request (other connections carry on meanwhile): the chain first,
-    then, when the issuing CA has revocation checking on, its OCSP/CRL status (revocation.py).
+    The verdict is made in the `tls_established_client` hook, which mitmproxy completes before it
+    reads the connection's first request: the chain first, then, when the issuing CA has revocation
+    checking on, its OCSP/CRL status (revocation.py), a lookup the hook returns for mitmproxy to
+    await (other connections carry on meanwhile).
     `verdict()` returns it. A connection that never went through the hook (flows replayed offline)
     gets the chain-only verdict marked "revocation not checked (offline)": not verified when the
     CA's revocation mode is mandatory. Counters are in `revocation_stats`.
@@ -386,23 +387,43 @@ class TlsOffload:
         conn.set_accept_state()
         tls_start.ssl_conn = conn
 
-    async def tls_established_client(self, data) -> None:
+    def tls_established_client(self, data) -> Awaitable[None] | None:
+        """The chain verdict now; when the issuing CA has revocation checking on, the lookup is
+        returned for mitmproxy to await (a hook that awaits nothing needs no task of its own:
+        FastAddonManager.start_hook)."""
         client = data.conn
         generation = self.generation
-        answer = None
         try:
             verdict, verified = self._chain_verdict(client)
             rc = self.verifier.revocation if self.verifier else None
             if verdict.status == VERIFIED and rc is not None:
-                mode, answer = await rc.check(verified)
-                verdict = self.verifier.with_revocation(verdict, mode, answer)
+                return self._revocation_verdict(client, generation, verdict, verified, rc)
         except Exception as e:  # never a verified certificate by accident
-            logger.exception("easgate: client certificate check failed")
-            answer = revocation.not_checked(f"revocation check failed ({type(e).__name__}: {e})")
-            try:
-                verdict = self._recompute(client, answer, "")
-            except Exception:
-                verdict = CertVerdict(INVALID, f"certificate check failed ({type(e).__name__}: {e})")
+            self._check_failed(client, generation, e)
+            return None
+        self._record(client, generation, verdict, None)
+        return None
+
+    async def _revocation_verdict(self, client, generation: int, verdict: CertVerdict, verified: list,
+                                  rc: revocation.RevocationChecker) -> None:
+        try:
+            mode, answer = await rc.check(verified)
+            verdict = self.verifier.with_revocation(verdict, mode, answer)  # type: ignore[union-attr]
+        except Exception as e:  # never a verified certificate by accident
+            self._check_failed(client, generation, e)
+            return
+        self._record(client, generation, verdict, answer)
+
+    def _check_failed(self, client, generation: int, e: Exception) -> None:
+        logger.exception("easgate: client certificate check failed", exc_info=e)
+        answer = revocation.not_checked(f"revocation check failed ({type(e).__name__}: {e})")
+        try:
+            verdict = self._recompute(client, answer, "")
+        except Exception:
+            verdict = CertVerdict(INVALID, f"certificate check failed ({type(e).__name__}: {e})")
+        self._record(client, generation, verdict, answer)
+
+    def _record(self, client, generation: int, verdict: CertVerdict, answer) -> None:
         self.verdicts[client] = (generation, verdict, answer)
         who = f"client {client.peername[0] if client.peername else '?'}: certificate {verdict.subject}"
         if verdict.status == INVALID:

@@ -1,0 +1,126 @@
+"""Upstream TLS session reuse: real gateway processes in front of a real `openssl s_server`.
+
+The gateway opens an upstream TLS connection for every client connection; it resumes the last
+session it made with that server (same address, SNI, CA and verify setting) instead of a full
+handshake, as nginx's proxy_ssl_session_reuse does. `openssl s_server -www` answers every request
+with its status page, which says whether the connection was `New` or `Reused`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import base_config, request, wait_for, write_config
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+class SServer:
+    """`openssl s_server -www` on a free loopback port with the internal CA's Exchange certificate."""
+
+    def __init__(self, pki: Path, *version: str) -> None:
+        for _ in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            self.proc = subprocess.Popen(
+                ["openssl", "s_server", "-accept", f"127.0.0.1:{self.port}", "-cert", str(pki / "exchange.pem"),
+                 "-key", str(pki / "exchange.key"), "-www", "-quiet", *version],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            if self._listening():
+                return
+            self.proc.kill()
+            self.proc.wait()
+        raise RuntimeError("openssl s_server did not start")
+
+    def _listening(self) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                time.sleep(0.02)
+        return False
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def sserver(pki):
+    servers: list[SServer] = []
+
+    def start(*version: str) -> SServer:
+        servers.append(SServer(pki, *version))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def upstream_config(pki: Path, exchange, mdm, url: str, ca: str = "internal-ca.pem") -> dict:
+    cfg = base_config(pki, exchange, mdm)
+    cfg["pools"]["mdm"] = {"servers": [url], "ca": str(pki / ca), "sni": "exchange.internal"}
+    return cfg
+
+
+def handshakes(port: int, pki: Path, n: int) -> list[str]:
+    """n requests, each on a new client connection: how s_server saw each upstream connection."""
+    out = []
+    for _ in range(n):
+        r = request(port, "GET", "/enroll", pki)
+        assert r.status == 200, r.body[:300]
+        m = re.search(rb"\b(New|Reused), (TLSv1\.[23])", r.body)
+        assert m, r.body[:300]
+        out.append(f"{m[1].decode()} {m[2].decode()}")
+    return out
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_upstream_tls_sessions_are_resumed_after_one_verified_full_handshake(
+        start_gateway, sserver, pki, exchange, mdm, tmp_path, version):
+    up = sserver(version)
+    g = start_gateway(upstream_config(pki, exchange, mdm, up.url))
+    v = "TLSv1.3" if version == "-tls1_3" else "TLSv1.2"
+    # the first is a full, verified handshake; every reconnect resumes (mitmproxy closes upstream
+    # connections without close_notify: OpenSSL's mark on such a session must not stick)
+    assert handshakes(g.port, pki, 6) == [f"New {v}"] + [f"Reused {v}"] * 5
+    assert "Addon error" not in g.output and "Traceback" not in g.output
+
+
+def test_an_upstream_that_no_longer_verifies_after_a_reload_is_not_reached_with_an_old_session(
+        start_gateway, sserver, pki, exchange, mdm, tmp_path):
+    """Sessions are resumed only under the settings that verified them: after a reload that trusts
+    another CA (one that did not sign the upstream's certificate), no old session lets a request
+    through; the full handshake fails verification and the client gets a 502."""
+    up = sserver()
+    cfg = upstream_config(pki, exchange, mdm, up.url)
+    path = write_config(tmp_path, cfg)
+    g = start_gateway(path)
+    assert handshakes(g.port, pki, 2) == ["New TLSv1.3", "Reused TLSv1.3"]
+    write_config(tmp_path, upstream_config(pki, exchange, mdm, up.url, ca="rogue-ca.pem"))
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_output("reload complete")
+    assert request(g.port, "GET", "/enroll", pki).status == 502
+    wait_for(lambda: "Server TLS handshake failed. Certificate verify failed" in g.output, 5,
+             "the upstream verification failure in the log", g)
+    # and back on the right CA: a new full handshake, then resumption again
+    write_config(tmp_path, cfg)
+    g.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: g.output.count("reload complete") == 2, 10, "the second reload", g)
+    assert handshakes(g.port, pki, 2) == ["New TLSv1.3", "Reused TLSv1.3"]
