@@ -317,6 +317,36 @@ def test_check_head(raw, why):
             http1.check_head(raw, Limits())
 
 
+def test_the_fast_reading_accepts_only_what_the_rules_accept():
+    """`screen` lets a head by on one regex pass when it can (every request takes it): it may never
+    accept a head the rule-by-rule reading refuses. Mutations of a real ActiveSync head, differential."""
+    import random
+
+    base = (b"POST /Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplBENCH0000001&DeviceType=iPhone "
+            b"HTTP/1.1\r\nHost: mail.contoso.com\r\nAuthorization: Basic Q09OVE9TT1xhbGljZTpzZWNyZXQ=\r\n"
+            b"User-Agent: Apple-iPhone14C2/2008.420\r\nContent-Length: 4\r\n\r\n")
+    limits = Limits()
+    assert http1.fast_accepts(base, limits)  # the common case does take the fast way
+    pieces = [b" ", b"\t", b"\r", b"\n", b"\r\n", b":", b"\x00", b"\x7f", b"\xc3\xa9", b"a", b"_", b"-", b"0", b"03",
+              b"content-length", b"Content_Length", b"transfer-encoding", b"chunked", b"HTTP/1.0", b"HTTP/2.0", b"get",
+              b"Transfer_Encoding: chunked\r\n", b"Content-Length: 5\r\n", b"X: y\r\n", b" x\r\n", b"\r\n\r\n"]
+    rnd = random.Random(18)
+    fast = 0
+    for _ in range(20_000):
+        raw = bytearray(base)
+        for _ in range(rnd.randint(1, 3)):
+            pos = rnd.randrange(len(raw))
+            if rnd.random() < 0.5:
+                raw[pos:pos] = rnd.choice(pieces)
+            else:
+                raw[pos:pos + rnd.randint(1, 3)] = rnd.choice(pieces) if rnd.random() < 0.5 else b""
+        raw = bytes(raw) if raw.endswith(b"\r\n\r\n") else bytes(raw) + b"\r\n\r\n"
+        if http1.fast_accepts(raw, limits):
+            fast += 1
+            http1.check_head(raw, limits)  # raises Refusal if the fast way let by what the rules refuse
+    assert fast > 1000
+
+
 def test_screen_waits_for_a_whole_head_but_not_past_the_limit():
     limits = Limits(max_header_bytes=1024)
     http1.screen(b"GET / HTTP/1.1\r\nX: " + b"a" * 900, limits)  # not complete yet: wait
