@@ -95,15 +95,39 @@ def _safe(value: Any, path: str, escaped: list[str], limit: int) -> Any:
     return _safe(str(value), path, escaped, limit)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once, not per line
+_PLAIN = (bool, int, float, type(None))
+
+
+def _already_safe(record: dict, limit: int) -> bool:
+    """True if `_safe` would return `record` unchanged: a flat record of str keys and plain values,
+    every text short and free of what `safe_text` escapes (the gateway's every line, as a rule)."""
+    texts = []
+    for k, v in record.items():
+        if type(k) is not str:
+            return False
+        t = type(v)
+        if t is str:
+            if len(v) > limit:
+                return False
+            texts.append(v)
+        elif t not in _PLAIN:
+            return False
+    # one search over all of them; the joining space is itself safe
+    return _UNSAFE.search(" ".join(texts)) is None
+
+
 def encode(record: dict, limit: int = MAX_VALUE_CHARS) -> str:
     """One JSON line (without the newline) for `record`, whatever its values hold. Never raises:
     it is the one thing between a decision and its audit line."""
     escaped: list[str] = []
     try:
+        if _already_safe(record, limit):
+            return _ENCODER.encode(record)
         clean = _safe(record, "", escaped, limit)
         if escaped:
             clean["escaped"] = escaped
-        return json.dumps(clean, separators=(",", ":"), ensure_ascii=False)
+        return _ENCODER.encode(clean)
     except Exception as e:  # pragma: no cover - _safe leaves only str/int/float/bool/None/dict/list
         return json.dumps({"time": record.get("time"), "audit_error": f"record not encodable: {type(e).__name__}",
                            "decision": str(record.get("decision")), "flow": str(record.get("flow"))})
