@@ -548,6 +548,8 @@ class _Client:
         from mitmproxy import certs as mcerts
 
         self.certificate_list = [mcerts.Cert(c) for c in certs]
+        self.id = f"offline-{id(self)}"
+        self.timestamp_end = None  # open
         self.peername = ("127.0.0.1", 5555)
         self.tls_established = True
 

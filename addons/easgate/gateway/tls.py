@@ -355,7 +355,11 @@ class TlsOffload:
         self.verifier: ClientCertVerifier | None = None
         self.mode = "off"
         self.on_invalid = "reject"
-        # client -> (config generation, verdict, revocation answer or None)
+        # client -> (config generation, verdict, revocation answer or None): connections this process
+        # serves, by their id (asked several times per request: a str key, no weakref, no
+        # Connection.__eq__), until client_disconnected; any other client (a flow read from a
+        # file) weakly, so that nothing outlives its flow
+        self.live: dict[str, tuple] = {}
         self.verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.generation = 0
         self.revocation_stats: dict[str, int] = revocation.new_stats()
@@ -424,7 +428,10 @@ class TlsOffload:
         self._record(client, generation, verdict, answer)
 
     def _record(self, client, generation: int, verdict: CertVerdict, answer) -> None:
-        self.verdicts[client] = (generation, verdict, answer)
+        if client.timestamp_end is None:
+            self.live[client.id] = (generation, verdict, answer)
+        else:  # gone while its certificate was checked: client_disconnected has come already
+            self.verdicts[client] = (generation, verdict, answer)
         who = f"client {client.peername[0] if client.peername else '?'}: certificate {verdict.subject}"
         if verdict.status == INVALID:
             logger.warning(f"{who} not verified: {verdict.reason}")
@@ -434,6 +441,7 @@ class TlsOffload:
             logger.debug(f"{who}: {verdict.reason}")
 
     def client_disconnected(self, client) -> None:
+        self.live.pop(client.id, None)
         self.verdicts.pop(client, None)
 
     def done(self) -> None:
@@ -443,14 +451,20 @@ class TlsOffload:
 
     def verdict(self, client) -> CertVerdict:
         """The verdict for a connection, made once per handshake (also for resumed sessions)."""
-        stored = self.verdicts.get(client)
+        stored = self.live.get(client.id)
+        live = stored is not None
+        if not live:
+            stored = self.verdicts.get(client)
         if stored is not None and stored[0] == self.generation:
             return stored[1]
         answer = stored[2] if stored is not None else None
         why = ("revocation not checked (offline)" if stored is None
                else "revocation not checked (the connection predates a config reload)")
         v = self._recompute(client, answer, why)
-        self.verdicts[client] = (self.generation, v, answer)
+        if live:
+            self.live[client.id] = (self.generation, v, answer)
+        else:
+            self.verdicts[client] = (self.generation, v, answer)
         return v
 
     def _chain_verdict(self, client) -> tuple[CertVerdict, list]:
