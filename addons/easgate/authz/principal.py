@@ -125,6 +125,9 @@ class Principal:
                 return ident, why
             assert cid is not None
             cert_device_id = cid.device_ids[0]
+        if (user, source, cert_device_id, cert_user) == (ident.user, ident.user_source, ident.cert_device_id,
+                                                         ident.cert_user):
+            return ident, None  # the usual case (Basic user, no certificate): no copy of the identity
         return replace(ident, user=user, user_source=source, cert_device_id=cert_device_id, cert_user=cert_user), None
 
     def _no_user(self, scheme: str | None, ident: Identity, has_cert: bool) -> str:
