@@ -145,9 +145,10 @@ def _resolve(futs: list, ok: bool) -> None:
             fut.set_result(ok)
 
 
-def _time_out(fut) -> None:
-    if not fut.done():
-        fut.set_result(None)  # None: not written within write_timeout_s (the line stays queued)
+def _time_out(batch: list) -> None:
+    for _, fut in batch:
+        if fut is not None and not fut.done():
+            fut.set_result(None)  # None: not written within write_timeout_s (the line stays queued)
 
 
 class AuditLog:
@@ -178,6 +179,7 @@ class AuditLog:
         self._queued = 0
         self._handled = 0
         self._pending: dict = {}  # event loop -> lines of its current iteration, not yet handed over
+        self._timed: set = set()  # event loops whose current iteration's lines have their timer
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
         self._writing = False  # the writer thread runs (set before it starts, cleared when it ends)
@@ -247,6 +249,7 @@ class AuditLog:
         return line
 
     def _hand_over(self, loop) -> None:
+        self._timed.discard(loop)
         batch = self._pending.pop(loop, None)
         if batch:
             self._queue.put(batch)
@@ -275,6 +278,11 @@ class AuditLog:
             if pending is None:
                 pending = self._pending[loop] = []
                 loop.call_soon(self._hand_over, loop)
+            if fut is not None and loop not in self._timed:
+                # one write_timeout_s timer for the iteration's lines (they go out together)
+                # instead of one per line
+                self._timed.add(loop)
+                loop.call_later(self.write_timeout_s, _time_out, pending)
             pending.append((line, fut))
         if self._outage_kind == "queue" and self._failing is None and not self._stalled:
             self._end_outage()
@@ -298,17 +306,13 @@ class AuditLog:
         if not self.can_accept():  # in an outage: do not make the client wait for it
             self._put(line)
             return False
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut = asyncio.get_running_loop().create_future()
         if not self._put(line, fut):
             return False
-        # One timer instead of wait_for(shield(...)): a coroutine, a second future and a timeout
-        # context per request, for the same outcome (the writer's later answer is ignored).
-        timer = loop.call_later(self.write_timeout_s, _time_out, fut)
-        try:
-            ok = await fut
-        finally:
-            timer.cancel()
+        # A timer per loop iteration's lines (in _put) instead of wait_for(shield(...)): a coroutine,
+        # a second future and a timeout context per request, for the same outcome (the writer's
+        # later answer is ignored).
+        ok = await fut
         if ok is None:
             if not self._stalled:
                 self._stalled = True
