@@ -10,6 +10,7 @@ and hands the parsed config to its sub-addons, which run in this order for every
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import difflib
 import functools
@@ -265,14 +266,27 @@ class ContentSwitch:
             return
         verdict = tls.verdict(flow.client_conn)
         flow.metadata[keys.CLIENT_CERT] = verdict.as_dict()
-        if why := bad_host(flow.request):
+        req = flow.request
+        # The Host and Upgrade fields in one pass over the head (each mitmproxy look-up is a pass)
+        hosts: list[bytes] = []
+        upgrade = False
+        for k, v in req.headers.fields:
+            low = k.lower()
+            if low == b"host":
+                hosts.append(v)
+            elif low == b"upgrade":
+                upgrade = True
+        if why := bad_host_values([h.decode("utf-8", "surrogateescape") for h in hosts]):
             flow.metadata[keys.ROUTE] = None
             answer(flow, http.Response.make(400, f"{why}\n".encode(), {"Content-Type": "text/plain"}))
             flow.comment = f"bad request: {why}"
             return
+        # what Request.host_header reads (HTTP/1: the one Host field, checked above), before point()
+        host_header = (req.host_header if req.is_http2 or req.is_http3
+                       else hosts[0].decode("utf-8", "surrogateescape") if hosts else None)
         # No protocol switch (WebSocket, h2c, TCP upgrade): after a 101 the connection would be a
         # tunnel that no route, header rule or authorization sees again. ActiveSync needs none.
-        if "upgrade" in flow.request.headers:
+        if upgrade:
             del flow.request.headers["upgrade"]
             conn_tokens = [t.strip() for t in flow.request.headers.get("connection", "").split(",")]
             kept = [t for t in conn_tokens if t and t.lower() != "upgrade"]
@@ -285,7 +299,7 @@ class ContentSwitch:
         norm = normalize_path(path)
         if norm != path:
             flow.request.path = norm + sep + query
-        rv = request_view(flow, verdict.status, norm)
+        rv = request_view(flow, verdict.status, norm, host_header)
         route = self.router.select(rv, flow)
         if route is None:
             self.counts["(none)"] += 1
@@ -297,11 +311,12 @@ class ContentSwitch:
         self.counts[route.name] += 1
         flow.metadata[keys.ROUTE] = route.name
         pool = self.pools[route.pool]
-        self.point(flow, pool, self.balancer.pick(pool))
+        self.point(flow, pool, self.balancer.pick(pool), host_header)
         self.ledger.routed(flow, route.name)
 
     @staticmethod
-    def point(flow: http.HTTPFlow, pool: Pool, server: Upstream) -> None:
+    def point(flow: http.HTTPFlow, pool: Pool, server: Upstream, client_host: str | None = None) -> None:
+        """`client_host`: the request's Host header as it came, when the caller has read it already."""
         req = flow.request
         # Set the target on the request data directly: the scheme/host/port setters would each
         # rewrite the Host header, which is decided once below.
@@ -312,7 +327,8 @@ class ContentSwitch:
         # naming the internal upstream: send origin-form.
         req.data.authority = b""
         # The Host the client addressed, whatever the upstream gets: redirects point back at it.
-        flow.metadata.setdefault(keys.CLIENT_HOST, req.host_header or "")
+        if keys.CLIENT_HOST not in flow.metadata:
+            flow.metadata[keys.CLIENT_HOST] = (req.host_header if client_host is None else client_host) or ""
         if pool.host_header == "upstream":
             req.host_header = server.authority
         elif pool.host_header != "client":
@@ -326,7 +342,11 @@ _AUTHORITY = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?
 def bad_host(req: http.Request) -> str | None:
     """Why the Host header can't be routed on, or None. A Host with '/', '@' or spaces would
     shift what URL filters and the upstream take for the path; two Hosts are ambiguous."""
-    hosts = req.headers.get_all("host")
+    return bad_host_values(req.headers.get_all("host"))
+
+
+def bad_host_values(hosts: list[str]) -> str | None:
+    """bad_host on the request's Host values."""
     if len(hosts) > 1:
         return "several Host headers"
     if hosts and not _AUTHORITY.fullmatch(hosts[0]):
@@ -344,6 +364,74 @@ def request_command(flow: http.HTTPFlow) -> str | None:
     return flow.request.query.get("Cmd") if b"Cmd" in path or b"%" in path else None
 
 
+class ResponseTimers:
+    """The response deadlines of the requests in flight, with one asyncio timer per timeout value
+    rather than one per request (a handle pushed on the loop's timer heap and cancelled off it again
+    for every request). Requests with the same timeout expire in the order they started, so each
+    timeout's deadlines form a queue, and its one timer is set for the oldest still waiting."""
+
+    def __init__(self, expired: Callable[[http.HTTPFlow, Pool, float], None]) -> None:
+        self.expired = expired  # called with (flow, pool, timeout) for a request past its deadline
+        self.waiting: dict[str, tuple[float, http.HTTPFlow, Pool, float]] = {}  # flow id -> its deadline
+        self.queues: dict[float, collections.deque[tuple[float, str]]] = {}  # timeout -> (deadline, flow id)
+        # timeout -> (its loop, the timer of its oldest deadline)
+        self.armed: dict[float, tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle]] = {}
+
+    def __contains__(self, flow_id: str) -> bool:
+        return flow_id in self.waiting
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def start(self, flow: http.HTTPFlow, pool: Pool, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.waiting[flow.id] = (deadline, flow, pool, timeout)
+        queue = self.queues.get(timeout)
+        if queue is None:
+            queue = self.queues[timeout] = collections.deque()
+        queue.append((deadline, flow.id))
+        armed = self.armed.get(timeout)
+        if armed is None or armed[0] is not loop:  # (another loop's timer never fires here)
+            self.armed[timeout] = (loop, loop.call_at(queue[0][0], self._due, timeout))
+
+    def cancel(self, flow: http.HTTPFlow) -> None:
+        entry = self.waiting.pop(flow.id, None)
+        if entry is None:
+            return
+        queue = self.queues[entry[3]]
+        # answered in order, as a rule: drop the answered ones from the front now, so the queue holds
+        # about the requests in flight (the rest go when their deadline comes)
+        while queue and self._stale(queue[0]):
+            queue.popleft()
+
+    def _stale(self, item: tuple[float, str]) -> bool:
+        entry = self.waiting.get(item[1])
+        return entry is None or entry[0] != item[0]  # answered, or started again (a replay)
+
+    def _due(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self.armed.get(timeout, (None,))[0] is not loop:
+            return  # re-armed on another loop meanwhile
+        del self.armed[timeout]
+        queue = self.queues[timeout]
+        now = loop.time()
+        while queue:
+            item = queue[0]
+            if self._stale(item):
+                queue.popleft()
+                continue
+            if item[0] > now:
+                self.armed[timeout] = (loop, loop.call_at(item[0], self._due, timeout))
+                return
+            queue.popleft()
+            _, flow, pool, _ = self.waiting.pop(item[1])
+            try:
+                self.expired(flow, pool, timeout)
+            except Exception:  # one request's failure must not stop the others' timers
+                logger.exception("easgate: closing a request past its response timeout failed")
+
+
 class UpstreamPools:
     """Upstream connections: only to pool servers, with each pool's TLS trust, SNI and timeouts."""
 
@@ -351,7 +439,7 @@ class UpstreamPools:
         self.current = current  # the config in force: a route's pool and timeouts
         self.switch = switch  # its balancer learns which servers are down
         self.by_address: dict[tuple[str, int], tuple[Pool, Upstream]] = {}
-        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.timers = ResponseTimers(self._response_timeout)
         self.clock = clock
         # Upstream TLS sessions to resume, see tls_start_server: (address, SNI, CA, verify) ->
         # (session, when the full handshake that verified the server was made)
@@ -418,9 +506,7 @@ class UpstreamPools:
             return
         cmd = request_command(flow)
         timeout = pool.long_poll_timeout_s if cmd in self.LONG_POLL_COMMANDS else pool.response_timeout_s
-        # kept off flow.metadata, which is saved with the flow
-        self.timers[flow.id] = asyncio.get_running_loop().call_later(
-            timeout, self._response_timeout, flow, pool, timeout)
+        self.timers.start(flow, pool, timeout)  # kept off flow.metadata, which is saved with the flow
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.server_conn.tls_established:
@@ -438,13 +524,11 @@ class UpstreamPools:
         self._cancel_timer(flow)
 
     def _cancel_timer(self, flow: http.HTTPFlow) -> None:
-        handle = self.timers.pop(flow.id, None)
-        if handle is not None:
-            handle.cancel()
+        self.timers.cancel(flow)
 
     def _response_timeout(self, flow: http.HTTPFlow, pool: Pool, timeout: float) -> None:
-        if self.timers.pop(flow.id, None) is None or not flow.live:
-            return  # answered (or gone) meanwhile
+        if not flow.live:
+            return  # gone meanwhile
         logger.warning(f"upstream {flow.request.host}:{flow.request.port} (pool {pool.name}): "
                        f"no response within {timeout:g}s; closing it")
         mitmcompat.abort(flow.client_conn, flow.server_conn)  # mitmproxy answers the client with a 502

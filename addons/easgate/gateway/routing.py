@@ -122,10 +122,12 @@ class Balancer:
         return self.down_until.get(server, 0.0) > self.clock()
 
 
-def request_view(flow: http.HTTPFlow, cert_status: str, path: str | None = None) -> RequestView:
-    """What routes match on; `path` is the already normalised path when the caller has it."""
+def request_view(flow: http.HTTPFlow, cert_status: str, path: str | None = None,
+                 host_header: str | None = None) -> RequestView:
+    """What routes match on; `path` is the already normalised path, `host_header` the request's
+    Host header (Request.host_header), when the caller has them."""
     req = flow.request
-    host = host_of(req.host_header or "")
+    host = host_of((req.host_header if host_header is None else host_header) or "")
     if path is None:
         path = normalize_path(req.path)
     return RequestView(req.method.upper(), host, path, req.headers, cert_status)
