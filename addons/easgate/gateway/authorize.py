@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import shutil
 import tempfile
 import time
@@ -112,8 +113,30 @@ def effective_command_rules(policy: Policy, auth: Authorization | None) -> Comma
                         policy.command_rules.rate_limits if "rate_limits" in policy.command_keys else own.rate_limits)
 
 
+_IDENT_FIELDS: tuple[str, ...] = identity.Identity.__slots__
+_ident_values = operator.attrgetter(*_IDENT_FIELDS)
+
+
 def identity_dict(ident: identity.Identity) -> dict:
-    return {k: getattr(ident, k) for k in ident.__slots__}
+    return dict(zip(_IDENT_FIELDS, _ident_values(ident)))
+
+
+_clock_text: list = [None, ""]  # (the second, its text): audit lines of one second share it
+
+
+def now_text() -> str:
+    """time.strftime("%Y-%m-%dT%H:%M:%S%z") (local time, as the audit lines have it), made once a second."""
+    t = int(time.time())
+    if t != _clock_text[0]:
+        _clock_text[:] = [t, time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))]
+    return _clock_text[1]
+
+
+def header_text(headers: http.Headers, name: bytes) -> str | None:
+    """headers.get(name) for a lower-case `name`, in one pass over the fields without mitmproxy's
+    per-field key conversion: the values joined with ", " (decoded utf-8/surrogateescape), or None."""
+    values = [v for k, v in headers.fields if k.lower() == name]
+    return ", ".join([v.decode("utf-8", "surrogateescape") for v in values]) if values else None
 
 
 def certified(ident: identity.Identity) -> dict[str, str]:
@@ -589,7 +612,8 @@ class ActiveSyncGate:
         method = wire_method(req)
         if method in at.pass_methods:
             return None, Decision(True, f"{method} passes without a decision (applies_to.pass_methods)", Source.FILTER)
-        host = host_of(req.host_header or "")
+        host_header = req.host_header or ""
+        host = host_of(host_header)
         if not normalize_path(req.path).lower().startswith(at.path_prefix.lower()):
             return None, Decision(False, "path not covered by applies_to on an authorized route", Source.FILTER)
         if at.hosts and host not in at.hosts:
@@ -597,7 +621,7 @@ class ActiveSyncGate:
         if method not in at.methods:
             return None, Decision(False, f"method {method} not covered by applies_to", Source.FILTER)
         headers = HeaderIndex(req.headers)  # identity and principal ask for five headers: one pass
-        ident = identity.parse_request(method, "https", req.host_header or "", req.path, headers,
+        ident = identity.parse_request(method, "https", host_header, req.path, headers,
                                        flow.client_conn.peername[0] if flow.client_conn.peername else "")
         if ident.error:
             return ident, Decision(False, ident.error, Source.IDENTITY)
@@ -690,7 +714,7 @@ class ActiveSyncGate:
         if rule:
             flow.comment += f" (rule {rule})"
         record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "time": now_text(),
             "client_ip": flow.client_conn.peername[0] if flow.client_conn.peername else None,
             "method": wire_method(req),
             "route": flow.metadata.get(keys.ROUTE),
@@ -698,7 +722,7 @@ class ActiveSyncGate:
             "device_id": ident.device_id if ident else None,
             "device_type": ident.device_type if ident else None,
             "command": ident.command if ident else None,
-            "agent": req.headers.get("user-agent"),
+            "agent": header_text(req.headers, b"user-agent"),
             "decision": d.verdict,
             "reason": d.reason,
             "source": str(d.source),
