@@ -26,6 +26,7 @@ last document there when it exits, and the supervisor adds them all up (runtime/
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ipaddress
 import logging
 import os
@@ -121,10 +122,9 @@ class Histogram:
         s = self.series.get(labels)
         if s is None:
             s = self.series[labels] = [[0] * len(self.buckets), 0.0, 0]
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                s[0][i] += 1
-                break
+        i = bisect.bisect_left(self.buckets, value)  # the first bucket with value <= its bound
+        if i < len(self.buckets):
+            s[0][i] += 1
         s[1] += value
         s[2] += 1
 
