@@ -14,6 +14,7 @@ import ssl
 import sys
 import typing
 
+import h11
 import pytest
 from mitmproxy import connection
 from mitmproxy.addons import proxyserver, tlsconfig
@@ -53,11 +54,28 @@ def test_verify_upstream_name_sets_the_name_or_the_ip():
     assert SSL.Connection(ctx).get_servername() is None
 
 
-def test_http1_layer_has_the_read_body_the_trailer_fix_wraps():
+def test_http1_layer_has_the_chunked_reader_the_trailer_fix_replaces():
     mitmcompat.install()
-    read_body = _http1.Http1Connection.read_body
-    assert getattr(read_body, "_easgate", False), "the trailer fix was not installed"
-    assert hasattr(_http1.Http1Server, "ReceiveProtocolError") and hasattr(_http1.Http1Server, "stream_id")
+    assert getattr(_http1.ChunkedReader, "_easgate", False), "the trailer fix was not installed"
+    reader = _http1.make_body_reader(None)  # a chunked body: the layer builds the module's reader
+    assert isinstance(reader, _http1.ChunkedReader)
+    # the layer still answers a protocol error from the reader (not only NotImplementedError) ...
+    src = inspect.getsource(_http1.Http1Connection.read_body)
+    assert "except h11.ProtocolError" in src and "ReceiveProtocolError" in src
+    # ... and the fixed reader raises one on trailer fields, and passes a body without them
+    from h11._receivebuffer import ReceiveBuffer
+
+    buf = ReceiveBuffer()
+    buf += b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    with pytest.raises(h11.RemoteProtocolError, match="trailers"):
+        while reader(buf) is not None:
+            pass
+    buf, reader = ReceiveBuffer(), _http1.make_body_reader(None)
+    buf += b"3\r\nabc\r\n0\r\n\r\n"
+    events = []
+    while (e := reader(buf)) is not None:
+        events.append(type(e).__name__)
+    assert events == ["Data", "EndOfMessage"]
 
 
 def test_reverse_instance_listens_through_listen_and_handle_stream():

@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Callable
 
+import h11
 from cryptography.hazmat.bindings import _rust
 from mitmproxy import connection, ctx, http, optmanager
 from mitmproxy.addons.tlsconfig import DEFAULT_HOSTFLAGS
@@ -34,7 +35,6 @@ from mitmproxy.proxy import layer as proxy_layer
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tls as tls_layers
 from mitmproxy.proxy.layers.http import _http1
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseEndOfMessage, ResponseHeaders, ResponseProtocolError
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.utils import asyncio_utils
@@ -236,26 +236,35 @@ def _http1_error_pages() -> None:
     _http1.make_error_response = make_error_response
 
 
+# Relies on: _http1.make_body_reader building every chunked body's reader as the module global
+# `ChunkedReader()` (h11's), and Http1Connection.read_body turning an h11.ProtocolError raised by
+# the reader into CloseConnection + ReceiveProtocolError, while an EndOfMessage with headers
+# (trailer fields) raises NotImplementedError there.
+TRAILERS_REFUSED = "HTTP trailers are not implemented yet."
+
+
 def _http1_request_trailers() -> None:
-    """mitmproxy 12.3.1: a chunked HTTP/1 request with trailer fields raises NotImplementedError
+    """mitmproxy 12.3.1: a chunked HTTP/1 message with trailer fields raises NotImplementedError
     inside the HTTP/1 layer; the client is never answered and waits until its connection's idle
-    timeout (an hour on a gateway). Turn it into the protocol error that mitmproxy raises for any
-    other malformed body: the connection is closed at once."""
-    conn_cls = getattr(_http1, "Http1Connection", None)
-    original = getattr(conn_cls, "read_body", None)
+    timeout (an hour on a gateway). Make the chunked reader raise the protocol error that
+    mitmproxy answers for any other malformed body: the connection is closed at once.
+
+    Only chunked bodies get the checking reader (Content-Length bodies cannot carry trailers): no
+    per-event wrapper around read_body on every request."""
+    original = getattr(_http1, "ChunkedReader", None)
     if original is None or getattr(original, "_easgate", False):
         return
 
-    def read_body(self, event):
-        try:
-            return (yield from original(self, event))
-        except NotImplementedError as e:
-            yield commands.CloseConnection(self.conn)
-            yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, f"HTTP/1 protocol error: {e}",
-                                                        code=self.ReceiveProtocolError.code))
+    class ChunkedReader(original):  # type: ignore[misc, valid-type]
+        _easgate = True
 
-    read_body._easgate = True  # type: ignore[attr-defined]
-    conn_cls.read_body = read_body
+        def __call__(self, buf):
+            event = super().__call__(buf)
+            if type(event) is h11.EndOfMessage and event.headers:
+                raise h11.RemoteProtocolError(TRAILERS_REFUSED)
+            return event
+
+    _http1.ChunkedReader = ChunkedReader
 
 
 # -- HTTP/1 request heads ---------------------------------------------------------------------
