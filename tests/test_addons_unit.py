@@ -225,6 +225,32 @@ async def test_a_failing_audit_write_still_denies(chain, monkeypatch):
     assert gw.gate.counters["audit_errors"] == 1
 
 
+async def test_requests_on_one_connection_each_get_their_own_identity(chain):
+    """The gate reuses a connection's last parse only for a request that repeats it exactly: another
+    device, user or agent on the same connection is parsed (and decided) as itself."""
+    tctx, gw, final, audit = chain
+    flows = [_allowed_flow(), _allowed_flow(),
+             _flow("/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceId=ApplUNKNOWN0001&DeviceType=iPhone"),
+             _allowed_flow(), _allowed_flow()]
+    flows[3].request.headers["Authorization"] = "Basic " + base64.b64encode(b"mallory:pw").decode()
+    flows[4].request.headers["User-Agent"] = "Other-Agent/1.0"
+    flows[0].client_conn.timestamp_end = None  # open
+    for f in flows[1:]:
+        f.client_conn = flows[0].client_conn  # one keep-alive connection
+    for f in flows:
+        await through_chain(tctx, f)
+    lines = _audit(audit)
+    assert [(a["user"], a["device_id"], a["agent"]) for a in lines] == [
+        ("alice", "ApplF17ABCDEF01", None), ("alice", "ApplF17ABCDEF01", None), ("alice", "ApplUNKNOWN0001", None),
+        ("mallory", "ApplF17ABCDEF01", None), ("alice", "ApplF17ABCDEF01", "Other-Agent/1.0")]
+    assert flows[1].metadata["easgate.identity"] == flows[0].metadata["easgate.identity"]
+    assert flows[2].metadata["easgate.decision"]["allow"] is False
+    assert flows[4].metadata["easgate.identity"]["user_agent"] == "Other-Agent/1.0"
+    assert flows[0].client_conn.id in gw.gate.parsed
+    gw.gate.client_disconnected(flows[0].client_conn)
+    assert flows[0].client_conn.id not in gw.gate.parsed  # nothing kept for a closed connection
+
+
 async def test_a_streamed_request_is_cut_at_requestheaders(chain, monkeypatch):
     # stream_large_bodies: mitmproxy sends the head upstream right after requestheaders
     tctx, gw, final, audit = chain

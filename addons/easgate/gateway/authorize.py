@@ -166,6 +166,14 @@ class HeaderIndex:
         values = self._by_name.get(name.encode("utf-8", "surrogateescape").lower(), ())
         return [v.decode("utf-8", "surrogateescape") for v in values]
 
+    def raw(self, name: bytes) -> list[bytes] | tuple[()]:
+        """The raw values of a lower-case `name`, as sent."""
+        return self._by_name.get(name, ())
+
+
+#: every header identity.parse_request reads (a parse is reused only when they are all the same)
+PARSED_HEADERS = (b"authorization", b"ms-asprotocolversion", b"x-ms-policykey", b"user-agent")
+
 
 class ActiveSyncGate:
     """Decides on routes that say `authorize: activesync`; nothing else touches those flows after it."""
@@ -191,6 +199,7 @@ class ActiveSyncGate:
         self._probe_task: asyncio.Task | None = None
         self._workdir: Path | None = None  # SQLite inventories of large policies
         self.holds = HeldRequests()
+        self.parsed: dict[str, tuple[tuple, identity.Identity]] = {}  # client id -> its last parse (key, identity)
         self.revocations = RevocationFile(None)
         self.cluster_revocations = RevocationTable()  # what the other nodes revoked (through Redis)
         self._holds_task: asyncio.Task | None = None
@@ -621,8 +630,19 @@ class ActiveSyncGate:
         if method not in at.methods:
             return None, Decision(False, f"method {method} not covered by applies_to", Source.FILTER)
         headers = HeaderIndex(req.headers)  # identity and principal ask for five headers: one pass
-        ident = identity.parse_request(method, "https", host_header, req.path, headers,
-                                       flow.client_conn.peername[0] if flow.client_conn.peername else "")
+        client = flow.client_conn
+        path = req.path
+        client_ip = client.peername[0] if client.peername else ""
+        # parse_request is a function of exactly these: a request that repeats the one before it on
+        # its connection (a phone's Ping or Sync loop) reuses that parse (an Identity is frozen)
+        key = (method, host_header, path, client_ip, *[headers.raw(n) for n in PARSED_HEADERS])
+        last = self.parsed.get(client.id)
+        if last is not None and last[0] == key:
+            ident = last[1]
+        else:
+            ident = identity.parse_request(method, "https", host_header, path, headers, client_ip)
+            if flow.live and client.timestamp_end is None:  # forgotten in client_disconnected
+                self.parsed[client.id] = (key, ident)
         if ident.error:
             return ident, Decision(False, ident.error, Source.IDENTITY)
         if at.commands and ident.command not in at.commands:
@@ -798,6 +818,9 @@ class ActiveSyncGate:
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.holds.remove(flow)
+
+    def client_disconnected(self, client) -> None:
+        self.parsed.pop(client.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.holds.remove(flow)
