@@ -590,7 +590,7 @@ async def test_hook_checks_and_a_reload_keeps_the_answer(tmp_path, pki):
     t = _offload(tmp_path, pki, "optional")
     c = _Client(*chain)
     lookup = t.tls_established_client(type("TlsData", (), {"conn": c})())
-    assert lookup is not None and c not in t.verdicts  # the revocation lookup is left to await
+    assert lookup is not None and c.id not in t.live and c not in t.verdicts  # the revocation lookup is left to await
     await lookup
     assert t.verdict(c).reason == "verified; not revoked (CRL)"  # the demo CRL is empty, no AIA
     assert t.revocation_stats["checks"] == 1 and t.revocation_stats["good"] == 1
@@ -601,7 +601,7 @@ async def test_hook_checks_and_a_reload_keeps_the_answer(tmp_path, pki):
     t = _offload(tmp_path, pki, "off")
     c = _Client(*chain)
     assert t.tls_established_client(type("TlsData", (), {"conn": c})()) is None  # nothing to await: decided
-    assert t.verdicts[c][1].reason == "verified"
+    assert t.live[c.id][1].reason == "verified"  # an open connection's verdict, by its id
     t.apply(load_config(_offload_cfg(tmp_path, pki, "mandatory")))
     v = t.verdict(c)
     assert (v.status, v.reason) == (INVALID, "revocation not checked (the connection predates a config reload)")
