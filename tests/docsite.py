@@ -12,24 +12,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from easgate.tools.ports import free_port
+
 from conftest import ROOT, GatewayProcess
 from doccommands import doc_command
 from support.procs import FORKEXEC, forking
 
 VENV = Path(sys.executable).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -25,6 +25,7 @@ import yaml
 
 from easgate.authz.identity import encode_binary_query
 from easgate.tools.capture import E, wbxml
+from easgate.tools.ports import free_port
 
 from conftest import (
     GatewayProcess,
@@ -46,12 +47,6 @@ SYNC_BODY = wbxml(E("AirSync:Sync", E("AirSync:Collections", E("AirSync:Collecti
 
 def _auth(user: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:secret".encode()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Web:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import socket
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ from test_revocation import OpensslResponder
 from easgate.gateway.config import parse_config
 from easgate.tools.netscaler import Options, import_netscaler
 from easgate.tools.pki import cert_b64_der, load_cert
+from easgate.tools.ports import free_port
 
 from conftest import ROOT, easgate_argv, request
 
@@ -243,12 +243,6 @@ def root_crl(pki: Path) -> bytes:
     crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
            .last_update(now - timedelta(minutes=5)).next_update(now + timedelta(days=1)).sign(key, hashes.SHA256()))
     return crl.public_bytes(serialization.Encoding.PEM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import base64
 import datetime
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -44,6 +43,7 @@ from easgate.gateway import revocation
 from easgate.gateway.config import Revocation, TrustedCa, load_config
 from easgate.gateway.tls import INVALID, VERIFIED, ClientCertVerifier, TlsOffload
 from easgate.tools.pki import DEVICE_URI_PREFIX, generate_pki, load_cert, revoke
+from easgate.tools.ports import free_port
 
 from conftest import ROOT, GatewayProcess, base_config, curl, easgate_argv, mitmdump_argv, write_config
 
@@ -52,12 +52,6 @@ NOW = lambda: datetime.datetime.now(datetime.UTC)
 
 # ------------------------------------------------------------------------------------------------
 # PKI helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_key(path: Path):

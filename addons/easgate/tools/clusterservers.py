@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .ports import free_port
+
 __all__ = ["PG_BIN", "REDIS_SERVER", "ServerError", "TestPostgres", "TestRedis", "free_port", "missing"]
 
 PG_BIN = Path(os.environ.get("EASGATE_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -42,12 +44,6 @@ def missing() -> list[str]:
         except KeyError:
             gaps.append("a postgres user (the postgresql package creates it)")
     return gaps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, cond, timeout: float, proc: subprocess.Popen, log: Path) -> None:

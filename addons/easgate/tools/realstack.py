@@ -42,6 +42,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ports import free_ports
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SOGOD = Path("/usr/sbin/sogod")
 DOVECOT = Path("/usr/sbin/dovecot")
@@ -96,20 +98,6 @@ def missing() -> list[str]:
     if importlib.util.find_spec("aiosmtpd") is None:  # the relay runs in its own process
         out.append("python package aiosmtpd (pip install -e '.[test]')")
     return out
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
