@@ -353,9 +353,11 @@ def closed_by_revocation(d: Path, dev: str) -> list[dict]:
 
 def denies(d: Path, dev: str) -> list[tuple[str, str]]:
     """(reason, source) of the node's audited denies of the device, once there is one (the line may
-    follow the answer by a moment)."""
+    follow the answer by a moment). A request allowed just before the revocation arrived and still
+    in flight is ended by it: its deny is the `held request closed` line."""
     return wait_for(lambda: [(e["reason"], e["source"]) for e in audit(d)
-                             if e.get("device_id") == dev and e.get("decision") == "deny" and "event" not in e],
+                             if e.get("device_id") == dev and e.get("decision") == "deny"
+                             and e.get("event") in (None, "held request closed")],
                     5, f"a deny of {dev} in {d / 'audit.jsonl'}")
 
 

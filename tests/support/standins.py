@@ -10,13 +10,14 @@ import socket
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from easgate.tools.standins import QuietServer
 
-class FakeConnector(ThreadingHTTPServer):
-    daemon_threads = True
+
+class FakeConnector(QuietServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _ConnectorHandler)
@@ -85,11 +86,9 @@ class _ConnectorHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class HeldPingExchange(ThreadingHTTPServer):
+class HeldPingExchange(QuietServer):
     """An Exchange whose Pings wait until the test releases them (no fixed sleeps): plain HTTP, or
     TLS with tls=(certificate, key). Every answer is `body`, its SHA-256 in an X-Digest header."""
-
-    daemon_threads = True
 
     def __init__(self, tls: tuple[Path, Path] | None = None, body: bytes = b"pong") -> None:
         super().__init__(("127.0.0.1", 0), _HeldPingHandler)
