@@ -33,7 +33,9 @@ import conftest
 from conftest import ConnectorProcess, easgate_argv, https_connection, request, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+def env() -> dict:
+    """The environment now (with the session's fork server), not at import."""
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 BASIC = {"Authorization": "Basic " + base64.b64encode(b"CONTOSO\\alice:secret").decode(),
          "User-Agent": "Apple-iPhone14C2/2008.420", "MS-ASProtocolVersion": "16.1"}
 N_DEVICES = 100
@@ -49,7 +51,7 @@ class Connector(ConnectorProcess):
 
     def __init__(self, cfg: Path, port: int = 0) -> None:
         self.cfg = cfg
-        super().__init__(ConnectorProcess.argv(cfg, "--listen", f"127.0.0.1:{port}"), env=ENV)
+        super().__init__(ConnectorProcess.argv(cfg, "--listen", f"127.0.0.1:{port}"), env=env())
         self.wait_ready(30)
 
     def callouts(self) -> int:
@@ -71,7 +73,7 @@ def inventory(pg_url, tmp_path):
     rows = "\n".join(f"Dev{i:03d},alice,{'yes' if f'Dev{i:03d}' in BLOCKED else 'no'}" for i in range(N_DEVICES))
     (tmp_path / "mdm.csv").write_text("device_id,user,blocked\n" + rows + "\n")
     r = subprocess.run([*easgate_argv(), "devices", "--db", pg_url, "import",
-                        str(tmp_path / "mdm.csv")], capture_output=True, text=True, env=ENV, timeout=60)
+                        str(tmp_path / "mdm.csv")], capture_output=True, text=True, env=env(), timeout=60)
     assert r.returncode == 0, r.stderr
     return pg_url
 
@@ -179,7 +181,7 @@ def test_a_block_reaches_every_node_within_five_seconds_without_a_ttl(cluster, r
     assert clients.status(0, dev) == 200 and clients.status(1, dev) == 200  # cached on two nodes (TTL 300 s)
     assert sum(x.callouts() for x in c.connectors) == 1
     r = subprocess.run([*easgate_argv(), "devices", "--db", inventory, "block", dev],
-                       capture_output=True, text=True, env=ENV, timeout=30)  # an operator, on any machine
+                       capture_output=True, text=True, env=env(), timeout=30)  # an operator, on any machine
     assert r.returncode == 0, r.stderr
     committed = time.monotonic()  # the block is in PostgreSQL: from here, 5 s for every node
 
@@ -227,7 +229,7 @@ def test_a_block_ends_held_pings_on_two_nodes_within_five_seconds(cluster, redis
         wait_for(lambda: len([r for r in holding.requests() if "Cmd=Ping" in r["path"]]) == 2, 20,
                  "both Pings held at Exchange")
         r = subprocess.run([*easgate_argv(), "devices", "--db", inventory, "block", dev],
-                           capture_output=True, text=True, env=ENV, timeout=30)
+                           capture_output=True, text=True, env=env(), timeout=30)
         assert r.returncode == 0, r.stderr
         committed = time.monotonic()
         for p in pings:
@@ -422,7 +424,7 @@ def test_a_revocation_while_redis_is_down_applies_here_and_reaches_the_others_wh
     assert [clients.status(n, dev) for n in range(3)] == [200, 200, 200]  # cached on every node (TTL 300 s)
     own_redis.kill()
     revoke = easgate_argv("revoke", str(c.dirs[0] / "gateway.yaml"), "alice", dev, "--reason", "phone reported lost")
-    r = subprocess.run(revoke, capture_output=True, text=True, env=ENV, timeout=30)
+    r = subprocess.run(revoke, capture_output=True, text=True, env=env(), timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"revoked alice on {dev} in {c.dirs[0] / 'revocations.jsonl'}: every worker denies it")
     assert "revoked on this machine only for now: Redis" in r.stderr and "unreachable" in r.stderr, r.stderr
@@ -437,6 +439,6 @@ def test_a_revocation_while_redis_is_down_applies_here_and_reaches_the_others_wh
     stored = redis_client.Redis.from_url(own_redis.url, decode_responses=True).hgetall("easgate:revocations")
     assert list(stored) == [f"{dev.lower()}|alice"] and '"action":"revoke"' in stored[f"{dev.lower()}|alice"]
     restore = easgate_argv("revoke", str(c.dirs[0] / "gateway.yaml"), "alice", dev, "--restore")
-    r = subprocess.run(restore, capture_output=True, text=True, env=ENV, timeout=30)
+    r = subprocess.run(restore, capture_output=True, text=True, env=env(), timeout=30)
     assert r.returncode == 0 and f"and Redis {own_redis.url}" in r.stdout and not r.stderr, r.stdout + r.stderr
     wait_for(lambda: [clients.status(n, dev) for n in range(3)] == [200, 200, 200], 5, "every node allowing it again")

@@ -29,7 +29,9 @@ from easgate.tools.clusterservers import TestPostgres
 from conftest import ConnectorProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "addons"), PYTHONUNBUFFERED="1")
+def env() -> dict:
+    """The environment now (with the session's fork server), not at import."""
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -185,15 +187,15 @@ def test_missing_cluster_extra_is_one_line_naming_the_pip_command(tmp_path):
     code = ("import sys; sys.modules['psycopg'] = None; from easgate import cli; "
             "sys.exit(cli.main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "devices", "--db", "postgresql://u@127.0.0.1:1/x", "list"],
-                       capture_output=True, text=True, env=ENV, timeout=60)
+                       capture_output=True, text=True, env=env(), timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "easgate devices: a postgresql:// inventory needs the PostgreSQL driver; pip install 'easgate[cluster]'"]
     r = subprocess.run([sys.executable, "-c", code, "devices", "--db", str(tmp_path / "d.db"), "add", "d1", "--user",
-                        "alice"], capture_output=True, text=True, env=ENV, timeout=60)
+                        "alice"], capture_output=True, text=True, env=env(), timeout=60)
     assert r.returncode == 0, r.stderr
     cfg = write(tmp_path, "connector.yaml", "listen: {host: 127.0.0.1, port: 0}\ninventory: postgresql://u@127.0.0.1:1/x\n")
-    r = subprocess.run([sys.executable, "-c", code, "connector", str(cfg)], capture_output=True, text=True, env=ENV,
+    r = subprocess.run([sys.executable, "-c", code, "connector", str(cfg)], capture_output=True, text=True, env=env(),
                        timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
@@ -209,7 +211,7 @@ class Connector(ConnectorProcess):
     """A real `easgate connector` process (the shared launcher) that asks for decisions."""
 
     def __init__(self, cfg: Path) -> None:
-        super().__init__(ConnectorProcess.argv(cfg), env=ENV)
+        super().__init__(ConnectorProcess.argv(cfg), env=env())
         self.wait_ready(30)
 
     def authorize(self, user: str, device: str) -> tuple[int, dict]:

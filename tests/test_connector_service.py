@@ -37,7 +37,9 @@ from conftest import ConnectorProcess, easgate_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "https://mail.example.test"
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "addons"))
+def env() -> dict:
+    """The environment now (with the session's fork server), not at import."""
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 POLICY = """\
 mode: block
 allow: {users: ["CONTOSO\\\\svc-sync"]}
@@ -314,7 +316,7 @@ async def test_the_gateways_connector_client_against_it(conn_env):
 
 def devices_cli(db: Path, *args: str) -> None:
     r = subprocess.run([*easgate_argv(), "devices", "--db", str(db), *args],
-                       capture_output=True, text=True, timeout=30, env=ENV)
+                       capture_output=True, text=True, timeout=30, env=env())
     assert r.returncode == 0, r.stderr
 
 
@@ -429,7 +431,7 @@ def test_easgate_connector_command(tmp_path):
     cfg = tmp_path / "connector.yaml"
     cfg.write_text("listen: {host: 127.0.0.1, port: 0}\ninventory: devices.db\n"
                    f"policy: {ROOT / 'policies' / 'activesync-policy.yaml'}\ndecision_log: logs/d.jsonl\n")
-    p = ConnectorProcess(ConnectorProcess.argv(cfg), env=ENV).wait_ready(30)
+    p = ConnectorProcess(ConnectorProcess.argv(cfg), env=env()).wait_ready(30)
     try:
         line = p.wait_line(lambda ln: "listening at" in ln)
         assert "1 devices in" in line
@@ -462,7 +464,7 @@ def test_connector_config_errors_name_file_key_and_fix(tmp_path, text, message):
         load_connector_config(cfg)
     assert str(e.value).startswith(f"{cfg}: ") and message in str(e.value)
     r = subprocess.run([*easgate_argv(), "connector", str(cfg)], capture_output=True, text=True,
-                       timeout=30, env=ENV) if message.startswith("listen.prot") else None
+                       timeout=30, env=env()) if message.startswith("listen.prot") else None
     if r is not None:
         assert r.returncode == 2 and "config error" in r.stderr and message in r.stderr
 
@@ -517,7 +519,7 @@ def test_an_allow_whose_decision_log_line_cannot_be_written_is_a_deny(tmp_path, 
     cfg = tmp_path / "connector.yaml"
     cfg.write_text("listen: {host: 127.0.0.1, port: 0}\ninventory: devices.db\ndecision_log: d.jsonl\n"
                    + ("" if on_error == "deny" else "decision_log_on_error: allow\n"))
-    p = ConnectorProcess(ConnectorProcess.argv(cfg), env=ENV).wait_ready(30)
+    p = ConnectorProcess(ConnectorProcess.argv(cfg), env=env()).wait_ready(30)
     try:
         c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
         first = json.loads(authorize(c, "alice", "ApplF17ABCDEF01")[2])

@@ -20,7 +20,9 @@ from support.procs import ServerProcess, easgate_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 # the checkout's code, whichever easgate the interpreter has installed
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "addons"))
+def env() -> dict:
+    """The environment now (with the session's fork server), not at import."""
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 STARTED = re.compile(r"^\s+(gateway|exchange|mdm|connector)\s+https?://[^:]+:(\d+)", re.MULTILINE)
 
 
@@ -41,7 +43,7 @@ def listening(port: int) -> bool:
 
 
 def test_scenario_passes_and_leaves_nothing_listening(tmp_path):
-    r = subprocess.run(demo_argv("--scenario", "--dir", str(tmp_path / "state"), "--port", "0"), cwd=ROOT, env=ENV,
+    r = subprocess.run(demo_argv("--scenario", "--dir", str(tmp_path / "state"), "--port", "0"), cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=90)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
@@ -81,7 +83,7 @@ def test_interactive_demo_curl_commands_then_ctrl_c(tmp_path, via):
     args = ["--dir", str(tmp_path / "state"), "--port", str(busy_port)]
     # "make demo" is the README's first command; Ctrl-C in a terminal signals the whole process group
     argv = demo_argv(*args) if via == "easgate" else ["make", "--no-print-directory", "demo", f"DEMO_ARGS={shlex.join(args)}"]
-    demo = ServerProcess(argv, env=ENV, new_session=True)
+    demo = ServerProcess(argv, env=env(), new_session=True)
     lines = demo.lines
     try:
         out = demo.wait_output("Ctrl-C stops everything", 60)
@@ -127,7 +129,7 @@ def test_real_demo_as_the_readme_says(tmp_path):
             pytest.fail(msg)
         pytest.skip(msg)
     assert ".venv/bin/easgate demo --real\n" in (ROOT / "README.md").read_text()
-    demo = ServerProcess([str(Path(sys.executable).parent / "easgate"), "demo", "--real"], cwd=tmp_path, env=ENV,
+    demo = ServerProcess([str(Path(sys.executable).parent / "easgate"), "demo", "--real"], cwd=tmp_path, env=env(),
                          new_session=True)
     lines = demo.lines
     try:
