@@ -41,6 +41,7 @@ from support.procs import (  # noqa: F401 - the launcher, re-exported for the te
     ForkServer,
     GatewayProcess,
     easgate_argv,
+    forking,
     launch,
     mitmdump_argv,
     run_argv,
@@ -53,7 +54,7 @@ from support.standins import FakeConnector, HeldPingExchange  # noqa: F401 - re-
 def _fork_server(tmp_path_factory):
     """The session's fork server (support/zygote.py): every easgate/mitmdump/mitmweb a test starts
     forks from a process that has imported them once. EASGATE_TEST_FORK=0: each one execs."""
-    if os.environ.get("EASGATE_TEST_FORK") == "0":
+    if not forking():
         yield None
         return
     server = ForkServer(tmp_path_factory.mktemp("fork")).start()

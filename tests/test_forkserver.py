@@ -13,12 +13,12 @@ import sys
 import pytest
 
 from conftest import base_config, write_config
-from support.procs import FORKEXEC, GatewayProcess, run_argv, wait_for
+from support.procs import FORK_PREFIX, GatewayProcess, forking, run_argv, wait_for
 
 EXEC = [sys.executable, "-m", "easgate.cli"]
-FORK = [sys.executable, "-SI", str(FORKEXEC), "easgate"]
+FORK = [*FORK_PREFIX, "easgate"]
 
-pytestmark = pytest.mark.skipif(os.environ.get("EASGATE_TEST_FORK") == "0", reason="the fork server is off")
+pytestmark = pytest.mark.skipif(not forking(), reason="the fork server is off (EASGATE_TEST_FORK=0)")
 
 
 def both(args: list[str], **kw) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:

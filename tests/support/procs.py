@@ -25,12 +25,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from . import forkexec
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GATEWAY_SCRIPT = ROOT / "addons" / "gateway.py"
 FORKEXEC = Path(__file__).resolve().parent / "forkexec.py"
 ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
-FORK_KILL = signal.SIGRTMIN + 1  # forkexec.py: SIGKILL the program, then die of it
+FORK_PREFIX = [sys.executable, "-SI", str(FORKEXEC)]  # + PROG ARGS: run through the fork server
 
 # mitmproxy's "Reverse proxy to ... listening at HOST:PORT" (a worker's line carries a [wN] prefix)
 LISTEN_RE = re.compile(r"[Rr]everse proxy to \S+ listening at \[?([0-9.:a-f*]*)\]?:(\d+)")
@@ -60,7 +62,7 @@ def program_argv(prog: str, *args: str) -> list[str]:
     """`easgate ARGS` (as `python -m easgate.cli`), `mitmdump ARGS` or `mitmweb ARGS`: through the
     fork server unless EASGATE_TEST_FORK=0."""
     if forking():
-        return [sys.executable, "-SI", str(FORKEXEC), prog, *args]
+        return [*FORK_PREFIX, prog, *args]
     if prog == "easgate":
         return [sys.executable, "-m", "easgate.cli", *args]
     return [str(BIN / prog), *args]
@@ -197,8 +199,8 @@ class ServerProcess:
         return rc
 
     def _sigkill(self) -> None:
-        if self.argv[1:3] == ["-SI", str(FORKEXEC)]:
-            self.proc.send_signal(FORK_KILL)  # the forked program, not only its stand-in (forkexec.py)
+        if self.argv[:3] == FORK_PREFIX:
+            self.proc.send_signal(forkexec.KILL)  # the forked program, not only its stand-in
         else:
             self.proc.kill()
 
