@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -39,7 +38,6 @@ AS = "/Microsoft-Server-ActiveSync"
 IPHONE = "ApplF17ABCDEF01"
 BASIC_ALICE = {"Authorization": "Basic " + base64.b64encode(b"CONTOSO\\alice:secret").decode(),
                "User-Agent": "Apple-iPhone14C2/2008.420", "MS-ASProtocolVersion": "16.1"}
-BIN = Path(sys.executable).parent
 
 
 def sync_path(device: str) -> str:
@@ -343,7 +341,7 @@ def test_a_slow_in_place_writer_never_gets_half_a_policy_applied(start_gateway, 
     assert count(g, "changed in place") == 1 and count(g, "policy reloaded") == 0
     # the safe way: a checked copy renamed over the file
     (tmp_path / "new.yaml").write_text(POLICY.replace("ApplSTOLEN001", "ApplSTOLEN002"))
-    p = subprocess.run([str(BIN / "easgate"), "policy", "install", str(tmp_path / "new.yaml"), str(policy)],
+    p = subprocess.run(easgate_argv("policy", "install", str(tmp_path / "new.yaml"), str(policy)),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     wait_for(lambda: count(g, "policy reloaded") == 1, 10, "the installed policy", g)
@@ -356,7 +354,7 @@ def test_policy_install_refuses_a_broken_file_and_leaves_the_old_one(tmp_path):
     policy.write_text(POLICY)
     before = policy.stat().st_ino
     (tmp_path / "new.yaml").write_text("mode: block\ndeny: {devices: [A]}\ndeny: {devices: [B]}\n")
-    p = subprocess.run([str(BIN / "easgate"), "policy", "install", str(tmp_path / "new.yaml"), str(policy)],
+    p = subprocess.run(easgate_argv("policy", "install", str(tmp_path / "new.yaml"), str(policy)),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip() == (f"easgate: {tmp_path / 'new.yaml'}: line 3: duplicate key 'deny' (first at line 2); "
@@ -436,7 +434,7 @@ def test_the_documented_policy_commands_run_as_written(tmp_path):
     ino = current.stat().st_ino
     for cmd in (doc_command("docs/operations.md", c) for c in DOC_COMMANDS):
         argv = cmd.split()
-        p = subprocess.run([str(BIN / "easgate"), *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+        p = subprocess.run(easgate_argv(*argv[1:]), cwd=tmp_path, capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 0, (cmd, p.stderr)
     assert current.stat().st_ino != ino and "mode: permit" in current.read_text()

@@ -24,9 +24,9 @@ from easgate.authz.identity import decode_binary_query, parse_request
 from easgate.tools.capture import E, read_flows, redact_auth_value, sanitize_file, wbxml
 
 from conftest import ROOT, easgate_argv
+from support.procs import program_argv
 
 CAPTURES = ROOT / "tests" / "captures"
-MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 
 # capture -> one row per flow: (route, decision, client cert, command)
 EXPECTED = {
@@ -244,7 +244,7 @@ def test_offline_replay_with_easgate(name, tmp_path, pki):
 def test_offline_replay_with_plain_mitmdump(name, tmp_path, pki):
     cfg = replay_config(tmp_path, pki)
     report = tmp_path / "report.jsonl"
-    r = run([MITMDUMP, "-n", "-r", str(capture(name)), "-s", str(ROOT / "addons" / "replay.py"), "--set", "server=false",
+    r = run([*program_argv("mitmdump"), "-n", "-r", str(capture(name)), "-s", str(ROOT / "addons" / "replay.py"), "--set", "server=false",
              "--set", f"easgate_config={cfg}", "--set", "easgate_listen=127.0.0.1:0",
              "--set", "easgate_replay=true", "--set", f"easgate_replay_report={report}"])
     assert r.returncode == 0, r.stdout + r.stderr

@@ -11,7 +11,6 @@ import json
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from conftest import (
     request,
     write_config,
 )
+from support.procs import program_argv
 
 
 def run(argv: list[str], cwd=ROOT, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def test_a_bad_set_option_names_the_real_problem_in_one_line(pki, exchange, mdm,
 
 def test_a_misspelled_option_stops_the_mitmdump_script_too(pki, exchange, mdm, tmp_path):
     cfg = write_config(tmp_path, base_config(pki, exchange, mdm))
-    p = run([str(Path(sys.executable).parent / "mitmdump"), "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={cfg}",
+    p = run([*program_argv("mitmdump"), "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={cfg}",
              "--set", "server=false", "--set", "easgate_listen=127.0.0.1:0", "--set", "easgate_metircs=9090"])
     assert "unknown option --set easgate_metircs (did you mean easgate_metrics?)" in p.stdout + p.stderr
 

@@ -8,7 +8,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -129,7 +128,7 @@ def test_real_demo_as_the_readme_says(tmp_path):
             pytest.fail(msg)
         pytest.skip(msg)
     assert ".venv/bin/easgate demo --real\n" in (ROOT / "README.md").read_text()
-    demo = ServerProcess([str(Path(sys.executable).parent / "easgate"), "demo", "--real"], cwd=tmp_path, env=env(),
+    demo = ServerProcess(easgate_argv("demo", "--real"), cwd=tmp_path, env=env(),
                          new_session=True)
     lines = demo.lines
     try:

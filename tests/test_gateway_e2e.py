@@ -29,6 +29,7 @@ from conftest import (
     request,
     write_config,
 )
+from support.procs import program_argv
 
 AS = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplF17ABCDEF01&DeviceType=iPhone"
 
@@ -481,8 +482,7 @@ def test_bad_config_stops_startup(pki, exchange, mdm, tmp_path, case):
                                      ["--set", "easgate_listen=nonsense"]])
 def test_bad_set_value_does_not_leave_a_plain_proxy_running(pki, exchange, mdm, tmp_path, bad_set):
     path = write_config(tmp_path, base_config(pki, exchange, mdm))
-    mitmdump = str(ROOT / ".venv/bin/mitmdump")
-    g = GatewayProcess([mitmdump, "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", f"easgate_config={path}", *bad_set])
+    g = GatewayProcess([*program_argv("mitmdump"), "-s", str(ROOT / "addons/gateway.py"), "--set", "server=false", "--set", f"easgate_config={path}", *bad_set])
     try:
         rc = g.wait_exit(30)
     finally:
@@ -529,7 +529,7 @@ def test_the_script_way_without_server_false_refuses_to_run(pki, exchange, mdm, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    g = GatewayProcess([str(ROOT / ".venv/bin/mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(port),
+    g = GatewayProcess([*program_argv("mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", str(port),
                         "-s", str(ROOT / "addons/gateway.py"), "--set", f"easgate_config={path}",
                         "--set", "easgate_listen=127.0.0.1:0"])
     try:

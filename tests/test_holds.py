@@ -11,7 +11,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -36,6 +35,7 @@ import conftest
 from conftest import GatewayProcess, HeldPingExchange, easgate_argv, launch, request, wait_for
 from doccommands import covers, doc_command
 from support.holding import HoldingUpstream
+from support.procs import program_argv
 
 IPHONE = "ApplF17ABCDEF01"
 POLICY = {"mode": "block", "inventory": [{"device_id": IPHONE, "owner": "alice", "compliant": True}]}
@@ -53,7 +53,7 @@ REVOKE_DOC = ("docs/scaling.md", 'easgate revoke gateway.yaml alice ApplF17ABCDE
 def documented_revoke() -> list[str]:
     """The `easgate revoke` command of docs/scaling.md, as written (run with this suite's easgate)."""
     argv = shlex.split(doc_command(*REVOKE_DOC))
-    return [str(Path(sys.executable).parent / argv[0]), *argv[1:]]
+    return program_argv(argv[0], *argv[1:])
 
 
 def audit(tmp_path: Path) -> list[dict]:

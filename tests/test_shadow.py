@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -52,7 +51,7 @@ def test_enforce_false_without_authorize_is_a_one_line_error(pki, exchange, mdm,
 
 
 def replay(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "easgate"), "replay", *args], cwd=cwd,
+    return subprocess.run(easgate_argv("replay", *args), cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

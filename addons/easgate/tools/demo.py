@@ -249,7 +249,9 @@ class Demo:
         self.ports["gateway"] = self.gateway_port
 
     def _start_gateway(self, cfg_path: Path) -> None:
-        args = ["run", str(cfg_path)]
+        # One process: a laptop trial needs no worker per core, starts in a second instead of three
+        # process starts, and its log is one stream (production: docs/scaling.md)
+        args = ["run", str(cfg_path), "--workers", "1"]
         if sys.platform.startswith("linux"):
             argv = [sys.executable, "-c", LAUNCHER, str(os.getpid()), *args]
         else:
