@@ -104,6 +104,55 @@ def test_a_killed_worker_is_restarted_and_the_port_stays_served(start_gateway, p
     assert set(served_by(g, [p for _, p in results]).values()) == {1, 2}
 
 
+def socket_inodes(pid: int) -> set[int]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def tcp_sockets_on(port: int) -> dict[int, str]:
+    """inode -> state ('0A': listening) of this machine's IPv4 TCP sockets on port."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return {int(f[9]): f[3] for f in map(str.split, rows) if int(f[1].split(":")[1], 16) == port}
+
+
+def test_workers_are_forked_from_the_supervisor_until_a_reload_starts_them_fresh(start_gateway, pki, exchange, mdm,
+                                                                                 tmp_path):
+    """Workers fork from the supervisor, which has easgate loaded (no second Python start each),
+    and do not hold its metrics listener; a reload's new workers,
+    and every restart after it, start fresh as `easgate run ... --worker-index i`: the code installed
+    now, as docs/deployment.md's upgrade says."""
+    g = start_gateway(write_config(tmp_path, base_config(pki, exchange, mdm)), workers=2,
+                      extra=["--set", "easgate_metrics=127.0.0.1:0"])
+    sup = int(re.search(r"supervisor pid (\d+)", g.output)[1])
+    first = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", g.output)]
+
+    def cmdline(pid: int) -> bytes:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert len(first) == 2 and all(cmdline(p) == cmdline(sup) for p in first)  # forked: the same program image
+    metrics_port = int(re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", g.output)[1])
+    listener = {i for i, state in tcp_sockets_on(metrics_port).items() if state == "0A"}
+    assert len(listener) == 1 and listener <= socket_inodes(sup)
+    assert all(not listener & socket_inodes(p) for p in first)
+    assert one_request(g.port, pki)[0] == 200
+
+    g.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload complete" in g.output, 30, "the reload", g)
+    new = [int(p) for p in re.findall(r"reload: new worker \d started \(pid (\d+)\)", g.output)]
+    assert len(new) == 2 and all(b"--worker-index" in cmdline(p) for p in new), [cmdline(p) for p in new]
+    os.kill(new[0], signal.SIGKILL)
+    again = wait_for(lambda: re.search(r"worker \d restarted \(pid (\d+)", g.output), 15, "the restart", g)
+    assert b"--worker-index" in cmdline(int(again[1]))
+    wait_for(lambda: f"(pid {again[1]}) is serving again" in g.output, 30, "the restarted worker", g)
+    assert all(one_request(g.port, pki)[0] == 200 for _ in range(4))
+
+
 def test_sigterm_lets_a_request_in_flight_finish(start_gateway, pki, mdm, tmp_path):
     slow = ExchangeStandIn("slow-exchange", tls=(pki / "exchange.pem", pki / "exchange.key"), hold_s=2).start()
     try:

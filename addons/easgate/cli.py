@@ -179,9 +179,11 @@ def cmd_run(args) -> int:
     if n > 1 and args.worker_index is None:
         # the workers' options, checked once here: a bad --set is one line, not one per worker
         factory = full_factory(make_addons) if args.full else lean_factory(make_addons)
-        rc = run_master(factory, _mitm_args(args), lean=not args.full, extra=mitmdump_filter_extra, check_only=True)
+        # in a child: the supervisor stays as it was after imports, the state its workers fork from
+        rc = workers.fork(lambda: run_master(factory, _mitm_args(args), lean=not args.full,
+                                             extra=mitmdump_filter_extra, check_only=True)).wait()
         if rc:
-            return rc
+            return rc if rc > 0 else 1
         return _supervise(args, cfg, n)
 
     ready = None
@@ -266,7 +268,8 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
         env[WORKER_DIR_ENV] = str(metrics.aggregator.dir)
     try:
         return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
-                                  check=check, env=env).run()
+                                  check=check, env=env, worker_main=lambda i: main(worker_argv(i)[3:]),
+                                  close_in_worker=(reserved.close, *([metrics.forget] if metrics else []))).run()
     finally:
         reserved.close()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -285,6 +285,10 @@ class MetricsServer:
         self.thread.start()
         return self
 
+    def forget(self) -> None:
+        """In a worker forked from the supervisor: the listener is the supervisor's, not its own."""
+        self.httpd.socket.close()
+
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
