@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mitmproxy import version as mitmproxy_version
@@ -260,7 +261,7 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
     env: dict[str, str] = {RUN_DIR_ENV: run_dir}
     if value := metrics_option(args.mitmproxy_args or []):
         try:
-            metrics = _aggregated_metrics(value)
+            metrics = _aggregated_metrics(value, close=(reserved.close,))
         except SystemExit:
             reserved.close()
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -269,7 +270,7 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
     try:
         return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
                                   check=check, env=env, worker_main=lambda i: main(worker_argv(i)[3:]),
-                                  close_in_worker=(reserved.close, *([metrics.forget] if metrics else []))).run()
+                                  close_in_worker=(reserved.close,)).run()
     finally:
         reserved.close()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -278,8 +279,9 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
             shutil.rmtree(metrics.aggregator.dir, ignore_errors=True)
 
 
-def _aggregated_metrics(value: str) -> MetricsServer:
-    """The supervisor's easgate_metrics listener, adding up the workers' numbers (runtime/aggregate.py)."""
+def _aggregated_metrics(value: str, close: tuple[Callable[[], None], ...]) -> MetricsServer:
+    """The supervisor's easgate_metrics listener, adding up the workers' numbers (runtime/aggregate.py),
+    served by a child process (`close`: what the supervisor holds that it must not)."""
     try:
         host, port = parse_metrics_listen(value)
     except ValueError as e:
@@ -287,7 +289,7 @@ def _aggregated_metrics(value: str) -> MetricsServer:
         raise SystemExit(2)
     directory = Path(tempfile.mkdtemp(prefix="easgate-metrics-"))  # 0700: the workers' sockets
     try:
-        metrics = MetricsServer(host, port, Aggregator(directory)).start()
+        metrics = MetricsServer(host, port, Aggregator(directory)).start(close)
     except OSError as e:
         shutil.rmtree(directory, ignore_errors=True)
         print(f"easgate: cannot listen for metrics on {value}: {e.strerror or e}", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 Every worker serves its own Prometheus document on a Unix socket in a private directory
 (``EASGATE_METRICS_DIR``) and leaves its last document there as ``w<pid>.final`` when it exits
-(a reload, a stop). The supervisor listens on ``easgate_metrics`` and, per scrape, asks every
-live worker and adds the documents up:
+(a reload, a stop). The supervisor listens on ``easgate_metrics`` (from a process it forks, so
+that it runs no thread when it forks its workers) and, per scrape, asks every live worker and
+adds the documents up:
 
 - counters and histograms: the sum over live workers plus everything workers that are gone had
   counted (their last document), so a total never goes down when a worker is restarted or a
@@ -22,12 +23,18 @@ source, and the supervisor keeps the counts of workers that are gone in memory.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from . import workers
 
 logger = logging.getLogger("easgate")
 
@@ -279,16 +286,32 @@ class MetricsServer:
 
         self.httpd = Server((host, port), Handler)
         self.address = self.httpd.server_address[:2]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="easgate-metrics", daemon=True)
+        self.proc: workers.Forked | None = None
 
-    def start(self) -> MetricsServer:
-        self.thread.start()
+    def start(self, close: Sequence[Callable[[], None]] = ()) -> MetricsServer:
+        """Serve from a process of its own, forked now (`close`: what the child must not keep): the
+        supervisor stays single-threaded, so the workers it forks later inherit no lock that a
+        thread of it was holding."""
+        self.proc = workers.fork(self._serve, close=close)
+        self.httpd.socket.close()  # the listener is the child's now
         return self
 
-    def forget(self) -> None:
-        """In a worker forked from the supervisor: the listener is the supervisor's, not its own."""
-        self.httpd.socket.close()
+    def _serve(self) -> int:
+        parent = os.getppid()
+        workers.set_parent_death_signal(signal.SIGTERM)  # gone with the supervisor, even a killed one
+        if os.getppid() != parent:  # pragma: no cover - it died before the line above
+            return 1
+        for sig in (signal.SIGINT, signal.SIGHUP):  # a terminal's Ctrl-C or a HUP: the supervisor's to act on
+            signal.signal(sig, signal.SIG_IGN)
+        self.httpd.serve_forever()
+        return 0
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGTERM's default action is to die
+            self.proc.kill()
+            self.proc.wait()

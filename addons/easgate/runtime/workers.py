@@ -216,10 +216,8 @@ def fork(target: Callable[[], int | None], *, env: dict[str, str] | None = None,
     supervisor may hold (its listening sockets, closed through the objects that own them), stdin is
     /dev/null, `env` is added to the environment; at the end it exits as the interpreter would
     (non-daemon threads, atexit, flush) without returning into the supervisor's frames: their
-    clean-up (removing the run directory) is the supervisor's alone.
-
-    The metrics listener's thread may be running while we fork: it shares no lock with a worker
-    (logging re-creates its locks in the child; its handler writes nothing to stdout or stderr)."""
+    clean-up (removing the run directory) is the supervisor's alone. The supervisor runs no thread
+    (its metrics listener is a forked process): a child inherits no lock a thread was holding."""
     for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
         try:
             stream.flush()
