@@ -126,7 +126,8 @@ def tcp_sockets_on(port: int) -> dict[int, str]:
 def test_workers_are_forked_from_the_supervisor_until_a_reload_starts_them_fresh(start_gateway, pki, exchange, mdm,
                                                                                  tmp_path):
     """Workers fork from the supervisor, which has easgate loaded (no second Python start each),
-    which runs one thread (its metrics listener is served by a forked process); a reload's new workers,
+    which runs one thread (its metrics listener is served by a forked process, started again if it
+    dies); a reload's new workers,
     and every restart after it, start fresh as `easgate run ... --worker-index i`: the code installed
     now, as docs/deployment.md's upgrade says."""
     g = start_gateway(write_config(tmp_path, base_config(pki, exchange, mdm)), workers=2,
@@ -140,12 +141,24 @@ def test_workers_are_forked_from_the_supervisor_until_a_reload_starts_them_fresh
     metrics_port = int(re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", g.output)[1])
     # the metrics listener is served by a process of its own, so the supervisor forks with no thread
     listener = {i for i, state in tcp_sockets_on(metrics_port).items() if state == "0A"}
-    children = {int(p) for p in Path(f"/proc/{sup}/task/{sup}/children").read_text().split()}
-    served = [p for p in children - set(first) if listener & socket_inodes(p)]
-    assert len(listener) == 1 and len(served) == 1 and cmdline(served[0]) == cmdline(sup)
-    assert not any(listener & socket_inodes(p) for p in (sup, *first))
+
+    def metrics_process() -> int:
+        children = {int(p) for p in Path(f"/proc/{sup}/task/{sup}/children").read_text().split()}
+        served = [p for p in children - set(first) if listener & socket_inodes(p)]
+        assert len(served) == 1 and cmdline(served[0]) == cmdline(sup)
+        return served[0]
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    server = metrics_process()
+    assert len(listener) == 1 and listener <= socket_inodes(sup)  # kept, so that a new server can take over
+    assert not any(listener & socket_inodes(p) for p in first)
     assert os.listdir(f"/proc/{sup}/task") == [str(sup)]  # one thread
-    assert "easgate_workers 2" in urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert "easgate_workers 2" in scrape()
+    os.kill(server, signal.SIGKILL)  # the OOM killer, an operator's stray kill: the supervisor starts another
+    wait_for(lambda: f"metrics listener (pid {server}) killed by SIGKILL" in g.output, 10, "the log line", g)
+    wait_for(lambda: "the metrics listener restarted" in g.output, 10, "the restart", g)
+    assert metrics_process() != server and "easgate_workers 2" in scrape()
     assert one_request(g.port, pki)[0] == 200
 
     g.proc.send_signal(signal.SIGHUP)

@@ -270,7 +270,8 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
     try:
         return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
                                   check=check, env=env, worker_main=lambda i: main(worker_argv(i)[3:]),
-                                  close_in_worker=(reserved.close,)).run()
+                                  close_in_worker=(reserved.close, *([metrics.forget] if metrics else [])),
+                                  watch=metrics.watch if metrics else None).run()
     finally:
         reserved.close()
         shutil.rmtree(run_dir, ignore_errors=True)

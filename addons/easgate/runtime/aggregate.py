@@ -287,14 +287,36 @@ class MetricsServer:
         self.httpd = Server((host, port), Handler)
         self.address = self.httpd.server_address[:2]
         self.proc: workers.Forked | None = None
+        self.close: Sequence[Callable[[], None]] = ()
+        self.restart_at: float | None = None
 
     def start(self, close: Sequence[Callable[[], None]] = ()) -> MetricsServer:
         """Serve from a process of its own, forked now (`close`: what the child must not keep): the
         supervisor stays single-threaded, so the workers it forks later inherit no lock that a
-        thread of it was holding."""
+        thread of it was holding. The supervisor keeps the listening socket (never accepting on
+        it), so that watch() can fork a new server on it; its workers close it (forget())."""
+        self.close = close
         self.proc = workers.fork(self._serve, close=close)
-        self.httpd.socket.close()  # the listener is the child's now
         return self
+
+    def watch(self, now: float) -> None:
+        """From the supervisor's loop: a server process that died is logged and started again a
+        second later (what it remembered of workers that are gone is lost: counters start over,
+        which Prometheus reads as a reset)."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        if self.restart_at is None:
+            self.restart_at = now + 1.0
+            workers.say(f"the metrics listener (pid {self.proc.pid}) {workers.describe_exit(self.proc.returncode or 0)}; "
+                        "restarting it in 1s")
+        elif now >= self.restart_at:
+            self.restart_at = None
+            self.start(self.close)
+            workers.say(f"the metrics listener restarted (pid {self.proc.pid})")
+
+    def forget(self) -> None:
+        """In a worker: the metrics listener is not its own to keep."""
+        self.httpd.socket.close()
 
     def _serve(self) -> int:
         parent = os.getppid()
@@ -315,3 +337,4 @@ class MetricsServer:
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGTERM's default action is to die
             self.proc.kill()
             self.proc.wait()
+        self.httpd.server_close()

@@ -287,13 +287,15 @@ class Supervisor:
     def __init__(self, n: int, worker_argv: Callable[[int], list[str]], grace_s: float, listen: str, *,
                  reload_grace_s: float = 3600.0, check: Callable[[], str | None] | None = None,
                  env: dict[str, str] | None = None, worker_main: Callable[[int], int] | None = None,
-                 close_in_worker: Sequence[Callable[[], None]] = ()) -> None:
+                 close_in_worker: Sequence[Callable[[], None]] = (),
+                 watch: Callable[[float], None] | None = None) -> None:
         self.n = n
         self.worker_argv = worker_argv
         # Workers are forked and run worker_main(i) until the first reload; from then on they are
         # started as worker_argv(i): a reload after an upgrade brings in the code installed now.
         self.worker_main = worker_main
         self.close_in_worker = close_in_worker
+        self.watch = watch  # called with time.monotonic() on every turn of the loop (the metrics listener)
         self.grace_s = grace_s
         self.reload_grace_s = reload_grace_s
         self.check = check  # SIGHUP: None when the config may be loaded, else why not (one line)
@@ -403,6 +405,8 @@ class Supervisor:
             self._read_ready(0.2)
             self._reap_retiring()
             now = time.monotonic()
+            if self.watch is not None:
+                self.watch(now)
             for w in self.workers:
                 if w.restart_at is not None:
                     if now >= w.restart_at and not self.stop_requested:
