@@ -21,7 +21,6 @@ the child and answer its end); a client that vanishes gets its child SIGKILLed.
 from __future__ import annotations
 
 import array
-import atexit
 import gc
 import json
 import os
@@ -30,7 +29,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 
 START_ENV = {k: v for k, v in os.environ.items() if k.startswith("PYTHON") and k != "PYTHONUNBUFFERED"}
 
@@ -39,6 +37,7 @@ import mitmproxy.tools.main  # noqa: E402
 import mitmproxy.tools.web.master  # noqa: E402, F401
 
 import easgate.cli  # noqa: E402 - after START_ENV: the point of this process is these imports
+from easgate.runtime.workers import exit_now, exit_status  # noqa: E402
 
 PROGRAMS = {
     "easgate": easgate.cli.main,
@@ -207,29 +206,7 @@ def run_program(req: dict) -> None:
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    exit_now(code)
-
-
-def exit_now(code: int) -> None:
-    """What the interpreter does at exit that a program can see (wait for its non-daemon threads, run
-    atexit handlers, flush), without tearing down every module the server imported: that teardown
-    would touch, and so copy, all of the server's memory, for nothing."""
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code & 0xFF)
+    exit_now(exit_status(code))  # as easgate's forked workers end: the interpreter's exit, minus the teardown
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from ..gateway import mitmcompat
 from ..gateway.tls import TICKET_KEY_FD_ENV
@@ -250,11 +251,25 @@ def fork(target: Callable[[], int | None], *, env: dict[str, str] | None = None,
     except BaseException:  # noqa: BLE001 - printed as Python would, then the child exits 1
         traceback.print_exc()
         code = 1
+    exit_now(exit_status(code))
+
+
+def exit_status(code: object) -> int:
+    """What the interpreter makes of `sys.exit(code)`: None is 0, an int itself, anything else is
+    printed to stderr and is 1."""
     if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a forked process as the interpreter ends, as far as a program can see (its non-daemon
+    threads joined, atexit handlers run, stdio flushed), without tearing down every module: that
+    would touch, and so copy, all the pages it shares with its parent. A negative code: die of
+    that signal, as Python does of an unhandled KeyboardInterrupt."""
     threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
@@ -262,6 +277,9 @@ def fork(target: Callable[[], int | None], *, env: dict[str, str] | None = None,
             stream.flush()
         except (OSError, ValueError):
             pass
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
 
 
