@@ -51,11 +51,23 @@ def request(port: int, method: str, path: str, pki: Path, *, cert: str | None = 
     return out
 
 
+class LoopbackHTTPSConnection(http.client.HTTPSConnection):
+    """Connects to 127.0.0.1 but verifies and sends SNI for the public name: also when http.client
+    opens the connection again by itself (after the gateway answered `Connection: close`), which
+    would otherwise look the public name up in DNS."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(HOSTNAME, port, context=ctx, timeout=timeout)
+        self.ctx = ctx
+
+    def connect(self) -> None:
+        self.sock = self.ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout),
+                                         server_hostname=HOSTNAME)
+
+
 def https_connection(port: int, pki: Path, cert: str | None = None, timeout: float = 15) -> http.client.HTTPSConnection:
-    ctx = client_context(pki, cert)
-    c = http.client.HTTPSConnection(HOSTNAME, port, context=ctx, timeout=timeout)
-    # connect to loopback but verify and send SNI for the public name
-    c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout), server_hostname=HOSTNAME)
+    c = LoopbackHTTPSConnection(port, client_context(pki, cert), timeout)
+    c.connect()
     return c
 
 
