@@ -547,7 +547,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         raise ConfigError("environment", LOOP_ENV, "uvloop is not installed",
-                          "pip install 'easgate[uvloop]', or unset EASGATE_EVENT_LOOP") from None
+                          "pip install uvloop into easgate's venv, or unset EASGATE_EVENT_LOOP") from None
     return uvloop.new_event_loop
 
 
