@@ -221,7 +221,7 @@ DEPLOY_COMMANDS = (  # every command of docs/deployment.md, in order; the test r
     "/opt/easgate/bin/easgate --version",
     "python3 -m pip wheel -c constraints.txt -w dist .",
     "/opt/easgate/bin/pip install --no-index --find-links dist -c constraints.txt easgate",
-    "pipx install --python python3.12 --pip-args='-c constraints.txt' .",
+    "pipx install --python python3.13 --pip-args='-c constraints.txt' .",
     "useradd --system --home-dir /var/lib/easgate --shell /usr/sbin/nologin easgate",
     "install -d -m 0750 -o root -g easgate /etc/easgate /etc/easgate/tls",
     "install -d -m 0750 -o easgate -g easgate /var/lib/easgate /var/log/easgate",
@@ -257,7 +257,7 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-    for tool in ("systemd-analyze", "logrotate", "pipx", "python3.12"):
+    for tool in ("systemd-analyze", "logrotate", "pipx", "python3.13"):
         if not shutil.which(tool):
             (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{tool} missing (scripts/ensure_test_tools.sh)")
     blocks = doc_blocks(ROOT / "docs" / "deployment.md")
@@ -316,7 +316,7 @@ def test_deployment_md_runs_as_written(tmp_path, source, wheelhouse, pki):
     assert "error" not in err[rotate_cmd].lower(), err[rotate_cmd]
     assert "/var/log/easgate/audit.jsonl" in err[rotate_cmd]
     pipx_version = run([str(pipx_bin / "easgate"), "--version"]).stdout
-    assert pipx_version.startswith(f"easgate {__version__} (mitmproxy") and "Python 3.12" in pipx_version
+    assert pipx_version.startswith(f"easgate {__version__} (mitmproxy") and "Python 3.13" in pipx_version
     # the wheels to carry to a machine without PyPI: easgate and every pinned runtime dependency
     carried = {re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() for w in (source / "dist").glob("*.whl")}
     assert {"easgate", "mitmproxy", "pyyaml", "cryptography", "pyopenssl"} <= carried, carried
