@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_all as ba  # noqa: E402  (its worktrees of @REF commits)
 import bench_scale as bs  # noqa: E402
 import benchlib  # noqa: E402
 
@@ -33,6 +34,10 @@ from easgate.tools.pki import generate_pki  # noqa: E402
 
 ROOT = benchlib.ROOT
 SERVING = re.compile(r"(\d+) workers serving .* \(pids ([\d, ]+)\)")
+
+
+def git_short(ref: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def kb(pid: int, field: str) -> int:
@@ -43,7 +48,8 @@ def kb(pid: int, field: str) -> int:
 
 
 def cpu(pid: int) -> float:
-    """User+system CPU seconds of pid and of the children it has waited for."""
+    """User+system CPU seconds of pid and of the children it has waited for (bench_scale.cpu_seconds
+    leaves those out; here they include the supervisor's pre-flight check, a child since 6d49597)."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
@@ -97,16 +103,9 @@ def main() -> int:
         d = Path(tmp)
         generate_pki(d / "pki")
         cfg = bs.gateway_config(d, d / "pki", "http://127.0.0.1:9", "https://127.0.0.1:10", "workers")
-        variants: list[tuple[str, dict[str, str]]] = []
-        trees = []
-        for ref in args.also:
-            wt = d / f"at-{ref}"
-            subprocess.run(["git", "worktree", "add", "--detach", str(wt), ref], cwd=ROOT, check=True, capture_output=True)
-            trees.append(wt)
-            variants.append((subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True,
-                                            text=True).stdout.strip(), {"PYTHONPATH": str(wt / "addons")}))
-        variants.append((head, {}))
-        try:
+        with ba.worktrees(d, set(args.also)):  # bench_all's: a `git worktree` per REF, removed at the end
+            variants = [(git_short(ref), {"PYTHONPATH": str(ba.WORKTREES[ref] / "addons")}) for ref in args.also]
+            variants.append((head, {}))
             runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
             one_start(cfg, args.workers, {})  # warm the page cache
             for r in range(args.rounds):
@@ -114,9 +113,6 @@ def main() -> int:
                     runs[name].append(x := one_start(cfg, args.workers, env))
                     print(f"  round {r + 1} {name}: serving after {x['wall']:.3f} s, CPU {x['cpu']:.2f} s, "
                           f"worker PSS {x['w_pss'] / 1024:.1f} MB", file=sys.stderr, flush=True)
-        finally:
-            for wt in trees:
-                subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
 
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     mb = lambda v: f"{v / 1024:.1f} MB"  # noqa: E731
@@ -124,8 +120,8 @@ def main() -> int:
     o = [f"## Starting and keeping {args.workers} workers (bench/bench_workers.py, {time.strftime('%Y-%m-%d')}, "
          f"commit {head})", "",
          f"Machine: {bs.machine()}.", "",
-         f"`easgate run policies-like.yaml --workers {args.workers}` (both routes, unreachable upstreams: nothing but "
-         f"the start-up), median of {args.rounds} alternating rounds. CPU: the supervisor and every process it "
+         f"`easgate run gateway.yaml --workers {args.workers}` (bench_scale.py's two-route config, unreachable "
+         f"upstreams: nothing but the start-up), median of {args.rounds} alternating rounds. CPU: the supervisor and every process it "
          "started, until all workers serve. Memory one second after that, from /proc/PID/smaps_rollup.", "",
          "| | " + " | ".join(f"easgate at {n}" for n in names) + " |",
          "|---|" + "---:|" * len(names)]

@@ -223,13 +223,16 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
     port = reserved.getsockname()[1]
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def worker_argv(i: int) -> list[str]:
-        argv = [sys.executable, "-m", "easgate.cli", "run", str(Path(args.config).resolve()), "--listen", listen,
-                "--workers", str(n), "--worker-index", str(i), "--grace", str(args.grace),
-                "--reload-grace", str(args.reload_grace)]
+    def worker_args(i: int) -> list[str]:
+        """Worker i's command line after `easgate`: run in a forked child (main), or exec'd."""
+        argv = ["run", str(Path(args.config).resolve()), "--listen", listen, "--workers", str(n),
+                "--worker-index", str(i), "--grace", str(args.grace), "--reload-grace", str(args.reload_grace)]
         if args.full:
             argv.append("--full")
         return argv + ["--", *(args.mitmproxy_args or [])]
+
+    def worker_argv(i: int) -> list[str]:
+        return [sys.executable, "-m", "easgate.cli", *worker_args(i)]
 
     def check() -> str | None:
         """SIGHUP: can the new workers load the config? (None: yes; else the one-line reason)
@@ -269,7 +272,7 @@ def _supervise(args, cfg: GatewayConfig, n: int) -> int:
         env[WORKER_DIR_ENV] = str(metrics.aggregator.dir)
     try:
         return workers.Supervisor(n, worker_argv, args.grace, listen, reload_grace_s=args.reload_grace,
-                                  check=check, env=env, worker_main=lambda i: main(worker_argv(i)[3:]),
+                                  check=check, env=env, worker_main=lambda i: main(worker_args(i)),
                                   close_in_worker=(reserved.close, *([metrics.forget] if metrics else [])),
                                   watch=metrics.watch if metrics else None).run()
     finally:
