@@ -601,8 +601,12 @@ def one_key_share(conn: SSL.Connection) -> bool:
     for the life of the connection: the ML-KEM-768 one is 7.7 KB, for an hour on a held Ping's
     upstream. An upstream that prefers X25519MLKEM768 still gets it (after a HelloRetryRequest, one
     round trip); one that does not (Exchange on Schannel, OpenSSL before 3.5) never uses it anyway.
-    False, and the defaults kept, where this OpenSSL does not know the syntax (before 3.5)."""
-    if SSL._lib.SSL_set1_curves_list(conn._ssl, ONE_KEY_SHARE_GROUPS) == 1:  # type: ignore[attr-defined]
+    False, and the defaults kept, where this OpenSSL does not know the syntax (before 3.5) or the
+    binding lacks the call (cryptography 46 does; mitmproxy 12 accepts 42 to 50)."""
+    set_groups = getattr(SSL._lib, "SSL_set1_curves_list", None)  # type: ignore[attr-defined]
+    if set_groups is None:
+        return False
+    if set_groups(conn._ssl, ONE_KEY_SHARE_GROUPS) == 1:
         return True
     SSL._lib.ERR_clear_error()  # type: ignore[attr-defined]
     return False
