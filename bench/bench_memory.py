@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ PROBE = ROOT / "bench" / "memprobe.py"
 # main before issue 18's held-Ping cuts of the `perf` branch
 DEFAULT_BASELINE = "72aaa5e"
 WARM = 20
+KEEP = ""  # --keep DIR
 STDLIB = os.path.dirname(os.__file__)
 # frames of the runner (asyncio.run, the CLI) sit under everything: they name nobody
 RUNNER = ("/bin/easgate", "easgate/cli.py", "easgate/runtime/lean.py")
@@ -148,6 +150,9 @@ def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced:
         r["types"] = {t: (after["types"].get(t, 0) - before["types"].get(t, 0)) / max(1, held)
                       for t in set(after["types"]) | set(before["types"])}
         if traced:
+            if KEEP:  # --keep: the two snapshots, for a closer look (tracemalloc.Snapshot.load)
+                for i in (1, 2):
+                    shutil.copy(f"{out}.{i}.snap", Path(KEEP) / f"{tag}.{i}.snap")
             s1 = tracemalloc.Snapshot.load(f"{out}.1.snap")
             s2 = tracemalloc.Snapshot.load(f"{out}.2.snap")
             by_area: Counter = Counter()
@@ -214,7 +219,10 @@ def main() -> int:
     ap.add_argument("--no-tree", action="store_true", help="leave this tree out (only --baseline and --also)")
     ap.add_argument("--http-upstream", action="store_true",
                     help="also this tree with an http:// Exchange pool (a trusted network): no upstream TLS")
+    ap.add_argument("--keep", metavar="DIR", help="copy the tracemalloc snapshots (before, after) into DIR")
     args = ap.parse_args()
+    global KEEP
+    KEEP = args.keep or ""
     raise_fd_limit()
     head = git("rev-parse", "--short", "HEAD") + (" + uncommitted" if git("status", "--porcelain", "addons") else "")
     with tempfile.TemporaryDirectory(prefix="easgate-bench-mem-") as tmp:

@@ -185,8 +185,12 @@ def upstream_side(pki: Path, variant: str):
     peer_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     peer_ctx.load_cert_chain(str(pki / "exchange.pem"), str(pki / "exchange.key"))
 
+    session = []
+
     def one():
         conn = SSL.Connection(ctx)
+        if "resumed" in variant and session:
+            conn.set_session(session[0])
         mitmcompat.verify_upstream_name(conn, "exchange.internal")
         conn.set_alpn_protos([b"http/1.1"])
         conn.set_connect_state()
@@ -209,6 +213,11 @@ def upstream_side(pki: Path, variant: str):
             got += peer.read(65535)
         pump(py_out(pout), conn.bio_write)  # session tickets the server sent after the handshake
         read_all_ossl(conn)
+        if "resumed" in variant:
+            if session:
+                assert SSL._lib.SSL_session_reused(conn._ssl), "not resumed"
+            else:
+                session.append(conn.get_session())
         return conn
     return one
 
@@ -223,6 +232,8 @@ VARIANTS = {
     "upstream-keep-bios": lambda pki: upstream_side(pki, "keep-bios"),
     "upstream": lambda pki: upstream_side(pki, ""),
     "upstream-tls12": lambda pki: upstream_side(pki, "tls12"),
+    "upstream-resumed": lambda pki: upstream_side(pki, "resumed"),
+    "upstream-resumed-tls12": lambda pki: upstream_side(pki, "resumed-tls12"),
 }
 
 
