@@ -512,3 +512,67 @@ def test_options_are_read_without_copying_immutable_values():
     o.update(seq=["c"])
     o.seq.append("d")
     assert o.seq == ["c"]
+
+
+def test_a_connection_s_own_tasks_come_from_copies_that_match_the_installed_mitmproxy():
+    """mitmcompat.lean_connections replaces ConnectionHandler.handle_client and handle_connection
+    with copies of mitmproxy 12.3.1's (marked where they differ) and the watchdog with a timer. Any
+    change to the originals, to TimeoutWatchdog or to on_timeout (the callback the timer starts)
+    fails here: compare mitmcompat's copies and TimerWatchdog with the new source, then update the
+    digests."""
+    import hashlib
+
+    mitmcompat.lean_connections()
+    cls = server.ConnectionHandler
+    assert getattr(cls.handle_client, "_easgate", False) and getattr(cls.handle_connection, "_easgate", False)
+    assert server.TimeoutWatchdog is mitmcompat.TimerWatchdog
+    digests = {
+        "handle_client": inspect.unwrap(cls.handle_client),
+        "handle_connection": inspect.unwrap(cls.handle_connection),
+        "on_timeout": cls.on_timeout,
+    }
+    got = {k: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16] for k, f in digests.items()}
+    assert got == {"handle_client": "01f1b7cc991c4711", "handle_connection": "95c3f93e9824e527",
+                   "on_timeout": "0d1e6b0aa6e41173"}
+    assert "TimeoutWatchdog(timeout, self.on_timeout)" in inspect.getsource(cls.__init__)
+    assert "set_task_debug_info(t, name=name, client=client)" in inspect.getsource(mitmcompat.asyncio_utils.create_task)
+    assert "with self.timeout_watchdog.disarm():" in inspect.getsource(mode_servers.ProxyConnectionHandler.handle_hook)
+
+
+def test_the_timer_watchdog_times_out_after_inactivity_and_never_while_disarmed():
+    """What mitmproxy's watchdog does, on a loop timer: the callback after `timeout` seconds without
+    activity; activity and a disarm (a hook running) hold it off; stop() ends it."""
+    import asyncio
+    import time
+
+    async def scenario() -> dict:
+        fired: dict[str, float] = {}
+        done = {k: asyncio.Event() for k in ("idle", "active", "disarmed")}
+
+        def make(name: str) -> mitmcompat.TimerWatchdog:
+            async def callback() -> None:
+                fired[name] = time.monotonic() - t0
+                done[name].set()
+            return mitmcompat.TimerWatchdog(0.2, callback)
+
+        t0 = time.monotonic()
+        idle, active, disarmed, stopped = make("idle"), make("active"), make("disarmed"), make("stopped")
+        for w in (idle, active, disarmed, stopped):
+            w.start()
+        stopped.stop()
+        with disarmed.disarm():
+            await asyncio.sleep(0.1)
+            active.register_activity()  # ~0.1 s in: postpones its timeout to ~0.3 s
+            await asyncio.wait_for(done["idle"].wait(), 5)
+            await asyncio.sleep(0.3)  # the disarmed one is past due, and must not fire
+            assert "disarmed" not in fired
+        for k in ("active", "disarmed"):
+            await asyncio.wait_for(done[k].wait(), 5)
+        await asyncio.sleep(0.3)
+        return fired
+
+    fired = asyncio.run(scenario())
+    assert set(fired) == {"idle", "active", "disarmed"}, fired  # never the stopped one
+    assert 0.19 <= fired["idle"] < 0.35, fired
+    assert fired["active"] >= fired["idle"] + 0.09, fired  # activity at ~0.1 s: 0.2 s after that
+    assert fired["disarmed"] >= fired["idle"] + 0.3 + 0.19, fired  # a full timeout after the disarm ended

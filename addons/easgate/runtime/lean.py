@@ -323,6 +323,7 @@ class LeanMaster(master.Master):
         opts.changed.disconnect(self.addons._configure_all)
         self.addons = FastAddonManager(self)
         mitmcompat.run_hooks_inline()  # connections' hooks through FastAddonManager.start_hook, no task each
+        mitmcompat.lean_connections()  # a connection's own tasks lighter: a timer watchdog, no asyncio.wait
         if self._termlog_addon is not None:
             self.addons.add(self._termlog_addon)
         self._legacy_log_events.uninstall()  # see _LogTuning
