@@ -73,9 +73,10 @@ def area(filename: str) -> str:
 
 class Variant:
     def __init__(self, name: str, addons: Path | None, commit: str, env: dict | None = None,
-                 http_upstream: bool = False) -> None:
+                 http_upstream: bool = False, client_cert: bool = False) -> None:
         self.name, self.addons, self.commit, self.env = name, addons, commit, env or {}
         self.http_upstream = http_upstream  # an http:// Exchange pool: no upstream TLS
+        self.client_cert = client_cert  # the phones present a device certificate (as managed ones do)
 
 
 def dump(pid: int, out: str, n: int, timeout: float = 120) -> dict:
@@ -117,6 +118,7 @@ def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced:
             else:
                 os.environ[k] = val
     conns: list = []
+    bs.CLIENT_CERT = v.client_cert
     try:
         port = g.wait_listening(1)
         pid = g.proc.pid
@@ -179,7 +181,7 @@ def report(variants: list[Variant], res: dict, n: int) -> str:
     names = [f"{v.name} ({v.commit})" for v in variants]
     o = [f"## Memory per held ActiveSync Ping, side by side (bench/bench_memory.py, {time.strftime('%Y-%m-%d')})", "",
          f"Machine: {bs.machine()}. `easgate run --workers 1`, {WARM} Pings held as a warm-up, then {n:,} more "
-         "(distinct devices, TLS 1.3 on both sides, no client certificate); per held Ping = growth / Pings held.", "",
+         "(distinct devices, TLS 1.3 on both sides, no client certificate unless the column says so); per held Ping = growth / Pings held.", "",
          "| per held Ping | " + " | ".join(names) + " |", "|---|" + "---:|" * len(variants)]
     rows = [("RSS", "plain", "rss"), ("RSS after malloc_trim(0)", "plain", "rss_trimmed"),
             ("malloc in use (glibc mallinfo2: OpenSSL, large Python objects)", "plain", "malloc"),
@@ -219,6 +221,8 @@ def main() -> int:
     ap.add_argument("--no-tree", action="store_true", help="leave this tree out (only --baseline and --also)")
     ap.add_argument("--http-upstream", action="store_true",
                     help="also this tree with an http:// Exchange pool (a trusted network): no upstream TLS")
+    ap.add_argument("--client-cert", action="store_true",
+                    help="also this tree with phones that present a device certificate (the demo iPhone's)")
     ap.add_argument("--keep", metavar="DIR", help="copy the tracemalloc snapshots (before, after) into DIR")
     args = ap.parse_args()
     global KEEP
@@ -239,6 +243,8 @@ def main() -> int:
                 variants.append(Variant("this tree+uvloop", None, head, {"EASGATE_EVENT_LOOP": "uvloop"}))
             if args.http_upstream:
                 variants.append(Variant("this tree (http upstream)", None, head, http_upstream=True))
+            if args.client_cert:
+                variants.append(Variant("this tree (client certificate)", None, head, client_cert=True))
             pki = d / "pki"
             generate_pki(pki)
             holds = {False: bs.HoldServer(d, pki)}

@@ -405,8 +405,13 @@ class HoldServer:
         self.proc.wait()
 
 
+CLIENT_CERT = False  # bench_memory.py --client-cert: the held Pings' phones present the demo iPhone's certificate
+
+
 def client_ctx(pki: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki / "public-ca.pem"))
+    if CLIENT_CERT:
+        ctx.load_cert_chain(str(pki / "device-iphone-bundle.pem"), str(pki / "device-iphone.key"))
     return ctx
 
 

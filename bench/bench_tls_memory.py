@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mitmproxy import certs
 from mitmproxy.net import tls as net_tls
 from OpenSSL import SSL
 
@@ -129,6 +130,8 @@ def client_side(pki: Path, variant: str):
     peer_ctx = ssl.create_default_context(cafile=str(pki / "public-ca.pem"))
     if variant.endswith("tls12"):
         peer_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if "cert" in variant:  # a managed phone: the demo iPhone's certificate and its device CA
+        peer_ctx.load_cert_chain(str(pki / "device-iphone-bundle.pem"), str(pki / "device-iphone.key"))
 
     def one():
         conn = SSL.Connection(ctx)
@@ -143,6 +146,10 @@ def client_side(pki: Path, variant: str):
         got = read_all_ossl(conn)
         assert got == REQUEST, got[:80]
         pump(ossl_out(conn), pin.write)  # tickets etc.
+        if "cert" in variant:
+            assert conn.get_peer_certificate() is not None
+        if "mitmproxy" in variant:  # what mitmproxy's TLS layer keeps on the Client (certificate_list)
+            conn.kept = [certs.Cert(c) for c in conn.get_peer_cert_chain(as_cryptography=True)]
         return conn
     return one
 
@@ -227,6 +234,8 @@ VARIANTS = {
     "client": lambda pki: client_side(pki, ""),
     "client-tls12": lambda pki: client_side(pki, "tls12"),
     "client-pq-phone": lambda pki: client_side_pq(pki, ""),
+    "client-cert": lambda pki: client_side(pki, "cert"),
+    "client-cert-mitmproxy": lambda pki: client_side(pki, "cert-mitmproxy"),
     "upstream-late": lambda pki: upstream_side(pki, "late"),
     "upstream-two-shares": lambda pki: upstream_side(pki, "two-shares-keep-bios"),
     "upstream-keep-bios": lambda pki: upstream_side(pki, "keep-bios"),
