@@ -576,3 +576,40 @@ def test_the_timer_watchdog_times_out_after_inactivity_and_never_while_disarmed(
     assert 0.19 <= fired["idle"] < 0.35, fired
     assert fired["active"] >= fired["idle"] + 0.09, fired  # activity at ~0.1 s: 0.2 s after that
     assert fired["disarmed"] >= fired["idle"] + 0.3 + 0.19, fired  # a full timeout after the disarm ended
+
+
+def test_the_gateway_sees_every_read_of_an_established_upstream_tls_connection():
+    """UpstreamPools keeps an upstream TLS 1.3 session when its ticket arrives, through
+    mitmcompat.on_upstream_read (a wrapper of ServerTLSLayer.receive_data): it relies on
+    receive_data reading every record after the handshake, and on the handshake's end running the
+    TlsEstablished hook (where the ticketless session is noted) before reading what came with it."""
+    from mitmproxy.proxy.layers import tls
+
+    src = inspect.getsource(tls)  # the module's: mitmcompat.install wraps receive_handshake_data
+    done = src.index("    def receive_handshake_data(")
+    assert done < src.index("TlsEstablishedServerHook(", done) < src.index('yield from self.receive_data(b"")', done)
+    assert "self.tls.recv(65535)" in src[src.index("    def receive_data(self, data: bytes)"):]
+    seen: list = []
+    mitmcompat.on_upstream_read(lambda server, conn: seen.append((server, conn)))
+    try:
+        patched = tls.ServerTLSLayer.receive_data
+        assert getattr(patched, "_easgate", False)
+        assert tls.ClientTLSLayer.receive_data is TLSLayer.receive_data  # the phones' side untouched
+
+        class NothingToRead:
+            def bio_write(self, data: bytes) -> None:
+                pass
+
+            def recv(self, n: int) -> bytes:
+                raise SSL.WantReadError()
+
+        class Layer:  # what receive_data uses of a ServerTLSLayer
+            conn, tls = "server", NothingToRead()
+
+            def tls_interact(self):
+                return iter(())
+
+        layer = Layer()
+        assert list(patched(layer, b"ticket")) == [] and seen == [("server", layer.tls)]
+    finally:
+        mitmcompat.on_upstream_read(None)

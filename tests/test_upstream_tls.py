@@ -13,12 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import base_config, request, wait_for, write_config
+from conftest import HeldPingExchange, base_config, request, wait_for, write_config
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -124,3 +125,28 @@ def test_an_upstream_that_no_longer_verifies_after_a_reload_is_not_reached_with_
     g.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: g.output.count("reload complete") == 2, 10, "the second reload", g)
     assert handshakes(g.port, pki, 2) == ["New TLSv1.3", "Reused TLSv1.3"]
+
+
+def test_a_held_request_s_upstream_session_is_resumed_while_the_request_is_still_held(start_gateway, pki, exchange,
+                                                                                       mdm):
+    """A TLS 1.3 server sends its session tickets after the handshake. The gateway keeps the session
+    as they arrive: a held Ping's upstream connection, answered up to an hour later, gives its
+    session to the next connection at once. (Kept when the response came, it gave none while held:
+    in a burst of Pings, as after a restart, every upstream handshake was a full one.)"""
+    up = HeldPingExchange(tls=(pki / "exchange.pem", pki / "exchange.key"))  # Python's ssl: OpenSSL 3.0
+    try:
+        g = start_gateway(upstream_config(pki, exchange, mdm, up.url))
+        held: list = []
+        t = threading.Thread(target=lambda: held.append(request(g.port, "POST", "/enroll?Cmd=Ping", pki, body=b"p",
+                                                                timeout=30)), daemon=True)
+        t.start()
+        assert up.pings_waiting.acquire(timeout=20), g.output  # upstream has it: handshake and tickets done
+        r = request(g.port, "POST", "/enroll?Cmd=Sync", pki, body=b"s")
+        assert r.status == 200 and r.headers["X-Session-Reused"] == "yes", (r.status, r.headers)
+        assert t.is_alive() and not held  # still held
+        up.release.set()
+        t.join(20)
+        assert held and held[0].status == 200 and held[0].headers["X-Session-Reused"] == "no"  # the first: full
+        assert "Traceback" not in g.output
+    finally:
+        up.stop()

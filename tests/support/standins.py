@@ -128,5 +128,7 @@ class _HeldPingHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Digest", hashlib.sha256(body).hexdigest())
+        # whether this (TLS) connection resumed a session: the gateway's upstream session reuse
+        self.send_header("X-Session-Reused", "yes" if getattr(self.connection, "session_reused", False) else "no")
         self.end_headers()
         self.wfile.write(body)

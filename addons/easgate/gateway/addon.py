@@ -445,8 +445,11 @@ class UpstreamPools:
         # (session, when the full handshake that verified the server was made)
         self.sessions: dict[tuple, tuple[SSL.Session, float]] = {}
         # live upstream TLS connections: server -> [config generation, session key, SSL connection,
-        # when the session offered was verified (None: none offered), when this one was verified]
+        # when the session offered was verified (None: none offered), when this one was verified,
+        # the session it last handed to `sessions` (or, TLS 1.3, the ticketless one it ended its
+        # handshake with): each session is kept once]
         self.tls_conns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        mitmcompat.on_upstream_read(self.upstream_read)
         self.generation = 0
         self.resumed = 0  # upstream handshakes that resumed a session (for tests and metrics)
 
@@ -566,8 +569,13 @@ class UpstreamPools:
             reused = entry[3] is not None and mitmcompat.session_reused(entry[2])
             entry[4] = entry[3] if reused else self.clock()
             self.resumed += reused
-            if data.ssl_conn is not None and data.ssl_conn.get_protocol_version_name() != "TLSv1.3":
-                self.keep_session(data.conn)  # complete now (TLS 1.3: see keep_session)
+            if data.ssl_conn is None:
+                return
+            if data.ssl_conn.get_protocol_version_name() != "TLSv1.3":
+                self.keep_session(data.conn)  # complete now
+            else:  # no ticket yet: the session to keep is the next one (upstream_read). Held, not
+                # just its address: the first ticket frees it, and the second may get its address.
+                entry[5] = data.ssl_conn.get_session()
 
     def tls_start_server(self, tls_start) -> None:
         server = tls_start.conn
@@ -605,7 +613,7 @@ class UpstreamPools:
         if cached is not None and self.clock() - cached[1] < UPSTREAM_SESSION_MAX_AGE_S:
             conn.set_session(cached[0])
             offered = cached[1]
-        self.tls_conns[server] = [self.generation, key, conn, offered, None]
+        self.tls_conns[server] = [self.generation, key, conn, offered, None, None]
         conn.set_connect_state()
         tls_start.ssl_conn = conn
 
@@ -620,16 +628,29 @@ class UpstreamPools:
             # alert keeps that mark (nginx does the same, SSL_set_shutdown before SSL_free).
             entry[2].set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
 
+    def upstream_read(self, server: connection.Server, ssl_conn: SSL.Connection) -> None:
+        """After each read of an established upstream TLS connection: a TLS 1.3 server's session
+        tickets arrive after the handshake, each a new session, kept as it arrives. Waiting for the
+        response instead kept nothing from a held Ping's connection for up to an hour, so every
+        Ping opened meanwhile (a reconnect storm after a restart) got a full handshake."""
+        entry = self.tls_conns.get(server)
+        if entry is not None and entry[4] is not None and not mitmcompat.holds_session(ssl_conn, entry[5]):
+            self.keep_session(server)
+
     def keep_session(self, server: connection.Server) -> None:
         """Keep the session of an established upstream TLS connection for the next connection to
-        that server. A TLS 1.3 server sends its session tickets after the handshake, so this is done
-        when its response arrives (before the client has it, and so before it can reconnect)."""
+        that server, once (a session already kept, or the ticketless one a TLS 1.3 handshake ends
+        with, is not kept again): when its handshake ends (TLS 1.2), when a ticket arrives (TLS 1.3,
+        upstream_read), and at its response and disconnect, in case a read was missed."""
         entry = self.tls_conns.get(server)
         if entry is None:
             return
-        generation, key, conn, _, verified_at = entry
+        generation, key, conn, _, verified_at, kept = entry
         if verified_at is None or generation != self.generation:
             return  # no handshake completed, or made under a config since reloaded
+        if kept is not None and mitmcompat.holds_session(conn, kept):
+            return
         session = conn.get_session()
         if session is not None and self.clock() - verified_at < UPSTREAM_SESSION_MAX_AGE_S:
             self.sessions[key] = (session, verified_at)
+            entry[5] = mitmcompat.session_pointer(conn)  # the address: the cache holds the session

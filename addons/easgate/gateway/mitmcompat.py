@@ -776,6 +776,47 @@ def session_reused(conn: SSL.Connection) -> bool:
     return bool(SSL._lib.SSL_session_reused(conn._ssl))  # type: ignore[attr-defined]
 
 
+def session_pointer(conn: SSL.Connection) -> object:
+    """Which SSL_SESSION the connection holds right now (SSL_get_session: an address, no reference
+    kept). A TLS 1.3 client gets a new one for each session ticket it receives. Relies on:
+    pyOpenSSL's Session keeping its SSL_SESSION in `_session`."""
+    return SSL._lib.SSL_get_session(conn._ssl)  # type: ignore[attr-defined]
+
+
+def holds_session(conn: SSL.Connection, mark: object) -> bool:
+    """Whether `conn` still holds the session `mark` names: a pyOpenSSL Session (it holds a
+    reference, so its address is not reused meanwhile) or an address from session_pointer (which,
+    once that session is freed, a later one may get)."""
+    return session_pointer(conn) == (mark._session if isinstance(mark, SSL.Session) else mark)  # type: ignore[attr-defined]
+
+
+# Relies on: TLSLayer.receive_data reading every TLS record an established connection receives
+# (after the handshake, and, right after the TlsEstablished hook, what arrived with the handshake's
+# last flight): a TLS 1.3 server's session tickets come through it; and ServerTLSLayer, the upstream
+# side, inheriting it, with the connection in .conn and the pyOpenSSL connection in .tls.
+_upstream_read: Callable[[connection.Server, SSL.Connection], None] | None = None
+
+
+def on_upstream_read(callback: Callable[[connection.Server, SSL.Connection], None] | None) -> None:
+    """Call `callback(server, ssl_conn)` after each read of an established upstream TLS connection
+    (one process, one callback: the gateway's UpstreamPools). mitmproxy has no hook for records
+    that carry no data, and a TLS 1.3 server's session tickets are such records."""
+    global _upstream_read
+    _upstream_read = callback
+    cls = tls_layers.ServerTLSLayer
+    if getattr(cls.__dict__.get("receive_data"), "_easgate", False):
+        return
+    original = cls.receive_data
+
+    def receive_data(self, data: bytes):
+        yield from original(self, data)
+        if _upstream_read is not None and self.tls is not None:
+            _upstream_read(self.conn, self.tls)
+
+    receive_data._easgate = True  # type: ignore[attr-defined]
+    cls.receive_data = receive_data  # type: ignore[method-assign]
+
+
 def release_buffers(conn: SSL.Connection) -> None:
     """SSL_MODE_RELEASE_BUFFERS on one connection (pyOpenSSL has it per context only). Before the
     handshake: OpenSSL 3.2+ gives a record layer the mode it has when the layer is made."""
