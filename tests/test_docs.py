@@ -7,6 +7,7 @@ name it in the test's `@covers("docs/FILE.md", "the command")` decorator. This t
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 from doccommands import NOT_RUN, ROOT, all_commands, commands_in, normalize
@@ -96,3 +97,14 @@ def test_nothing_points_outside_the_repository():
             if "../shared" in line or "shared/DESIGN" in line or "DESIGN.md" in line:
                 bad.append(f"{name}:{n}: {line.strip()}")
     assert not bad, "files that point outside the repository:\n" + "\n".join(bad)
+
+
+def test_every_metric_the_gateway_serves_is_in_the_operations_table():
+    """docs/operations.md's metrics table is where an operator looks up what a series means: a
+    metric added without a row there is one nobody can read (two were missing when this test came)."""
+    names = set(re.findall(r'd\.(?:metric|histogram)\(\s*"(easgate_\w+)"',
+                           (ROOT / "addons/easgate/gateway/metrics.py").read_text()))
+    assert len(names) > 20  # the pattern still finds them
+    table = [line for line in (ROOT / "docs/operations.md").read_text().splitlines() if line.startswith("| `easgate_")]
+    documented = set(re.findall(r"`(easgate_\w+)`", "\n".join(table)))
+    assert sorted(names - documented) == []

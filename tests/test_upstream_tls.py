@@ -12,14 +12,18 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import HeldPingExchange, base_config, request, wait_for, write_config
+from easgate.runtime.aggregate import Document
+
+from conftest import HOSTNAME, HeldPingExchange, base_config, request, wait_for, write_config
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -150,3 +154,35 @@ def test_a_held_request_s_upstream_session_is_resumed_while_the_request_is_still
         assert "Traceback" not in g.output
     finally:
         up.stop()
+
+
+def test_tls_handshakes_are_counted_by_side_and_resumption(start_gateway, sserver, pki, exchange, mdm):
+    """easgate_tls_handshakes_total: what an operator reads to see that phones and the gateway
+    resume their sessions (docs/operations.md). Counted against what the peers themselves saw:
+    s_server's New/Reused, Python's ssl `session_reused`."""
+    up = sserver()
+    g = start_gateway(upstream_config(pki, exchange, mdm, up.url), workers=1,
+                      extra=["--set", "easgate_metrics=127.0.0.1:0"])
+    mport = int(wait_for(lambda: re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", g.output), 10,
+                         "the metrics line", g)[1])
+    assert handshakes(g.port, pki, 3) == ["New TLSv1.3", "Reused TLSv1.3", "Reused TLSv1.3"]
+    ctx = ssl.create_default_context(cafile=str(pki / "public-ca.pem"))
+
+    def get(session=None) -> tuple[ssl.SSLSession, bool]:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", g.port)), server_hostname=HOSTNAME,
+                             session=session) as s:
+            s.sendall(f"GET /enroll HTTP/1.1\r\nHost: {HOSTNAME}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert data.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), data[:200]  # s_server answers 1.0
+            return s.session, s.session_reused
+
+    session, reused = get()
+    assert not reused
+    assert get(session)[1]  # the phone resumed with the gateway's ticket
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+        samples = Document.parse(r.read().decode()).samples
+    got = {(side, resumed): samples.get(("easgate_tls_handshakes_total", f'{{side="{side}",resumed="{resumed}"}}'))
+           for side in ("client", "upstream") for resumed in ("no", "yes")}
+    assert got == {("client", "no"): 4, ("client", "yes"): 1, ("upstream", "no"): 1, ("upstream", "yes"): 4}, got

@@ -40,6 +40,7 @@ from mitmproxy import ctx, exceptions, http
 from .. import __version__
 from ..core import keys, net
 from ..core.decision import Decision
+from . import mitmcompat
 from .addon import ContentSwitch, UpstreamPools, request_command
 from .audittrail import AuditTrail
 from .authorize import ActiveSyncGate
@@ -164,6 +165,7 @@ class Metrics:
         self.responses: Counter = Counter()  # (route, status code)
         self.upstream_errors: Counter = Counter()  # route
         self.refused = 0
+        self.handshakes: Counter = Counter()  # (side: client | upstream, resumed: yes | no)
         self.started = time.time()
         self._want: tuple[str, int] | None = None
         self._running = False
@@ -286,6 +288,12 @@ class Metrics:
             self.upstream_seconds.observe((("route", up[0]), ("long_poll", "yes" if up[1] else "no")),
                                           max(0.0, got - sent))
 
+    def tls_established_client(self, data) -> None:
+        self.handshakes["client", "yes" if mitmcompat.session_reused(data.ssl_conn) else "no"] += 1
+
+    def tls_established_server(self, data) -> None:
+        self.handshakes["upstream", "yes" if mitmcompat.session_reused(data.ssl_conn) else "no"] += 1
+
     def error(self, flow: http.HTTPFlow) -> None:
         self.upstream.pop(flow.id, None)
         decision = flow.metadata.get(keys.DECISION)
@@ -314,6 +322,11 @@ class Metrics:
                  [({"code": c}, v) for c, v in sorted(getattr(strict, "refused", {}).items())])
         d.metric("easgate_responses_total", "counter", "Responses sent to clients, by route and status code.",
                  [({"route": r, "code": c}, v) for (r, c), v in sorted(self.responses.items(), key=str)])
+        d.metric("easgate_tls_handshakes_total", "counter",
+                 "TLS handshakes completed, by side (client: phones; upstream: to pool servers) and whether "
+                 "they resumed a session.",
+                 [({"side": side, "resumed": r}, self.handshakes[side, r])
+                  for side in ("client", "upstream") for r in ("no", "yes")])
         held = Counter((route, cmd) for route, cmd in self.upstream.values() if cmd)
         cfg = self.current.config
         for r in getattr(cfg, "routes", ()) or ():
