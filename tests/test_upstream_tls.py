@@ -186,3 +186,33 @@ def test_tls_handshakes_are_counted_by_side_and_resumption(start_gateway, sserve
     got = {(side, resumed): samples.get(("easgate_tls_handshakes_total", f'{{side="{side}",resumed="{resumed}"}}'))
            for side in ("client", "upstream") for resumed in ("no", "yes")}
     assert got == {("client", "no"): 4, ("client", "yes"): 1, ("upstream", "no"): 1, ("upstream", "yes"): 4}, got
+
+
+def test_connections_opened_together_all_resume_the_newest_session(start_gateway, pki, exchange, mdm):
+    """The newest session with a server is offered to every new connection until a newer one
+    replaces it (nginx's proxy_ssl_session_reuse), not once: four requests whose upstream
+    handshakes start together (a reconnect storm in small) all resume the warm-up's session.
+    Offered once, all but one of them would get a full handshake until its ticket came."""
+    up = HeldPingExchange(tls=(pki / "exchange.pem", pki / "exchange.key"))
+    try:
+        g = start_gateway(upstream_config(pki, exchange, mdm, up.url))
+        first = request(g.port, "POST", "/enroll?Cmd=Sync", pki, body=b"s")
+        assert first.status == 200 and first.headers["X-Session-Reused"] == "no"
+        answers: list = []
+        go = threading.Barrier(4)
+
+        def held() -> None:
+            go.wait(10)
+            answers.append(request(g.port, "POST", "/enroll?Cmd=Ping", pki, body=b"p", timeout=30))
+
+        threads = [threading.Thread(target=held, daemon=True) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for _ in threads:
+            assert up.pings_waiting.acquire(timeout=20), g.output
+        up.release.set()
+        for t in threads:
+            t.join(20)
+        assert [(a.status, a.headers["X-Session-Reused"]) for a in answers] == [(200, "yes")] * 4
+    finally:
+        up.stop()
