@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_memory.py                       # HEAD vs the baseline commit (~3 min)
     .venv/bin/python bench/bench_memory.py --baseline abc1234 --pings 2000
     .venv/bin/python bench/bench_memory.py --baseline main --also 1234abc --no-tree   # commits only
+    .venv/bin/python bench/bench_memory.py --baseline HEAD --no-tree --http-upstream --client-cert --no-traced --write
 
 Each variant is `easgate run --workers 1` (bench_scale.py's gateway config) with `-s bench/memprobe.py`
 in front of an asyncio HTTPS upstream that holds every `Cmd=Ping`. The baseline runs the same .venv
@@ -34,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_scale as bs  # noqa: E402
+import benchlib  # noqa: E402
 
 from easgate.gateway.connections import raise_fd_limit  # noqa: E402
 from easgate.tools.pki import generate_pki  # noqa: E402
@@ -223,10 +225,12 @@ def main() -> int:
                     help="also this tree with an http:// Exchange pool (a trusted network): no upstream TLS")
     ap.add_argument("--client-cert", action="store_true",
                     help="also this tree with phones that present a device certificate (the demo iPhone's)")
+    ap.add_argument("--write", action="store_true", help="append the result to bench/RESULTS.md (clean tree only)")
     ap.add_argument("--keep", metavar="DIR", help="copy the tracemalloc snapshots (before, after) into DIR")
     args = ap.parse_args()
     global KEEP
     KEEP = args.keep or ""
+    benchlib.refuse_dirty_write(args.write, "bench_memory.py")
     raise_fd_limit()
     head = git("rev-parse", "--short", "HEAD") + (" + uncommitted" if git("status", "--porcelain", "addons") else "")
     with tempfile.TemporaryDirectory(prefix="easgate-bench-mem-") as tmp:
@@ -265,7 +269,10 @@ def main() -> int:
         finally:
             for wt, _ in trees:
                 git("worktree", "remove", "--force", str(wt))
-    print(report(variants, res, args.pings))
+    out = report(variants, res, args.pings)
+    print(out)
+    if args.write:
+        benchlib.append(out, "bench_memory.py")
     return 0
 
 
