@@ -192,20 +192,23 @@ def report(variants: list[Variant], res: dict, n: int) -> str:
         o.append(f"| {label} | " + " | ".join(kb(res.get((v.name, kind), {}).get(key)) for v in variants) + " |")
     o.append("| Pings held (plain / traced pass) | " + " | ".join(
         f"{res[(v.name, 'plain')]['held']:,} / {res.get((v.name, 'traced'), {}).get('held', 0):,}" for v in variants) + " |")
-    o += ["", "Python objects by who asked for them (tracemalloc: the innermost frame outside the standard "
-          "library; `asyncio` itself when no other code is on the stack, e.g. accepting a connection):", "",
-          "| area | " + " | ".join(names) + " |", "|---|" + "---:|" * len(variants)]
-    areas = sorted({a for v in variants for a in res.get((v.name, "traced"), {}).get("areas", {})},
-                   key=lambda a: -res.get((variants[0].name, "traced"), {}).get("areas", {}).get(a, 0))
-    for a in areas:
-        o.append(f"| {a} | " + " | ".join(kb(res.get((v.name, "traced"), {}).get("areas", {}).get(a, 0)) for v in variants) + " |")
+    traced = any((v.name, "traced") in res for v in variants)  # not with --no-traced
+    if traced:
+        o += ["", "Python objects by who asked for them (tracemalloc: the innermost frame outside the standard "
+              "library; `asyncio` itself when no other code is on the stack, e.g. accepting a connection):", "",
+              "| area | " + " | ".join(names) + " |", "|---|" + "---:|" * len(variants)]
+        areas = sorted({a for v in variants for a in res.get((v.name, "traced"), {}).get("areas", {})},
+                       key=lambda a: -res.get((variants[0].name, "traced"), {}).get("areas", {}).get(a, 0))
+        for a in areas:
+            o.append(f"| {a} | " + " | ".join(kb(res.get((v.name, "traced"), {}).get("areas", {}).get(a, 0))
+                                              for v in variants) + " |")
     o += ["", "Live objects per held Ping (gc, classes with >= 0.5 per Ping in any variant):", "",
           "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(variants)]
     classes = sorted({t for v in variants for t, c in res[(v.name, "plain")]["types"].items() if c >= 0.5},
                      key=lambda t: -max(res[(v.name, "plain")]["types"].get(t, 0) for v in variants))
     for t in classes:
         o.append(f"| `{t}` | " + " | ".join(f"{res[(v.name, 'plain')]['types'].get(t, 0):.1f}" for v in variants) + " |")
-    for v in variants:
+    for v in variants if traced else []:
         o += ["", f"Top allocation sites, {v.name} (tracemalloc, per held Ping):", ""]
         o += [f"- `{line}`: {size:,.0f} B" for line, size in res.get((v.name, "traced"), {}).get("lines", {}).items()]
     return "\n".join(o)
