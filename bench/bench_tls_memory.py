@@ -23,6 +23,7 @@ import os
 import ssl
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mitmproxy import certs
@@ -33,6 +34,9 @@ from easgate.gateway import mitmcompat
 from easgate.gateway.config import ClientCerts, TlsConfig
 from easgate.gateway.tls import build_client_context
 from easgate.tools.pki import generate_pki
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 REQUEST = (b"POST /Microsoft-Server-ActiveSync?Cmd=Ping&User=u&DeviceId=ApplHOLD00000001&DeviceType=iPhone "
            b"HTTP/1.1\r\nHost: mail.example.test\r\nMS-ASProtocolVersion: 16.1\r\nUser-Agent: Apple-iPhone/1\r\n"
@@ -262,6 +266,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--only", default="", help="comma-separated variants (default: all): " + ", ".join(VARIANTS))
+    ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md (clean tree only)")
     ap.add_argument("--leak", help="make --n connections of this one variant and exit without freeing "
                     "them (for `heaptrack` / `heaptrack_print --print-leaks`: who allocated what they hold)")
     args = ap.parse_args()
@@ -273,14 +278,24 @@ def main() -> int:
             gc.collect()
             os._exit(0 if held else 1)
     names = [v for v in args.only.split(",") if v] or list(VARIANTS)
+    benchlib.refuse_dirty_write(args.write, "bench_tls_memory.py")
+    out = [f"## OpenSSL's memory per held connection (bench/bench_tls_memory.py, {time.strftime('%Y-%m-%d')}, "
+           f"commit {benchlib.commit()})", "",
+           f"Python {sys.version.split()[0]}; OpenSSL (gateway, cryptography's): "
+           f"{SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}; peer (Python's ssl): {ssl.OPENSSL_VERSION}. "
+           f"{args.n} connections per variant, each made as the gateway makes it; glibc malloc in use after, per "
+           "connection (the variants: this script's docstring and VARIANTS).", "",
+           "| variant | malloc per connection |", "|---|---:|"]
+    print("\n".join(out), flush=True)
     with tempfile.TemporaryDirectory(prefix="easgate-bench-tlsmem-") as tmp:
         pki = Path(tmp)
         generate_pki(pki)
-        print(f"OpenSSL (gateway): {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}; peer: {ssl.OPENSSL_VERSION}")
-        print("| variant | malloc per connection |\n|---|---:|")
         for name in names:
             per = measure(VARIANTS[name](pki), args.n)
-            print(f"| {name} | {per / 1024:.1f} KB |", flush=True)
+            out.append(f"| {name} | {per / 1024:.1f} KB |")
+            print(out[-1], flush=True)
+    if args.write:
+        benchlib.append("\n".join(out), "bench_tls_memory.py")
     return 0
 
 

@@ -34,6 +34,7 @@ run bench/bench_gateway.py profile --write
 run bench/bench_gateway.py soak --minutes 3 --write
 run bench/bench_scale.py --skip-throughput --write
 run bench/bench_workers.py ${BASELINE:+--also "$BASELINE"} --write
+run bench/bench_tls_memory.py --write
 run bench/bench_identity.py --write
 run bench/bench_ratelimit.py --write
 run bench/bench_inventory.py --write
