@@ -36,6 +36,7 @@ from support.client import (  # noqa: F401 - re-exported for the tests that impo
 )
 from support.procs import (  # noqa: F401 - the launcher, re-exported for the tests that import it from here
     LISTEN_RE,
+    LOG_CONNECTIONS,
     WORKER_LISTEN_RE,
     ConnectorProcess,
     ForkServer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -17,8 +18,10 @@ from easgate.tools.standins import MdmStandIn
 
 from conftest import (
     HOSTNAME,
+    LOG_CONNECTIONS,
     ROOT,
     GatewayProcess,
+    authz_config,
     base_config,
     client_context,
     curl,
@@ -584,3 +587,27 @@ def test_protocol_upgrades_are_not_passed_on(gw, pki, mdm):
     assert r.status == 200
     names = {k.lower(): v for k, v in mdm.requests()[0]["headers"]}
     assert "upgrade" not in names and "upgrade" not in names.get("connection", "").lower()
+
+
+def test_connection_lines_are_debug_lines_unless_asked_for(start_gateway, pki, exchange, mdm, tmp_path):
+    """mitmproxy's four lines per connection (client/server connect/disconnect) stay out of the log
+    by default: four per phone reconnect are millions a day on a busy gateway (configuration.md,
+    easgate_log_connections). What matters still is logged (here a deny); the option brings them back."""
+    cfg = authz_config(pki, exchange, mdm, tmp_path, policy={"mode": "block"})
+    deny = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplNOTINVENTORY&DeviceType=iPhone"
+    routine = re.compile(r"\] (client connect|client disconnect|server connect|server disconnect)( \S+)?$")
+
+    def kinds(g: GatewayProcess) -> set[str]:
+        return {m[1] for line in list(g.lines) if (m := routine.search(line))}
+
+    for extra, shown in (((), False), (LOG_CONNECTIONS, True)):
+        g = start_gateway(cfg, extra=extra)
+        assert request(g.port, "GET", "/enroll", pki).status == 200  # a connection that ends
+        # then a request on a new connection whose deny is logged: the first one's lines come before it
+        assert request(g.port, "POST", deny, pki, body=b"\x03\x01\x6a\x00").status == 403
+        wait_for(lambda: "easgate: deny alice ApplNOTINVENTORY" in g.output, 10, "the deny line", g)
+        if shown:
+            wait_for(lambda: kinds(g) == {"client connect", "client disconnect", "server connect", "server disconnect"},
+                     10, "the connection lines", g)
+        else:
+            assert kinds(g) == set(), g.output

@@ -92,7 +92,7 @@ class HeldPing:
 
 
 def start(cfg: dict, tmp_path: Path, workers: int) -> GatewayProcess:
-    return launch(conftest.write_config(tmp_path, cfg), workers=workers)
+    return launch(conftest.write_config(tmp_path, cfg), workers=workers, extra=conftest.LOG_CONNECTIONS)
 
 
 def hold_pings_on_every_worker(g: GatewayProcess, pki: Path, exchange, workers: int) -> list[HeldPing]:
@@ -150,7 +150,8 @@ def test_policy_reload_closes_a_held_ping(pki, holding_exchange, mdm, tmp_path):
     cfg = conftest.authz_config(pki, holding_exchange, mdm, tmp_path, policy=POLICY)
     # the file checked every 100 ms, not 2 s: the bound is for what follows the check (the new policy
     # loaded in a child process, every held request decided again), on a machine the suite loads
-    g = launch(conftest.write_config(tmp_path, cfg), workers=2, extra=["--set", "easgate_policy_poll_ms=100"])
+    g = launch(conftest.write_config(tmp_path, cfg), workers=2,
+               extra=["--set", "easgate_policy_poll_ms=100", *conftest.LOG_CONNECTIONS])
     try:
         pings = hold_pings_on_every_worker(g, pki, holding_exchange, 2)
         t0 = time.monotonic()

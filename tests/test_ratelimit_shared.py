@@ -32,7 +32,7 @@ def limited(pki, exchange, mdm, tmp_path: Path, **auth) -> dict:
 
 def start(cfg: dict, tmp_path: Path, workers: int, name: str = "gateway.yaml") -> GatewayProcess:
     g = GatewayProcess(easgate_argv("run", str(conftest.write_config(tmp_path, cfg, name)), "--listen", "127.0.0.1:0",
-                                    "--workers", str(workers)))
+                                    "--workers", str(workers), "--", *conftest.LOG_CONNECTIONS))
     g.wait_ready(30)
     if workers > 1:
         g.wait_output("workers serving", 30)

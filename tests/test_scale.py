@@ -22,6 +22,7 @@ from easgate.tools.standins import ExchangeStandIn
 
 from conftest import (
     HOSTNAME,
+    LOG_CONNECTIONS,
     GatewayProcess,
     base_config,
     client_context,
@@ -47,8 +48,8 @@ def worker_ports(g: GatewayProcess) -> dict[int, int]:
 
 
 def start_workers(start_gateway, cfg_path: Path, n: int = 2, *args: str) -> GatewayProcess:
-    """N workers on one port, all serving; g.port is that port."""
-    return start_gateway(cfg_path, *args, workers=n)
+    """N workers on one port, all serving; g.port is that port (and its connections in the log: served_by)."""
+    return start_gateway(cfg_path, *args, workers=n, extra=LOG_CONNECTIONS)
 
 
 def served_by(g: GatewayProcess, local_ports: list[int]) -> dict[int, int]:

@@ -14,6 +14,7 @@ import urllib.request
 from easgate.runtime.aggregate import Document
 
 from conftest import (
+    LOG_CONNECTIONS,
     authz_config,
     base_config,
     easgate_argv,
@@ -42,7 +43,7 @@ def test_one_endpoint_reports_every_worker(pki, mdm, held_exchange, tmp_path):
     cfg["pools"]["exchange"] = {"servers": [held_exchange.url]}
     path = write_config(tmp_path, cfg)
     # the first example of docs/operations.md, with two workers and free ports
-    g = launch(path, workers=2, extra=["--set", "easgate_metrics=127.0.0.1:0"])
+    g = launch(path, workers=2, extra=["--set", "easgate_metrics=127.0.0.1:0", *LOG_CONNECTIONS])
     try:
         mport = int(wait_for(lambda: METRICS_AT.search(g.output), 5, "the metrics line", g)[1])
 

@@ -37,6 +37,9 @@ FORK_PREFIX = [sys.executable, "-SI", str(FORKEXEC)]  # + PROG ARGS: run through
 # mitmproxy's "Reverse proxy to ... listening at HOST:PORT" (a worker's line carries a [wN] prefix)
 LISTEN_RE = re.compile(r"[Rr]everse proxy to \S+ listening at \[?([0-9.:a-f*]*)\]?:(\d+)")
 WORKER_LISTEN_RE = re.compile(r"^\[w(\d+)\].*listening at \S+:(\d+)")
+# mitmproxy's `client connect` line per connection (a debug line by default, configuration.md): the tests that
+# find which worker served a client port read them
+LOG_CONNECTIONS = ("--set", "easgate_log_connections=true")
 CONNECTOR_LISTEN_RE = re.compile(r"listening at http://127\.0\.0\.1:(\d+)")
 
 T = TypeVar("T")

@@ -21,6 +21,7 @@ from .addon import Gateway
 from .authorize import ActiveSyncGate
 from .autodiscover import RedirectRewrite
 from .config import GatewayConfig, load_config
+from .connlog import ConnectionLog
 from .contentview import WebAnnotations
 from .finalcheck import FinalCheck
 from .flowlimit import FlowLimit
@@ -37,7 +38,7 @@ def make_addons() -> list:
     gw.add_stage(RedirectRewrite(gw.current))  # responses: internal hosts out of redirects and Autodiscover
     metrics = Metrics(gw.current, gw.switch, gw.strict, gate, gw.audit)
     gw.addons.insert(0, metrics.first_stage)  # notes the flows that arrive live, before anything kills one
-    gw.addons += [WebAnnotations(), metrics, FlowLimit()]  # after the decision
+    gw.addons += [WebAnnotations(), metrics, FlowLimit(), ConnectionLog()]  # after the decision
     return [gw, FinalCheck(gw.current, gw.ledger, gate)]
 
 
