@@ -1,9 +1,10 @@
 """Whether mitmproxy's four log lines per connection are shown (`easgate_log_connections`).
 
 mitmproxy logs `client connect`, `server connect ADDRESS`, `client disconnect` and `server
-disconnect ADDRESS` at info level for every connection. A gateway whose phones reconnect for each
-Ping writes millions of them a day (four per reconnect: ~40 a second for 10,000 phones), and making
-and writing them is a few percent of a new connection's CPU. The audit log has a line per ActiveSync
+disconnect ADDRESS` at info level for every connection. Phones reconnect all day (carrier and NAT
+timeouts end idle connections; a Ping lasts up to an hour): at one reconnect per phone every 15
+minutes, 10,000 phones make ~45 of these lines a second, ~4 million a day, and making and writing
+them was 5-9% of a new connection's CPU (bench/RESULTS.md). The audit log has a line per ActiveSync
 request, and what goes wrong on a connection (a failed handshake or connect, an idle timeout, a
 crash) is still logged at info or above. So they are debug lines unless `--set
 easgate_log_connections=true` (each names the connection's address and, with workers, its worker:
