@@ -45,7 +45,6 @@ PROBE = ROOT / "bench" / "memprobe.py"
 # main before issue 18's held-Ping cuts of the `perf` branch
 DEFAULT_BASELINE = "72aaa5e"
 WARM = 20
-KEEP = ""  # --keep DIR
 STDLIB = os.path.dirname(os.__file__)
 # frames of the runner (asyncio.run, the CLI) sit under everything: they name nobody
 RUNNER = ("/bin/easgate", "easgate/cli.py", "easgate/runtime/lean.py")
@@ -93,7 +92,7 @@ def dump(pid: int, out: str, n: int, timeout: float = 120) -> dict:
     return json.loads(path.read_text())
 
 
-def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced: bool) -> dict:
+def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced: bool, keep: str | None = None) -> dict:
     """One gateway of variant `v`: the growth per held Ping between WARM and WARM + n held Pings."""
     deadline = time.monotonic() + 60
     while hold.held and time.monotonic() < deadline:  # the previous gateway's Pings are gone
@@ -154,9 +153,9 @@ def measure(v: Variant, d: Path, pki: Path, hold: bs.HoldServer, n: int, traced:
         r["types"] = {t: (after["types"].get(t, 0) - before["types"].get(t, 0)) / max(1, held)
                       for t in set(after["types"]) | set(before["types"])}
         if traced:
-            if KEEP:  # --keep: the two snapshots, for a closer look (tracemalloc.Snapshot.load)
+            if keep:  # --keep: the two snapshots, for a closer look (tracemalloc.Snapshot.load)
                 for i in (1, 2):
-                    shutil.copy(f"{out}.{i}.snap", Path(KEEP) / f"{tag}.{i}.snap")
+                    shutil.copy(f"{out}.{i}.snap", Path(keep) / f"{tag}.{i}.snap")
             s1 = tracemalloc.Snapshot.load(f"{out}.1.snap")
             s2 = tracemalloc.Snapshot.load(f"{out}.2.snap")
             by_area: Counter = Counter()
@@ -231,8 +230,6 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="append the result to bench/RESULTS.md (clean tree only)")
     ap.add_argument("--keep", metavar="DIR", help="copy the tracemalloc snapshots (before, after) into DIR")
     args = ap.parse_args()
-    global KEEP
-    KEEP = args.keep or ""
     benchlib.refuse_dirty_write(args.write, "bench_memory.py")
     raise_fd_limit()
     head = git("rev-parse", "--short", "HEAD") + (" + uncommitted" if git("status", "--porcelain", "addons") else "")
@@ -262,7 +259,8 @@ def main() -> int:
                 for traced in (False,) if args.no_traced else (False, True):
                     for v in variants:
                         res[(v.name, "traced" if traced else "plain")] = r = measure(
-                            v, d, pki, holds[v.http_upstream], args.traced_pings if traced else args.pings, traced)
+                            v, d, pki, holds[v.http_upstream], args.traced_pings if traced else args.pings, traced,
+                            keep=args.keep)
                         print(f"  {v.name:10} {'traced' if traced else 'plain':6} held {r['held']} rss "
                               f"{r.get('rss', 0) / 1024:.1f} KB malloc {r.get('malloc', 0) / 1024:.1f} KB traced "
                               f"{(r.get('traced') or 0) / 1024:.1f} KB", file=sys.stderr, flush=True)
